@@ -1,0 +1,515 @@
+//! The JSON frames of the WebSocket protocol.
+//!
+//! Client commands are parsed in two steps, because the protocol treats two kinds of bad
+//! input differently: a frame that is not a command at all (not JSON, not an object, no
+//! known `type`) closes the connection with 4400, while a well-formed command with a bad
+//! argument gets an error reply and the connection stays open. [`ClientCommand::parse`]
+//! returns [`ParseError::NotACommand`] or [`ParseError::BadArgument`] accordingly.
+//!
+//! `data` stays raw JSON text ([`RawValue`]) from the client to every recipient: it is
+//! validated once on the way in and never re-encoded.
+
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Deserializer, Serialize};
+use serde_json::value::RawValue;
+use serde_json::Value;
+
+use crate::channel::validate_channel;
+use crate::codes::ErrorCode;
+use crate::StreamPosition;
+
+/// A command from the client.
+#[derive(Debug, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ClientCommand {
+    /// The first frame: authenticate and resume channels.
+    Hello {
+        /// The client's JWT.
+        token: String,
+        /// Channels to re-subscribe with the last position seen.
+        #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+        resume: BTreeMap<String, StreamPosition>,
+    },
+    /// Subscribe to a channel, optionally recovering from a position.
+    Subscribe {
+        /// Echoed in the reply.
+        id: u64,
+        /// The channel.
+        channel: String,
+        /// Recover every message after this position.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        since: Option<StreamPosition>,
+    },
+    /// Leave a channel.
+    Unsubscribe {
+        /// Echoed in the reply.
+        id: u64,
+        /// The channel.
+        channel: String,
+    },
+    /// Publish to a channel from the client (needs the `publish` claim).
+    Publish {
+        /// Echoed in the reply.
+        id: u64,
+        /// The channel.
+        channel: String,
+        /// Any JSON value.
+        data: Box<RawValue>,
+    },
+    /// Who is in a channel.
+    Presence {
+        /// Echoed in the reply.
+        id: u64,
+        /// The channel.
+        channel: String,
+    },
+    /// Answer to a server `ping`.
+    Pong,
+}
+
+/// Why a client frame was not accepted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ParseError {
+    /// Not a command at all: the connection is closed with 4400.
+    NotACommand(String),
+    /// A known command with a bad or missing argument: answer with a `bad_request` reply.
+    BadArgument {
+        /// The command's id, when it had a valid one.
+        id: Option<u64>,
+        /// What is wrong, for humans.
+        message: String,
+    },
+}
+
+impl std::fmt::Display for ParseError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ParseError::NotACommand(m) => write!(f, "not a command: {m}"),
+            ParseError::BadArgument { message, .. } => write!(f, "bad argument: {message}"),
+        }
+    }
+}
+
+impl std::error::Error for ParseError {}
+
+/// `Some(raw)` even for `null`, so that `"data": null` is a value and not a missing field.
+fn some_raw<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Box<RawValue>>, D::Error> {
+    Box::<RawValue>::deserialize(d).map(Some)
+}
+
+/// Every field any command may have; unknown fields are ignored (additions are allowed).
+#[derive(Deserialize)]
+struct RawCommand<'a> {
+    #[serde(rename = "type", borrow)]
+    kind: Cow<'a, str>,
+    #[serde(default)]
+    id: Option<Value>,
+    #[serde(default)]
+    token: Option<Value>,
+    #[serde(default)]
+    resume: Option<Value>,
+    #[serde(default)]
+    channel: Option<Value>,
+    #[serde(default)]
+    since: Option<Value>,
+    #[serde(default, deserialize_with = "some_raw")]
+    data: Option<Box<RawValue>>,
+}
+
+impl ClientCommand {
+    /// Parses one text frame. See the module doc for the two kinds of error.
+    pub fn parse(text: &str) -> Result<Self, ParseError> {
+        let raw: RawCommand<'_> =
+            serde_json::from_str(text).map_err(|e| ParseError::NotACommand(e.to_string()))?;
+        let kind = raw.kind.as_ref();
+        if !matches!(
+            kind,
+            "hello" | "subscribe" | "unsubscribe" | "publish" | "presence" | "pong"
+        ) {
+            return Err(ParseError::NotACommand(format!("unknown type {kind:?}")));
+        }
+        match kind {
+            "pong" => Ok(ClientCommand::Pong),
+            "hello" => parse_hello(raw),
+            _ => {
+                let id = match raw.id.as_ref().map(Value::as_u64) {
+                    Some(Some(id)) => id,
+                    _ => return Err(bad(None, "`id` must be a non-negative integer")),
+                };
+                let channel = channel_arg(id, raw.channel)?;
+                match kind {
+                    "subscribe" => {
+                        let since = match raw.since {
+                            None | Some(Value::Null) => None,
+                            Some(v) => Some(position_arg(id, v, "since")?),
+                        };
+                        Ok(ClientCommand::Subscribe { id, channel, since })
+                    }
+                    "unsubscribe" => Ok(ClientCommand::Unsubscribe { id, channel }),
+                    "presence" => Ok(ClientCommand::Presence { id, channel }),
+                    _ => {
+                        let data = raw.data.ok_or_else(|| bad(Some(id), "`data` is missing"))?;
+                        Ok(ClientCommand::Publish { id, channel, data })
+                    }
+                }
+            }
+        }
+    }
+
+    /// The command as a JSON text frame.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("commands always serialize")
+    }
+}
+
+fn bad(id: Option<u64>, message: impl Into<String>) -> ParseError {
+    ParseError::BadArgument {
+        id,
+        message: message.into(),
+    }
+}
+
+fn channel_arg(id: u64, channel: Option<Value>) -> Result<String, ParseError> {
+    match channel {
+        Some(Value::String(c)) => {
+            validate_channel(&c).map_err(|e| bad(Some(id), format!("channel name {e}")))?;
+            Ok(c)
+        }
+        Some(_) => Err(bad(Some(id), "`channel` must be a string")),
+        None => Err(bad(Some(id), "`channel` is missing")),
+    }
+}
+
+fn position_arg(id: u64, v: Value, what: &str) -> Result<StreamPosition, ParseError> {
+    serde_json::from_value(v).map_err(|e| bad(Some(id), format!("`{what}`: {e}")))
+}
+
+fn parse_hello(raw: RawCommand<'_>) -> Result<ClientCommand, ParseError> {
+    // A hello without a token is an authentication failure (4401), which the server
+    // decides; here a missing token is an empty one.
+    let token = match raw.token {
+        Some(Value::String(t)) => t,
+        None | Some(Value::Null) => String::new(),
+        Some(_) => return Err(ParseError::NotACommand("`token` must be a string".into())),
+    };
+    let resume = match raw.resume {
+        None | Some(Value::Null) => BTreeMap::new(),
+        Some(v) => {
+            let map: BTreeMap<String, StreamPosition> = serde_json::from_value(v)
+                .map_err(|e| ParseError::NotACommand(format!("`resume`: {e}")))?;
+            for channel in map.keys() {
+                validate_channel(channel).map_err(|e| {
+                    ParseError::NotACommand(format!("`resume`: channel name {e}"))
+                })?;
+            }
+            map
+        }
+    };
+    Ok(ClientCommand::Hello { token, resume })
+}
+
+/// The body of an error reply or HTTP error.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// Machine-readable code.
+    pub code: ErrorCode,
+    /// Human-readable text.
+    pub message: String,
+}
+
+impl ErrorBody {
+    /// An error body.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+/// The result of a subscription: where the client stands now.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SubscribeResult {
+    /// Offset of the last message the client has (after the recovered ones).
+    pub offset: u64,
+    /// The channel's epoch.
+    pub epoch: String,
+    /// Whether every message after the given position is delivered.
+    pub recovered: bool,
+}
+
+/// `welcome`: the answer to `hello`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Welcome {
+    /// This connection's session id.
+    pub session: String,
+    /// The node the client is connected to.
+    pub node: String,
+    /// The authenticated user.
+    pub user: String,
+    /// The server pings after this much silence; send something at least every 2× this.
+    pub heartbeat_ms: u64,
+    /// Every channel subscribed at hello, with its position.
+    pub subscriptions: BTreeMap<String, SubscribeResult>,
+    /// Channels of `resume` that were refused, with why (an addition to the contract).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub errors: BTreeMap<String, ErrorBody>,
+}
+
+/// `reply`: the answer to a command with an `id`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Reply {
+    /// The command's id (absent when the command had no valid id).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<u64>,
+    /// The result, on success.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<Value>,
+    /// The error, on failure.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<ErrorBody>,
+}
+
+/// `message`: one publication on a channel.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct MessageFrame {
+    /// The channel.
+    pub channel: String,
+    /// The message's offset in the channel.
+    pub offset: u64,
+    /// The channel's epoch.
+    pub epoch: String,
+    /// The published JSON value.
+    pub data: Box<RawValue>,
+}
+
+/// `reconnect`: a planned close follows; reconnect after `after_ms`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Reconnect {
+    /// Why, e.g. `draining`.
+    pub reason: String,
+    /// Wait this long before reconnecting, to spread the reconnects.
+    pub after_ms: u64,
+}
+
+/// `resync`: continuity was lost; reload the channel's state and continue from here.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Resync {
+    /// The channel.
+    pub channel: String,
+    /// Continue after this offset.
+    pub offset: u64,
+    /// In this epoch.
+    pub epoch: String,
+}
+
+/// A frame from the server.
+#[derive(Debug, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ServerFrame {
+    /// See [`Welcome`].
+    Welcome(Welcome),
+    /// See [`Reply`].
+    Reply(Reply),
+    /// See [`MessageFrame`].
+    Message(MessageFrame),
+    /// Heartbeat; answer with `pong`.
+    Ping,
+    /// See [`Reconnect`].
+    Reconnect(Reconnect),
+    /// See [`Resync`].
+    Resync(Resync),
+}
+
+#[derive(Deserialize)]
+struct Tag<'a> {
+    #[serde(rename = "type", borrow)]
+    kind: Cow<'a, str>,
+}
+
+impl ServerFrame {
+    /// Parses a server frame (for clients). Two passes, because [`RawValue`] cannot sit
+    /// inside a serde-tagged enum when deserializing.
+    pub fn parse(text: &str) -> Result<Self, serde_json::Error> {
+        let tag: Tag<'_> = serde_json::from_str(text)?;
+        Ok(match tag.kind.as_ref() {
+            "welcome" => ServerFrame::Welcome(serde_json::from_str(text)?),
+            "reply" => ServerFrame::Reply(serde_json::from_str(text)?),
+            "message" => ServerFrame::Message(serde_json::from_str(text)?),
+            "ping" => ServerFrame::Ping,
+            "reconnect" => ServerFrame::Reconnect(serde_json::from_str(text)?),
+            "resync" => ServerFrame::Resync(serde_json::from_str(text)?),
+            other => {
+                return Err(serde::de::Error::custom(format!(
+                    "unknown frame type {other:?}"
+                )))
+            }
+        })
+    }
+
+    /// The frame as JSON text.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("server frames always serialize")
+    }
+}
+
+/// Encodes a `message` frame. `data` must be valid JSON text (it is copied verbatim);
+/// the hot path calls this once per message per node and shares the bytes.
+pub fn encode_message(channel: &str, offset: u64, epoch: &str, data: &str) -> String {
+    let mut out = String::with_capacity(64 + channel.len() + epoch.len() + data.len());
+    out.push_str(r#"{"type":"message","channel":"#);
+    push_json_str(&mut out, channel);
+    out.push_str(r#","offset":"#);
+    out.push_str(&offset.to_string());
+    out.push_str(r#","epoch":"#);
+    push_json_str(&mut out, epoch);
+    out.push_str(r#","data":"#);
+    out.push_str(data);
+    out.push('}');
+    out
+}
+
+fn push_json_str(out: &mut String, s: &str) {
+    out.push_str(&serde_json::to_string(s).expect("strings always serialize"));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn not_a_command(text: &str) {
+        assert!(
+            matches!(ClientCommand::parse(text), Err(ParseError::NotACommand(_))),
+            "{text}"
+        );
+    }
+
+    fn bad_argument(text: &str, want_id: Option<u64>) {
+        match ClientCommand::parse(text) {
+            Err(ParseError::BadArgument { id, .. }) => assert_eq!(id, want_id, "{text}"),
+            other => panic!("{text}: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn commands_parse() {
+        let c = ClientCommand::parse(
+            r#"{"type":"hello","token":"t","resume":{"room:1":{"offset":3,"epoch":"e"}}}"#,
+        )
+        .unwrap();
+        match c {
+            ClientCommand::Hello { token, resume } => {
+                assert_eq!(token, "t");
+                assert_eq!(resume["room:1"], StreamPosition::new(3, "e"));
+            }
+            other => panic!("{other:?}"),
+        }
+        let c = ClientCommand::parse(r#"{"type":"publish","id":3,"channel":"a","data":{"x":[1,2]}}"#)
+            .unwrap();
+        match c {
+            ClientCommand::Publish { id, channel, data } => {
+                assert_eq!((id, channel.as_str(), data.get()), (3, "a", r#"{"x":[1,2]}"#));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            ClientCommand::parse(r#"{"type":"publish","id":3,"channel":"a","data":null}"#),
+            Ok(ClientCommand::Publish { .. })
+        ));
+        assert!(matches!(ClientCommand::parse(r#"{"type":"pong"}"#), Ok(ClientCommand::Pong)));
+        assert!(matches!(
+            ClientCommand::parse(r#"{"type":"subscribe","id":1,"channel":"r","since":{"offset":1,"epoch":"e"},"extra":1}"#),
+            Ok(ClientCommand::Subscribe { since: Some(_), .. })
+        ));
+    }
+
+    #[test]
+    fn not_commands_close() {
+        not_a_command("not json");
+        not_a_command("[1,2]");
+        not_a_command("42");
+        not_a_command(r#"{"id":1}"#);
+        not_a_command(r#"{"type":"shutdown","id":1}"#);
+        not_a_command(r#"{"type":7}"#);
+        not_a_command(&format!("{}{}", "[".repeat(200), "]".repeat(200)));
+        not_a_command(r#"{"type":"hello","token":5}"#);
+    }
+
+    #[test]
+    fn bad_arguments_reply() {
+        bad_argument(r#"{"type":"subscribe","id":1}"#, Some(1));
+        bad_argument(r#"{"type":"subscribe","id":1,"channel":"bad name"}"#, Some(1));
+        bad_argument(r#"{"type":"subscribe","id":1,"channel":7}"#, Some(1));
+        bad_argument(r#"{"type":"subscribe","channel":"a"}"#, None);
+        bad_argument(r#"{"type":"subscribe","id":-1,"channel":"a"}"#, None);
+        bad_argument(r#"{"type":"subscribe","id":1,"channel":"a","since":{"offset":"x"}}"#, Some(1));
+        bad_argument(r#"{"type":"publish","id":2,"channel":"a"}"#, Some(2));
+        bad_argument(r#"{"type":"presence","id":4,"channel":""}"#, Some(4));
+    }
+
+    #[test]
+    fn message_encoding_round_trips() {
+        let text = encode_message("room:1", 18, "e1", r#"{"text":"hi \"there\""}"#);
+        match ServerFrame::parse(&text).unwrap() {
+            ServerFrame::Message(m) => {
+                assert_eq!((m.channel.as_str(), m.offset, m.epoch.as_str()), ("room:1", 18, "e1"));
+                assert_eq!(m.data.get(), r#"{"text":"hi \"there\""}"#);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn server_frames_round_trip() {
+        let frames = [
+            ServerFrame::Ping,
+            ServerFrame::Resync(Resync { channel: "a".into(), offset: 4, epoch: "e".into() }),
+            ServerFrame::Reconnect(Reconnect { reason: "draining".into(), after_ms: 5 }),
+            ServerFrame::Reply(Reply {
+                id: Some(1),
+                result: None,
+                error: Some(ErrorBody::new(ErrorCode::Forbidden, "no")),
+            }),
+        ];
+        for f in frames {
+            let text = f.to_json();
+            let back = ServerFrame::parse(&text).unwrap();
+            assert_eq!(back.to_json(), text);
+        }
+        assert_eq!(ServerFrame::Ping.to_json(), r#"{"type":"ping"}"#);
+    }
+
+    proptest! {
+        #[test]
+        fn parse_never_panics(s in ".{0,200}") {
+            let _ = ClientCommand::parse(&s);
+        }
+
+        #[test]
+        fn mutated_commands_never_panic(
+            base in prop::sample::select(vec![
+                r#"{"type":"subscribe","id":1,"channel":"room:1","since":{"offset":3,"epoch":"e"}}"#,
+                r#"{"type":"publish","id":2,"channel":"room:1","data":{"a":[1,2,{"b":null}]}}"#,
+                r#"{"type":"hello","token":"x.y.z","resume":{"room:1":{"offset":1,"epoch":"e"}}}"#,
+            ]),
+            pos in 0usize..100, byte in any::<u8>(),
+        ) {
+            let mut bytes = base.as_bytes().to_vec();
+            let i = pos % bytes.len();
+            bytes[i] = byte;
+            if let Ok(text) = std::str::from_utf8(&bytes) {
+                let _ = ClientCommand::parse(text);
+            }
+        }
+
+        #[test]
+        fn huge_numbers_are_bad_arguments(n in "[1-9][0-9]{20,39}") {
+            let text = format!(r#"{{"type":"subscribe","id":{n},"channel":"a"}}"#);
+            let is_bad_argument = matches!(ClientCommand::parse(&text), Err(ParseError::BadArgument { .. }));
+            prop_assert!(is_bad_argument);
+        }
+    }
+}
