@@ -1,1 +1,70 @@
-fn main(){}
+//! The `herald` binary: configuration from the environment and flags, logging, signals.
+//! Everything else lives in the library (`herald_server::run`).
+
+use anyhow::Context;
+use clap::Parser;
+use herald_server::Config;
+use tracing_subscriber::EnvFilter;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let config = Config::parse();
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    if config.log_format == "json" {
+        tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .json()
+            .init();
+    } else {
+        tracing_subscriber::fmt().with_env_filter(filter).init();
+    }
+    raise_fd_limit();
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    herald_server::run(listener, config, shutdown_signal()).await?;
+    Ok(())
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}
+
+/// Raises the soft file-descriptor limit to the hard limit, so the node can hold as many
+/// sockets as the machine allows without tuning.
+fn raise_fd_limit() {
+    #[cfg(unix)]
+    {
+        use rlimit::Resource;
+        match Resource::NOFILE.get() {
+            Ok((soft, hard)) if soft < hard => match Resource::NOFILE.set(hard, hard) {
+                Ok(()) => {
+                    tracing::info!(from = soft, to = hard, "raised the file-descriptor limit")
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, soft, hard, "could not raise the file-descriptor limit")
+                }
+            },
+            Ok((soft, _)) => tracing::info!(limit = soft, "file-descriptor limit"),
+            Err(e) => tracing::warn!(error = %e, "could not read the file-descriptor limit"),
+        }
+    }
+}

@@ -122,8 +122,15 @@ mod tests {
 
     #[test]
     fn error_code_names_match_serde() {
-        for c in [ErrorCode::BadRequest, ErrorCode::RateLimited, ErrorCode::Unavailable] {
-            assert_eq!(serde_json::to_string(&c).unwrap(), format!("\"{}\"", c.as_str()));
+        for c in [
+            ErrorCode::BadRequest,
+            ErrorCode::RateLimited,
+            ErrorCode::Unavailable,
+        ] {
+            assert_eq!(
+                serde_json::to_string(&c).unwrap(),
+                format!("\"{}\"", c.as_str())
+            );
         }
     }
 }

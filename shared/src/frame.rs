@@ -200,9 +200,8 @@ fn parse_hello(raw: RawCommand<'_>) -> Result<ClientCommand, ParseError> {
             let map: BTreeMap<String, StreamPosition> = serde_json::from_value(v)
                 .map_err(|e| ParseError::NotACommand(format!("`resume`: {e}")))?;
             for channel in map.keys() {
-                validate_channel(channel).map_err(|e| {
-                    ParseError::NotACommand(format!("`resume`: channel name {e}"))
-                })?;
+                validate_channel(channel)
+                    .map_err(|e| ParseError::NotACommand(format!("`resume`: channel name {e}")))?;
             }
             map
         }
@@ -407,11 +406,15 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        let c = ClientCommand::parse(r#"{"type":"publish","id":3,"channel":"a","data":{"x":[1,2]}}"#)
-            .unwrap();
+        let c =
+            ClientCommand::parse(r#"{"type":"publish","id":3,"channel":"a","data":{"x":[1,2]}}"#)
+                .unwrap();
         match c {
             ClientCommand::Publish { id, channel, data } => {
-                assert_eq!((id, channel.as_str(), data.get()), (3, "a", r#"{"x":[1,2]}"#));
+                assert_eq!(
+                    (id, channel.as_str(), data.get()),
+                    (3, "a", r#"{"x":[1,2]}"#)
+                );
             }
             other => panic!("{other:?}"),
         }
@@ -419,9 +422,14 @@ mod tests {
             ClientCommand::parse(r#"{"type":"publish","id":3,"channel":"a","data":null}"#),
             Ok(ClientCommand::Publish { .. })
         ));
-        assert!(matches!(ClientCommand::parse(r#"{"type":"pong"}"#), Ok(ClientCommand::Pong)));
         assert!(matches!(
-            ClientCommand::parse(r#"{"type":"subscribe","id":1,"channel":"r","since":{"offset":1,"epoch":"e"},"extra":1}"#),
+            ClientCommand::parse(r#"{"type":"pong"}"#),
+            Ok(ClientCommand::Pong)
+        ));
+        assert!(matches!(
+            ClientCommand::parse(
+                r#"{"type":"subscribe","id":1,"channel":"r","since":{"offset":1,"epoch":"e"},"extra":1}"#
+            ),
             Ok(ClientCommand::Subscribe { since: Some(_), .. })
         ));
     }
@@ -441,11 +449,17 @@ mod tests {
     #[test]
     fn bad_arguments_reply() {
         bad_argument(r#"{"type":"subscribe","id":1}"#, Some(1));
-        bad_argument(r#"{"type":"subscribe","id":1,"channel":"bad name"}"#, Some(1));
+        bad_argument(
+            r#"{"type":"subscribe","id":1,"channel":"bad name"}"#,
+            Some(1),
+        );
         bad_argument(r#"{"type":"subscribe","id":1,"channel":7}"#, Some(1));
         bad_argument(r#"{"type":"subscribe","channel":"a"}"#, None);
         bad_argument(r#"{"type":"subscribe","id":-1,"channel":"a"}"#, None);
-        bad_argument(r#"{"type":"subscribe","id":1,"channel":"a","since":{"offset":"x"}}"#, Some(1));
+        bad_argument(
+            r#"{"type":"subscribe","id":1,"channel":"a","since":{"offset":"x"}}"#,
+            Some(1),
+        );
         bad_argument(r#"{"type":"publish","id":2,"channel":"a"}"#, Some(2));
         bad_argument(r#"{"type":"presence","id":4,"channel":""}"#, Some(4));
     }
@@ -455,7 +469,10 @@ mod tests {
         let text = encode_message("room:1", 18, "e1", r#"{"text":"hi \"there\""}"#);
         match ServerFrame::parse(&text).unwrap() {
             ServerFrame::Message(m) => {
-                assert_eq!((m.channel.as_str(), m.offset, m.epoch.as_str()), ("room:1", 18, "e1"));
+                assert_eq!(
+                    (m.channel.as_str(), m.offset, m.epoch.as_str()),
+                    ("room:1", 18, "e1")
+                );
                 assert_eq!(m.data.get(), r#"{"text":"hi \"there\""}"#);
             }
             other => panic!("{other:?}"),
@@ -466,8 +483,15 @@ mod tests {
     fn server_frames_round_trip() {
         let frames = [
             ServerFrame::Ping,
-            ServerFrame::Resync(Resync { channel: "a".into(), offset: 4, epoch: "e".into() }),
-            ServerFrame::Reconnect(Reconnect { reason: "draining".into(), after_ms: 5 }),
+            ServerFrame::Resync(Resync {
+                channel: "a".into(),
+                offset: 4,
+                epoch: "e".into(),
+            }),
+            ServerFrame::Reconnect(Reconnect {
+                reason: "draining".into(),
+                after_ms: 5,
+            }),
             ServerFrame::Reply(Reply {
                 id: Some(1),
                 result: None,

@@ -1,0 +1,315 @@
+//! The HTTP API: the server API (publish, presence, history, nodes: bearer key), the
+//! public endpoints (connect, health, readiness, metrics) and dev mode's token endpoint.
+//!
+//! Every error is a proper status with `{"error":{"code":…,"message":…}}`.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use axum::body::{to_bytes, Body};
+use axum::extract::{FromRequestParts, Path, Query, State};
+use axum::http::request::Parts;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use herald_protocol::channel::{user_channel, validate_channel, validate_user};
+use herald_protocol::codes::ErrorCode;
+use herald_protocol::frame::ErrorBody;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use serde_json::{json, Value};
+
+use crate::broker::BrokerError;
+use crate::node::Node;
+use crate::registry::least_loaded;
+
+/// An HTTP error with its JSON body.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    body: ErrorBody,
+}
+
+impl ApiError {
+    /// An error with a status, code and message.
+    pub fn new(status: StatusCode, code: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            body: ErrorBody::new(code, message),
+        }
+    }
+
+    fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, ErrorCode::BadRequest, message)
+    }
+}
+
+impl From<BrokerError> for ApiError {
+    fn from(e: BrokerError) -> Self {
+        match e {
+            BrokerError::Unavailable(_) => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                ErrorCode::Unavailable,
+                e.to_string(),
+            ),
+            BrokerError::Internal(_) => Self::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                ErrorCode::Internal,
+                e.to_string(),
+            ),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, Json(json!({ "error": self.body }))).into_response()
+    }
+}
+
+/// Proof that the request carried the API key (`Authorization: Bearer <key>`).
+pub struct ApiKeyAuth;
+
+impl FromRequestParts<Arc<Node>> for ApiKeyAuth {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, node: &Arc<Node>) -> Result<Self, ApiError> {
+        let presented = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        if !presented.is_empty() && node.keys.api_key.matches(presented) {
+            Ok(ApiKeyAuth)
+        } else {
+            Err(ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                ErrorCode::Unauthorized,
+                "missing or wrong API key (Authorization: Bearer <HERALD_API_KEY>)",
+            ))
+        }
+    }
+}
+
+/// The node's routes (without `/ws`, which `lib.rs` adds).
+pub fn routes() -> Router<Arc<Node>> {
+    Router::new()
+        .route("/v1/publish", post(publish))
+        .route("/v1/users/{user}/presence", get(user_presence))
+        .route("/v1/channels/{channel}/presence", get(channel_presence))
+        .route("/v1/channels/{channel}/history", get(history))
+        .route("/v1/nodes", get(nodes))
+        .route("/v1/connect", get(connect))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/dev/token", get(dev_token))
+        .fallback(not_found)
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        ErrorCode::NotFound,
+        "no such endpoint",
+    )
+}
+
+/// `data` may be `null`: present, unlike a missing field.
+fn some_raw<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Box<RawValue>>, D::Error> {
+    Box::<RawValue>::deserialize(d).map(Some)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PublishBody {
+    #[serde(default)]
+    channel: Option<String>,
+    #[serde(default)]
+    user: Option<String>,
+    #[serde(default, deserialize_with = "some_raw")]
+    data: Option<Box<RawValue>>,
+}
+
+async fn publish(
+    _: ApiKeyAuth,
+    State(node): State<Arc<Node>>,
+    body: Body,
+) -> Result<Json<Value>, ApiError> {
+    let limit = node.config.max_publish_bytes;
+    let bytes = to_bytes(body, limit).await.map_err(|_| {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            ErrorCode::TooLarge,
+            format!("body larger than {limit} bytes"),
+        )
+    })?;
+    let body: PublishBody = serde_json::from_slice(&bytes)
+        .map_err(|e| ApiError::bad_request(format!("invalid body: {e}")))?;
+    let channel = match (body.channel, body.user) {
+        (Some(channel), None) => {
+            validate_channel(&channel)
+                .map_err(|e| ApiError::bad_request(format!("channel name {e}")))?;
+            channel
+        }
+        (None, Some(user)) => {
+            validate_user(&user).map_err(|e| ApiError::bad_request(format!("user id {e}")))?;
+            user_channel(&user)
+        }
+        _ => {
+            return Err(ApiError::bad_request(
+                "give exactly one of `channel` and `user`",
+            ))
+        }
+    };
+    let data = body
+        .data
+        .ok_or_else(|| ApiError::bad_request("`data` is missing"))?;
+    let position = node
+        .broker
+        .publish(&channel, data.get())
+        .await
+        .inspect_err(|_| {
+            node.metrics.broker_errors.inc();
+        })?;
+    node.metrics.messages_published.inc();
+    node.metrics.message_bytes.observe(data.get().len() as f64);
+    Ok(Json(json!({
+        "channel": channel,
+        "offset": position.offset,
+        "epoch": position.epoch,
+    })))
+}
+
+async fn user_presence(
+    _: ApiKeyAuth,
+    State(node): State<Arc<Node>>,
+    Path(user): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    validate_user(&user).map_err(|e| ApiError::bad_request(format!("user id {e}")))?;
+    let users = node.broker.presence(&user_channel(&user)).await?;
+    let connections = users.get(&user).copied().unwrap_or(0);
+    Ok(Json(json!({
+        "user": user,
+        "online": connections > 0,
+        "connections": connections,
+    })))
+}
+
+async fn channel_presence(
+    _: ApiKeyAuth,
+    State(node): State<Arc<Node>>,
+    Path(channel): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    validate_channel(&channel).map_err(|e| ApiError::bad_request(format!("channel name {e}")))?;
+    let users = node.broker.presence(&channel).await?;
+    Ok(Json(json!({ "channel": channel, "users": users })))
+}
+
+fn number_param(params: &HashMap<String, String>, name: &str) -> Result<Option<u64>, ApiError> {
+    params
+        .get(name)
+        .map(|v| {
+            v.parse::<u64>().map_err(|_| {
+                ApiError::bad_request(format!("`{name}` must be a non-negative integer"))
+            })
+        })
+        .transpose()
+}
+
+async fn history(
+    _: ApiKeyAuth,
+    State(node): State<Arc<Node>>,
+    Path(channel): Path<String>,
+    Query(params): Query<HashMap<String, String>>,
+) -> Result<Json<Value>, ApiError> {
+    validate_channel(&channel).map_err(|e| ApiError::bad_request(format!("channel name {e}")))?;
+    let since = number_param(&params, "since")?.unwrap_or(0);
+    let max = node.config.history_size as u64;
+    let limit = number_param(&params, "limit")?.unwrap_or(max).min(max) as usize;
+    let h = node.broker.history(&channel, since, limit).await?;
+    let messages: Vec<Value> = h
+        .publications
+        .iter()
+        .map(|p| {
+            let data: Value = serde_json::from_str(&p.data).unwrap_or(Value::Null);
+            json!({ "offset": p.offset, "data": data })
+        })
+        .collect();
+    Ok(Json(json!({
+        "channel": channel,
+        "epoch": h.position.epoch,
+        "offset": h.position.offset,
+        "messages": messages,
+    })))
+}
+
+async fn nodes(_: ApiKeyAuth, State(node): State<Arc<Node>>) -> Result<Json<Value>, ApiError> {
+    let nodes = node.broker.nodes().await?;
+    Ok(Json(json!({ "nodes": nodes })))
+}
+
+async fn connect(State(node): State<Arc<Node>>) -> Result<Json<Value>, ApiError> {
+    let nodes = node.broker.nodes().await?;
+    match least_loaded(&nodes) {
+        Some(n) => Ok(Json(json!({ "node": n.id, "url": n.url }))),
+        None => Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::Unavailable,
+            "no live node accepts clients",
+        )),
+    }
+}
+
+async fn healthz() -> Json<Value> {
+    Json(json!({ "status": "ok" }))
+}
+
+async fn readyz(State(node): State<Arc<Node>>) -> (StatusCode, Json<Value>) {
+    let broker = node.broker.is_healthy();
+    let draining = node.is_draining();
+    let status = if broker && !draining {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        status,
+        Json(json!({ "ready": status == StatusCode::OK, "broker": broker, "draining": draining })),
+    )
+}
+
+async fn metrics(State(node): State<Arc<Node>>) -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        node.metrics.render(),
+    )
+}
+
+/// Dev tokens live for a day.
+const DEV_TOKEN_TTL_SECS: u64 = 86_400;
+
+async fn dev_token(
+    State(node): State<Arc<Node>>,
+    Query(params): Query<HashMap<String, String>>,
+) -> Result<Json<Value>, ApiError> {
+    let Some(signer) = node.keys.dev_signer.as_ref() else {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            ErrorCode::NotFound,
+            "dev tokens exist only in dev mode with an HS256 secret",
+        ));
+    };
+    let user = params
+        .get("user")
+        .ok_or_else(|| ApiError::bad_request("`user` is missing"))?;
+    validate_user(user).map_err(|e| ApiError::bad_request(format!("user id {e}")))?;
+    Ok(Json(
+        json!({ "token": signer.dev_token(user, DEV_TOKEN_TTL_SECS) }),
+    ))
+}

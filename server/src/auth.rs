@@ -1,0 +1,394 @@
+//! Authentication: client tokens (JWT) and the server API key, and dev mode's keys.
+//!
+//! Tokens are verified strictly: the algorithm is pinned to the configured key's (so
+//! `alg: none`, unknown algorithms and HS256-signed-with-the-public-key are refused),
+//! `exp` and `sub` are required, `nbf` is honoured, and there is no leeway. The API key
+//! is compared in constant time on SHA-256 digests, so neither its content nor its
+//! length leaks through timing.
+
+use std::path::Path;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use herald_protocol::channel::{any_pattern_allows, personal_channel_owner, validate_user};
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use crate::config::Config;
+
+/// The claims Herald reads from a client token.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Claims {
+    /// The user id.
+    pub sub: String,
+    /// Expiry, seconds since the Unix epoch.
+    pub exp: u64,
+    /// Not valid before, seconds since the Unix epoch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nbf: Option<u64>,
+    /// Patterns of channels the user may subscribe to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub channels: Option<Vec<String>>,
+    /// Patterns of channels the user may publish to from the client.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub publish: Option<Vec<String>>,
+}
+
+impl Claims {
+    /// Whether the user may subscribe to (and see presence of) `channel`. A personal
+    /// channel is its owner's alone, whatever the patterns say.
+    pub fn may_subscribe(&self, channel: &str) -> bool {
+        match personal_channel_owner(channel) {
+            Some(owner) => owner == self.sub,
+            None => self
+                .channels
+                .as_deref()
+                .is_some_and(|p| any_pattern_allows(p, channel)),
+        }
+    }
+
+    /// Whether the user may publish to `channel` from the client.
+    pub fn may_publish(&self, channel: &str) -> bool {
+        self.publish
+            .as_deref()
+            .is_some_and(|p| any_pattern_allows(p, channel))
+    }
+}
+
+/// Why a token was refused. The client sees only "unauthorized" (4401); the detail is
+/// logged at debug level, never the token itself.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    /// No token in hello.
+    #[error("missing token")]
+    Missing,
+    /// Longer than the configured limit.
+    #[error("token too large")]
+    TooLarge,
+    /// Signature, algorithm, expiry or claims failed verification.
+    #[error("invalid token: {0}")]
+    Invalid(#[from] jsonwebtoken::errors::Error),
+    /// `sub` is not a valid user id.
+    #[error("invalid sub: {0}")]
+    BadSubject(herald_protocol::channel::NameError),
+}
+
+/// Failures while loading keys at start.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    /// The public key file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The file is not an RSA, EC (P-256) or Ed25519 public key in PEM.
+    #[error("{0} is not an RSA, EC or Ed25519 public key in PEM format")]
+    Unsupported(String),
+    /// Both a secret and a public key were configured: the algorithm would be ambiguous.
+    #[error("configure HERALD_JWT_SECRET or HERALD_JWT_PUBLIC_KEY_FILE, not both")]
+    Ambiguous,
+    /// An empty secret or API key.
+    #[error("{0} must not be empty")]
+    Empty(&'static str),
+}
+
+/// Verifies client tokens with one key and one pinned algorithm.
+pub struct TokenVerifier {
+    key: DecodingKey,
+    validation: Validation,
+    max_bytes: usize,
+}
+
+impl TokenVerifier {
+    /// A verifier for an HS256 secret.
+    pub fn hs256(secret: &[u8], max_bytes: usize) -> Self {
+        Self::new(
+            DecodingKey::from_secret(secret),
+            Algorithm::HS256,
+            max_bytes,
+        )
+    }
+
+    /// A verifier for a PEM public key; the key's type picks RS256, ES256 or EdDSA.
+    pub fn from_public_key_file(path: &Path, max_bytes: usize) -> Result<Self, KeyError> {
+        let pem = std::fs::read(path).map_err(|source| KeyError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        let (key, alg) = if let Ok(k) = DecodingKey::from_rsa_pem(&pem) {
+            (k, Algorithm::RS256)
+        } else if let Ok(k) = DecodingKey::from_ec_pem(&pem) {
+            (k, Algorithm::ES256)
+        } else if let Ok(k) = DecodingKey::from_ed_pem(&pem) {
+            (k, Algorithm::EdDSA)
+        } else {
+            return Err(KeyError::Unsupported(path.display().to_string()));
+        };
+        Ok(Self::new(key, alg, max_bytes))
+    }
+
+    fn new(key: DecodingKey, alg: Algorithm, max_bytes: usize) -> Self {
+        let mut validation = Validation::new(alg);
+        validation.set_required_spec_claims(&["exp", "sub"]);
+        validation.validate_nbf = true;
+        validation.validate_aud = false;
+        validation.leeway = 0;
+        Self {
+            key,
+            validation,
+            max_bytes,
+        }
+    }
+
+    /// The pinned algorithm.
+    pub fn algorithm(&self) -> Algorithm {
+        self.validation.algorithms[0]
+    }
+
+    /// Verifies a token and returns its claims.
+    pub fn verify(&self, token: &str) -> Result<Claims, AuthError> {
+        if token.is_empty() {
+            return Err(AuthError::Missing);
+        }
+        if token.len() > self.max_bytes {
+            return Err(AuthError::TooLarge);
+        }
+        let data = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation)?;
+        validate_user(&data.claims.sub).map_err(AuthError::BadSubject)?;
+        Ok(data.claims)
+    }
+}
+
+/// Signs HS256 tokens: dev mode's `/dev/token`, and tests.
+pub struct TokenSigner {
+    key: EncodingKey,
+}
+
+impl TokenSigner {
+    /// A signer for an HS256 secret.
+    pub fn hs256(secret: &[u8]) -> Self {
+        Self {
+            key: EncodingKey::from_secret(secret),
+        }
+    }
+
+    /// Signs arbitrary claims.
+    pub fn sign(&self, claims: &Claims) -> String {
+        jsonwebtoken::encode(&Header::new(Algorithm::HS256), claims, &self.key)
+            .expect("HS256 signing cannot fail")
+    }
+
+    /// A dev token: valid for `ttl_secs`, may subscribe and publish anywhere (the
+    /// personal channels of others stay closed).
+    pub fn dev_token(&self, user: &str, ttl_secs: u64) -> String {
+        self.sign(&Claims {
+            sub: user.to_owned(),
+            exp: now_secs() + ttl_secs,
+            nbf: None,
+            channels: Some(vec!["*".into()]),
+            publish: Some(vec!["*".into()]),
+        })
+    }
+}
+
+/// Seconds since the Unix epoch.
+pub fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// The server API key.
+pub struct ApiKey {
+    digest: [u8; 32],
+}
+
+impl ApiKey {
+    /// Wraps a key.
+    pub fn new(key: &str) -> Self {
+        Self {
+            digest: Sha256::digest(key.as_bytes()).into(),
+        }
+    }
+
+    /// Constant-time check of a presented key.
+    pub fn matches(&self, presented: &str) -> bool {
+        let digest: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
+        digest.ct_eq(&self.digest).into()
+    }
+}
+
+/// Every key the node uses, after dev mode filled in what was missing.
+pub struct Keys {
+    /// Verifies client tokens.
+    pub verifier: TokenVerifier,
+    /// Signs dev tokens (dev mode with an HS256 secret only).
+    pub dev_signer: Option<TokenSigner>,
+    /// The server API key.
+    pub api_key: ApiKey,
+    /// The API key in clear, kept only in dev mode so it can be printed.
+    pub dev_api_key: Option<String>,
+    /// Whether dev mode is on.
+    pub dev: bool,
+    /// Which keys dev mode generated.
+    pub generated: Vec<&'static str>,
+}
+
+fn random_key() -> String {
+    use rand::distr::{Alphanumeric, SampleString};
+    Alphanumeric.sample_string(&mut rand::rng(), 40)
+}
+
+impl Keys {
+    /// Loads the configured keys. Dev mode turns on when no key at all is configured,
+    /// or with `HERALD_DEV=1`; it then generates whatever key is missing.
+    pub fn resolve(config: &Config) -> Result<Self, KeyError> {
+        if config.jwt_secret.as_deref() == Some("") {
+            return Err(KeyError::Empty("HERALD_JWT_SECRET"));
+        }
+        if config.api_key.as_deref() == Some("") {
+            return Err(KeyError::Empty("HERALD_API_KEY"));
+        }
+        let any_key = config.jwt_secret.is_some()
+            || config.jwt_public_key_file.is_some()
+            || config.api_key.is_some();
+        let dev = config.dev || !any_key;
+        let max = config.max_token_bytes;
+        let mut generated = Vec::new();
+
+        let (verifier, dev_signer) = match (&config.jwt_secret, &config.jwt_public_key_file) {
+            (Some(_), Some(_)) => return Err(KeyError::Ambiguous),
+            (Some(secret), None) => (
+                TokenVerifier::hs256(secret.as_bytes(), max),
+                dev.then(|| TokenSigner::hs256(secret.as_bytes())),
+            ),
+            (None, Some(path)) => (TokenVerifier::from_public_key_file(path, max)?, None),
+            (None, None) => {
+                let secret = random_key();
+                if dev {
+                    generated.push("HERALD_JWT_SECRET");
+                }
+                // Outside dev mode (API key only) nobody knows this secret: no client
+                // can connect until a token key is configured, which is the safe answer.
+                (
+                    TokenVerifier::hs256(secret.as_bytes(), max),
+                    dev.then(|| TokenSigner::hs256(secret.as_bytes())),
+                )
+            }
+        };
+        let api_key_clear = match &config.api_key {
+            Some(k) => k.clone(),
+            None => {
+                if dev {
+                    generated.push("HERALD_API_KEY");
+                }
+                random_key()
+            }
+        };
+        Ok(Self {
+            verifier,
+            dev_signer,
+            api_key: ApiKey::new(&api_key_clear),
+            dev_api_key: dev.then_some(api_key_clear),
+            dev,
+            generated,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn claims(sub: &str) -> Claims {
+        Claims {
+            sub: sub.into(),
+            exp: now_secs() + 60,
+            nbf: None,
+            channels: Some(vec!["room:*".into(), "news".into()]),
+            publish: Some(vec!["room:*".into()]),
+        }
+    }
+
+    #[test]
+    fn permissions() {
+        let c = claims("alice");
+        assert!(c.may_subscribe("user:alice"));
+        assert!(!c.may_subscribe("user:bob"));
+        assert!(c.may_subscribe("room:1") && c.may_subscribe("news"));
+        assert!(!c.may_subscribe("news2") && !c.may_subscribe("admin"));
+        assert!(c.may_publish("room:1") && !c.may_publish("news"));
+        let star = Claims {
+            channels: Some(vec!["*".into()]),
+            ..claims("alice")
+        };
+        assert!(
+            !star.may_subscribe("user:bob"),
+            "personal channels stay private"
+        );
+    }
+
+    #[test]
+    fn hs256_round_trip_and_refusals() {
+        let signer = TokenSigner::hs256(b"secret");
+        let verifier = TokenVerifier::hs256(b"secret", 8192);
+        assert_eq!(
+            verifier.verify(&signer.sign(&claims("alice"))).unwrap().sub,
+            "alice"
+        );
+        let expired = Claims {
+            exp: now_secs() - 1,
+            ..claims("alice")
+        };
+        assert!(verifier.verify(&signer.sign(&expired)).is_err());
+        let early = Claims {
+            nbf: Some(now_secs() + 60),
+            ..claims("alice")
+        };
+        assert!(verifier.verify(&signer.sign(&early)).is_err());
+        let other = TokenSigner::hs256(b"other");
+        assert!(verifier.verify(&other.sign(&claims("alice"))).is_err());
+        assert!(matches!(
+            verifier.verify(&signer.sign(&claims("a b"))),
+            Err(AuthError::BadSubject(_))
+        ));
+        assert!(matches!(verifier.verify(""), Err(AuthError::Missing)));
+        assert!(matches!(
+            verifier.verify(&"a".repeat(9000)),
+            Err(AuthError::TooLarge)
+        ));
+    }
+
+    #[test]
+    fn api_key_compare() {
+        let k = ApiKey::new("s3cret");
+        assert!(k.matches("s3cret"));
+        assert!(!k.matches("s3cre"));
+        assert!(!k.matches(""));
+    }
+
+    #[test]
+    fn dev_mode_rules() {
+        let keys = Keys::resolve(&Config::default()).unwrap();
+        assert!(keys.dev && keys.dev_signer.is_some() && keys.generated.len() == 2);
+        let config = Config {
+            api_key: Some("k".into()),
+            ..Config::default()
+        };
+        let keys = Keys::resolve(&config).unwrap();
+        assert!(!keys.dev && keys.dev_signer.is_none() && keys.generated.is_empty());
+        let config = Config {
+            api_key: Some("k".into()),
+            jwt_secret: Some("s".into()),
+            dev: true,
+            ..Config::default()
+        };
+        let keys = Keys::resolve(&config).unwrap();
+        assert!(keys.dev && keys.dev_signer.is_some() && keys.generated.is_empty());
+    }
+}

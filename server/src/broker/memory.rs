@@ -1,0 +1,393 @@
+//! The in-memory broker: the embedded default for a single node.
+//!
+//! It keeps each channel's stream (offset, epoch, history) in sharded maps, and delivers
+//! a publication to the sink while still holding the channel's shard lock, so that
+//! publications of a channel reach the hub in offset order. The lock is a std `Mutex`,
+//! not a tokio one: no `.await` happens while it is held, and the sink never blocks.
+
+use std::collections::hash_map::DefaultHasher;
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::hash::{Hash, Hasher};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use herald_protocol::StreamPosition;
+
+use super::{
+    Broker, BrokerError, BrokerSettings, History, NodeInfo, PresenceChange, Publication,
+    PublicationSink, SubscribeAck,
+};
+
+const SHARDS: usize = 16;
+
+/// A random epoch: 8 alphanumeric characters.
+pub fn new_epoch() -> String {
+    use rand::distr::{Alphanumeric, SampleString};
+    Alphanumeric.sample_string(&mut rand::rng(), 8)
+}
+
+struct Stream {
+    offset: u64,
+    epoch: Arc<str>,
+    /// Retained publications with the instant they were published, oldest first.
+    history: VecDeque<(Instant, Publication)>,
+    /// Last publish or position read: the stream's metadata expires `meta_ttl` after it.
+    touched: Instant,
+}
+
+impl Stream {
+    fn new(now: Instant) -> Self {
+        Self {
+            offset: 0,
+            epoch: new_epoch().into(),
+            history: VecDeque::new(),
+            touched: now,
+        }
+    }
+
+    fn trim(&mut self, settings: &BrokerSettings, now: Instant) {
+        while self.history.len() > settings.history_size {
+            self.history.pop_front();
+        }
+        while let Some((at, _)) = self.history.front() {
+            if now.duration_since(*at) > settings.history_ttl {
+                self.history.pop_front();
+            } else {
+                break;
+            }
+        }
+    }
+
+    fn position(&self) -> StreamPosition {
+        StreamPosition::new(self.offset, self.epoch.to_string())
+    }
+}
+
+#[derive(Default)]
+struct Shard {
+    streams: HashMap<String, Stream>,
+}
+
+/// (node, user) → (connections, refreshed at), of one channel.
+type ChannelPresence = HashMap<(String, String), (u32, Instant)>;
+
+#[derive(Default)]
+struct Shared {
+    /// channel → its presence entries
+    presence: HashMap<String, ChannelPresence>,
+    /// node id → (info, refreshed at)
+    nodes: HashMap<String, (NodeInfo, Instant)>,
+}
+
+/// The in-memory broker. See the module doc.
+pub struct MemoryBroker {
+    settings: BrokerSettings,
+    shards: Vec<Mutex<Shard>>,
+    shared: Mutex<Shared>,
+    /// Channels this node subscribed to. Its own lock, never held while calling the sink:
+    /// the hub calls `subscribe` under its lock, and the sink takes the hub's lock, so
+    /// keeping this apart from the stream shards rules out a lock-order cycle.
+    subscribed: RwLock<HashSet<String>>,
+    sink: OnceLock<Arc<dyn PublicationSink>>,
+}
+
+impl MemoryBroker {
+    /// A new, empty broker.
+    pub fn new(settings: BrokerSettings) -> Self {
+        Self {
+            settings,
+            shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
+            shared: Mutex::default(),
+            subscribed: RwLock::default(),
+            sink: OnceLock::new(),
+        }
+    }
+
+    fn shard(&self, channel: &str) -> std::sync::MutexGuard<'_, Shard> {
+        let mut h = DefaultHasher::new();
+        channel.hash(&mut h);
+        let i = (h.finish() as usize) % SHARDS;
+        // A poisoned lock means a panic while holding it; the maps are still usable.
+        self.shards[i].lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn shared(&self) -> std::sync::MutexGuard<'_, Shared> {
+        self.shared.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Drops streams idle for longer than `meta_ttl` and expired presence and nodes.
+    /// Called periodically by the node.
+    pub fn sweep(&self) {
+        let now = Instant::now();
+        for shard in &self.shards {
+            let mut shard = shard.lock().unwrap_or_else(|e| e.into_inner());
+            shard.streams.retain(|_, s| {
+                s.trim(&self.settings, now);
+                now.duration_since(s.touched) <= self.settings.meta_ttl
+            });
+        }
+        let mut shared = self.shared();
+        let (presence_ttl, node_ttl) = (self.settings.presence_ttl, self.settings.node_ttl);
+        for entries in shared.presence.values_mut() {
+            entries.retain(|_, (_, at)| now.duration_since(*at) <= presence_ttl);
+        }
+        shared.presence.retain(|_, e| !e.is_empty());
+        shared
+            .nodes
+            .retain(|_, (_, at)| now.duration_since(*at) <= node_ttl);
+    }
+
+    fn live_nodes(shared: &Shared, ttl: Duration, now: Instant) -> HashSet<String> {
+        shared
+            .nodes
+            .iter()
+            .filter(|(_, (_, at))| now.duration_since(*at) <= ttl)
+            .map(|(id, _)| id.clone())
+            .collect()
+    }
+}
+
+#[async_trait]
+impl Broker for MemoryBroker {
+    fn start(&self, sink: Arc<dyn PublicationSink>) {
+        let _ = self.sink.set(sink);
+    }
+
+    async fn publish(&self, channel: &str, data: &str) -> Result<StreamPosition, BrokerError> {
+        let now = Instant::now();
+        let mut shard = self.shard(channel);
+        let stream = shard
+            .streams
+            .entry(channel.to_owned())
+            .or_insert_with(|| Stream::new(now));
+        stream.offset += 1;
+        stream.touched = now;
+        let publication = Publication {
+            offset: stream.offset,
+            epoch: stream.epoch.clone(),
+            data: data.into(),
+        };
+        stream.history.push_back((now, publication.clone()));
+        stream.trim(&self.settings, now);
+        let position = stream.position();
+        let subscribed = self
+            .subscribed
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(channel);
+        if subscribed {
+            if let Some(sink) = self.sink.get() {
+                sink.on_publication(channel, publication);
+            }
+        }
+        Ok(position)
+    }
+
+    fn subscribe(&self, channel: &str) -> SubscribeAck {
+        self.subscribed
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(channel.to_owned());
+        Box::pin(async { Ok(()) })
+    }
+
+    fn unsubscribe(&self, channel: &str) {
+        self.subscribed
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(channel);
+    }
+
+    async fn history(
+        &self,
+        channel: &str,
+        since: u64,
+        limit: usize,
+    ) -> Result<History, BrokerError> {
+        let now = Instant::now();
+        let mut shard = self.shard(channel);
+        let stream = shard
+            .streams
+            .entry(channel.to_owned())
+            .or_insert_with(|| Stream::new(now));
+        stream.trim(&self.settings, now);
+        stream.touched = now;
+        let publications = stream
+            .history
+            .iter()
+            .map(|(_, p)| p)
+            .filter(|p| p.offset > since)
+            .take(limit)
+            .cloned()
+            .collect();
+        Ok(History {
+            position: stream.position(),
+            publications,
+        })
+    }
+
+    async fn position(&self, channel: &str) -> Result<StreamPosition, BrokerError> {
+        let now = Instant::now();
+        let mut shard = self.shard(channel);
+        let stream = shard
+            .streams
+            .entry(channel.to_owned())
+            .or_insert_with(|| Stream::new(now));
+        stream.touched = now;
+        Ok(stream.position())
+    }
+
+    async fn presence_update(
+        &self,
+        node: &str,
+        changes: &[PresenceChange],
+    ) -> Result<(), BrokerError> {
+        let now = Instant::now();
+        let mut shared = self.shared();
+        for change in changes {
+            let key = (node.to_owned(), change.user.clone());
+            if change.connections == 0 {
+                if let Some(entries) = shared.presence.get_mut(&change.channel) {
+                    entries.remove(&key);
+                    if entries.is_empty() {
+                        shared.presence.remove(&change.channel);
+                    }
+                }
+            } else {
+                shared
+                    .presence
+                    .entry(change.channel.clone())
+                    .or_default()
+                    .insert(key, (change.connections, now));
+            }
+        }
+        Ok(())
+    }
+
+    async fn presence_refresh(&self, node: &str, channels: &[String]) -> Result<(), BrokerError> {
+        let now = Instant::now();
+        let mut shared = self.shared();
+        for channel in channels {
+            if let Some(entries) = shared.presence.get_mut(channel) {
+                for ((n, _), (_, at)) in entries.iter_mut() {
+                    if n == node {
+                        *at = now;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn presence(&self, channel: &str) -> Result<BTreeMap<String, u32>, BrokerError> {
+        let now = Instant::now();
+        let shared = self.shared();
+        let live = Self::live_nodes(&shared, self.settings.node_ttl, now);
+        let mut users = BTreeMap::new();
+        if let Some(entries) = shared.presence.get(channel) {
+            for ((node, user), (count, at)) in entries {
+                if live.contains(node) && now.duration_since(*at) <= self.settings.presence_ttl {
+                    *users.entry(user.clone()).or_insert(0) += *count;
+                }
+            }
+        }
+        Ok(users)
+    }
+
+    async fn register_node(&self, info: &NodeInfo) -> Result<(), BrokerError> {
+        self.shared()
+            .nodes
+            .insert(info.id.clone(), (info.clone(), Instant::now()));
+        Ok(())
+    }
+
+    async fn unregister_node(&self, id: &str) -> Result<(), BrokerError> {
+        self.shared().nodes.remove(id);
+        Ok(())
+    }
+
+    async fn nodes(&self) -> Result<Vec<NodeInfo>, BrokerError> {
+        let now = Instant::now();
+        let shared = self.shared();
+        let mut nodes: Vec<NodeInfo> = shared
+            .nodes
+            .values()
+            .filter(|(_, at)| now.duration_since(*at) <= self.settings.node_ttl)
+            .map(|(info, _)| info.clone())
+            .collect();
+        nodes.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(nodes)
+    }
+
+    fn is_healthy(&self) -> bool {
+        true
+    }
+
+    async fn shutdown(&self) {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings() -> BrokerSettings {
+        BrokerSettings {
+            history_size: 3,
+            history_ttl: Duration::from_secs(300),
+            meta_ttl: Duration::from_secs(3600),
+            node_ttl: Duration::from_secs(10),
+            presence_ttl: Duration::from_secs(10),
+        }
+    }
+
+    #[tokio::test]
+    async fn offsets_and_bounded_history() {
+        let b = MemoryBroker::new(settings());
+        for i in 1..=5u64 {
+            let pos = b.publish("a", &i.to_string()).await.unwrap();
+            assert_eq!(pos.offset, i);
+        }
+        let h = b.history("a", 0, 100).await.unwrap();
+        assert_eq!(h.position.offset, 5);
+        let offsets: Vec<u64> = h.publications.iter().map(|p| p.offset).collect();
+        assert_eq!(offsets, vec![3, 4, 5]);
+        let h = b.history("a", 3, 1).await.unwrap();
+        assert_eq!(h.publications[0].offset, 4);
+        assert_eq!(h.publications.len(), 1);
+        // Another channel has its own offsets.
+        assert_eq!(b.publish("b", "1").await.unwrap().offset, 1);
+    }
+
+    #[tokio::test]
+    async fn presence_counts_live_nodes_only() {
+        let b = MemoryBroker::new(settings());
+        let info = NodeInfo {
+            id: "n1".into(),
+            url: "ws://x/ws".into(),
+            connections: 1,
+            draining: false,
+        };
+        b.register_node(&info).await.unwrap();
+        let change = |user: &str, connections| PresenceChange {
+            channel: "room".into(),
+            user: user.into(),
+            connections,
+        };
+        b.presence_update("n1", &[change("alice", 2), change("bob", 1)])
+            .await
+            .unwrap();
+        b.presence_update("n2", &[change("carol", 1)])
+            .await
+            .unwrap();
+        let users = b.presence("room").await.unwrap();
+        assert_eq!(users.len(), 2, "n2 is not a live node: {users:?}");
+        assert_eq!(users["alice"], 2);
+        b.presence_update("n1", &[change("alice", 0)])
+            .await
+            .unwrap();
+        assert!(!b.presence("room").await.unwrap().contains_key("alice"));
+        b.unregister_node("n1").await.unwrap();
+        assert!(b.presence("room").await.unwrap().is_empty());
+    }
+}

@@ -1,0 +1,166 @@
+//! The broker: what every node of a cluster shares.
+//!
+//! A broker numbers the messages of each channel (offsets without gaps, an epoch that
+//! changes when history is lost), keeps a short history, routes publications to the
+//! nodes that subscribed to a channel, and holds presence and the node registry.
+//! [`memory::MemoryBroker`] serves a single node; [`redis::RedisBroker`] a cluster. The
+//! rest of the server sees only the [`Broker`] trait, so changing the broker changes
+//! nothing outside this module.
+
+pub mod memory;
+pub mod redis;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures_util::future::BoxFuture;
+use herald_protocol::StreamPosition;
+use serde::{Deserialize, Serialize};
+
+/// One published message as the broker numbered it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Publication {
+    /// Offset in the channel, from 1, without gaps within an epoch.
+    pub offset: u64,
+    /// The channel's epoch when it was published.
+    pub epoch: Arc<str>,
+    /// The published value as JSON text (validated on the way in, never re-encoded).
+    pub data: Arc<str>,
+}
+
+/// A slice of a channel's history and where the channel stands now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct History {
+    /// The channel's latest offset and epoch.
+    pub position: StreamPosition,
+    /// Retained publications after the requested offset, in offset order.
+    pub publications: Vec<Publication>,
+}
+
+/// A node as the registry knows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeInfo {
+    /// The node id.
+    pub id: String,
+    /// WebSocket URL clients use to reach the node directly.
+    pub url: String,
+    /// Open client connections.
+    pub connections: u64,
+    /// Whether the node is draining (it then leaves the registry at once).
+    pub draining: bool,
+}
+
+/// A change of one user's connection count in one channel on one node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PresenceChange {
+    /// The channel.
+    pub channel: String,
+    /// The user.
+    pub user: String,
+    /// The user's connections to the channel on this node now; 0 removes the entry.
+    pub connections: u32,
+}
+
+/// Tunables every broker needs; they come from the node's configuration.
+#[derive(Debug, Clone)]
+pub struct BrokerSettings {
+    /// Messages kept per channel.
+    pub history_size: usize,
+    /// How long a message stays in history.
+    pub history_ttl: Duration,
+    /// How long a channel's offset and epoch outlive its last publish. Longer than the
+    /// history, so that an idle channel keeps its epoch and idle subscribers need no resync.
+    pub meta_ttl: Duration,
+    /// A node that has not refreshed its registry entry for this long is dead.
+    pub node_ttl: Duration,
+    /// Presence entries not refreshed for this long expire.
+    pub presence_ttl: Duration,
+}
+
+/// Failures of the broker.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum BrokerError {
+    /// The broker cannot be reached now (connection down, timeout); retry later.
+    #[error("broker unavailable: {0}")]
+    Unavailable(String),
+    /// The broker answered something unexpected.
+    #[error("broker error: {0}")]
+    Internal(String),
+}
+
+/// Where a broker delivers what it receives. The hub implements it.
+pub trait PublicationSink: Send + Sync + 'static {
+    /// A publication on a channel this node subscribed to, in the order the broker
+    /// received them. Must not block: it runs on the broker's reader.
+    fn on_publication(&self, channel: &str, publication: Publication);
+
+    /// The broker's subscriptions were re-established after a connection loss, and
+    /// messages may have been missed meanwhile: check the continuity of every channel.
+    fn on_resubscribed(&self);
+}
+
+/// A future that resolves when a subscription request was applied by the broker.
+pub type SubscribeAck = BoxFuture<'static, Result<(), BrokerError>>;
+
+/// The broker interface: streams with offsets and history, per-node routing, presence
+/// and the node registry.
+#[async_trait]
+pub trait Broker: Send + Sync + 'static {
+    /// Starts delivering publications of subscribed channels to `sink`. Called once.
+    fn start(&self, sink: Arc<dyn PublicationSink>);
+
+    /// Publishes `data` (JSON text) to `channel` as one atomic step: the next offset,
+    /// appended to history, routed to subscribed nodes. Returns the message's position.
+    async fn publish(&self, channel: &str, data: &str) -> Result<StreamPosition, BrokerError>;
+
+    /// Subscribes this node to `channel`. The request is queued when this method is
+    /// called, not when the future is polled, so requests made in order (the hub makes
+    /// them under its lock) are applied in that order. The future resolves once
+    /// publications of the channel are being delivered.
+    fn subscribe(&self, channel: &str) -> SubscribeAck;
+
+    /// Unsubscribes this node from `channel`; queued in order like [`Broker::subscribe`].
+    fn unsubscribe(&self, channel: &str);
+
+    /// Retained publications with offset greater than `since`, at most `limit`, oldest
+    /// first, and the channel's current position.
+    async fn history(
+        &self,
+        channel: &str,
+        since: u64,
+        limit: usize,
+    ) -> Result<History, BrokerError>;
+
+    /// The channel's current position (creating its epoch if the channel is new).
+    async fn position(&self, channel: &str) -> Result<StreamPosition, BrokerError>;
+
+    /// Applies presence changes made on node `node`.
+    async fn presence_update(
+        &self,
+        node: &str,
+        changes: &[PresenceChange],
+    ) -> Result<(), BrokerError>;
+
+    /// Keeps node `node`'s presence in these channels from expiring.
+    async fn presence_refresh(&self, node: &str, channels: &[String]) -> Result<(), BrokerError>;
+
+    /// Users present in a channel with their connection counts, over all live nodes.
+    async fn presence(&self, channel: &str) -> Result<BTreeMap<String, u32>, BrokerError>;
+
+    /// Adds or refreshes a node in the registry.
+    async fn register_node(&self, info: &NodeInfo) -> Result<(), BrokerError>;
+
+    /// Removes a node from the registry at once (draining or stopping).
+    async fn unregister_node(&self, id: &str) -> Result<(), BrokerError>;
+
+    /// Live nodes.
+    async fn nodes(&self) -> Result<Vec<NodeInfo>, BrokerError>;
+
+    /// Whether the broker is connected and delivering; `/readyz` reports it.
+    fn is_healthy(&self) -> bool;
+
+    /// Stops background work and closes connections.
+    async fn shutdown(&self);
+}

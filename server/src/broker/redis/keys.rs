@@ -1,0 +1,259 @@
+//! Names and encodings the Redis broker shares with every other node: the key
+//! layout, the pub/sub payload, and the parsing of `HERALD_REDIS_URL`.
+//!
+//! Key layout, for a prefix `P` and a channel `C`:
+//!
+//! | name | type | what |
+//! |---|---|---|
+//! | `P{C}:m` | hash | `e` = epoch, `o` = last offset; expires `meta_ttl` after the last use |
+//! | `P{C}:h` | stream | history; entry id `<offset>-0`, fields `d` = data, `t` = ms (Redis clock) |
+//! | `P{C}:c` | pub/sub channel | publications of `C` (sharded pub/sub in a cluster) |
+//! | `Ppresence:{C}` | hash | `<node>\|<user>` = that user's connections to `C` on that node |
+//! | `Pnodes` | hash | node id = `<heartbeat ms>\|<NodeInfo JSON>` |
+//! | `Pprobe:<node>:{T}` | pub/sub channel | liveness probes of one node, one per Redis shard |
+//!
+//! The hash tag `{C}` puts every key of a channel and its sharded pub/sub channel in
+//! one cluster slot, which is what lets one Lua script touch them all. Channel names
+//! cannot contain braces (see `herald_protocol`), and the prefix has its braces
+//! replaced, so the first `{…}` of a name is always the channel.
+//!
+//! The stream id is the offset (`<offset>-0`): offsets only grow within an epoch, and
+//! the stream is deleted whenever a new epoch starts, so ids stay increasing, and a
+//! read "after offset N" is a plain `XRANGE <N+1>-0 +`. Age is kept in field `t`.
+
+use std::fmt;
+
+use fred::types::config::{Config, ServerConfig};
+
+/// Where the broker's Redis is, parsed from the configured URL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Topology {
+    /// One Redis (`redis://host:port[/db]`): classic PUBLISH / SUBSCRIBE.
+    Single,
+    /// Redis Cluster (`redis-cluster://host:port[,host:port…]`): sharded pub/sub.
+    Cluster,
+}
+
+/// A `HERALD_REDIS_URL` that cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct BadUrl(pub String);
+
+impl fmt::Display for BadUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Parses `redis://host:port[/db]` or `redis-cluster://host:port[,host:port…]` into a
+/// fred config. fred's own cluster URL syntax lists extra nodes as `?node=`; ours is a
+/// comma list, so the cluster form is parsed here.
+pub(crate) fn parse_url(url: &str) -> Result<(Config, Topology), BadUrl> {
+    if let Some(rest) = url.strip_prefix("redis-cluster://") {
+        let (auth, hosts) = match rest.rsplit_once('@') {
+            Some((auth, hosts)) => (Some(auth), hosts),
+            None => (None, rest),
+        };
+        let hosts = hosts.trim_end_matches('/');
+        let mut servers = Vec::new();
+        for host in hosts.split(',') {
+            let (name, port) = host
+                .rsplit_once(':')
+                .ok_or_else(|| BadUrl(format!("cluster node `{host}` needs host:port")))?;
+            let port: u16 = port
+                .parse()
+                .map_err(|_| BadUrl(format!("bad port in cluster node `{host}`")))?;
+            let name = name.trim_start_matches('[').trim_end_matches(']');
+            if name.is_empty() {
+                return Err(BadUrl(format!("cluster node `{host}` needs a host")));
+            }
+            servers.push((name.to_owned(), port));
+        }
+        let mut config = Config {
+            server: ServerConfig::new_clustered(servers),
+            ..Config::default()
+        };
+        if let Some(auth) = auth {
+            let (user, pass) = match auth.split_once(':') {
+                Some((user, pass)) => (Some(user.to_owned()).filter(|u| !u.is_empty()), pass),
+                None => (None, auth),
+            };
+            config.username = user;
+            config.password = Some(pass.to_owned());
+        }
+        Ok((config, Topology::Cluster))
+    } else if url.starts_with("redis://") {
+        let config = Config::from_url_centralized(url).map_err(|e| BadUrl(e.to_string()))?;
+        Ok((config, Topology::Single))
+    } else {
+        Err(BadUrl(
+            "expected redis://host:port[/db] or redis-cluster://host:port[,host:port…]".into(),
+        ))
+    }
+}
+
+/// Builds every Redis name the broker uses from the prefix.
+#[derive(Debug, Clone)]
+pub(crate) struct Keys {
+    prefix: String,
+    /// `P` + `probe:` + node id + `:`, what every probe channel of this node starts with.
+    probe_prefix: String,
+}
+
+impl Keys {
+    /// Names under `prefix` for node `node_id`. Braces in either are replaced with
+    /// parentheses: a brace would change which part of a name is the hash tag.
+    pub(crate) fn new(prefix: &str, node_id: &str) -> Self {
+        let clean = |s: &str| s.replace('{', "(").replace('}', ")");
+        let prefix = clean(prefix);
+        let probe_prefix = format!("{prefix}probe:{}:", clean(node_id));
+        Self {
+            prefix,
+            probe_prefix,
+        }
+    }
+
+    /// The channel's meta hash (epoch and offset).
+    pub(crate) fn meta(&self, channel: &str) -> String {
+        format!("{}{{{channel}}}:m", self.prefix)
+    }
+
+    /// The channel's history stream.
+    pub(crate) fn history(&self, channel: &str) -> String {
+        format!("{}{{{channel}}}:h", self.prefix)
+    }
+
+    /// The channel's pub/sub channel.
+    pub(crate) fn pubsub(&self, channel: &str) -> String {
+        format!("{}{{{channel}}}:c", self.prefix)
+    }
+
+    /// The channel's presence hash.
+    pub(crate) fn presence(&self, channel: &str) -> String {
+        format!("{}presence:{{{channel}}}", self.prefix)
+    }
+
+    /// The node registry hash.
+    pub(crate) fn nodes(&self) -> String {
+        format!("{}nodes", self.prefix)
+    }
+
+    /// The herald channel of a pub/sub channel name, if it is one of ours.
+    pub(crate) fn channel_of<'a>(&self, pubsub: &'a str) -> Option<&'a str> {
+        pubsub
+            .strip_prefix(self.prefix.as_str())?
+            .strip_prefix('{')?
+            .strip_suffix("}:c")
+    }
+
+    /// A probe channel of this node whose hash tag is `tag`.
+    pub(crate) fn probe(&self, tag: &str) -> String {
+        format!("{}{{{tag}}}", self.probe_prefix)
+    }
+
+    /// Whether a pub/sub channel is one of this node's probe channels.
+    pub(crate) fn is_probe(&self, pubsub: &str) -> bool {
+        pubsub.starts_with(self.probe_prefix.as_str())
+    }
+}
+
+/// The field of a presence hash for `user` on `node`.
+pub(crate) fn presence_field(node: &str, user: &str) -> String {
+    format!("{node}|{user}")
+}
+
+/// Splits a presence field into (node, user). User ids cannot contain `|`, so the
+/// last `|` is the separator even if a node id contains one.
+pub(crate) fn split_presence_field(field: &str) -> Option<(&str, &str)> {
+    field.rsplit_once('|')
+}
+
+/// A publication as it travels over pub/sub: `<offset>:<epoch>:<data>`.
+///
+/// Text, not JSON: the data is already JSON text and is passed through untouched,
+/// epochs are alphanumeric, and the offset is decimal, so the first two `:` delimit
+/// the fields. Redis builds it in the publish script, Rust only parses it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Payload<'a> {
+    /// The message's offset.
+    pub offset: u64,
+    /// The channel's epoch.
+    pub epoch: &'a str,
+    /// The JSON data.
+    pub data: &'a str,
+}
+
+/// Parses a pub/sub payload; `None` if it is not one.
+pub(crate) fn parse_payload(text: &str) -> Option<Payload<'_>> {
+    let (offset, rest) = text.split_once(':')?;
+    let (epoch, data) = rest.split_once(':')?;
+    Some(Payload {
+        offset: offset.parse().ok()?,
+        epoch,
+        data,
+    })
+}
+
+/// A fresh random epoch, offered to the scripts, which use it only when a channel's
+/// metadata is missing. The same alphabet as the memory broker's.
+pub(crate) fn new_epoch() -> String {
+    crate::broker::memory::new_epoch()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_share_the_channel_hash_tag() {
+        let k = Keys::new("t1:", "node-1");
+        assert_eq!(k.meta("room:1"), "t1:{room:1}:m");
+        assert_eq!(k.history("room:1"), "t1:{room:1}:h");
+        assert_eq!(k.pubsub("room:1"), "t1:{room:1}:c");
+        assert_eq!(k.presence("room:1"), "t1:presence:{room:1}");
+        assert_eq!(k.channel_of("t1:{room:1}:c"), Some("room:1"));
+        assert_eq!(k.channel_of("t2:{room:1}:c"), None);
+        assert!(k.is_probe(&k.probe("3")));
+        assert_eq!(k.channel_of(&k.probe("3")), None);
+        let slot = |s: &str| fred::util::redis_keyslot(s.as_bytes());
+        assert_eq!(slot(&k.meta("a")), slot(&k.pubsub("a")));
+        assert_eq!(slot(&k.history("a")), slot(&k.presence("a")));
+    }
+
+    #[test]
+    fn braces_in_the_prefix_cannot_steal_the_hash_tag() {
+        let k = Keys::new("{x}", "n{1}");
+        assert_eq!(k.meta("a"), "(x){a}:m");
+        assert!(k.probe("t").ends_with("n(1):{t}"));
+    }
+
+    #[test]
+    fn payload_round_trip() {
+        let p = parse_payload(r#"17:e1Ab:{"a":"b:c"}"#).unwrap();
+        assert_eq!(p.offset, 17);
+        assert_eq!(p.epoch, "e1Ab");
+        assert_eq!(p.data, r#"{"a":"b:c"}"#);
+        assert!(parse_payload("x:e:1").is_none());
+        assert!(parse_payload("12").is_none());
+    }
+
+    #[test]
+    fn presence_fields() {
+        assert_eq!(
+            split_presence_field(&presence_field("n|1", "bob")),
+            Some(("n|1", "bob"))
+        );
+    }
+
+    #[test]
+    fn urls() {
+        let (c, t) = parse_url("redis://127.0.0.1:6380/2").unwrap();
+        assert_eq!(t, Topology::Single);
+        assert_eq!(c.database, Some(2));
+        let (c, t) = parse_url("redis-cluster://127.0.0.1:7000,127.0.0.1:7001").unwrap();
+        assert_eq!(t, Topology::Cluster);
+        assert_eq!(c.server.hosts().len(), 2);
+        assert!(parse_url("redis-cluster://127.0.0.1").is_err());
+        assert!(parse_url("http://x").is_err());
+        assert!(parse_url("redis://").is_err());
+    }
+}

@@ -1,0 +1,655 @@
+//! The Redis broker: what lets identical nodes share streams, routing, presence and
+//! the node registry through one Redis or a Redis Cluster.
+//!
+//! This module owns every Redis connection of a node and everything stored in Redis
+//! (the key layout is documented in [`keys`]). Two fred clients are used:
+//!
+//! - the *command* client runs the Lua scripts (publish, history, position, presence,
+//!   registry). Publishing is one script call: next offset, append to the history
+//!   stream, and (S)PUBLISH `<offset>:<epoch>:<data>` to the channel's pub/sub channel.
+//! - the *subscriber* client only (un)subscribes. One task, the subscription manager
+//!   (`subscriptions`), owns which channels are subscribed; the hub's requests reach it
+//!   in order over an unbounded queue and are applied in batches. Another task, the
+//!   reader, hands what arrives to the hub's [`PublicationSink`].
+//!
+//! With `redis://` the classic PUBLISH / SUBSCRIBE is used; with `redis-cluster://` the
+//! sharded SPUBLISH / SSUBSCRIBE, so a message only travels inside the shard that owns
+//! its channel and only to nodes subscribed to it.
+//!
+//! Failure handling, in short: commands fail fast with [`BrokerError::Unavailable`]
+//! while a connection is down (short timeouts, no queueing while disconnected); fred
+//! reconnects with exponential backoff; after the subscriber reconnects, the manager
+//! subscribes every channel again itself and then calls
+//! [`PublicationSink::on_resubscribed`], so the hub checks every channel against
+//! history. A lagging fred broadcast receiver is treated the same way. A probe
+//! (`probe`) publishes to a per-node channel every second and forces a reconnect
+//! when the subscriber connection stops delivering.
+
+mod keys;
+mod probe;
+mod scripts;
+mod subscriptions;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use fred::clients::Client;
+use fred::error::{Error as FredError, ErrorKind};
+use fred::interfaces::{ClientLike, EventInterface, HashesInterface, KeysInterface};
+use fred::types::config::{Config, ReconnectPolicy, TcpConfig, UnresponsiveConfig};
+use fred::types::{Builder, Message, Value};
+use futures_util::future::try_join_all;
+use herald_protocol::StreamPosition;
+use tokio::sync::{broadcast, mpsc, oneshot, Notify};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use super::{
+    Broker, BrokerError, BrokerSettings, History, NodeInfo, PresenceChange, Publication,
+    PublicationSink, SubscribeAck,
+};
+use keys::{Keys, Topology};
+use probe::ProbeState;
+use scripts::Scripts;
+use subscriptions::Request;
+
+/// How long a command may take before it fails with [`BrokerError::Unavailable`].
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a TCP connect plus handshake to Redis may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// A connection with a command unanswered for this long is dropped and reconnected
+/// (catches a Redis that is stopped but whose sockets stay open).
+const UNRESPONSIVE_AFTER: Duration = Duration::from_secs(4);
+/// Reconnect backoff: from 100 ms doubling up to 2 s, forever, with jitter.
+const RECONNECT_MIN_MS: u32 = 100;
+const RECONNECT_MAX_MS: u32 = 2_000;
+/// Capacity of fred's broadcast channel between the subscriber connection and the
+/// reader (fred's default is 32 and it drops the oldest on lag). The reader only
+/// decodes and hands off, so this absorbs scheduling hiccups, not sustained overload;
+/// a lag is still detected and handled as possible loss.
+const SUBSCRIBER_BUFFER: usize = 16_384;
+
+/// The Redis broker. See the module doc.
+pub struct RedisBroker {
+    inner: Arc<Inner>,
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+}
+
+/// State shared by the broker and its background tasks.
+struct Inner {
+    settings: BrokerSettings,
+    keys: Keys,
+    topology: Topology,
+    /// Runs scripts and other commands.
+    client: Client,
+    /// Only (un)subscribes, and receives publications.
+    sub: Client,
+    scripts: Scripts,
+    /// The subscription manager's queue.
+    requests: mpsc::UnboundedSender<Request>,
+    sink: OnceLock<Arc<dyn PublicationSink>>,
+    /// Every wanted subscription is in place on the current subscriber connection(s).
+    synced: AtomicBool,
+    /// The last liveness probe arrived in time.
+    probe_ok: AtomicBool,
+    /// Probes in flight; a std `Mutex`, never held across an `.await`.
+    probes: Mutex<ProbeState>,
+    /// Wakes the probe early, after a resubscribe, so health returns without waiting
+    /// for the next probe tick.
+    probe_now: Notify,
+    cancel: CancellationToken,
+}
+
+impl Inner {
+    /// Fails fast when the command connection is down, instead of letting fred queue
+    /// the command until it reconnects.
+    fn ready(&self) -> Result<&Client, BrokerError> {
+        if self.client.is_connected() && !self.cancel.is_cancelled() {
+            Ok(&self.client)
+        } else {
+            Err(BrokerError::Unavailable("not connected to Redis".into()))
+        }
+    }
+
+    fn on_resubscribed(&self) {
+        if let Some(sink) = self.sink.get() {
+            sink.on_resubscribed();
+        }
+    }
+}
+
+/// Maps a fred error: connection trouble and Redis' own "try again" answers are
+/// `Unavailable`, anything else is `Internal`.
+fn broker_error(e: FredError) -> BrokerError {
+    let transient = matches!(
+        e.kind(),
+        ErrorKind::IO
+            | ErrorKind::Timeout
+            | ErrorKind::Canceled
+            | ErrorKind::Routing
+            | ErrorKind::Cluster
+            | ErrorKind::Backpressure
+    ) || [
+        "LOADING",
+        "CLUSTERDOWN",
+        "TRYAGAIN",
+        "MASTERDOWN",
+        "BUSY",
+        "READONLY",
+    ]
+    .iter()
+    .any(|p| e.details().starts_with(p));
+    if transient {
+        BrokerError::Unavailable(e.to_string())
+    } else {
+        BrokerError::Internal(e.to_string())
+    }
+}
+
+fn millis(d: Duration) -> String {
+    d.as_millis().max(1).to_string()
+}
+
+fn build_client(config: Config, broadcast_capacity: Option<usize>) -> Result<Client, FredError> {
+    let mut builder = Builder::from_config(Config {
+        // Do not fail when Redis is unreachable at start: keep trying in the background.
+        fail_fast: false,
+        ..config
+    });
+    builder
+        .with_performance_config(|perf| {
+            perf.default_command_timeout = COMMAND_TIMEOUT;
+            if let Some(capacity) = broadcast_capacity {
+                perf.broadcast_channel_capacity = capacity;
+            }
+        })
+        .with_connection_config(|conn| {
+            conn.connection_timeout = CONNECT_TIMEOUT;
+            conn.internal_command_timeout = CONNECT_TIMEOUT;
+            // One write attempt: a publish whose connection died after the write may
+            // have run, and running it again would publish it twice.
+            conn.max_command_attempts = 1;
+            conn.unresponsive = UnresponsiveConfig {
+                max_timeout: Some(UNRESPONSIVE_AFTER),
+                interval: Duration::from_secs(1),
+            };
+            conn.tcp = TcpConfig {
+                nodelay: Some(true),
+                ..TcpConfig::default()
+            };
+        })
+        .set_policy(ReconnectPolicy::new_exponential(
+            0,
+            RECONNECT_MIN_MS,
+            RECONNECT_MAX_MS,
+            2,
+        ));
+    builder.build()
+}
+
+/// Connects a Redis broker.
+///
+/// `url` is `redis://host:port[/db]` (one Redis, classic pub/sub) or
+/// `redis-cluster://host:port[,host:port…]` (Redis Cluster, sharded pub/sub). Every key
+/// and pub/sub channel name starts with `prefix`. Fails only on a malformed URL: if
+/// Redis is unreachable the broker keeps reconnecting in the background and
+/// [`Broker::is_healthy`] stays false until it is connected and subscribed.
+pub async fn connect(
+    url: &str,
+    prefix: &str,
+    node_id: &str,
+    settings: BrokerSettings,
+) -> Result<RedisBroker, BrokerError> {
+    let (config, topology) =
+        keys::parse_url(url).map_err(|e| BrokerError::Internal(format!("bad Redis URL: {e}")))?;
+    let client = build_client(config.clone(), None)
+        .map_err(|e| BrokerError::Internal(format!("bad Redis config: {e}")))?;
+    let sub = build_client(config, Some(SUBSCRIBER_BUFFER))
+        .map_err(|e| BrokerError::Internal(format!("bad Redis config: {e}")))?;
+    let keys = Keys::new(prefix, node_id);
+    let (requests, requests_rx) = mpsc::unbounded_channel();
+    let inner = Arc::new(Inner {
+        settings,
+        keys,
+        topology,
+        client,
+        sub,
+        scripts: Scripts::new(),
+        requests,
+        sink: OnceLock::new(),
+        synced: AtomicBool::new(false),
+        probe_ok: AtomicBool::new(false),
+        probes: Mutex::new(ProbeState::default()),
+        probe_now: Notify::new(),
+        cancel: CancellationToken::new(),
+    });
+
+    // Take the receivers before connecting, so that the first connection's event and
+    // the first messages are not missed.
+    let messages = inner.sub.message_rx();
+    let reconnects = inner.sub.reconnect_rx();
+    let tasks = vec![
+        tokio::spawn(subscriptions::run(inner.clone(), requests_rx)),
+        tokio::spawn(read_publications(inner.clone(), messages)),
+        tokio::spawn(watch_reconnects(inner.clone(), reconnects)),
+        tokio::spawn(probe::run(inner.clone())),
+    ];
+    // The connection tasks run until `quit`; their handles are not needed.
+    drop(inner.client.connect());
+    drop(inner.sub.connect());
+    tracing::info!(
+        kind = url_kind(&inner.topology),
+        prefix,
+        node_id,
+        "redis broker started"
+    );
+    Ok(RedisBroker {
+        inner,
+        tasks: Mutex::new(tasks),
+    })
+}
+
+fn url_kind(topology: &Topology) -> &'static str {
+    match topology {
+        Topology::Single => "redis",
+        Topology::Cluster => "redis-cluster",
+    }
+}
+
+/// Turns every (re)connection of the subscriber client into a resubscribe request.
+/// In a cluster each shard connection reports separately; the manager merges requests
+/// that arrive together.
+async fn watch_reconnects(
+    inner: Arc<Inner>,
+    mut events: broadcast::Receiver<fred::types::config::Server>,
+) {
+    loop {
+        let event = tokio::select! {
+            _ = inner.cancel.cancelled() => return,
+            event = events.recv() => event,
+        };
+        match event {
+            Ok(server) => {
+                tracing::info!(%server, "redis subscriber connected");
+                // Until the manager has subscribed everything again, messages may be
+                // missing: not healthy.
+                inner.synced.store(false, Ordering::SeqCst);
+                let _ = inner.requests.send(Request::Resubscribe);
+            }
+            Err(broadcast::error::RecvError::Lagged(_)) => {
+                inner.synced.store(false, Ordering::SeqCst);
+                let _ = inner.requests.send(Request::Resubscribe);
+            }
+            Err(broadcast::error::RecvError::Closed) => {
+                if inner.cancel.is_cancelled() {
+                    return;
+                }
+                // fred replaces its channels on `quit`; pick up the new one.
+                events = inner.sub.reconnect_rx();
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// The reader: hands each publication to the sink, in the order Redis sent them.
+async fn read_publications(inner: Arc<Inner>, mut messages: broadcast::Receiver<Message>) {
+    loop {
+        let message = tokio::select! {
+            _ = inner.cancel.cancelled() => return,
+            message = messages.recv() => message,
+        };
+        match message {
+            Ok(message) => dispatch(&inner, &message),
+            Err(broadcast::error::RecvError::Lagged(missed)) => {
+                // fred dropped messages we did not read in time: any channel may have
+                // a gap now. The hub checks every channel against history.
+                tracing::warn!(
+                    missed,
+                    "redis subscriber lagged; checking channel continuity"
+                );
+                inner.on_resubscribed();
+            }
+            Err(broadcast::error::RecvError::Closed) => {
+                if inner.cancel.is_cancelled() {
+                    return;
+                }
+                messages = inner.sub.message_rx();
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                inner.on_resubscribed();
+            }
+        }
+    }
+}
+
+fn dispatch(inner: &Inner, message: &Message) {
+    let name: &str = &message.channel;
+    let Some(text) = message.value.as_str() else {
+        tracing::warn!(channel = name, "redis message without text payload");
+        return;
+    };
+    if inner.keys.is_probe(name) {
+        if let Ok(seq) = text.parse::<u64>() {
+            probe::arrived(inner, name, seq);
+        }
+        return;
+    }
+    let Some(channel) = inner.keys.channel_of(name) else {
+        return;
+    };
+    let Some(payload) = keys::parse_payload(&text) else {
+        tracing::warn!(channel, "malformed publication payload from redis");
+        return;
+    };
+    if let Some(sink) = inner.sink.get() {
+        sink.on_publication(
+            channel,
+            Publication {
+                offset: payload.offset,
+                epoch: payload.epoch.into(),
+                data: payload.data.into(),
+            },
+        );
+    }
+}
+
+/// Reads `{offset, epoch}` from the front of a script's answer.
+fn parse_position(values: &[Value]) -> Result<StreamPosition, BrokerError> {
+    let bad = || BrokerError::Internal("unexpected script answer".into());
+    let offset = values.first().and_then(Value::as_u64).ok_or_else(bad)?;
+    let epoch = values.get(1).and_then(Value::as_string).ok_or_else(bad)?;
+    Ok(StreamPosition::new(offset, epoch))
+}
+
+impl RedisBroker {
+    fn channel_keys(&self, channel: &str) -> Vec<String> {
+        vec![
+            self.inner.keys.meta(channel),
+            self.inner.keys.history(channel),
+        ]
+    }
+
+    async fn stop(&self) {
+        self.inner.cancel.cancel();
+        let tasks = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|e| e.into_inner()));
+        for task in tasks {
+            let _ = tokio::time::timeout(Duration::from_secs(2), task).await;
+        }
+        for client in [&self.inner.sub, &self.inner.client] {
+            let _ = tokio::time::timeout(Duration::from_secs(2), client.quit()).await;
+        }
+    }
+}
+
+impl Drop for RedisBroker {
+    fn drop(&mut self) {
+        if self.inner.cancel.is_cancelled() {
+            return; // `shutdown` already stopped everything.
+        }
+        // Background tasks hold the shared state; without this they would outlive a
+        // broker dropped without `shutdown`.
+        self.inner.cancel.cancel();
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let (client, sub) = (self.inner.client.clone(), self.inner.sub.clone());
+            runtime.spawn(async move {
+                let _ = tokio::time::timeout(Duration::from_secs(2), sub.quit()).await;
+                let _ = tokio::time::timeout(Duration::from_secs(2), client.quit()).await;
+            });
+        }
+    }
+}
+
+#[async_trait]
+impl Broker for RedisBroker {
+    fn start(&self, sink: Arc<dyn PublicationSink>) {
+        if self.inner.sink.set(sink).is_err() {
+            tracing::warn!("redis broker started twice; keeping the first sink");
+        }
+    }
+
+    async fn publish(&self, channel: &str, data: &str) -> Result<StreamPosition, BrokerError> {
+        let inner = &self.inner;
+        let client = inner.ready()?;
+        let command = match inner.topology {
+            Topology::Single => "PUBLISH",
+            Topology::Cluster => "SPUBLISH",
+        };
+        let args = vec![
+            inner.keys.pubsub(channel),
+            data.to_owned(),
+            keys::new_epoch(),
+            inner.settings.history_size.to_string(),
+            millis(inner.settings.history_ttl),
+            millis(inner.settings.meta_ttl),
+            command.to_owned(),
+        ];
+        let answer: Vec<Value> = scripts::run(
+            client,
+            &inner.scripts.publish,
+            self.channel_keys(channel),
+            args,
+        )
+        .await
+        .map_err(broker_error)?;
+        parse_position(&answer)
+    }
+
+    fn subscribe(&self, channel: &str) -> SubscribeAck {
+        let (ack, done) = oneshot::channel();
+        let sent = self.inner.requests.send(Request::Subscribe {
+            channel: channel.to_owned(),
+            ack,
+        });
+        Box::pin(async move {
+            if sent.is_err() {
+                return Err(BrokerError::Unavailable("redis broker stopped".into()));
+            }
+            done.await
+                .unwrap_or_else(|_| Err(BrokerError::Unavailable("redis broker stopped".into())))
+        })
+    }
+
+    fn unsubscribe(&self, channel: &str) {
+        let _ = self.inner.requests.send(Request::Unsubscribe {
+            channel: channel.to_owned(),
+        });
+    }
+
+    async fn history(
+        &self,
+        channel: &str,
+        since: u64,
+        limit: usize,
+    ) -> Result<History, BrokerError> {
+        let inner = &self.inner;
+        let client = inner.ready()?;
+        let args = vec![
+            keys::new_epoch(),
+            millis(inner.settings.meta_ttl),
+            format!("{}-0", since.saturating_add(1)),
+            limit.min(inner.settings.history_size).to_string(),
+            millis(inner.settings.history_ttl),
+        ];
+        let answer: Vec<Value> = scripts::run(
+            client,
+            &inner.scripts.history,
+            self.channel_keys(channel),
+            args,
+        )
+        .await
+        .map_err(broker_error)?;
+        let position = parse_position(&answer)?;
+        let epoch: Arc<str> = position.epoch.as_str().into();
+        let mut publications = Vec::with_capacity(answer.len().saturating_sub(2) / 2);
+        for pair in answer.get(2..).unwrap_or_default().chunks_exact(2) {
+            let offset = pair[0]
+                .as_str()
+                .and_then(|id| id.split('-').next()?.parse::<u64>().ok())
+                .ok_or_else(|| BrokerError::Internal("bad history entry id".into()))?;
+            let data = pair[1]
+                .as_str()
+                .ok_or_else(|| BrokerError::Internal("bad history entry".into()))?;
+            publications.push(Publication {
+                offset,
+                epoch: epoch.clone(),
+                data: data.as_ref().into(),
+            });
+        }
+        Ok(History {
+            position,
+            publications,
+        })
+    }
+
+    async fn position(&self, channel: &str) -> Result<StreamPosition, BrokerError> {
+        let inner = &self.inner;
+        let client = inner.ready()?;
+        let args = vec![keys::new_epoch(), millis(inner.settings.meta_ttl)];
+        let answer: Vec<Value> = scripts::run(
+            client,
+            &inner.scripts.position,
+            self.channel_keys(channel),
+            args,
+        )
+        .await
+        .map_err(broker_error)?;
+        parse_position(&answer)
+    }
+
+    async fn presence_update(
+        &self,
+        node: &str,
+        changes: &[PresenceChange],
+    ) -> Result<(), BrokerError> {
+        let inner = &self.inner;
+        let client = inner.ready()?;
+        // One script per channel: each channel's hash may live on another shard. Later
+        // changes of the same user override earlier ones, in order.
+        let mut by_channel: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+        for change in changes {
+            let args = by_channel
+                .entry(change.channel.as_str())
+                .or_insert_with(|| vec![millis(inner.settings.presence_ttl)]);
+            args.push(keys::presence_field(node, &change.user));
+            args.push(change.connections.to_string());
+        }
+        let calls = by_channel.into_iter().map(|(channel, args)| {
+            let keys = vec![inner.keys.presence(channel)];
+            async move {
+                scripts::run::<Value>(client, &inner.scripts.presence_update, keys, args).await
+            }
+        });
+        try_join_all(calls).await.map_err(broker_error)?;
+        Ok(())
+    }
+
+    async fn presence_refresh(&self, _node: &str, channels: &[String]) -> Result<(), BrokerError> {
+        // Expiry is per hash, not per field: refreshing keeps every node's entries of
+        // the channel; entries of dead nodes are filtered (and removed) on read.
+        let inner = &self.inner;
+        let client = inner.ready()?;
+        let ttl = inner.settings.presence_ttl.as_millis().max(1) as i64;
+        let calls = channels
+            .iter()
+            .map(|channel| client.pexpire::<Value, _>(inner.keys.presence(channel), ttl, None));
+        try_join_all(calls).await.map_err(broker_error)?;
+        Ok(())
+    }
+
+    async fn presence(&self, channel: &str) -> Result<BTreeMap<String, u32>, BrokerError> {
+        let inner = &self.inner;
+        let live: HashSet<String> = self.nodes().await?.into_iter().map(|n| n.id).collect();
+        let client = inner.ready()?;
+        let key = inner.keys.presence(channel);
+        let entries: HashMap<String, String> =
+            client.hgetall(key.as_str()).await.map_err(broker_error)?;
+        let mut users = BTreeMap::new();
+        let mut dead = Vec::new();
+        for (field, count) in entries {
+            match keys::split_presence_field(&field) {
+                Some((node, user)) if live.contains(node) => {
+                    let count: u32 = count.parse().unwrap_or(0);
+                    let total: &mut u32 = users.entry(user.to_owned()).or_insert(0);
+                    *total = total.saturating_add(count);
+                }
+                _ => dead.push(field),
+            }
+        }
+        users.retain(|_, count| *count > 0);
+        if !dead.is_empty() {
+            // Lazy cleanup of nodes that left the registry; the answer is already right
+            // without it, so a failure only leaves the cleanup for the next read.
+            if let Err(e) = client.hdel::<Value, _, _>(key.as_str(), dead).await {
+                tracing::debug!(error = %e, channel, "could not remove presence of dead nodes");
+            }
+        }
+        Ok(users)
+    }
+
+    async fn register_node(&self, info: &NodeInfo) -> Result<(), BrokerError> {
+        let inner = &self.inner;
+        let client = inner.ready()?;
+        let json = serde_json::to_string(info)
+            .map_err(|e| BrokerError::Internal(format!("node info: {e}")))?;
+        // The registry as a whole expires when no node refreshes it for a while; each
+        // entry's own age is judged by its heartbeat time.
+        let registry_ttl = millis(inner.settings.node_ttl.saturating_mul(10));
+        let args = vec![info.id.clone(), json, registry_ttl];
+        scripts::run::<Value>(
+            client,
+            &inner.scripts.register_node,
+            vec![inner.keys.nodes()],
+            args,
+        )
+        .await
+        .map_err(broker_error)?;
+        Ok(())
+    }
+
+    async fn unregister_node(&self, id: &str) -> Result<(), BrokerError> {
+        let client = self.inner.ready()?;
+        client
+            .hdel::<Value, _, _>(self.inner.keys.nodes(), id)
+            .await
+            .map_err(broker_error)?;
+        Ok(())
+    }
+
+    async fn nodes(&self) -> Result<Vec<NodeInfo>, BrokerError> {
+        let inner = &self.inner;
+        let client = inner.ready()?;
+        let args = vec![millis(inner.settings.node_ttl)];
+        let answer: Vec<String> =
+            scripts::run(client, &inner.scripts.nodes, vec![inner.keys.nodes()], args)
+                .await
+                .map_err(broker_error)?;
+        let mut nodes: Vec<NodeInfo> = answer
+            .iter()
+            .filter_map(|json| match serde_json::from_str(json) {
+                Ok(info) => Some(info),
+                Err(e) => {
+                    tracing::warn!(error = %e, "unreadable node registry entry");
+                    None
+                }
+            })
+            .collect();
+        nodes.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(nodes)
+    }
+
+    fn is_healthy(&self) -> bool {
+        let inner = &self.inner;
+        !inner.cancel.is_cancelled()
+            && inner.client.is_connected()
+            && inner.sub.is_connected()
+            && inner.synced.load(Ordering::SeqCst)
+            && inner.probe_ok.load(Ordering::SeqCst)
+    }
+
+    async fn shutdown(&self) {
+        self.stop().await;
+    }
+}

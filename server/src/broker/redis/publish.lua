@@ -1,0 +1,58 @@
+-- Publish one message to a channel, atomically.
+--
+-- KEYS[1]  the channel's meta hash: field `e` = epoch, field `o` = last offset
+-- KEYS[2]  the channel's history stream: entry id `<offset>-0`, fields `d` = data, `t` = ms
+-- ARGV[1]  the pub/sub channel to publish on (same hash slot as the keys)
+-- ARGV[2]  the data (JSON text)
+-- ARGV[3]  a fresh random epoch, used only if the meta hash is missing (history lost)
+-- ARGV[4]  history size (max entries kept)
+-- ARGV[5]  history ttl in ms
+-- ARGV[6]  meta ttl in ms
+-- ARGV[7]  'PUBLISH' or 'SPUBLISH'
+--
+-- Returns {offset, epoch}. Publishes `<offset>:<epoch>:<data>`.
+--
+-- Time comes from the Redis server (TIME), so every node judges a channel's
+-- history age by the same clock.
+local meta, stream = KEYS[1], KEYS[2]
+local epoch = redis.call('HGET', meta, 'e')
+if not epoch then
+  -- The channel is new or its metadata was lost: start a new epoch, and drop any
+  -- history left from the old one (its ids would collide with the new offsets).
+  epoch = ARGV[3]
+  redis.call('DEL', stream)
+  redis.call('HSET', meta, 'e', epoch, 'o', 0)
+end
+local offset = redis.call('HINCRBY', meta, 'o', 1)
+local size = tonumber(ARGV[4])
+local ttl = tonumber(ARGV[5])
+if size > 0 and ttl > 0 then
+  local time = redis.call('TIME')
+  local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+  redis.call('XADD', stream, 'MAXLEN', size, string.format('%d-0', offset),
+    'd', ARGV[2], 't', string.format('%d', now))
+  -- Age trim: entries are in time order, so expired ones form a prefix. Look at a
+  -- few from the head each time; each publish removes more than it adds, so the
+  -- stream keeps up. Readers also skip expired entries, so this only saves memory.
+  local head = redis.call('XRANGE', stream, '-', '+', 'COUNT', 16)
+  local last = nil
+  for _, entry in ipairs(head) do
+    if tonumber(entry[2][4]) < now - ttl then
+      last = entry[1]
+    else
+      break
+    end
+  end
+  if last then
+    -- ids are `<offset>-0`, so MINID `<offset>-1` drops everything up to `last`.
+    local o = string.match(last, '^(%d+)')
+    redis.call('XTRIM', stream, 'MINID', o .. '-1')
+  end
+  redis.call('PEXPIRE', stream, ttl)
+else
+  redis.call('DEL', stream)
+end
+redis.call('PEXPIRE', meta, ARGV[6])
+local payload = string.format('%d', offset) .. ':' .. epoch .. ':' .. ARGV[2]
+redis.call(ARGV[7], ARGV[1], payload)
+return {offset, epoch}

@@ -1,0 +1,221 @@
+//! The node's configuration: every setting is an environment variable `HERALD_*` and a
+//! `--flag` of the same name in kebab case, with the defaults of PROTOCOL.md §1.
+//! Every limit lives here with its documented default (README, "Configuration").
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+
+use crate::broker::BrokerSettings;
+
+/// The node's configuration.
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "herald",
+    version,
+    about = "Herald: a horizontally scaled WebSocket push server"
+)]
+pub struct Config {
+    /// Address and port to listen on.
+    #[arg(long, env = "HERALD_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+
+    /// Unset: single node with the in-memory broker. `redis://host:port[/db]`: one Redis.
+    /// `redis-cluster://host:port[,host:port…]`: Redis Cluster with sharded pub/sub.
+    #[arg(long, env = "HERALD_REDIS_URL")]
+    pub redis_url: Option<String>,
+
+    /// Prefix of every Redis key and pub/sub channel (several clusters can share a Redis).
+    #[arg(long, env = "HERALD_REDIS_PREFIX", default_value = "herald:")]
+    pub redis_prefix: String,
+
+    /// This node's id in the cluster (default: a random uuid).
+    #[arg(long, env = "HERALD_NODE_ID")]
+    pub node_id: Option<String>,
+
+    /// WebSocket URL clients should use to reach this node directly (default `ws://<listen>/ws`).
+    #[arg(long, env = "HERALD_PUBLIC_URL")]
+    pub public_url: Option<String>,
+
+    /// HS256 secret for client tokens.
+    #[arg(long, env = "HERALD_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+
+    /// PEM public key (RS256 / ES256 / EdDSA) for client tokens.
+    #[arg(long, env = "HERALD_JWT_PUBLIC_KEY_FILE")]
+    pub jwt_public_key_file: Option<PathBuf>,
+
+    /// Bearer key for the server API.
+    #[arg(long, env = "HERALD_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+
+    /// Comma list of allowed `Origin`s for `/ws`; unset = any.
+    #[arg(long, env = "HERALD_ALLOWED_ORIGINS", value_delimiter = ',')]
+    pub allowed_origins: Option<Vec<String>>,
+
+    /// Dev mode even with keys configured (a dev cluster shares its keys).
+    /// (`1`, `true`, `yes` or `on` turn it on; `0`, `false`, `no`, `off` or empty do not.)
+    #[arg(long, env = "HERALD_DEV", value_parser = clap::builder::FalseyValueParser::new())]
+    pub dev: bool,
+
+    /// Messages kept in each channel's history.
+    #[arg(long, env = "HERALD_HISTORY_SIZE", default_value_t = 100)]
+    pub history_size: usize,
+
+    /// Seconds a message stays in history.
+    #[arg(long, env = "HERALD_HISTORY_TTL_SECS", default_value_t = 300)]
+    pub history_ttl_secs: u64,
+
+    /// Seconds a channel's offset and epoch outlive its last publish.
+    #[arg(long, env = "HERALD_HISTORY_META_TTL_SECS", default_value_t = 86_400)]
+    pub history_meta_ttl_secs: u64,
+
+    /// Milliseconds a new connection has to send `hello`.
+    #[arg(long, env = "HERALD_HELLO_TIMEOUT_MS", default_value_t = 10_000)]
+    pub hello_timeout_ms: u64,
+
+    /// The server pings after this many milliseconds of silence; a client silent for
+    /// twice this is closed with 4408.
+    #[arg(long, env = "HERALD_HEARTBEAT_MS", default_value_t = 25_000)]
+    pub heartbeat_ms: u64,
+
+    /// Largest client frame in bytes (larger: close 1009).
+    #[arg(long, env = "HERALD_MAX_FRAME_BYTES", default_value_t = 65_536)]
+    pub max_frame_bytes: usize,
+
+    /// Largest `POST /v1/publish` body in bytes (larger: 413).
+    #[arg(long, env = "HERALD_MAX_PUBLISH_BYTES", default_value_t = 65_536)]
+    pub max_publish_bytes: usize,
+
+    /// Longest accepted token in bytes (longer: 4401).
+    #[arg(long, env = "HERALD_MAX_TOKEN_BYTES", default_value_t = 8_192)]
+    pub max_token_bytes: usize,
+
+    /// Channels one connection may be subscribed to, its personal channel included.
+    #[arg(long, env = "HERALD_MAX_SUBSCRIPTIONS", default_value_t = 128)]
+    pub max_subscriptions: usize,
+
+    /// Commands one connection may send per second (a burst of as many is allowed).
+    /// Over it: `rate_limited` replies; at twice the rate: close 4429.
+    #[arg(long, env = "HERALD_MAX_MESSAGES_PER_SEC", default_value_t = 100)]
+    pub max_messages_per_sec: u32,
+
+    /// Connections this node accepts (more: close 4429).
+    #[arg(long, env = "HERALD_MAX_CONNECTIONS", default_value_t = 100_000)]
+    pub max_connections: usize,
+
+    /// Connections from one IP address; 0 = no limit. Off by default because behind an
+    /// L4 balancer every connection comes from the balancer's address.
+    #[arg(long, env = "HERALD_MAX_CONNECTIONS_PER_IP", default_value_t = 0)]
+    pub max_connections_per_ip: usize,
+
+    /// Messages queued for one connection; a connection whose queue is full is a slow
+    /// consumer and is closed with 4509.
+    #[arg(long, env = "HERALD_SESSION_QUEUE", default_value_t = 1024)]
+    pub session_queue: usize,
+
+    /// WebSocket read buffer per connection, in bytes (tungstenite's default is 128 KiB,
+    /// allocated up front: the largest part of a connection's memory).
+    #[arg(long, env = "HERALD_WS_READ_BUFFER", default_value_t = 4096)]
+    pub ws_read_buffer: usize,
+
+    /// WebSocket write buffer per connection: frames are coalesced up to this size
+    /// before a write; every batch ends with a flush.
+    #[arg(long, env = "HERALD_WS_WRITE_BUFFER", default_value_t = 8192)]
+    pub ws_write_buffer: usize,
+
+    /// Milliseconds the node takes to drain its clients on SIGTERM; it exits within
+    /// this plus 5 s.
+    #[arg(long, env = "HERALD_DRAIN_MS", default_value_t = 10_000)]
+    pub drain_ms: u64,
+
+    /// Milliseconds a node keeps its broker subscription after the last local subscriber
+    /// left, so that churn does not thrash the broker.
+    #[arg(long, env = "HERALD_UNSUBSCRIBE_DELAY_MS", default_value_t = 5_000)]
+    pub unsubscribe_delay_ms: u64,
+
+    /// Seconds after which a silent node is dropped from the registry and presence.
+    #[arg(long, env = "HERALD_NODE_TTL_SECS", default_value_t = 10)]
+    pub node_ttl_secs: u64,
+
+    /// Log format: `text` or `json`.
+    #[arg(long, env = "HERALD_LOG_FORMAT", default_value = "text")]
+    pub log_format: String,
+}
+
+impl Default for Config {
+    /// The documented defaults, without reading the environment (for tests and embedding).
+    fn default() -> Self {
+        Config::parse_from_defaults()
+    }
+}
+
+impl Config {
+    fn parse_from_defaults() -> Self {
+        // Parse an empty command line with env lookups disabled, so the defaults have a
+        // single source: the attributes above.
+        let cmd = <Config as clap::CommandFactory>::command();
+        let cmd = cmd.mut_args(|a| a.env(None::<&str>));
+        let matches = cmd
+            .try_get_matches_from(["herald"])
+            .expect("defaults parse");
+        <Config as clap::FromArgMatches>::from_arg_matches(&matches).expect("defaults parse")
+    }
+
+    /// The heartbeat interval.
+    pub fn heartbeat(&self) -> Duration {
+        Duration::from_millis(self.heartbeat_ms)
+    }
+
+    /// The drain window.
+    pub fn drain(&self) -> Duration {
+        Duration::from_millis(self.drain_ms)
+    }
+
+    /// The broker tunables derived from this configuration.
+    pub fn broker_settings(&self) -> BrokerSettings {
+        let node_ttl = Duration::from_secs(self.node_ttl_secs.max(1));
+        BrokerSettings {
+            history_size: self.history_size.max(1),
+            history_ttl: Duration::from_secs(self.history_ttl_secs.max(1)),
+            meta_ttl: Duration::from_secs(self.history_meta_ttl_secs.max(self.history_ttl_secs)),
+            node_ttl,
+            presence_ttl: node_ttl,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_match_the_contract() {
+        let c = Config::default();
+        assert_eq!(c.listen.to_string(), "127.0.0.1:8080");
+        assert!(c.redis_url.is_none() && c.jwt_secret.is_none() && !c.dev);
+        assert_eq!(c.history_size, 100);
+        assert_eq!(c.history_ttl_secs, 300);
+        assert_eq!(c.hello_timeout_ms, 10_000);
+        assert_eq!(c.heartbeat_ms, 25_000);
+        assert_eq!(c.max_frame_bytes, 65_536);
+        assert_eq!(c.drain_ms, 10_000);
+    }
+
+    #[test]
+    fn flags_parse() {
+        let c = Config::parse_from([
+            "herald",
+            "--listen",
+            "0.0.0.0:9000",
+            "--allowed-origins",
+            "https://a.example,https://b.example",
+            "--dev",
+        ]);
+        assert_eq!(c.listen.port(), 9000);
+        assert_eq!(c.allowed_origins.unwrap().len(), 2);
+        assert!(c.dev);
+    }
+}

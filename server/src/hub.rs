@@ -1,0 +1,483 @@
+//! The hub: which local session is in which channel, and the fan-out of publications.
+//!
+//! The hub owns three invariants:
+//! - **One broker subscription per channel per node**, counted by local sessions. The
+//!   first session to join a channel subscribes the node at the broker; the last one to
+//!   leave schedules an unsubscribe after `unsubscribe_delay`, which a new session in
+//!   the meantime cancels, so churn does not thrash the broker.
+//! - **Encode once, share the bytes.** A publication is encoded into one frame, wrapped
+//!   in an `Arc`, and offered to every local session's bounded queue with `try_send`.
+//!   A full queue never blocks the fan-out: that session is closed with 4509 and
+//!   resumes from its offset.
+//! - **Continuity per channel on this node.** The hub knows the last offset it
+//!   dispatched per channel. When the broker skips offsets (a dropped pub/sub message,
+//!   a lagging reader, a reconnect) the hub buffers the channel, repairs the gap from
+//!   history, and if history cannot fill it sends `resync` to the channel's sessions.
+//!
+//! Locks are std `Mutex`es over shards of the channel map: no `.await` happens while one
+//! is held, and sharding keeps fan-outs of different channels from contending.
+
+use std::collections::hash_map::DefaultHasher;
+use std::collections::{HashMap, VecDeque};
+use std::hash::{Hash, Hasher};
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::Duration;
+
+use axum::extract::ws::Utf8Bytes;
+use futures_util::future::{FutureExt, Shared};
+use herald_protocol::frame::encode_message;
+use herald_protocol::StreamPosition;
+use tokio::sync::{mpsc, Notify};
+use tokio::time::Instant;
+
+use crate::broker::{Broker, BrokerError, Publication, PublicationSink, SubscribeAck};
+use crate::metrics::Metrics;
+
+const SHARDS: usize = 64;
+
+/// A node-local session id (cheaper to hash than the session's uuid).
+pub type SessionId = u64;
+
+/// One publication, encoded once and shared by every local recipient.
+#[derive(Debug)]
+pub struct Delivery {
+    /// The channel.
+    pub channel: Arc<str>,
+    /// Offset of the message.
+    pub offset: u64,
+    /// Epoch of the message.
+    pub epoch: Arc<str>,
+    /// The encoded `message` frame.
+    pub frame: Utf8Bytes,
+}
+
+/// What the hub puts into a session's queue.
+#[derive(Debug, Clone)]
+pub enum Outbound {
+    /// A message to write.
+    Message(Arc<Delivery>),
+    /// Continuity on a channel was lost: continue from this position.
+    Resync(Arc<str>, StreamPosition),
+}
+
+/// Lets the hub (and the node) close a session from outside its task.
+#[derive(Debug, Default)]
+pub struct SessionControl {
+    code: AtomicU16,
+    notify: Notify,
+}
+
+impl SessionControl {
+    /// Asks the session to close with `code`. The first code asked for wins.
+    pub fn close(&self, code: u16) {
+        if self
+            .code
+            .compare_exchange(0, code, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
+            // notify_one keeps a permit if the session is not waiting right now.
+            self.notify.notify_one();
+        }
+    }
+
+    /// Resolves when a close was asked for, with its code.
+    pub async fn closed(&self) -> u16 {
+        loop {
+            let code = self.code.load(Ordering::Acquire);
+            if code != 0 {
+                return code;
+            }
+            self.notify.notified().await;
+        }
+    }
+}
+
+/// The hub's handle on one session.
+#[derive(Debug, Clone)]
+pub struct SessionHandle {
+    /// The session's bounded queue.
+    pub tx: mpsc::Sender<Outbound>,
+    /// Closing it from outside.
+    pub control: Arc<SessionControl>,
+}
+
+/// Where the hub stands in one channel's stream.
+#[derive(Debug, Clone)]
+enum Continuity {
+    /// Nothing known yet.
+    Unknown,
+    /// Positions read by sessions at subscribe, before any dispatch: the lowest one.
+    Seeded(Arc<str>, u64),
+    /// The last publication dispatched.
+    Dispatched(Arc<str>, u64),
+}
+
+struct ChannelEntry {
+    name: Arc<str>,
+    sessions: HashMap<SessionId, SessionHandle>,
+    /// The broker subscription, shared by every session waiting for it.
+    subscription: Option<Shared<SubscribeAck>>,
+    /// Bumped on every join: a delayed unsubscribe only applies to its own generation.
+    generation: u64,
+    continuity: Continuity,
+    /// While a gap is being repaired: publications that arrived meanwhile.
+    repairing: Option<Vec<Publication>>,
+}
+
+#[derive(Default)]
+struct HubShard {
+    channels: HashMap<Arc<str>, ChannelEntry>,
+}
+
+/// The hub. See the module doc.
+pub struct Hub {
+    shards: Box<[Mutex<HubShard>]>,
+    broker: OnceLock<Arc<dyn Broker>>,
+    metrics: Arc<Metrics>,
+    unsubscribe_delay: Duration,
+    repair_limit: usize,
+    /// Channels whose last session left: (deadline, channel, generation), in deadline order.
+    reap_queue: Mutex<VecDeque<(Instant, Arc<str>, u64)>>,
+}
+
+impl Hub {
+    /// A hub. `repair_limit` bounds one history read when repairing a gap.
+    pub fn new(metrics: Arc<Metrics>, unsubscribe_delay: Duration, repair_limit: usize) -> Self {
+        Self {
+            shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
+            broker: OnceLock::new(),
+            metrics,
+            unsubscribe_delay,
+            repair_limit,
+            reap_queue: Mutex::default(),
+        }
+    }
+
+    /// Connects the hub to its broker. Called once, before any session.
+    pub fn attach(&self, broker: Arc<dyn Broker>) {
+        let _ = self.broker.set(broker);
+    }
+
+    fn broker(&self) -> &Arc<dyn Broker> {
+        self.broker.get().expect("hub attached to a broker")
+    }
+
+    fn shard(&self, channel: &str) -> MutexGuard<'_, HubShard> {
+        let mut h = DefaultHasher::new();
+        channel.hash(&mut h);
+        self.shards[(h.finish() as usize) % SHARDS]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Adds a session to a channel; resolves once the node's broker subscription is live,
+    /// so that every publication after this returns reaches the session.
+    pub async fn join(
+        &self,
+        channel: &str,
+        id: SessionId,
+        handle: SessionHandle,
+    ) -> Result<(), BrokerError> {
+        let ack = {
+            let mut shard = self.shard(channel);
+            let entry = shard.channels.entry(Arc::from(channel)).or_insert_with(|| {
+                self.metrics.broker_channels.inc();
+                ChannelEntry {
+                    name: Arc::from(channel),
+                    sessions: HashMap::new(),
+                    subscription: None,
+                    generation: 0,
+                    continuity: Continuity::Unknown,
+                    repairing: None,
+                }
+            });
+            entry.sessions.insert(id, handle);
+            entry.generation += 1;
+            entry
+                .subscription
+                .get_or_insert_with(|| self.broker().subscribe(channel).shared())
+                .clone()
+        };
+        if let Err(e) = ack.await {
+            let mut shard = self.shard(channel);
+            if let Some(entry) = shard.channels.get_mut(channel) {
+                entry.sessions.remove(&id);
+                // Forget the failed request so that the next join asks the broker again.
+                entry.subscription = None;
+                if entry.sessions.is_empty() {
+                    shard.channels.remove(channel);
+                    self.metrics.broker_channels.dec();
+                    self.broker().unsubscribe(channel);
+                }
+            }
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Tells the hub where a session found the channel when it joined (from `position`
+    /// or `history`). Until the first dispatch, the lowest such position is where the
+    /// node's continuity check starts.
+    pub fn seed(&self, channel: &str, position: &StreamPosition) {
+        let mut shard = self.shard(channel);
+        if let Some(entry) = shard.channels.get_mut(channel) {
+            let lower = match &entry.continuity {
+                Continuity::Unknown => true,
+                Continuity::Seeded(epoch, offset) => {
+                    **epoch != *position.epoch || position.offset < *offset
+                }
+                Continuity::Dispatched(..) => false,
+            };
+            if lower {
+                entry.continuity =
+                    Continuity::Seeded(position.epoch.as_str().into(), position.offset);
+            }
+        }
+    }
+
+    /// Removes a session from a channel. When it was the last one, the broker
+    /// subscription is dropped after the unsubscribe delay.
+    pub fn leave(&self, channel: &str, id: SessionId) {
+        let mut shard = self.shard(channel);
+        if let Some(entry) = shard.channels.get_mut(channel) {
+            if entry.sessions.remove(&id).is_some() && entry.sessions.is_empty() {
+                let item = (
+                    Instant::now() + self.unsubscribe_delay,
+                    entry.name.clone(),
+                    entry.generation,
+                );
+                drop(shard);
+                self.reap_queue
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push_back(item);
+            }
+        }
+    }
+
+    /// Drops broker subscriptions whose delay has passed and that no session rejoined.
+    /// The node calls this periodically.
+    pub fn reap(&self) {
+        let now = Instant::now();
+        loop {
+            let item = {
+                let mut queue = self.reap_queue.lock().unwrap_or_else(|e| e.into_inner());
+                match queue.front() {
+                    Some((deadline, _, _)) if *deadline <= now => queue.pop_front(),
+                    _ => None,
+                }
+            };
+            let Some((_, channel, generation)) = item else {
+                break;
+            };
+            let mut shard = self.shard(&channel);
+            let stale = shard
+                .channels
+                .get(&channel)
+                .is_some_and(|e| e.sessions.is_empty() && e.generation == generation);
+            if stale {
+                shard.channels.remove(&channel);
+                self.metrics.broker_channels.dec();
+                // Under the shard lock, so a concurrent join's subscribe is queued after it.
+                self.broker().unsubscribe(&channel);
+            }
+        }
+    }
+
+    /// Channels this node is subscribed to.
+    pub fn channels(&self) -> Vec<Arc<str>> {
+        let mut out = Vec::new();
+        for shard in self.shards.iter() {
+            let shard = shard.lock().unwrap_or_else(|e| e.into_inner());
+            out.extend(shard.channels.keys().cloned());
+        }
+        out
+    }
+
+    /// Offers one encoded publication to every session of the entry.
+    fn fan_out(&self, entry: &ChannelEntry, p: &Publication) {
+        if entry.sessions.is_empty() {
+            return;
+        }
+        let frame = Utf8Bytes::from(encode_message(&entry.name, p.offset, &p.epoch, &p.data));
+        let delivery = Arc::new(Delivery {
+            channel: entry.name.clone(),
+            offset: p.offset,
+            epoch: p.epoch.clone(),
+            frame,
+        });
+        for handle in entry.sessions.values() {
+            self.offer(handle, Outbound::Message(delivery.clone()));
+        }
+    }
+
+    fn offer(&self, handle: &SessionHandle, item: Outbound) {
+        match handle.tx.try_send(item) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.metrics.queue_drops.inc();
+                handle
+                    .control
+                    .close(herald_protocol::codes::CloseCode::SlowConsumer.code());
+            }
+            // The session is gone and will leave the channel itself.
+            Err(mpsc::error::TrySendError::Closed(_)) => {}
+        }
+    }
+
+    fn resync_all(&self, entry: &ChannelEntry, position: StreamPosition) {
+        self.metrics.resyncs.inc();
+        for handle in entry.sessions.values() {
+            self.offer(
+                handle,
+                Outbound::Resync(entry.name.clone(), position.clone()),
+            );
+        }
+    }
+
+    /// Dispatches a publication that is next in line (continuity already checked).
+    fn dispatch(&self, entry: &mut ChannelEntry, p: &Publication) {
+        entry.continuity = Continuity::Dispatched(p.epoch.clone(), p.offset);
+        self.fan_out(entry, p);
+    }
+
+    /// Starts repairing a channel from `from` (the last offset known good).
+    fn start_repair(self: &Arc<Self>, entry: &mut ChannelEntry, epoch: Arc<str>, from: u64) {
+        if entry.repairing.is_some() {
+            return;
+        }
+        entry.repairing = Some(Vec::new());
+        let hub = Arc::clone(self);
+        let channel = entry.name.clone();
+        tokio::spawn(async move { hub.repair(channel, epoch, from).await });
+    }
+
+    async fn repair(self: Arc<Self>, channel: Arc<str>, epoch: Arc<str>, from: u64) {
+        let history = self
+            .broker()
+            .history(&channel, from, self.repair_limit)
+            .await;
+        let mut shard = self.shard(&channel);
+        let Some(entry) = shard.channels.get_mut(&channel) else {
+            return;
+        };
+        let buffered = entry.repairing.take().unwrap_or_default();
+        let mut last = from;
+        let mut current_epoch = epoch;
+        match history {
+            Ok(h) if *h.position.epoch == *current_epoch => {
+                for p in &h.publications {
+                    if *p.epoch == *current_epoch && p.offset == last + 1 {
+                        self.dispatch(entry, p);
+                        last = p.offset;
+                    }
+                }
+                if h.position.offset > last {
+                    // History no longer reaches back far enough.
+                    let resume_at = h.position.offset;
+                    self.resync_all(entry, StreamPosition::new(resume_at, &*current_epoch));
+                    last = resume_at;
+                    entry.continuity = Continuity::Dispatched(current_epoch.clone(), last);
+                } else if last > from {
+                    self.metrics.gaps_repaired.inc();
+                }
+            }
+            Ok(h) => {
+                // The epoch changed: the history we would repair from is gone.
+                current_epoch = h.position.epoch.as_str().into();
+                last = h.position.offset;
+                self.resync_all(entry, h.position.clone());
+                entry.continuity = Continuity::Dispatched(current_epoch.clone(), last);
+            }
+            Err(e) => {
+                tracing::warn!(channel = %channel, error = %e, "gap repair failed; sending resync");
+                self.metrics.broker_errors.inc();
+            }
+        }
+        for p in buffered {
+            if *p.epoch == *current_epoch {
+                if p.offset <= last {
+                    continue;
+                }
+                if p.offset > last + 1 {
+                    self.resync_all(entry, StreamPosition::new(p.offset - 1, &*current_epoch));
+                }
+            }
+            current_epoch = p.epoch.clone();
+            last = p.offset;
+            self.dispatch(entry, &p);
+        }
+    }
+
+    /// Checks one channel against the broker's position after a broker reconnect.
+    async fn check_continuity(self: Arc<Self>, channel: Arc<str>) {
+        let position = match self.broker().position(&channel).await {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(channel = %channel, error = %e, "continuity check failed");
+                self.metrics.broker_errors.inc();
+                return;
+            }
+        };
+        let mut shard = self.shard(&channel);
+        let Some(entry) = shard.channels.get_mut(&channel) else {
+            return;
+        };
+        let (epoch, last) = match &entry.continuity {
+            Continuity::Unknown => return,
+            Continuity::Seeded(e, o) | Continuity::Dispatched(e, o) => (e.clone(), *o),
+        };
+        if *epoch != *position.epoch {
+            self.resync_all(entry, position.clone());
+            entry.continuity =
+                Continuity::Dispatched(position.epoch.as_str().into(), position.offset);
+        } else if position.offset > last {
+            self.start_repair(entry, epoch, last);
+        }
+    }
+}
+
+/// The hub as the broker's sink. `Arc<Hub>` because repairs run in their own tasks.
+pub struct HubSink(pub Arc<Hub>);
+
+impl PublicationSink for HubSink {
+    fn on_publication(&self, channel: &str, p: Publication) {
+        let hub = &self.0;
+        hub.metrics.broker_messages_received.inc();
+        let mut shard = hub.shard(channel);
+        let Some(entry) = shard.channels.get_mut(channel) else {
+            return;
+        };
+        if let Some(buffer) = entry.repairing.as_mut() {
+            buffer.push(p);
+            return;
+        }
+        let (known, dispatched) = match &entry.continuity {
+            Continuity::Dispatched(epoch, last) => (Some((epoch.clone(), *last)), true),
+            Continuity::Seeded(epoch, last) => (Some((epoch.clone(), *last)), false),
+            Continuity::Unknown => (None, false),
+        };
+        if let Some((epoch, last)) = known {
+            if *epoch == *p.epoch {
+                if dispatched && p.offset <= last {
+                    return; // already dispatched
+                }
+                if p.offset > last + 1 {
+                    hub.start_repair(entry, epoch, last);
+                    if let Some(buffer) = entry.repairing.as_mut() {
+                        buffer.push(p);
+                    }
+                    return;
+                }
+            }
+        }
+        hub.dispatch(entry, &p);
+    }
+
+    fn on_resubscribed(&self) {
+        for channel in self.0.channels() {
+            tokio::spawn(Arc::clone(&self.0).check_continuity(channel));
+        }
+    }
+}

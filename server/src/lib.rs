@@ -1,0 +1,213 @@
+//! Herald node: a horizontally scaled WebSocket push server.
+//!
+//! Map of the modules, in the order a push travels through them:
+//! - [`config`]: every setting, from environment and flags, with its default;
+//! - [`auth`]: client tokens (JWT), the API key, dev mode's keys;
+//! - [`api`]: the HTTP API (`POST /v1/publish` enters here) and health endpoints;
+//! - [`broker`]: numbering, history, routing between nodes, presence and registry
+//!   storage — the [`broker::Broker`] trait with a memory and a Redis implementation;
+//! - [`hub`]: which local session is in which channel; encode once, fan out, repair gaps;
+//! - [`ws`]: the WebSocket upgrade and one session's protocol state machine;
+//! - [`presence`]: this node's presence, sent to the broker in batches;
+//! - [`registry`]: this node's heartbeat and the choice of node for `/v1/connect`;
+//! - [`node`]: the state shared by all of the above, and connection admission;
+//! - [`metrics`]: Prometheus metrics.
+//!
+//! [`run`] serves one node on a listener until a shutdown future resolves, then drains.
+
+pub mod api;
+pub mod auth;
+pub mod broker;
+pub mod config;
+pub mod hub;
+pub mod metrics;
+pub mod node;
+pub mod presence;
+pub mod registry;
+pub mod ws;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::routing::get;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::Keys;
+use crate::broker::memory::MemoryBroker;
+use crate::broker::{Broker, BrokerError};
+pub use crate::config::Config;
+use crate::hub::{Hub, HubSink};
+use crate::metrics::Metrics;
+use crate::node::Node;
+use crate::presence::Presence;
+
+/// Why the node could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The keys could not be loaded.
+    #[error(transparent)]
+    Keys(#[from] auth::KeyError),
+    /// The broker could not be set up (a malformed URL).
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+    /// The listener failed.
+    #[error("listener: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// How long closing frames may take after the drain window before the node gives up.
+const DRAIN_GRACE: Duration = Duration::from_secs(4);
+
+/// Serves one node on `listener` until `shutdown` resolves, then drains as PROTOCOL.md
+/// §6 says: `/readyz` turns 503 at once, the node leaves the registry, sessions get
+/// `reconnect` spread over the drain window and close 4503, and this returns within the
+/// drain window plus 5 s.
+pub async fn run(
+    listener: TcpListener,
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), StartError> {
+    let keys = Keys::resolve(&config)?;
+    let local = listener.local_addr()?;
+    let id = config
+        .node_id
+        .clone()
+        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+    let public_url = config
+        .public_url
+        .clone()
+        .unwrap_or_else(|| format!("ws://{local}/ws"));
+    let metrics = Arc::new(Metrics::new());
+    let hub = Arc::new(Hub::new(
+        Arc::clone(&metrics),
+        Duration::from_millis(config.unsubscribe_delay_ms),
+        config.history_size.max(1),
+    ));
+    let settings = config.broker_settings();
+    let mut memory = None;
+    let broker: Arc<dyn Broker> = match &config.redis_url {
+        None => {
+            let m = Arc::new(MemoryBroker::new(settings));
+            memory = Some(Arc::clone(&m));
+            m
+        }
+        Some(url) => {
+            Arc::new(broker::redis::connect(url, &config.redis_prefix, &id, settings).await?)
+        }
+    };
+    hub.attach(Arc::clone(&broker));
+    broker.start(Arc::new(HubSink(Arc::clone(&hub))));
+    let presence = Arc::new(Presence::new(id.clone(), Arc::clone(&broker)));
+    let node = Arc::new(Node::new(
+        config,
+        id,
+        public_url,
+        keys,
+        Arc::clone(&broker),
+        Arc::clone(&hub),
+        Arc::clone(&presence),
+        metrics,
+    ));
+    announce(&node, local);
+
+    let background = CancellationToken::new();
+    let ttl = node.config.broker_settings().node_ttl;
+    tokio::spawn(registry::heartbeat(Arc::clone(&node), background.clone()));
+    tokio::spawn(Arc::clone(&presence).run(ttl / 3, background.clone()));
+    tokio::spawn(housekeeping(Arc::clone(&hub), memory, background.clone()));
+
+    let app = api::routes()
+        .route("/ws", get(ws::upgrade))
+        .with_state(Arc::clone(&node));
+    let stop_http = CancellationToken::new();
+    let server = {
+        let stop_http = stop_http.clone();
+        axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(async move { stop_http.cancelled().await })
+    };
+    let server = tokio::spawn(async move { server.await });
+
+    shutdown.await;
+    tracing::info!(node = %node.id, "draining");
+    node.start_draining();
+    if let Err(e) = node.broker.unregister_node(&node.id).await {
+        tracing::warn!(error = %e, "could not leave the registry; it will expire");
+    }
+    node.sessions.close();
+    let deadline = node.config.drain() + DRAIN_GRACE;
+    if tokio::time::timeout(deadline, node.sessions.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            left = node.connections(),
+            "drain window over; closing the rest"
+        );
+    }
+    stop_http.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(1), server).await;
+    background.cancel();
+    node.broker.shutdown().await;
+    tracing::info!(node = %node.id, "stopped");
+    Ok(())
+}
+
+/// Periodic work: delayed broker unsubscribes and the memory broker's expiry.
+async fn housekeeping(hub: Arc<Hub>, memory: Option<Arc<MemoryBroker>>, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    let mut n: u64 = 0;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {
+                hub.reap();
+                n += 1;
+                if n.is_multiple_of(4) {
+                    if let Some(m) = &memory { m.sweep(); }
+                }
+            }
+        }
+    }
+}
+
+/// Logs where the node listens and, in dev mode, prints the keys and a ready token.
+fn announce(node: &Node, local: SocketAddr) {
+    let broker = if node.config.redis_url.is_some() {
+        "redis"
+    } else {
+        "memory"
+    };
+    tracing::info!(node = %node.id, listen = %local, url = %node.public_url, broker, "herald listening");
+    if !node.keys.dev {
+        return;
+    }
+    tracing::warn!(
+        generated = ?node.keys.generated,
+        "DEV MODE: keys are generated or shared and /dev/token hands out tokens to anyone. \
+         Never run dev mode in production: set HERALD_JWT_SECRET (or HERALD_JWT_PUBLIC_KEY_FILE) \
+         and HERALD_API_KEY, and unset HERALD_DEV."
+    );
+    let api_key = node.keys.dev_api_key.as_deref().unwrap_or("");
+    let token = node
+        .keys
+        .dev_signer
+        .as_ref()
+        .map(|s| s.dev_token("demo", 86_400))
+        .unwrap_or_else(|| "(none: dev tokens need an HS256 secret)".into());
+    let http = format!("http://{local}");
+    println!(
+        "\n=== Herald dev mode ===\n\
+         WebSocket:   {ws}\n\
+         API key:     {api_key}\n\
+         token (demo, 24 h): {token}\n\
+         more tokens: curl '{http}/dev/token?user=alice'\n\
+         push:        curl -X POST {http}/v1/publish -H 'Authorization: Bearer {api_key}' -H 'Content-Type: application/json' -d '{{\"user\":\"demo\",\"data\":{{\"text\":\"hello\"}}}}'\n",
+        ws = node.public_url,
+    );
+}

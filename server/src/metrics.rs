@@ -1,0 +1,186 @@
+//! Prometheus metrics of one node.
+//!
+//! Each node owns its own registry (the `prometheus-client` crate) rather than a
+//! process-global recorder, so that several nodes in one process (the tests do this)
+//! keep separate numbers. Counters get the `_total` suffix from the encoder.
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+/// Label of disconnects: the close code.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CodeLabel {
+    /// The close code, or `client` when the client closed or vanished.
+    pub code: String,
+}
+
+/// Label of commands: the command type.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CommandLabel {
+    /// The command.
+    pub command: &'static str,
+}
+
+/// The node's metrics. Cheap to clone handles live inside; share it behind an `Arc`.
+pub struct Metrics {
+    registry: Registry,
+    /// Open client connections.
+    pub connections: Gauge,
+    /// Connections accepted since start.
+    pub connections_accepted: Counter,
+    /// Connections closed, by close code.
+    pub disconnects: Family<CodeLabel, Counter>,
+    /// Channel subscriptions of local sessions.
+    pub subscriptions: Gauge,
+    /// Channels this node is subscribed to at the broker.
+    pub broker_channels: Gauge,
+    /// Messages this node published to the broker (API and clients).
+    pub messages_published: Counter,
+    /// Message frames written to client sockets.
+    pub messages_delivered: Counter,
+    /// Messages this node took from the broker.
+    pub broker_messages_received: Counter,
+    /// Sessions closed with 4509.
+    pub slow_consumer_disconnects: Counter,
+    /// Messages dropped because a session queue was full (the session is then closed).
+    pub queue_drops: Counter,
+    /// Size of published message data, in bytes.
+    pub message_bytes: Histogram,
+    /// Client commands, by type.
+    pub commands: Family<CommandLabel, Counter>,
+    /// Commands refused with `rate_limited`.
+    pub rate_limited: Counter,
+    /// Gaps in a channel's stream repaired from history.
+    pub gaps_repaired: Counter,
+    /// `resync` frames sent because a gap could not be repaired.
+    pub resyncs: Counter,
+    /// Broker operations that failed.
+    pub broker_errors: Counter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Creates and registers every metric.
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let m = Self {
+            connections: Gauge::default(),
+            connections_accepted: Counter::default(),
+            disconnects: Family::default(),
+            subscriptions: Gauge::default(),
+            broker_channels: Gauge::default(),
+            messages_published: Counter::default(),
+            messages_delivered: Counter::default(),
+            broker_messages_received: Counter::default(),
+            slow_consumer_disconnects: Counter::default(),
+            queue_drops: Counter::default(),
+            message_bytes: Histogram::new(exponential_buckets(64.0, 4.0, 8)),
+            commands: Family::default(),
+            rate_limited: Counter::default(),
+            gaps_repaired: Counter::default(),
+            resyncs: Counter::default(),
+            broker_errors: Counter::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "herald_connections",
+            "Open client connections",
+            m.connections.clone(),
+        );
+        registry.register(
+            "herald_connections_accepted",
+            "Client connections accepted",
+            m.connections_accepted.clone(),
+        );
+        registry.register(
+            "herald_disconnects",
+            "Connections closed, by close code",
+            m.disconnects.clone(),
+        );
+        registry.register(
+            "herald_subscriptions",
+            "Channel subscriptions of local sessions",
+            m.subscriptions.clone(),
+        );
+        registry.register(
+            "herald_broker_channels",
+            "Channels subscribed at the broker",
+            m.broker_channels.clone(),
+        );
+        registry.register(
+            "herald_messages_published",
+            "Messages published through this node",
+            m.messages_published.clone(),
+        );
+        registry.register(
+            "herald_messages_delivered",
+            "Message frames written to clients",
+            m.messages_delivered.clone(),
+        );
+        registry.register(
+            "herald_broker_messages_received",
+            "Messages this node took from the broker",
+            m.broker_messages_received.clone(),
+        );
+        registry.register(
+            "herald_slow_consumer_disconnects",
+            "Sessions closed with 4509 (slow consumer)",
+            m.slow_consumer_disconnects.clone(),
+        );
+        registry.register(
+            "herald_queue_drops",
+            "Messages dropped at a full session queue",
+            m.queue_drops.clone(),
+        );
+        registry.register(
+            "herald_message_bytes",
+            "Size of published data in bytes",
+            m.message_bytes.clone(),
+        );
+        registry.register(
+            "herald_commands",
+            "Client commands by type",
+            m.commands.clone(),
+        );
+        registry.register(
+            "herald_rate_limited",
+            "Commands refused with rate_limited",
+            m.rate_limited.clone(),
+        );
+        registry.register(
+            "herald_gaps_repaired",
+            "Stream gaps repaired from history",
+            m.gaps_repaired.clone(),
+        );
+        registry.register("herald_resyncs", "resync frames sent", m.resyncs.clone());
+        registry.register(
+            "herald_broker_errors",
+            "Failed broker operations",
+            m.broker_errors.clone(),
+        );
+        Self { registry, ..m }
+    }
+
+    /// Counts a disconnect with its close code (`None`: the client went away).
+    pub fn disconnected(&self, code: Option<u16>) {
+        let code = code.map_or_else(|| "client".to_owned(), |c| c.to_string());
+        self.disconnects.get_or_create(&CodeLabel { code }).inc();
+    }
+
+    /// The metrics in Prometheus (OpenMetrics) text format.
+    pub fn render(&self) -> String {
+        let mut out = String::with_capacity(4096);
+        encode(&mut out, &self.registry).expect("writing to a String cannot fail");
+        out
+    }
+}

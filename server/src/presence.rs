@@ -1,0 +1,148 @@
+//! Presence: which users are connected to which channel, on this node and in the cluster.
+//!
+//! Sessions report joins and leaves here; this module keeps the node's counts per
+//! (channel, user) and sends only the changes to the broker in batches (every 100 ms),
+//! so that a burst of connects costs one broker round trip, not one per connection.
+//! It also refreshes the node's entries before they expire and, every few refreshes,
+//! writes them all again so that presence heals after the broker lost its data.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::broker::{Broker, PresenceChange};
+
+type Key = (Arc<str>, Arc<str>);
+
+#[derive(Default)]
+struct State {
+    counts: HashMap<Key, u32>,
+    dirty: HashSet<Key>,
+}
+
+/// This node's presence. See the module doc.
+pub struct Presence {
+    node_id: String,
+    broker: Arc<dyn Broker>,
+    state: Mutex<State>,
+}
+
+impl Presence {
+    /// Presence of node `node_id`, stored in `broker`.
+    pub fn new(node_id: String, broker: Arc<dyn Broker>) -> Self {
+        Self {
+            node_id,
+            broker,
+            state: Mutex::default(),
+        }
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// One more connection of `user` in `channel`.
+    pub fn join(&self, channel: &Arc<str>, user: &Arc<str>) {
+        let key = (channel.clone(), user.clone());
+        let mut state = self.state();
+        *state.counts.entry(key.clone()).or_insert(0) += 1;
+        state.dirty.insert(key);
+    }
+
+    /// One connection fewer of `user` in `channel`.
+    pub fn leave(&self, channel: &Arc<str>, user: &Arc<str>) {
+        let key = (channel.clone(), user.clone());
+        let mut state = self.state();
+        if let Some(n) = state.counts.get_mut(&key) {
+            *n -= 1;
+            if *n == 0 {
+                state.counts.remove(&key);
+            }
+            state.dirty.insert(key);
+        }
+    }
+
+    fn take_changes(&self, all: bool) -> Vec<PresenceChange> {
+        let mut state = self.state();
+        let keys: Vec<Key> = if all {
+            state.dirty.clear();
+            state.counts.keys().cloned().collect()
+        } else {
+            state.dirty.drain().collect()
+        };
+        keys.into_iter()
+            .map(|key| PresenceChange {
+                connections: state.counts.get(&key).copied().unwrap_or(0),
+                channel: key.0.to_string(),
+                user: key.1.to_string(),
+            })
+            .collect()
+    }
+
+    fn mark_dirty(&self, changes: &[PresenceChange]) {
+        let mut state = self.state();
+        for c in changes {
+            state
+                .dirty
+                .insert((c.channel.as_str().into(), c.user.as_str().into()));
+        }
+    }
+
+    /// Sends pending changes (or, with `all`, every entry) to the broker; on failure
+    /// they stay pending for the next flush.
+    pub async fn flush(&self, all: bool) {
+        let changes = self.take_changes(all);
+        if changes.is_empty() {
+            return;
+        }
+        if let Err(e) = self.broker.presence_update(&self.node_id, &changes).await {
+            tracing::debug!(error = %e, "presence update failed; will retry");
+            self.mark_dirty(&changes);
+        }
+    }
+
+    /// Keeps this node's entries from expiring.
+    pub async fn refresh(&self) {
+        let channels: Vec<String> = {
+            let state = self.state();
+            let set: HashSet<&Arc<str>> = state.counts.keys().map(|(c, _)| c).collect();
+            set.into_iter().map(|c| c.to_string()).collect()
+        };
+        if channels.is_empty() {
+            return;
+        }
+        if let Err(e) = self.broker.presence_refresh(&self.node_id, &channels).await {
+            tracing::debug!(error = %e, "presence refresh failed");
+        }
+    }
+
+    /// Local connections of a user in a channel (for tests and metrics).
+    pub fn local_count(&self, channel: &str, user: &str) -> u32 {
+        let key: Key = (channel.into(), user.into());
+        self.state().counts.get(&key).copied().unwrap_or(0)
+    }
+
+    /// Runs the flush and refresh loops until `stop` is cancelled, then removes this
+    /// node's entries.
+    pub async fn run(self: Arc<Self>, refresh_every: Duration, stop: CancellationToken) {
+        let mut flush = tokio::time::interval(Duration::from_millis(100));
+        flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut refresh = tokio::time::interval(refresh_every);
+        refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut refreshes: u64 = 0;
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                _ = flush.tick() => self.flush(false).await,
+                _ = refresh.tick() => {
+                    refreshes += 1;
+                    // Every tenth refresh rewrites everything: heals a broker that lost data.
+                    if refreshes.is_multiple_of(10) { self.flush(true).await } else { self.refresh().await }
+                }
+            }
+        }
+        self.flush(false).await;
+    }
+}

@@ -1,0 +1,857 @@
+//! `GET /ws`: the WebSocket upgrade and one session's protocol state machine.
+//!
+//! One task per connection runs the whole session: it reads commands, drains the
+//! session's bounded queue in batches (one flush per batch), sends heartbeats and obeys
+//! close requests from the hub (4509) and the node (4503). One task, not a reader and a
+//! writer, keeps a connection's memory small; a write that stalls is raced against the
+//! close request, so a stuck socket cannot hold the session forever.
+//!
+//! Per channel the session keeps the last offset it delivered, which makes delivery
+//! exact: messages at or below it are dropped (duplicates after a recovery), a message
+//! from another epoch or beyond a gap first produces a `resync` (or a repair from
+//! history), so the client never sees a silent gap.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
+use axum::extract::{ConnectInfo, State};
+use axum::http::{header, HeaderMap};
+use axum::response::Response;
+use futures_util::SinkExt;
+use herald_protocol::channel::user_channel;
+use herald_protocol::codes::{CloseCode, ErrorCode};
+use herald_protocol::frame::{
+    ClientCommand, ErrorBody, ParseError, Reconnect, Reply, Resync, ServerFrame, SubscribeResult,
+    Welcome,
+};
+use herald_protocol::StreamPosition;
+use rand::Rng;
+use serde_json::json;
+use tokio::sync::mpsc;
+use tokio::time::{timeout, Instant};
+
+use crate::auth::Claims;
+use crate::broker::{BrokerError, Publication};
+use crate::hub::{Outbound, SessionControl, SessionHandle, SessionId};
+use crate::node::{Admission, Node};
+
+/// Most queued messages written before one flush.
+const BATCH: usize = 64;
+/// How long a close frame may take to send.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// The upgrade handler: checks origin and admission, then runs the session.
+pub async fn upgrade(
+    State(node): State<Arc<Node>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    ws: WebSocketUpgrade,
+) -> Response {
+    let cfg = &node.config;
+    let origin_ok = origin_allowed(cfg.allowed_origins.as_deref(), &headers);
+    let ws = ws
+        .read_buffer_size(cfg.ws_read_buffer)
+        .write_buffer_size(cfg.ws_write_buffer)
+        .max_message_size(cfg.max_frame_bytes)
+        .max_frame_size(cfg.max_frame_bytes);
+    let admission = node.admit(peer.ip());
+    let tracker = node.sessions.clone();
+    ws.on_upgrade(move |socket| {
+        tracker.track_future(async move {
+            let mut socket = socket;
+            let refusal = match admission {
+                Err(code) => code,
+                Ok(_) if !origin_ok => CloseCode::Forbidden,
+                Ok(_) if node.is_draining() => CloseCode::Draining,
+                Ok(admission) => return run(node, socket, admission).await,
+            };
+            if refusal == CloseCode::Draining {
+                let _ = send_reconnect(&mut socket).await;
+            }
+            node.metrics.disconnected(Some(refusal.code()));
+            close(&mut socket, refusal).await;
+        })
+    })
+}
+
+/// Whether the request's `Origin` is allowed. Without a list every origin is; a request
+/// without `Origin` (not a browser) is allowed too, since only browsers send it and a
+/// non-browser client could forge any value.
+fn origin_allowed(allowed: Option<&[String]>, headers: &HeaderMap) -> bool {
+    let Some(allowed) = allowed else { return true };
+    match headers.get(header::ORIGIN) {
+        None => true,
+        Some(origin) => {
+            let origin = origin.to_str().unwrap_or("");
+            allowed
+                .iter()
+                .any(|a| a.trim().eq_ignore_ascii_case(origin))
+        }
+    }
+}
+
+async fn send_text(socket: &mut WebSocket, text: impl Into<Utf8Bytes>) -> Result<(), axum::Error> {
+    socket.send(Message::Text(text.into())).await
+}
+
+async fn send_reconnect(socket: &mut WebSocket) -> Result<(), axum::Error> {
+    let after_ms = rand::rng().random_range(0..1000);
+    let frame = ServerFrame::Reconnect(Reconnect {
+        reason: "draining".into(),
+        after_ms,
+    });
+    send_text(socket, frame.to_json()).await
+}
+
+/// Sends a close frame (bounded in time) and gives up on the socket.
+async fn close(socket: &mut WebSocket, code: CloseCode) {
+    let frame = CloseFrame {
+        code: code.code(),
+        reason: code.reason().into(),
+    };
+    let _ = timeout(CLOSE_TIMEOUT, socket.send(Message::Close(Some(frame)))).await;
+}
+
+/// Whether a read error is tungstenite's "message too large" (close 1009).
+fn is_too_large(err: &axum::Error) -> bool {
+    matches!(
+        std::error::Error::source(err).and_then(|e| e.downcast_ref::<tungstenite::Error>()),
+        Some(tungstenite::Error::Capacity(_))
+    )
+}
+
+/// How a session ended.
+enum End {
+    /// Close with this code.
+    Close(CloseCode),
+    /// The client closed or the connection broke: nothing more to send.
+    Gone,
+}
+
+/// Reads the first frame, which must be `hello`, within the hello timeout.
+async fn read_hello(
+    socket: &mut WebSocket,
+) -> Result<(String, BTreeMap<String, StreamPosition>), End> {
+    loop {
+        match socket.recv().await {
+            Some(Ok(Message::Text(text))) => {
+                return match ClientCommand::parse(&text) {
+                    Ok(ClientCommand::Hello { token, resume }) => Ok((token, resume)),
+                    _ => Err(End::Close(CloseCode::BadRequest)),
+                };
+            }
+            Some(Ok(Message::Binary(_))) => return Err(End::Close(CloseCode::BadRequest)),
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+            Some(Ok(Message::Close(_))) | None => return Err(End::Gone),
+            Some(Err(e)) if is_too_large(&e) => return Err(End::Close(CloseCode::TooLarge)),
+            Some(Err(_)) => return Err(End::Gone),
+        }
+    }
+}
+
+/// Runs one admitted connection to its end.
+async fn run(node: Arc<Node>, mut socket: WebSocket, admission: Admission) {
+    let hello_timeout = Duration::from_millis(node.config.hello_timeout_ms);
+    let hello = match timeout(hello_timeout, read_hello(&mut socket)).await {
+        Ok(r) => r,
+        Err(_) => Err(End::Close(CloseCode::Timeout)),
+    };
+    let end = match hello {
+        Err(end) => end,
+        Ok((token, resume)) => match node.keys.verifier.verify(&token) {
+            Err(e) => {
+                tracing::debug!(error = %e, "token refused");
+                End::Close(CloseCode::Unauthorized)
+            }
+            Ok(claims) => {
+                let mut session = Session::new(Arc::clone(&node), claims);
+                let end = session.start(&mut socket, resume).await;
+                let end = match end {
+                    Ok(()) => match session.serve(&mut socket).await {
+                        Ok(()) => End::Gone,
+                        Err(end) => end,
+                    },
+                    Err(end) => end,
+                };
+                session.cleanup();
+                end
+            }
+        },
+    };
+    match end {
+        End::Close(code) => {
+            node.metrics.disconnected(Some(code.code()));
+            if code == CloseCode::SlowConsumer {
+                node.metrics.slow_consumer_disconnects.inc();
+            }
+            close(&mut socket, code).await;
+        }
+        End::Gone => node.metrics.disconnected(None),
+    }
+    drop(admission);
+}
+
+/// Where the session stands in one channel.
+struct ChannelState {
+    epoch: Arc<str>,
+    last: u64,
+}
+
+/// Errors of a command, as reply errors.
+struct CommandError(ErrorCode, String);
+
+impl From<BrokerError> for CommandError {
+    fn from(e: BrokerError) -> Self {
+        CommandError(ErrorCode::Unavailable, e.to_string())
+    }
+}
+
+/// Token bucket of commands; sending at twice the rate for a second closes with 4429.
+struct RateLimit {
+    rate: f64,
+    tokens: f64,
+    refilled: Instant,
+    refused_in_window: u32,
+    window_start: Instant,
+}
+
+enum Rate {
+    Allow,
+    Refuse,
+    Close,
+}
+
+impl RateLimit {
+    fn new(per_sec: u32) -> Self {
+        let now = Instant::now();
+        Self {
+            rate: per_sec.max(1) as f64,
+            tokens: per_sec.max(1) as f64,
+            refilled: now,
+            refused_in_window: 0,
+            window_start: now,
+        }
+    }
+
+    fn check(&mut self) -> Rate {
+        let now = Instant::now();
+        let elapsed = now.duration_since(self.refilled).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.rate);
+        self.refilled = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            return Rate::Allow;
+        }
+        if now.duration_since(self.window_start) > Duration::from_secs(1) {
+            self.window_start = now;
+            self.refused_in_window = 0;
+        }
+        self.refused_in_window += 1;
+        if self.refused_in_window as f64 > self.rate {
+            Rate::Close
+        } else {
+            Rate::Refuse
+        }
+    }
+}
+
+/// One authenticated session.
+struct Session {
+    node: Arc<Node>,
+    id: SessionId,
+    uuid: String,
+    claims: Claims,
+    user: Arc<str>,
+    personal: Arc<str>,
+    handle: SessionHandle,
+    rx: mpsc::Receiver<Outbound>,
+    channels: HashMap<Arc<str>, ChannelState>,
+    rate: RateLimit,
+    last_recv: Instant,
+    last_send: Instant,
+    drain_at: Option<Instant>,
+}
+
+impl Session {
+    fn new(node: Arc<Node>, claims: Claims) -> Self {
+        let (tx, rx) = mpsc::channel(node.config.session_queue.max(1));
+        let user: Arc<str> = claims.sub.as_str().into();
+        let personal: Arc<str> = user_channel(&user).into();
+        let now = Instant::now();
+        Self {
+            id: node.next_session_id(),
+            uuid: uuid::Uuid::new_v4().to_string(),
+            rate: RateLimit::new(node.config.max_messages_per_sec),
+            handle: SessionHandle {
+                tx,
+                control: Arc::new(SessionControl::default()),
+            },
+            node,
+            claims,
+            user,
+            personal,
+            rx,
+            channels: HashMap::new(),
+            last_recv: now,
+            last_send: now,
+            drain_at: None,
+        }
+    }
+
+    /// Subscribes the personal channel and the resumed ones, sends `welcome`, then the
+    /// recovered messages.
+    async fn start(
+        &mut self,
+        socket: &mut WebSocket,
+        mut resume: BTreeMap<String, StreamPosition>,
+    ) -> Result<(), End> {
+        let mut subscriptions = BTreeMap::new();
+        let mut errors = BTreeMap::new();
+        let mut missed = Vec::new();
+        let personal = self.personal.to_string();
+        let since = resume.remove(&personal);
+        match self.subscribe(&personal, since).await {
+            Ok((result, pubs)) => {
+                subscriptions.insert(personal.clone(), result);
+                missed.push((self.personal.clone(), pubs));
+            }
+            Err(CommandError(code, message)) => {
+                // Without its personal channel the session is useless; the broker is down.
+                tracing::debug!(?code, %message, "personal channel subscribe failed");
+                return Err(End::Close(CloseCode::Draining));
+            }
+        }
+        for (channel, since) in resume {
+            match self.subscribe(&channel, Some(since)).await {
+                Ok((result, pubs)) => {
+                    let name = self.channel_name(&channel);
+                    subscriptions.insert(channel, result);
+                    missed.push((name, pubs));
+                }
+                Err(CommandError(code, message)) => {
+                    errors.insert(channel, ErrorBody::new(code, message));
+                }
+            }
+        }
+        let welcome = ServerFrame::Welcome(Welcome {
+            session: self.uuid.clone(),
+            node: self.node.id.clone(),
+            user: self.user.to_string(),
+            heartbeat_ms: self.node.config.heartbeat_ms,
+            subscriptions,
+            errors,
+        });
+        self.send(socket, welcome.to_json()).await?;
+        for (channel, pubs) in missed {
+            self.send_publications(socket, &channel, &pubs).await?;
+        }
+        self.flush(socket).await
+    }
+
+    fn channel_name(&self, channel: &str) -> Arc<str> {
+        self.channels
+            .get_key_value(channel)
+            .map(|(k, _)| k.clone())
+            .unwrap_or_else(|| channel.into())
+    }
+
+    /// Subscribes to a channel; returns the result and the recovered publications,
+    /// which the caller sends after the reply.
+    async fn subscribe(
+        &mut self,
+        channel: &str,
+        since: Option<StreamPosition>,
+    ) -> Result<(SubscribeResult, Vec<Publication>), CommandError> {
+        if self.channels.contains_key(channel) {
+            return Err(CommandError(
+                ErrorCode::BadRequest,
+                "already subscribed".into(),
+            ));
+        }
+        if self.channels.len() >= self.node.config.max_subscriptions {
+            return Err(CommandError(
+                ErrorCode::BadRequest,
+                format!(
+                    "subscription limit ({}) reached",
+                    self.node.config.max_subscriptions
+                ),
+            ));
+        }
+        if !self.claims.may_subscribe(channel) {
+            return Err(CommandError(
+                ErrorCode::Forbidden,
+                format!("not allowed to subscribe to {channel}"),
+            ));
+        }
+        let node = Arc::clone(&self.node);
+        node.hub.join(channel, self.id, self.handle.clone()).await?;
+        // Joined first, read the stream second: whatever is published in between
+        // arrives both ways, and the offset check drops the second copy.
+        let outcome = self.recover(channel, since).await;
+        let (result, pubs) = match outcome {
+            Ok(r) => r,
+            Err(e) => {
+                node.hub.leave(channel, self.id);
+                return Err(e.into());
+            }
+        };
+        let position = StreamPosition::new(result.offset, result.epoch.clone());
+        node.hub.seed(channel, &position);
+        let name: Arc<str> = channel.into();
+        node.presence.join(&name, &self.user);
+        node.metrics.subscriptions.inc();
+        self.channels.insert(
+            name,
+            ChannelState {
+                epoch: result.epoch.as_str().into(),
+                last: result.offset,
+            },
+        );
+        Ok((result, pubs))
+    }
+
+    /// Reads where the channel stands and, with `since`, what the client missed.
+    async fn recover(
+        &self,
+        channel: &str,
+        since: Option<StreamPosition>,
+    ) -> Result<(SubscribeResult, Vec<Publication>), BrokerError> {
+        let broker = &self.node.broker;
+        let Some(since) = since else {
+            let p = broker.position(channel).await?;
+            return Ok((
+                SubscribeResult {
+                    offset: p.offset,
+                    epoch: p.epoch,
+                    recovered: false,
+                },
+                Vec::new(),
+            ));
+        };
+        let history = broker
+            .history(channel, since.offset, self.node.config.history_size.max(1))
+            .await?;
+        let top = history.position;
+        let mut recovered = false;
+        let mut pubs = Vec::new();
+        if top.epoch == since.epoch && since.offset <= top.offset {
+            let missing = top.offset - since.offset;
+            let contiguous =
+                history.publications.iter().enumerate().all(|(i, p)| {
+                    p.offset == since.offset + 1 + i as u64 && *p.epoch == *top.epoch
+                });
+            if history.publications.len() as u64 >= missing && contiguous {
+                recovered = true;
+                pubs = history
+                    .publications
+                    .into_iter()
+                    .take(missing as usize)
+                    .collect();
+            }
+        }
+        Ok((
+            SubscribeResult {
+                offset: top.offset,
+                epoch: top.epoch,
+                recovered,
+            },
+            pubs,
+        ))
+    }
+
+    async fn send(
+        &mut self,
+        socket: &mut WebSocket,
+        text: impl Into<Utf8Bytes>,
+    ) -> Result<(), End> {
+        self.last_send = Instant::now();
+        socket
+            .feed(Message::Text(text.into()))
+            .await
+            .map_err(|_| End::Gone)
+    }
+
+    async fn flush(&mut self, socket: &mut WebSocket) -> Result<(), End> {
+        socket.flush().await.map_err(|_| End::Gone)
+    }
+
+    async fn send_publications(
+        &mut self,
+        socket: &mut WebSocket,
+        channel: &Arc<str>,
+        pubs: &[Publication],
+    ) -> Result<(), End> {
+        for p in pubs {
+            let frame =
+                herald_protocol::frame::encode_message(channel, p.offset, &p.epoch, &p.data);
+            self.send(socket, frame).await?;
+            self.node.metrics.messages_delivered.inc();
+        }
+        Ok(())
+    }
+
+    /// The main loop after `welcome`.
+    async fn serve(&mut self, socket: &mut WebSocket) -> Result<(), End> {
+        let heartbeat = self.node.config.heartbeat();
+        let control = Arc::clone(&self.handle.control);
+        let drain = self.node.drain.clone();
+        let sleep = tokio::time::sleep_until(self.next_timer(heartbeat));
+        tokio::pin!(sleep);
+        loop {
+            sleep.as_mut().reset(self.next_timer(heartbeat));
+            tokio::select! {
+                frame = socket.recv() => {
+                    self.last_recv = Instant::now();
+                    match frame {
+                        Some(Ok(Message::Text(text))) => self.command(socket, &text).await?,
+                        Some(Ok(Message::Binary(_))) => return Err(End::Close(CloseCode::BadRequest)),
+                        Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+                        Some(Ok(Message::Close(_))) | None => return Err(End::Gone),
+                        Some(Err(e)) if is_too_large(&e) => return Err(End::Close(CloseCode::TooLarge)),
+                        Some(Err(_)) => return Err(End::Gone),
+                    }
+                }
+                item = self.rx.recv() => {
+                    let Some(item) = item else { return Err(End::Gone) };
+                    // A write that stalls loses against a close request or a timeout.
+                    let write = timeout(heartbeat * 2, self.write_batch(socket, item));
+                    tokio::select! {
+                        r = write => match r {
+                            Ok(r) => r?,
+                            Err(_) => return Err(End::Close(CloseCode::SlowConsumer)),
+                        },
+                        code = control.closed() => return Err(End::Close(code_of(code))),
+                    }
+                }
+                code = control.closed() => return Err(End::Close(code_of(code))),
+                _ = drain.cancelled(), if self.drain_at.is_none() => {
+                    let spread = self.node.config.drain().mul_f64(0.8);
+                    let delay = rand::rng().random_range(0..=spread.as_millis() as u64);
+                    self.drain_at = Some(Instant::now() + Duration::from_millis(delay));
+                }
+                _ = &mut sleep => {
+                    let now = Instant::now();
+                    if self.drain_at.is_some_and(|t| now >= t) {
+                        let _ = send_reconnect(socket).await;
+                        return Err(End::Close(CloseCode::Draining));
+                    }
+                    if now >= self.last_recv + heartbeat * 2 {
+                        return Err(End::Close(CloseCode::Timeout));
+                    }
+                    if now >= self.last_send + heartbeat {
+                        self.send(socket, ServerFrame::Ping.to_json()).await?;
+                        self.flush(socket).await?;
+                    }
+                }
+            }
+        }
+    }
+
+    fn next_timer(&self, heartbeat: Duration) -> Instant {
+        let mut t = (self.last_send + heartbeat).min(self.last_recv + heartbeat * 2);
+        if let Some(d) = self.drain_at {
+            t = t.min(d);
+        }
+        t
+    }
+
+    /// Writes `first` and whatever else is queued (up to a batch), then flushes once.
+    async fn write_batch(&mut self, socket: &mut WebSocket, first: Outbound) -> Result<(), End> {
+        self.write_item(socket, first).await?;
+        for _ in 1..BATCH {
+            match self.rx.try_recv() {
+                Ok(item) => self.write_item(socket, item).await?,
+                Err(_) => break,
+            }
+        }
+        self.flush(socket).await
+    }
+
+    async fn write_item(&mut self, socket: &mut WebSocket, item: Outbound) -> Result<(), End> {
+        match item {
+            Outbound::Message(d) => {
+                let Some(state) = self.channels.get(&d.channel) else {
+                    return Ok(()); // unsubscribed meanwhile
+                };
+                let (epoch, last) = (state.epoch.clone(), state.last);
+                if *epoch != *d.epoch {
+                    self.resync(
+                        socket,
+                        &d.channel,
+                        StreamPosition::new(d.offset - 1, &*d.epoch),
+                    )
+                    .await?;
+                } else if d.offset <= last {
+                    return Ok(()); // already delivered
+                } else if d.offset > last + 1 {
+                    self.fill_gap(socket, &d.channel, &epoch, last, d.offset)
+                        .await?;
+                }
+                self.send(socket, d.frame.clone()).await?;
+                self.node.metrics.messages_delivered.inc();
+                if let Some(state) = self.channels.get_mut(&d.channel) {
+                    state.epoch = d.epoch.clone();
+                    state.last = d.offset;
+                }
+                Ok(())
+            }
+            Outbound::Resync(channel, position) => {
+                let behind = self
+                    .channels
+                    .get(&channel)
+                    .is_some_and(|s| *s.epoch != *position.epoch || s.last < position.offset);
+                if behind {
+                    self.resync(socket, &channel, position).await?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// The session saw a gap the hub did not repair (rare): fill it from history, or
+    /// tell the client to resync.
+    async fn fill_gap(
+        &mut self,
+        socket: &mut WebSocket,
+        channel: &Arc<str>,
+        epoch: &Arc<str>,
+        last: u64,
+        next: u64,
+    ) -> Result<(), End> {
+        let want = (next - last - 1) as usize;
+        if let Ok(h) = self.node.broker.history(channel, last, want).await {
+            let complete = h.publications.len() == want
+                && h.publications
+                    .iter()
+                    .enumerate()
+                    .all(|(i, p)| p.offset == last + 1 + i as u64 && *p.epoch == **epoch);
+            if complete {
+                self.send_publications(socket, channel, &h.publications)
+                    .await?;
+                self.node.metrics.gaps_repaired.inc();
+                return Ok(());
+            }
+        }
+        self.resync(socket, channel, StreamPosition::new(next - 1, &**epoch))
+            .await
+    }
+
+    async fn resync(
+        &mut self,
+        socket: &mut WebSocket,
+        channel: &Arc<str>,
+        position: StreamPosition,
+    ) -> Result<(), End> {
+        if let Some(state) = self.channels.get_mut(channel) {
+            state.epoch = position.epoch.as_str().into();
+            state.last = position.offset;
+        }
+        self.node.metrics.resyncs.inc();
+        let frame = ServerFrame::Resync(Resync {
+            channel: channel.to_string(),
+            offset: position.offset,
+            epoch: position.epoch,
+        });
+        self.send(socket, frame.to_json()).await
+    }
+
+    /// Handles one text frame after `welcome`.
+    async fn command(&mut self, socket: &mut WebSocket, text: &str) -> Result<(), End> {
+        let command = match ClientCommand::parse(text) {
+            Ok(c) => c,
+            Err(ParseError::NotACommand(_)) => return Err(End::Close(CloseCode::BadRequest)),
+            Err(ParseError::BadArgument { id, message }) => {
+                return self
+                    .reply(
+                        socket,
+                        id,
+                        Err(CommandError(ErrorCode::BadRequest, message)),
+                    )
+                    .await;
+            }
+        };
+        let (id, kind) = match &command {
+            ClientCommand::Pong => return Ok(()),
+            ClientCommand::Hello { .. } => return Err(End::Close(CloseCode::BadRequest)),
+            ClientCommand::Subscribe { id, .. } => (*id, "subscribe"),
+            ClientCommand::Unsubscribe { id, .. } => (*id, "unsubscribe"),
+            ClientCommand::Publish { id, .. } => (*id, "publish"),
+            ClientCommand::Presence { id, .. } => (*id, "presence"),
+        };
+        self.node
+            .metrics
+            .commands
+            .get_or_create(&crate::metrics::CommandLabel { command: kind })
+            .inc();
+        match self.rate.check() {
+            Rate::Allow => {}
+            Rate::Refuse => {
+                self.node.metrics.rate_limited.inc();
+                let err = CommandError(
+                    ErrorCode::RateLimited,
+                    "too many commands; slow down".into(),
+                );
+                return self.reply(socket, Some(id), Err(err)).await;
+            }
+            Rate::Close => return Err(End::Close(CloseCode::TooMany)),
+        }
+        match command {
+            ClientCommand::Subscribe { channel, since, .. } => {
+                match self.subscribe(&channel, since).await {
+                    Ok((result, pubs)) => {
+                        let value = serde_json::to_value(&result).expect("serializable");
+                        self.reply(socket, Some(id), Ok(value)).await?;
+                        let name = self.channel_name(&channel);
+                        self.send_publications(socket, &name, &pubs).await?;
+                        self.flush(socket).await
+                    }
+                    Err(e) => self.reply(socket, Some(id), Err(e)).await,
+                }
+            }
+            ClientCommand::Unsubscribe { channel, .. } => {
+                let result = self.unsubscribe(&channel).map(|()| json!({}));
+                self.reply(socket, Some(id), result).await
+            }
+            ClientCommand::Publish { channel, data, .. } => {
+                let result = self.publish(&channel, data.get()).await;
+                self.reply(socket, Some(id), result).await
+            }
+            ClientCommand::Presence { channel, .. } => {
+                let result = self.presence(&channel).await;
+                self.reply(socket, Some(id), result).await
+            }
+            ClientCommand::Pong | ClientCommand::Hello { .. } => Ok(()),
+        }
+    }
+
+    fn unsubscribe(&mut self, channel: &str) -> Result<(), CommandError> {
+        if *channel == *self.personal {
+            return Err(CommandError(
+                ErrorCode::Forbidden,
+                "the personal channel cannot be left".into(),
+            ));
+        }
+        if let Some((name, _)) = self.channels.remove_entry(channel) {
+            self.node.hub.leave(&name, self.id);
+            self.node.presence.leave(&name, &self.user);
+            self.node.metrics.subscriptions.dec();
+        }
+        Ok(())
+    }
+
+    async fn publish(&self, channel: &str, data: &str) -> Result<serde_json::Value, CommandError> {
+        if !self.claims.may_publish(channel) {
+            return Err(CommandError(
+                ErrorCode::Forbidden,
+                format!("not allowed to publish to {channel}"),
+            ));
+        }
+        let position = self
+            .node
+            .broker
+            .publish(channel, data)
+            .await
+            .inspect_err(|_| {
+                self.node.metrics.broker_errors.inc();
+            })?;
+        self.node.metrics.messages_published.inc();
+        self.node.metrics.message_bytes.observe(data.len() as f64);
+        Ok(json!({"offset": position.offset, "epoch": position.epoch}))
+    }
+
+    async fn presence(&self, channel: &str) -> Result<serde_json::Value, CommandError> {
+        if !self.claims.may_subscribe(channel) {
+            return Err(CommandError(
+                ErrorCode::Forbidden,
+                format!("not allowed to see presence of {channel}"),
+            ));
+        }
+        let users = self.node.broker.presence(channel).await?;
+        Ok(json!({ "users": users }))
+    }
+
+    async fn reply(
+        &mut self,
+        socket: &mut WebSocket,
+        id: Option<u64>,
+        result: Result<serde_json::Value, CommandError>,
+    ) -> Result<(), End> {
+        let reply = match result {
+            Ok(value) => Reply {
+                id,
+                result: Some(value),
+                error: None,
+            },
+            Err(CommandError(code, message)) => Reply {
+                id,
+                result: None,
+                error: Some(ErrorBody::new(code, message)),
+            },
+        };
+        self.send(socket, ServerFrame::Reply(reply).to_json())
+            .await?;
+        self.flush(socket).await
+    }
+
+    /// Leaves every channel.
+    fn cleanup(&mut self) {
+        for (name, _) in self.channels.drain() {
+            self.node.hub.leave(&name, self.id);
+            self.node.presence.leave(&name, &self.user);
+            self.node.metrics.subscriptions.dec();
+        }
+    }
+}
+
+fn code_of(code: u16) -> CloseCode {
+    CloseCode::from_code(code).unwrap_or(CloseCode::SlowConsumer)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::HeaderValue;
+
+    #[test]
+    fn origins() {
+        let mut h = HeaderMap::new();
+        assert!(origin_allowed(None, &h));
+        let list = vec!["https://app.example".to_string()];
+        assert!(
+            origin_allowed(Some(&list), &h),
+            "no Origin header: not a browser"
+        );
+        h.insert(
+            header::ORIGIN,
+            HeaderValue::from_static("https://app.example"),
+        );
+        assert!(origin_allowed(Some(&list), &h));
+        h.insert(
+            header::ORIGIN,
+            HeaderValue::from_static("https://evil.example"),
+        );
+        assert!(!origin_allowed(Some(&list), &h));
+    }
+
+    #[tokio::test]
+    async fn rate_limit_refuses_then_closes() {
+        let mut r = RateLimit::new(5);
+        let mut outcomes = (0, 0, 0);
+        for _ in 0..20 {
+            match r.check() {
+                Rate::Allow => outcomes.0 += 1,
+                Rate::Refuse => outcomes.1 += 1,
+                Rate::Close => {
+                    outcomes.2 += 1;
+                    break;
+                }
+            }
+        }
+        assert_eq!(outcomes.0, 5);
+        assert_eq!(outcomes.1, 5);
+        assert_eq!(outcomes.2, 1);
+    }
+}

@@ -1,0 +1,771 @@
+//! The Redis broker against real Redis: one `redis-server`, and a local 3-master
+//! Redis Cluster (sharded pub/sub). Each test has its own Redis (or cluster) and key
+//! prefix; every wait has a timeout.
+
+#[path = "support/redis_server.rs"]
+mod redis_server;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use herald_server::broker::redis::{connect, RedisBroker};
+use herald_server::broker::{
+    Broker, BrokerError, BrokerSettings, NodeInfo, PresenceChange, Publication, PublicationSink,
+};
+use redis_server::{RedisCluster, RedisOptions, RedisServer};
+use tokio::sync::mpsc;
+use tokio::time::timeout;
+
+/// Generous: includes reconnect backoff and cluster discovery.
+const WAIT: Duration = Duration::from_secs(15);
+
+fn settings() -> BrokerSettings {
+    BrokerSettings {
+        history_size: 10,
+        history_ttl: Duration::from_secs(60),
+        meta_ttl: Duration::from_secs(120),
+        node_ttl: Duration::from_secs(10),
+        presence_ttl: Duration::from_secs(10),
+    }
+}
+
+fn prefix(test: &str) -> String {
+    format!("t:{test}:{}:", uuid_like())
+}
+
+fn uuid_like() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    format!(
+        "{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+#[derive(Debug)]
+enum Event {
+    Publication(String, Publication),
+    Resubscribed,
+}
+
+/// A sink that forwards everything to the test.
+struct Recorder(mpsc::UnboundedSender<Event>);
+
+impl PublicationSink for Recorder {
+    fn on_publication(&self, channel: &str, publication: Publication) {
+        let _ = self
+            .0
+            .send(Event::Publication(channel.to_owned(), publication));
+    }
+
+    fn on_resubscribed(&self) {
+        let _ = self.0.send(Event::Resubscribed);
+    }
+}
+
+struct Node {
+    broker: Arc<RedisBroker>,
+    events: mpsc::UnboundedReceiver<Event>,
+}
+
+impl Node {
+    async fn start(url: &str, prefix: &str, id: &str, settings: BrokerSettings) -> Self {
+        init_tracing();
+        let broker = Arc::new(connect(url, prefix, id, settings).await.expect("connect"));
+        let (tx, events) = mpsc::unbounded_channel();
+        broker.start(Arc::new(Recorder(tx)));
+        wait_healthy(&broker).await;
+        Self { broker, events }
+    }
+
+    /// The next publication, skipping resubscribe events.
+    async fn next_publication(&mut self) -> (String, Publication) {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match timeout(left, self.events.recv()).await {
+                Ok(Some(Event::Publication(channel, p))) => return (channel, p),
+                Ok(Some(Event::Resubscribed)) => continue,
+                Ok(None) => panic!("sink closed"),
+                Err(_) => panic!("no publication within {WAIT:?}"),
+            }
+        }
+    }
+
+    /// Waits for an `on_resubscribed` call; returns publications seen meanwhile.
+    async fn wait_resubscribed(&mut self) -> Vec<(String, Publication)> {
+        let mut seen = Vec::new();
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match timeout(left, self.events.recv()).await {
+                Ok(Some(Event::Publication(channel, p))) => seen.push((channel, p)),
+                Ok(Some(Event::Resubscribed)) => return seen,
+                Ok(None) => panic!("sink closed"),
+                Err(_) => panic!("no on_resubscribed within {WAIT:?}"),
+            }
+        }
+    }
+
+    /// Publications received so far, without waiting.
+    fn drain(&mut self) -> Vec<(String, Publication)> {
+        let mut seen = Vec::new();
+        while let Ok(event) = self.events.try_recv() {
+            if let Event::Publication(channel, p) = event {
+                seen.push((channel, p));
+            }
+        }
+        seen
+    }
+}
+
+/// Logs go to the test output, filtered by `RUST_LOG`.
+fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+}
+
+async fn wait_healthy(broker: &RedisBroker) {
+    wait_until("broker healthy", || broker.is_healthy()).await;
+}
+
+async fn wait_until(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + WAIT;
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn info(id: &str) -> NodeInfo {
+    NodeInfo {
+        id: id.into(),
+        url: format!("ws://{id}/ws"),
+        connections: 0,
+        draining: false,
+    }
+}
+
+fn change(channel: &str, user: &str, connections: u32) -> PresenceChange {
+    PresenceChange {
+        channel: channel.into(),
+        user: user.into(),
+        connections,
+    }
+}
+
+/// Where a scenario runs, and how to count subscribers of a pub/sub channel there.
+enum Backend<'a> {
+    Single(&'a RedisServer),
+    Cluster(&'a RedisCluster),
+}
+
+impl Backend<'_> {
+    fn url(&self) -> String {
+        match self {
+            Backend::Single(r) => r.url(),
+            Backend::Cluster(c) => c.url(),
+        }
+    }
+
+    /// Subscribers of the pub/sub channel of `channel` under `prefix`, over all masters.
+    fn subscribers(&self, prefix: &str, channel: &str) -> u64 {
+        let name = format!("{prefix}{{{channel}}}:c");
+        let count = |out: String| -> u64 {
+            out.lines()
+                .nth(1)
+                .and_then(|n| n.trim().parse().ok())
+                .unwrap_or(0)
+        };
+        match self {
+            Backend::Single(r) => count(r.cli(&["pubsub", "numsub", &name])),
+            Backend::Cluster(c) => c
+                .nodes
+                .iter()
+                .map(|n| count(n.cli(&["pubsub", "shardnumsub", &name])))
+                .sum(),
+        }
+    }
+
+    fn flushall(&self) {
+        match self {
+            Backend::Single(r) => {
+                r.cli(&["flushall"]);
+            }
+            Backend::Cluster(c) => {
+                c.cli_all(&["flushall"]);
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// Scenarios, run against one Redis and against a cluster.
+
+async fn offsets_without_gaps(backend: &Backend<'_>) {
+    let prefix = prefix("offsets");
+    let url = backend.url();
+    let mut reader = Node::start(&url, &prefix, "reader", settings()).await;
+    reader.broker.subscribe("room:1").await.expect("subscribe");
+    let writer = Node::start(&url, &prefix, "writer", settings()).await;
+
+    let mut tasks = Vec::new();
+    for t in 0..4 {
+        let broker = if t % 2 == 0 {
+            writer.broker.clone()
+        } else {
+            reader.broker.clone()
+        };
+        tasks.push(tokio::spawn(async move {
+            let mut positions = Vec::new();
+            for i in 0..50 {
+                let data = format!(r#"{{"t":{t},"i":{i}}}"#);
+                positions.push(broker.publish("room:1", &data).await.expect("publish"));
+            }
+            positions
+        }));
+    }
+    let mut offsets = Vec::new();
+    let mut epochs = BTreeSet::new();
+    for task in tasks {
+        for position in task.await.expect("task") {
+            offsets.push(position.offset);
+            epochs.insert(position.epoch);
+        }
+    }
+    offsets.sort_unstable();
+    assert_eq!(
+        offsets,
+        (1..=200).collect::<Vec<u64>>(),
+        "offsets 1..=200, no gaps"
+    );
+    assert_eq!(epochs.len(), 1, "one epoch: {epochs:?}");
+
+    // Delivered in offset order, each once.
+    for expected in 1..=200u64 {
+        let (channel, p) = reader.next_publication().await;
+        assert_eq!(channel, "room:1");
+        assert_eq!(p.offset, expected);
+        assert!(epochs.contains(&*p.epoch));
+    }
+    reader.broker.shutdown().await;
+    writer.broker.shutdown().await;
+}
+
+async fn history_since_limit_and_trim(backend: &Backend<'_>) {
+    let prefix = prefix("history");
+    let url = backend.url();
+    let small = BrokerSettings {
+        history_size: 5,
+        ..settings()
+    };
+    let node = Node::start(&url, &prefix, "n1", small).await;
+    let b = &node.broker;
+    let mut epoch = String::new();
+    for i in 1..=8u64 {
+        let pos = b
+            .publish("h", &format!(r#"{{"n":{i},"s":"a:b"}}"#))
+            .await
+            .unwrap();
+        assert_eq!(pos.offset, i);
+        epoch = pos.epoch;
+    }
+    let h = b.history("h", 0, 100).await.unwrap();
+    assert_eq!(h.position.offset, 8);
+    assert_eq!(h.position.epoch, epoch);
+    let offsets: Vec<u64> = h.publications.iter().map(|p| p.offset).collect();
+    assert_eq!(offsets, vec![4, 5, 6, 7, 8], "trimmed to the last 5");
+    assert_eq!(&*h.publications[0].data, r#"{"n":4,"s":"a:b"}"#);
+    assert!(h.publications.iter().all(|p| *p.epoch == *epoch));
+
+    let h = b.history("h", 5, 2).await.unwrap();
+    let offsets: Vec<u64> = h.publications.iter().map(|p| p.offset).collect();
+    assert_eq!(offsets, vec![6, 7]);
+    assert!(b.history("h", 8, 10).await.unwrap().publications.is_empty());
+    assert!(b
+        .history("h", u64::MAX, 10)
+        .await
+        .unwrap()
+        .publications
+        .is_empty());
+
+    // A new channel: position 0 with an epoch, which then stays.
+    let p = b.position("fresh").await.unwrap();
+    assert_eq!(p.offset, 0);
+    assert_eq!(b.position("fresh").await.unwrap(), p);
+    assert_eq!(b.publish("fresh", "1").await.unwrap().epoch, p.epoch);
+    node.broker.shutdown().await;
+
+    // Age: messages older than history_ttl leave history; the position stays.
+    let short = BrokerSettings {
+        history_ttl: Duration::from_millis(300),
+        ..settings()
+    };
+    let node = Node::start(&url, &prefix, "n2", short).await;
+    let pos = node.broker.publish("aged", "1").await.unwrap();
+    node.broker.publish("aged", "2").await.unwrap();
+    assert_eq!(
+        node.broker
+            .history("aged", 0, 10)
+            .await
+            .unwrap()
+            .publications
+            .len(),
+        2
+    );
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let h = node.broker.history("aged", 0, 10).await.unwrap();
+        if h.publications.is_empty() {
+            assert_eq!(h.position.offset, 2);
+            assert_eq!(h.position.epoch, pos.epoch);
+            break;
+        }
+        assert!(Instant::now() < deadline, "history did not age out");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Old entries are trimmed on publish too: only the new one is left.
+    node.broker.publish("aged", "3").await.unwrap();
+    let h = node.broker.history("aged", 0, 10).await.unwrap();
+    assert_eq!(
+        h.publications.iter().map(|p| p.offset).collect::<Vec<_>>(),
+        vec![3]
+    );
+    node.broker.shutdown().await;
+}
+
+async fn epoch_changes_when_keys_are_lost(backend: &Backend<'_>) {
+    let prefix = prefix("epoch");
+    let node = Node::start(&backend.url(), &prefix, "n1", settings()).await;
+    let b = &node.broker;
+    for _ in 0..3 {
+        b.publish("e", "{}").await.unwrap();
+    }
+    let before = b.position("e").await.unwrap();
+    assert_eq!(before.offset, 3);
+    backend.flushall();
+    let after = b.position("e").await.unwrap();
+    assert_eq!(after.offset, 0);
+    assert_ne!(after.epoch, before.epoch, "history lost: new epoch");
+    let p = b.publish("e", "{}").await.unwrap();
+    assert_eq!((p.offset, &p.epoch), (1, &after.epoch));
+    // Lost again, this time found by publish.
+    backend.flushall();
+    let p = b.publish("e", "{}").await.unwrap();
+    assert_eq!(p.offset, 1);
+    assert_ne!(p.epoch, after.epoch);
+    let h = b.history("e", 0, 10).await.unwrap();
+    assert_eq!(h.position, p);
+    assert_eq!(h.publications.len(), 1);
+    node.broker.shutdown().await;
+}
+
+async fn routing_between_nodes(backend: &Backend<'_>) {
+    let prefix = prefix("routing");
+    let url = backend.url();
+    let mut a = Node::start(&url, &prefix, "node-a", settings()).await;
+    let mut b = Node::start(&url, &prefix, "node-b", settings()).await;
+    a.broker.subscribe("chan:a").await.expect("subscribe");
+
+    // Redis itself routes only to subscribers: one for chan:a, none for chan:b.
+    assert_eq!(backend.subscribers(&prefix, "chan:a"), 1);
+    assert_eq!(backend.subscribers(&prefix, "chan:b"), 0);
+
+    for i in 0..3 {
+        b.broker.publish("chan:b", &i.to_string()).await.unwrap();
+    }
+    let pos = b.broker.publish("chan:a", r#""hello""#).await.unwrap();
+    let (channel, p) = a.next_publication().await;
+    assert_eq!(channel, "chan:a");
+    assert_eq!(
+        (p.offset, &*p.epoch, &*p.data),
+        (1, pos.epoch.as_str(), r#""hello""#)
+    );
+    // A second message as a marker: nothing of chan:b came before or between.
+    b.broker.publish("chan:a", "2").await.unwrap();
+    let (channel, p) = a.next_publication().await;
+    assert_eq!((channel.as_str(), p.offset), ("chan:a", 2));
+    assert!(a.drain().is_empty());
+    assert!(b.drain().is_empty(), "node-b subscribed to nothing");
+
+    // Unsubscribe stops delivery. The later subscribe is applied after it (requests
+    // keep their order), so its ack means the unsubscribe happened.
+    a.broker.unsubscribe("chan:a");
+    a.broker.subscribe("chan:c").await.expect("subscribe");
+    assert_eq!(backend.subscribers(&prefix, "chan:a"), 0);
+    b.broker.publish("chan:a", "3").await.unwrap();
+    b.broker.publish("chan:c", "1").await.unwrap();
+    let (channel, _) = a.next_publication().await;
+    assert_eq!(channel, "chan:c");
+    b.broker.publish("chan:c", "2").await.unwrap();
+    let (channel, p) = a.next_publication().await;
+    assert_eq!((channel.as_str(), p.offset), ("chan:c", 2));
+    assert!(
+        a.drain().is_empty(),
+        "nothing from chan:a after unsubscribe"
+    );
+
+    // Subscribe, unsubscribe and subscribe again in a row: subscribed at the end.
+    a.broker.subscribe("chan:d").await.expect("subscribe");
+    a.broker.unsubscribe("chan:d");
+    a.broker.subscribe("chan:d").await.expect("subscribe");
+    assert_eq!(backend.subscribers(&prefix, "chan:d"), 1);
+    b.broker.publish("chan:d", "1").await.unwrap();
+    assert_eq!(a.next_publication().await.0, "chan:d");
+
+    // Many channels at once (one batch).
+    let channels: Vec<String> = (0..200).map(|i| format!("many:{i}")).collect();
+    let acks: Vec<_> = channels.iter().map(|c| a.broker.subscribe(c)).collect();
+    for ack in acks {
+        ack.await.expect("subscribe");
+    }
+    for c in &channels {
+        b.broker.publish(c, "1").await.unwrap();
+    }
+    let mut got = BTreeSet::new();
+    for _ in 0..channels.len() {
+        got.insert(a.next_publication().await.0);
+    }
+    assert_eq!(got, channels.iter().cloned().collect::<BTreeSet<_>>());
+    a.broker.shutdown().await;
+    b.broker.shutdown().await;
+}
+
+async fn presence_and_dead_nodes(backend: &Backend<'_>) {
+    let prefix = prefix("presence");
+    let url = backend.url();
+    let n1 = Node::start(&url, &prefix, "n1", settings()).await;
+    let n2 = Node::start(&url, &prefix, "n2", settings()).await;
+    n1.broker.register_node(&info("n1")).await.unwrap();
+    n2.broker.register_node(&info("n2")).await.unwrap();
+    n1.broker
+        .presence_update(
+            "n1",
+            &[change("room", "alice", 2), change("room", "bob", 1)],
+        )
+        .await
+        .unwrap();
+    n2.broker
+        .presence_update(
+            "n2",
+            &[change("room", "alice", 1), change("lobby", "carol", 1)],
+        )
+        .await
+        .unwrap();
+    let users = n1.broker.presence("room").await.unwrap();
+    assert_eq!(
+        users,
+        BTreeMap::from([("alice".into(), 3), ("bob".into(), 1)])
+    );
+    assert_eq!(
+        n2.broker.presence("lobby").await.unwrap(),
+        BTreeMap::from([("carol".into(), 1)])
+    );
+
+    n1.broker
+        .presence_update("n1", &[change("room", "alice", 0)])
+        .await
+        .unwrap();
+    let users = n2.broker.presence("room").await.unwrap();
+    assert_eq!(
+        users,
+        BTreeMap::from([("alice".into(), 1), ("bob".into(), 1)])
+    );
+
+    // n2 leaves the registry: its users no longer count, and its fields go away.
+    n2.broker.unregister_node("n2").await.unwrap();
+    let users = n1.broker.presence("room").await.unwrap();
+    assert_eq!(users, BTreeMap::from([("bob".into(), 1)]));
+    assert!(n1.broker.presence("lobby").await.unwrap().is_empty());
+    let key = format!("{prefix}presence:{{room}}");
+    let fields = match backend {
+        Backend::Single(r) => r.cli(&["hkeys", &key]),
+        Backend::Cluster(c) => c.cli(&["hkeys", &key]),
+    };
+    assert_eq!(fields, "n1|bob", "dead node's fields removed");
+    n1.broker.shutdown().await;
+    n2.broker.shutdown().await;
+
+    // Expiry: refreshed presence stays, unrefreshed presence expires.
+    let short = BrokerSettings {
+        presence_ttl: Duration::from_millis(700),
+        ..settings()
+    };
+    let n3 = Node::start(&url, &prefix, "n3", short).await;
+    n3.broker.register_node(&info("n3")).await.unwrap();
+    n3.broker
+        .presence_update("n3", &[change("kept", "dan", 1), change("gone", "eve", 1)])
+        .await
+        .unwrap();
+    let until = Instant::now() + Duration::from_millis(1500);
+    while Instant::now() < until {
+        n3.broker
+            .presence_refresh("n3", &["kept".into()])
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(n3.broker.presence("kept").await.unwrap().len(), 1);
+    assert!(
+        n3.broker.presence("gone").await.unwrap().is_empty(),
+        "expired"
+    );
+    n3.broker.shutdown().await;
+}
+
+// ---------------------------------------------------------------------------------
+// One Redis.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn single_offsets_without_gaps() {
+    let redis = RedisServer::start();
+    offsets_without_gaps(&Backend::Single(&redis)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn single_history() {
+    let redis = RedisServer::start();
+    history_since_limit_and_trim(&Backend::Single(&redis)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn single_epoch_changes_when_keys_are_lost() {
+    let redis = RedisServer::start();
+    epoch_changes_when_keys_are_lost(&Backend::Single(&redis)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn single_routing_between_nodes() {
+    let redis = RedisServer::start();
+    routing_between_nodes(&Backend::Single(&redis)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn single_presence_and_dead_nodes() {
+    let redis = RedisServer::start();
+    presence_and_dead_nodes(&Backend::Single(&redis)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn registry_drops_nodes_that_stop_refreshing() {
+    let redis = RedisServer::start();
+    let fast = BrokerSettings {
+        node_ttl: Duration::from_secs(1),
+        ..settings()
+    };
+    let node = Node::start(&redis.url(), &prefix("registry"), "n1", fast).await;
+    let b = &node.broker;
+    b.register_node(&info("n1")).await.unwrap();
+    b.register_node(&info("n2")).await.unwrap();
+    let ids = |nodes: Vec<NodeInfo>| nodes.into_iter().map(|n| n.id).collect::<Vec<_>>();
+    assert_eq!(ids(b.nodes().await.unwrap()), vec!["n1", "n2"]);
+
+    // Re-registering updates the entry.
+    let mut busy = info("n1");
+    busy.connections = 7;
+    b.register_node(&busy).await.unwrap();
+    assert_eq!(b.nodes().await.unwrap()[0].connections, 7);
+
+    // n1 keeps its heartbeat, n2 stops: n2 drops out after node_ttl.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        b.register_node(&busy).await.unwrap();
+        if ids(b.nodes().await.unwrap()) == vec!["n1"] {
+            break;
+        }
+        assert!(Instant::now() < deadline, "stale node not dropped");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    b.unregister_node("n1").await.unwrap();
+    assert!(b.nodes().await.unwrap().is_empty());
+    node.broker.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn unreachable_redis_at_start_then_connects() {
+    let port = redis_server::free_port();
+    let url = format!("redis://127.0.0.1:{port}");
+    assert!(
+        connect("http://x", "p:", "n", settings()).await.is_err(),
+        "bad URL fails"
+    );
+    let broker = connect(&url, &prefix("late"), "n1", settings())
+        .await
+        .expect("no Redis yet is not an error");
+    let (tx, mut events) = mpsc::unbounded_channel();
+    broker.start(Arc::new(Recorder(tx)));
+    assert!(!broker.is_healthy());
+    let started = Instant::now();
+    let err = broker.publish("x", "1").await.unwrap_err();
+    assert!(matches!(err, BrokerError::Unavailable(_)), "{err:?}");
+    assert!(started.elapsed() < Duration::from_secs(1), "fails fast");
+    let subscribed = broker.subscribe("x");
+
+    let redis = RedisServer::start_with(RedisOptions {
+        port: Some(port),
+        ..RedisOptions::default()
+    });
+    assert_eq!(redis.port(), port, "started on the port chosen above");
+    wait_healthy(&broker).await;
+    // The subscribe made while down failed or succeeded; either way it is wanted and
+    // is in place once healthy.
+    let _ = timeout(WAIT, subscribed).await.expect("ack");
+    broker.publish("x", "1").await.expect("publish");
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match timeout(left, events.recv()).await.expect("delivery") {
+            Some(Event::Publication(channel, p)) => {
+                assert_eq!((channel.as_str(), p.offset), ("x", 1));
+                break;
+            }
+            Some(Event::Resubscribed) => continue,
+            None => panic!("sink closed"),
+        }
+    }
+    broker.shutdown().await;
+    assert!(!broker.is_healthy());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_killed_and_restarted() {
+    let mut redis = RedisServer::start_with(RedisOptions {
+        aof: true,
+        ..RedisOptions::default()
+    });
+    let prefix = prefix("restart");
+    let mut a = Node::start(&redis.url(), &prefix, "a", settings()).await;
+    let b = Node::start(&redis.url(), &prefix, "b", settings()).await;
+    a.broker.subscribe("c").await.expect("subscribe");
+    let before = b.broker.publish("c", "1").await.unwrap();
+    assert_eq!(a.next_publication().await.1.offset, 1);
+
+    redis.kill();
+    wait_until("unhealthy after kill", || {
+        !a.broker.is_healthy() && !b.broker.is_healthy()
+    })
+    .await;
+    let started = Instant::now();
+    let err = b.broker.publish("c", "2").await.unwrap_err();
+    assert!(matches!(err, BrokerError::Unavailable(_)), "{err:?}");
+    assert!(matches!(
+        b.broker.history("c", 0, 10).await,
+        Err(BrokerError::Unavailable(_))
+    ));
+    assert!(matches!(
+        a.broker.subscribe("c2").await,
+        Err(BrokerError::Unavailable(_))
+    ));
+    assert!(started.elapsed() < Duration::from_secs(3), "fails fast");
+    // Drop events from before the outage.
+    let _ = a.drain();
+
+    redis.restart();
+    let seen = a.wait_resubscribed().await;
+    assert!(seen.is_empty(), "nothing was published meanwhile: {seen:?}");
+    wait_healthy(&a.broker).await;
+    wait_healthy(&b.broker).await;
+
+    // AOF kept the data: same epoch, offsets go on.
+    let p = b.broker.publish("c", "2").await.unwrap();
+    assert_eq!((p.offset, &p.epoch), (2, &before.epoch));
+    let (channel, got) = a.next_publication().await;
+    assert_eq!((channel.as_str(), got.offset), ("c", 2));
+    // The subscribe that failed while down was retried: c2 is delivered too.
+    b.broker.publish("c2", "1").await.unwrap();
+    assert_eq!(a.next_publication().await.0, "c2");
+    a.broker.shutdown().await;
+    b.broker.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn subscriber_connection_killed() {
+    let redis = RedisServer::start();
+    let prefix = prefix("clientkill");
+    let mut a = Node::start(&redis.url(), &prefix, "a", settings()).await;
+    a.broker.subscribe("k").await.expect("subscribe");
+    a.broker.publish("k", "1").await.unwrap();
+    assert_eq!(a.next_publication().await.1.offset, 1);
+    let killed = redis.cli(&["client", "kill", "type", "pubsub"]);
+    assert_eq!(killed, "1", "one subscriber connection");
+    let seen = a.wait_resubscribed().await;
+    assert!(seen.is_empty(), "{seen:?}");
+    wait_healthy(&a.broker).await;
+    assert_eq!(Backend::Single(&redis).subscribers(&prefix, "k"), 1);
+    for _ in 0..5 {
+        a.broker.publish("k", "x").await.unwrap();
+    }
+    // Each message exactly once, in order, after the resubscribe.
+    for expected in 2..=6 {
+        assert_eq!(a.next_publication().await.1.offset, expected);
+    }
+    a.broker.publish("k", "last").await.unwrap();
+    assert_eq!(a.next_publication().await.1.offset, 7);
+    assert!(a.drain().is_empty());
+    a.broker.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn paused_redis_is_detected() {
+    let redis = RedisServer::start();
+    let prefix = prefix("pause");
+    let mut a = Node::start(&redis.url(), &prefix, "a", settings()).await;
+    a.broker.subscribe("p").await.expect("subscribe");
+    redis.pause();
+    wait_until("unhealthy while paused", || !a.broker.is_healthy()).await;
+    let err = a.broker.publish("p", "1").await.unwrap_err();
+    assert!(matches!(err, BrokerError::Unavailable(_)), "{err:?}");
+    let _ = a.drain();
+    redis.resume();
+    wait_healthy(&a.broker).await;
+    a.broker.publish("p", "1").await.expect("publish");
+    let (channel, _) = a.next_publication().await;
+    assert_eq!(channel, "p");
+    a.broker.shutdown().await;
+}
+
+// ---------------------------------------------------------------------------------
+// Redis Cluster: the same scenarios over sharded pub/sub, on one cluster.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cluster_scenarios() {
+    let cluster = RedisCluster::start();
+    let backend = Backend::Cluster(&cluster);
+    offsets_without_gaps(&backend).await;
+    history_since_limit_and_trim(&backend).await;
+    routing_between_nodes(&backend).await;
+    presence_and_dead_nodes(&backend).await;
+    epoch_changes_when_keys_are_lost(&backend).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cluster_channels_spread_over_shards() {
+    let cluster = RedisCluster::start();
+    let prefix = prefix("spread");
+    let url = cluster.url();
+    let mut a = Node::start(&url, &prefix, "a", settings()).await;
+    let b = Node::start(&url, &prefix, "b", settings()).await;
+    let channels: Vec<String> = (0..30).map(|i| format!("s:{i}")).collect();
+    for c in &channels {
+        a.broker.subscribe(c).await.expect("subscribe");
+    }
+    // Every master holds some of the channels' subscriptions.
+    for node in &cluster.nodes {
+        let out = node.cli(&["pubsub", "shardchannels", &format!("{prefix}*")]);
+        assert!(!out.is_empty(), "master {} has no channel", node.port());
+    }
+    for c in &channels {
+        b.broker.publish(c, "1").await.unwrap();
+    }
+    let mut got = BTreeSet::new();
+    for _ in 0..channels.len() {
+        got.insert(a.next_publication().await.0);
+    }
+    assert_eq!(got.len(), channels.len());
+    a.broker.shutdown().await;
+    b.broker.shutdown().await;
+}
