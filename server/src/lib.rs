@@ -140,8 +140,7 @@ pub async fn run(
         tracing::warn!(error = %e, "could not leave the registry; it will expire");
     }
     node.sessions.close();
-    let deadline = node.config.drain() + DRAIN_GRACE;
-    if tokio::time::timeout(deadline, node.sessions.wait())
+    if tokio::time::timeout(node.config.drain(), node.sessions.wait())
         .await
         .is_err()
     {
@@ -149,6 +148,8 @@ pub async fn run(
             left = node.connections(),
             "drain window over; closing the rest"
         );
+        node.force_close.cancel();
+        let _ = tokio::time::timeout(DRAIN_GRACE, node.sessions.wait()).await;
     }
     stop_http.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(1), server).await;

@@ -39,6 +39,8 @@ pub struct Node {
     pub sessions: TaskTracker,
     /// Cancelled when the node starts draining.
     pub drain: CancellationToken,
+    /// Cancelled when the drain window is over: every session still open closes now.
+    pub force_close: CancellationToken,
     draining: AtomicBool,
     connections: AtomicUsize,
     per_ip: Mutex<HashMap<IpAddr, usize>>,
@@ -69,6 +71,7 @@ impl Node {
             metrics,
             sessions: TaskTracker::new(),
             drain: CancellationToken::new(),
+            force_close: CancellationToken::new(),
             draining: AtomicBool::new(false),
             connections: AtomicUsize::new(0),
             per_ip: Mutex::default(),

@@ -21,22 +21,37 @@ pub fn least_loaded(nodes: &[NodeInfo]) -> Option<&NodeInfo> {
         .min_by(|a, b| a.connections.cmp(&b.connections).then(a.id.cmp(&b.id)))
 }
 
-/// Refreshes this node's registry entry until `stop` is cancelled.
+/// Refreshes this node's registry entry until `stop` is cancelled. A failed refresh is
+/// retried quickly (the broker may still be connecting at start), and after a failure
+/// this node's presence is written again in full, since the broker may have dropped it
+/// while the node looked dead.
 pub async fn heartbeat(node: Arc<Node>, stop: CancellationToken) {
     let every = (node.config.broker_settings().node_ttl / 4).max(Duration::from_millis(250));
-    let mut tick = tokio::time::interval(every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let retry = Duration::from_millis(200);
+    let mut failing = false;
     loop {
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tick.tick() => {
-                if node.is_draining() {
-                    return;
+        if node.is_draining() {
+            return;
+        }
+        let next = match node.broker.register_node(&node.info()).await {
+            Ok(()) => {
+                if failing {
+                    node.presence.flush(true).await;
                 }
-                if let Err(e) = node.broker.register_node(&node.info()).await {
+                failing = false;
+                every
+            }
+            Err(e) => {
+                if !failing {
                     tracing::debug!(error = %e, "registry heartbeat failed");
                 }
+                failing = true;
+                retry
             }
+        };
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(next) => {}
         }
     }
 }

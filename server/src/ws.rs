@@ -155,9 +155,16 @@ async fn read_hello(
 /// Runs one admitted connection to its end.
 async fn run(node: Arc<Node>, mut socket: WebSocket, admission: Admission) {
     let hello_timeout = Duration::from_millis(node.config.hello_timeout_ms);
-    let hello = match timeout(hello_timeout, read_hello(&mut socket)).await {
-        Ok(r) => r,
-        Err(_) => Err(End::Close(CloseCode::Timeout)),
+    // A connection still silent when the node drains is told to go elsewhere.
+    let hello = tokio::select! {
+        r = timeout(hello_timeout, read_hello(&mut socket)) => match r {
+            Ok(r) => r,
+            Err(_) => Err(End::Close(CloseCode::Timeout)),
+        },
+        _ = node.drain.cancelled() => {
+            let _ = timeout(CLOSE_TIMEOUT, send_reconnect(&mut socket)).await;
+            Err(End::Close(CloseCode::Draining))
+        }
     };
     let end = match hello {
         Err(end) => end,
@@ -272,6 +279,8 @@ struct Session {
     rate: RateLimit,
     last_recv: Instant,
     last_send: Instant,
+    /// Whether a ping went out since the client last sent anything.
+    pinged: bool,
     drain_at: Option<Instant>,
 }
 
@@ -297,6 +306,7 @@ impl Session {
             channels: HashMap::new(),
             last_recv: now,
             last_send: now,
+            pinged: false,
             drain_at: None,
         }
     }
@@ -498,6 +508,7 @@ impl Session {
         let heartbeat = self.node.config.heartbeat();
         let control = Arc::clone(&self.handle.control);
         let drain = self.node.drain.clone();
+        let force = self.node.force_close.clone();
         let sleep = tokio::time::sleep_until(self.next_timer(heartbeat));
         tokio::pin!(sleep);
         loop {
@@ -505,6 +516,7 @@ impl Session {
             tokio::select! {
                 frame = socket.recv() => {
                     self.last_recv = Instant::now();
+                    self.pinged = false;
                     match frame {
                         Some(Ok(Message::Text(text))) => self.command(socket, &text).await?,
                         Some(Ok(Message::Binary(_))) => return Err(End::Close(CloseCode::BadRequest)),
@@ -527,6 +539,7 @@ impl Session {
                     }
                 }
                 code = control.closed() => return Err(End::Close(code_of(code))),
+                _ = force.cancelled() => return Err(End::Close(CloseCode::Draining)),
                 _ = drain.cancelled(), if self.drain_at.is_none() => {
                     let spread = self.node.config.drain().mul_f64(0.8);
                     let delay = rand::rng().random_range(0..=spread.as_millis() as u64);
@@ -535,15 +548,26 @@ impl Session {
                 _ = &mut sleep => {
                     let now = Instant::now();
                     if self.drain_at.is_some_and(|t| now >= t) {
-                        let _ = send_reconnect(socket).await;
+                        let _ = timeout(CLOSE_TIMEOUT, send_reconnect(socket)).await;
                         return Err(End::Close(CloseCode::Draining));
                     }
                     if now >= self.last_recv + heartbeat * 2 {
                         return Err(End::Close(CloseCode::Timeout));
                     }
-                    if now >= self.last_send + heartbeat {
-                        self.send(socket, ServerFrame::Ping.to_json()).await?;
-                        self.flush(socket).await?;
+                    // Ping after a heartbeat of silence either way: ours (keeps
+                    // intermediaries from timing out) or the client's (it must answer, even
+                    // on a channel so busy that we are never silent).
+                    let client_silent = !self.pinged && now >= self.last_recv + heartbeat;
+                    if client_silent || now >= self.last_send + heartbeat {
+                        self.pinged = true;
+                        let ping = async {
+                            self.send(socket, ServerFrame::Ping.to_json()).await?;
+                            self.flush(socket).await
+                        };
+                        match timeout(heartbeat, ping).await {
+                            Ok(r) => r?,
+                            Err(_) => return Err(End::Close(CloseCode::SlowConsumer)),
+                        }
                     }
                 }
             }
@@ -552,6 +576,9 @@ impl Session {
 
     fn next_timer(&self, heartbeat: Duration) -> Instant {
         let mut t = (self.last_send + heartbeat).min(self.last_recv + heartbeat * 2);
+        if !self.pinged {
+            t = t.min(self.last_recv + heartbeat);
+        }
         if let Some(d) = self.drain_at {
             t = t.min(d);
         }

@@ -113,7 +113,10 @@ async fn binary_frame_closes_4400() {
     let mut a = alice(&n).await;
     let cmd = json!({"type": "subscribe", "id": 1, "channel": "room:1"});
     a.send_binary(cmd.to_string().into_bytes()).await;
-    assert_eq!(a.expect_close(Duration::from_secs(5)).await, Closed::Code(4400));
+    assert_eq!(
+        a.expect_close(Duration::from_secs(5)).await,
+        Closed::Code(4400)
+    );
     assert_undisturbed(&n, &mut w).await;
     assert_no_server_panic();
 }
@@ -124,7 +127,10 @@ async fn second_hello_closes_4400() {
     let mut a = alice(&n).await;
     let tok = n.token("alice", &["room:*"], &[]);
     a.send(json!({"type": "hello", "token": tok})).await;
-    assert_eq!(a.expect_close(Duration::from_secs(5)).await, Closed::Code(4400));
+    assert_eq!(
+        a.expect_close(Duration::from_secs(5)).await,
+        Closed::Code(4400)
+    );
     assert_undisturbed(&n, &mut w).await;
     assert_no_server_panic();
 }
@@ -149,7 +155,10 @@ async fn first_frame_not_hello_closes_4400() {
     }
     let mut c = Client::connect(&n.ws_url()).await;
     c.send_binary(b"hello".to_vec()).await;
-    assert_eq!(c.expect_close(Duration::from_secs(5)).await, Closed::Code(4400));
+    assert_eq!(
+        c.expect_close(Duration::from_secs(5)).await,
+        Closed::Code(4400)
+    );
     assert_undisturbed(&n, &mut w).await;
     assert_no_server_panic();
 }
@@ -159,9 +168,13 @@ async fn frame_over_the_limit_closes_1009() {
     let (n, mut w) = node_and_watcher().await;
     let mut a = alice(&n).await;
     // 64 KiB is the default limit; this frame is a valid publish of 70 KiB.
-    let big = json!({"type": "publish", "id": 1, "channel": "room:1", "data": "x".repeat(70 * 1024)});
+    let big =
+        json!({"type": "publish", "id": 1, "channel": "room:1", "data": "x".repeat(70 * 1024)});
     let _ = a.try_send_text(&big.to_string()).await;
-    assert_eq!(a.expect_close(Duration::from_secs(5)).await, Closed::Code(1009));
+    assert_eq!(
+        a.expect_close(Duration::from_secs(5)).await,
+        Closed::Code(1009)
+    );
     // Nothing of it was published.
     let (status, h) = n.get("/v1/channels/room:1/history").await;
     assert_eq!(status, 200, "{h}");
@@ -176,7 +189,10 @@ async fn oversized_hello_closes_1009() {
     let mut c = Client::connect(&n.ws_url()).await;
     let big = json!({"type": "hello", "token": "a".repeat(80 * 1024)});
     let _ = c.try_send_text(&big.to_string()).await;
-    assert_eq!(c.expect_close(Duration::from_secs(5)).await, Closed::Code(1009));
+    assert_eq!(
+        c.expect_close(Duration::from_secs(5)).await,
+        Closed::Code(1009)
+    );
     assert_undisturbed(&n, &mut w).await;
     assert_no_server_panic();
 }
@@ -259,14 +275,19 @@ async fn bad_arguments_get_bad_request_and_the_connection_stays() {
     let (_, h) = n.get("/v1/channels/room:1/history").await;
     assert_eq!(h["offset"], 0, "{h}");
     // The connection still works.
-    let r = a.request(json!({"type": "subscribe", "channel": "room:1"})).await;
+    let r = a
+        .request(json!({"type": "subscribe", "channel": "room:1"}))
+        .await;
     assert_eq!(r["result"]["offset"], 0, "{r}");
     let r = a
         .request(json!({"type": "publish", "channel": "room:1", "data": {"ok": true}}))
         .await;
     assert_eq!(r["result"]["offset"], 1, "{r}");
     let m = a.next_message().await;
-    assert_eq!((m["channel"].clone(), m["offset"].clone()), (json!("room:1"), json!(1)));
+    assert_eq!(
+        (m["channel"].clone(), m["offset"].clone()),
+        (json!("room:1"), json!(1))
+    );
     assert_undisturbed(&n, &mut w).await;
     assert_no_server_panic();
 }
@@ -276,8 +297,15 @@ async fn bad_arguments_get_bad_request_and_the_connection_stays() {
 async fn any_json_data_and_extra_fields_are_accepted() {
     let (n, mut w) = node_and_watcher().await;
     let mut a = alice(&n).await;
-    a.request(json!({"type": "subscribe", "channel": "room:1"})).await;
-    let values = [json!(null), json!(0), json!("s"), json!([1, {"a": null}]), json!({"nested": {"x": [true]}})];
+    a.request(json!({"type": "subscribe", "channel": "room:1"}))
+        .await;
+    let values = [
+        json!(null),
+        json!(0),
+        json!("s"),
+        json!([1, {"a": null}]),
+        json!({"nested": {"x": [true]}}),
+    ];
     for (i, v) in values.iter().enumerate() {
         let r = a
             .request(json!({"type": "publish", "channel": "room:1", "data": v, "extra": "ignored"}))
@@ -301,7 +329,9 @@ async fn unsolicited_pong_is_harmless() {
     a.send(json!({"type": "pong"})).await;
     a.send(json!({"type": "pong", "id": 5})).await;
     assert!(a.silent_for(Duration::from_millis(200)).await);
-    let r = a.request(json!({"type": "subscribe", "channel": "room:1"})).await;
+    let r = a
+        .request(json!({"type": "subscribe", "channel": "room:1"}))
+        .await;
     assert!(r["result"].is_object(), "{r}");
     assert_undisturbed(&n, &mut w).await;
     assert_no_server_panic();
@@ -325,7 +355,10 @@ async fn abrupt_disconnects_do_not_disturb_the_node() {
     // The connection gauge goes back to the bystander alone.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     while n.metric("herald_connections").await != 1.0 {
-        assert!(tokio::time::Instant::now() < deadline, "connections never went back to 1");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "connections never went back to 1"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_no_server_panic();

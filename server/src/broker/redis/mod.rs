@@ -40,7 +40,7 @@ use fred::clients::Client;
 use fred::error::{Error as FredError, ErrorKind};
 use fred::interfaces::{ClientLike, EventInterface, HashesInterface, KeysInterface};
 use fred::types::config::{Config, ReconnectPolicy, TcpConfig, UnresponsiveConfig};
-use fred::types::{Builder, Message, Value};
+use fred::types::{Builder, ClusterStateChange, Message, Value};
 use futures_util::future::try_join_all;
 use herald_protocol::StreamPosition;
 use tokio::sync::{broadcast, mpsc, oneshot, Notify};
@@ -231,10 +231,15 @@ pub async fn connect(
     // the first messages are not missed.
     let messages = inner.sub.message_rx();
     let reconnects = inner.sub.reconnect_rx();
+    let topology_changes = inner.sub.cluster_change_rx();
     let tasks = vec![
         tokio::spawn(subscriptions::run(inner.clone(), requests_rx)),
         tokio::spawn(read_publications(inner.clone(), messages)),
-        tokio::spawn(watch_reconnects(inner.clone(), reconnects)),
+        tokio::spawn(watch_reconnects(
+            inner.clone(),
+            reconnects,
+            topology_changes,
+        )),
         tokio::spawn(probe::run(inner.clone())),
     ];
     // The connection tasks run until `quit`; their handles are not needed.
@@ -259,17 +264,39 @@ fn url_kind(topology: &Topology) -> &'static str {
     }
 }
 
-/// Turns every (re)connection of the subscriber client into a resubscribe request.
-/// In a cluster each shard connection reports separately; the manager merges requests
-/// that arrive together.
+/// Turns every (re)connection of the subscriber client, and every change of the
+/// cluster's slot map, into a resubscribe request. In a cluster each shard connection
+/// reports separately; the manager merges requests that arrive together. A slot that
+/// moved to another master drops its sharded subscriptions there (Redis sends an
+/// SUNSUBSCRIBE that fred swallows), so a topology change resubscribes everything.
 async fn watch_reconnects(
     inner: Arc<Inner>,
     mut events: broadcast::Receiver<fred::types::config::Server>,
+    mut topology: broadcast::Receiver<Vec<ClusterStateChange>>,
 ) {
     loop {
         let event = tokio::select! {
             _ = inner.cancel.cancelled() => return,
             event = events.recv() => event,
+            change = topology.recv() => {
+                match change {
+                    Ok(changes) => {
+                        tracing::info!(changes = changes.len(), "redis cluster topology changed");
+                        let _ = inner.requests.send(Request::Resubscribe);
+                    }
+                    Err(broadcast::error::RecvError::Lagged(_)) => {
+                        let _ = inner.requests.send(Request::Resubscribe);
+                    }
+                    Err(broadcast::error::RecvError::Closed) => {
+                        if inner.cancel.is_cancelled() {
+                            return;
+                        }
+                        topology = inner.sub.cluster_change_rx();
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+                continue;
+            }
         };
         match event {
             Ok(server) => {

@@ -7,6 +7,9 @@
 //! through a channel whose hash slot that shard owns). A probe that has not come back
 //! after [`PROBE_TIMEOUT`] marks the broker unhealthy and forces the subscriber to
 //! reconnect, which resubscribes everything and makes the hub check continuity.
+//! A probe that cannot even be published (Redis stopped or overloaded) also marks the
+//! broker unhealthy, without touching the subscriber; the next probe that comes back
+//! makes it healthy again.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
@@ -132,9 +135,10 @@ pub(crate) async fn run(inner: Arc<Inner>) {
             let forced = tokio::time::timeout(PROBE_TIMEOUT, inner.sub.force_reconnection()).await;
             if !matches!(forced, Ok(Ok(()))) {
                 tracing::warn!("forced reconnect of the redis subscriber did not complete");
-                // Make sure subscriptions are rebuilt even if no reconnect event comes.
-                let _ = inner.requests.send(Request::Resubscribe);
             }
+            // Rebuild the subscriptions even if no reconnect event comes; a second
+            // resubscribe after the event's is harmless.
+            let _ = inner.requests.send(Request::Resubscribe);
             continue;
         }
 

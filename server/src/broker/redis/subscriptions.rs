@@ -210,8 +210,12 @@ impl Manager {
             // Keep every channel wanted and rebuild all subscriptions a bit later;
             // the hub then checks continuity, as after a reconnect.
             self.inner.synced.store(false, Ordering::SeqCst);
+            if self.retry_at.is_none() {
+                tracing::warn!(missing, "redis subscriptions failed; retrying every second");
+            } else {
+                tracing::debug!(missing, "redis subscriptions failed again");
+            }
             self.retry_at = Some(Instant::now() + RETRY_AFTER);
-            tracing::warn!(missing, "some redis subscriptions failed; retrying");
         }
     }
 
