@@ -107,6 +107,15 @@ pub fn routes() -> Router<Arc<Node>> {
         .route("/metrics", get(metrics))
         .route("/dev/token", get(dev_token))
         .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        ErrorCode::BadRequest,
+        "method not allowed on this endpoint",
+    )
 }
 
 async fn not_found() -> ApiError {

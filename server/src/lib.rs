@@ -195,19 +195,23 @@ fn announce(node: &Node, local: SocketAddr) {
          and HERALD_API_KEY, and unset HERALD_DEV."
     );
     let api_key = node.keys.dev_api_key.as_deref().unwrap_or("");
-    let token = node
-        .keys
-        .dev_signer
-        .as_ref()
-        .map(|s| s.dev_token("demo", 86_400))
-        .unwrap_or_else(|| "(none: dev tokens need an HS256 secret)".into());
     let http = format!("http://{local}");
+    let (token, more) = match node.keys.dev_signer.as_ref() {
+        Some(s) => (
+            s.dev_token("demo", 86_400),
+            format!("curl '{http}/dev/token?user=alice'"),
+        ),
+        None => (
+            "(none: dev tokens need an HS256 secret)".into(),
+            "(none: /dev/token needs an HS256 secret)".into(),
+        ),
+    };
     println!(
         "\n=== Herald dev mode ===\n\
          WebSocket:   {ws}\n\
          API key:     {api_key}\n\
          token (demo, 24 h): {token}\n\
-         more tokens: curl '{http}/dev/token?user=alice'\n\
+         more tokens: {more}\n\
          push:        curl -X POST {http}/v1/publish -H 'Authorization: Bearer {api_key}' -H 'Content-Type: application/json' -d '{{\"user\":\"demo\",\"data\":{{\"text\":\"hello\"}}}}'\n",
         ws = node.public_url,
     );

@@ -687,32 +687,24 @@ impl Session {
 
     /// Handles one text frame after `welcome`.
     async fn command(&mut self, socket: &mut WebSocket, text: &str) -> Result<(), End> {
-        let command = match ClientCommand::parse(text) {
-            Ok(c) => c,
-            Err(ParseError::NotACommand(_)) => return Err(End::Close(CloseCode::BadRequest)),
-            Err(ParseError::BadArgument { id, message }) => {
-                return self
-                    .reply(
-                        socket,
-                        id,
-                        Err(CommandError(ErrorCode::BadRequest, message)),
-                    )
-                    .await;
+        let parsed = ClientCommand::parse(text);
+        let (id, kind) = match &parsed {
+            Err(ParseError::NotACommand(_)) | Ok(ClientCommand::Hello { .. }) => {
+                return Err(End::Close(CloseCode::BadRequest))
             }
-        };
-        let (id, kind) = match &command {
-            ClientCommand::Pong => return Ok(()),
-            ClientCommand::Hello { .. } => return Err(End::Close(CloseCode::BadRequest)),
-            ClientCommand::Subscribe { id, .. } => (*id, "subscribe"),
-            ClientCommand::Unsubscribe { id, .. } => (*id, "unsubscribe"),
-            ClientCommand::Publish { id, .. } => (*id, "publish"),
-            ClientCommand::Presence { id, .. } => (*id, "presence"),
+            Ok(ClientCommand::Pong) => return Ok(()),
+            Err(ParseError::BadArgument { id, .. }) => (*id, "invalid"),
+            Ok(ClientCommand::Subscribe { id, .. }) => (Some(*id), "subscribe"),
+            Ok(ClientCommand::Unsubscribe { id, .. }) => (Some(*id), "unsubscribe"),
+            Ok(ClientCommand::Publish { id, .. }) => (Some(*id), "publish"),
+            Ok(ClientCommand::Presence { id, .. }) => (Some(*id), "presence"),
         };
         self.node
             .metrics
             .commands
             .get_or_create(&crate::metrics::CommandLabel { command: kind })
             .inc();
+        // Every command counts against the rate, malformed ones included.
         match self.rate.check() {
             Rate::Allow => {}
             Rate::Refuse => {
@@ -721,10 +713,19 @@ impl Session {
                     ErrorCode::RateLimited,
                     "too many commands; slow down".into(),
                 );
-                return self.reply(socket, Some(id), Err(err)).await;
+                return self.reply(socket, id, Err(err)).await;
             }
             Rate::Close => return Err(End::Close(CloseCode::TooMany)),
         }
+        let command = match parsed {
+            Ok(c) => c,
+            Err(ParseError::BadArgument { message, .. }) => {
+                let err = CommandError(ErrorCode::BadRequest, message);
+                return self.reply(socket, id, Err(err)).await;
+            }
+            Err(ParseError::NotACommand(_)) => return Err(End::Close(CloseCode::BadRequest)),
+        };
+        let id = id.unwrap_or_default();
         match command {
             ClientCommand::Subscribe { channel, since, .. } => {
                 match self.subscribe(&channel, since).await {

@@ -7,38 +7,15 @@
 mod client;
 #[path = "support/node.rs"]
 mod node;
+#[path = "support/panics.rs"]
+mod panics;
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Once;
+use panics::{assert_no_server_panic, watch_panics};
 use std::time::Duration;
 
 use client::{Client, Closed};
 use node::TestNode;
 use serde_json::{json, Value};
-
-static SERVER_PANICS: AtomicUsize = AtomicUsize::new(0);
-
-/// Counts panics raised outside the test code (in the server or its dependencies).
-fn watch_panics() {
-    static ONCE: Once = Once::new();
-    ONCE.call_once(|| {
-        let previous = std::panic::take_hook();
-        std::panic::set_hook(Box::new(move |info| {
-            if info.location().is_some_and(|l| !l.file().contains("tests")) {
-                SERVER_PANICS.fetch_add(1, Ordering::SeqCst);
-            }
-            previous(info);
-        }));
-    });
-}
-
-fn assert_no_server_panic() {
-    assert_eq!(
-        SERVER_PANICS.load(Ordering::SeqCst),
-        0,
-        "the server panicked (see the test output)"
-    );
-}
 
 /// A node and a bystander session of user `watcher`.
 async fn node_and_watcher() -> (TestNode, Client) {

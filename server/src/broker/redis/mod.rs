@@ -121,27 +121,31 @@ impl Inner {
     }
 }
 
-/// Maps a fred error: connection trouble and Redis' own "try again" answers are
-/// `Unavailable`, anything else is `Internal`.
+/// Maps a fred error. Only a mistake of ours (a malformed command or answer, bad
+/// configuration) is `Internal`; everything else (connection trouble, timeouts, commands
+/// cancelled by a reconnect, Redis' own "try again" answers such as LOADING or
+/// CLUSTERDOWN) is `Unavailable`, which callers report as "broker down, retry".
 fn broker_error(e: FredError) -> BrokerError {
-    let transient = matches!(
+    let ours = matches!(
         e.kind(),
-        ErrorKind::IO
-            | ErrorKind::Timeout
-            | ErrorKind::Canceled
-            | ErrorKind::Routing
-            | ErrorKind::Cluster
-            | ErrorKind::Backpressure
-    ) || [
-        "LOADING",
-        "CLUSTERDOWN",
-        "TRYAGAIN",
-        "MASTERDOWN",
-        "BUSY",
-        "READONLY",
-    ]
-    .iter()
-    .any(|p| e.details().starts_with(p));
+        ErrorKind::Parse
+            | ErrorKind::InvalidArgument
+            | ErrorKind::InvalidCommand
+            | ErrorKind::Config
+            | ErrorKind::Url
+            | ErrorKind::NotFound
+    );
+    let transient = !ours
+        || [
+            "LOADING",
+            "CLUSTERDOWN",
+            "TRYAGAIN",
+            "MASTERDOWN",
+            "BUSY",
+            "READONLY",
+        ]
+        .iter()
+        .any(|p| e.details().starts_with(p));
     if transient {
         BrokerError::Unavailable(e.to_string())
     } else {
