@@ -455,6 +455,10 @@ async fn presence_and_registry_converge_after_a_node_dies() {
         if u["online"] == false && !ids.contains(&"node0".to_owned()) {
             let (_, c) = get(&http, "/v1/connect").await;
             assert_ne!(c["node"], "node0");
+            eprintln!(
+                "measured: registry and presence converged {:?} after SIGKILL",
+                killed.elapsed()
+            );
             break;
         }
         assert!(

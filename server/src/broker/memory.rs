@@ -112,6 +112,19 @@ impl MemoryBroker {
         self.shards[i].lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Runs `f` on the channel's stream (created if new, with a fresh epoch) under its
+    /// shard lock, after marking the stream as used.
+    fn with_stream<T>(&self, channel: &str, f: impl FnOnce(&mut Stream, Instant) -> T) -> T {
+        let now = Instant::now();
+        let mut shard = self.shard(channel);
+        let stream = shard
+            .streams
+            .entry(channel.to_owned())
+            .or_insert_with(|| Stream::new(now));
+        stream.touched = now;
+        f(stream, now)
+    }
+
     fn shared(&self) -> std::sync::MutexGuard<'_, Shared> {
         self.shared.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -155,33 +168,29 @@ impl Broker for MemoryBroker {
     }
 
     async fn publish(&self, channel: &str, data: &str) -> Result<StreamPosition, BrokerError> {
-        let now = Instant::now();
-        let mut shard = self.shard(channel);
-        let stream = shard
-            .streams
-            .entry(channel.to_owned())
-            .or_insert_with(|| Stream::new(now));
-        stream.offset += 1;
-        stream.touched = now;
-        let publication = Publication {
-            offset: stream.offset,
-            epoch: stream.epoch.clone(),
-            data: data.into(),
-        };
-        stream.history.push_back((now, publication.clone()));
-        stream.trim(&self.settings, now);
-        let position = stream.position();
-        let subscribed = self
-            .subscribed
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .contains(channel);
-        if subscribed {
-            if let Some(sink) = self.sink.get() {
-                sink.on_publication(channel, publication);
+        // The sink is called inside the stream's lock, so publications of a channel
+        // reach the hub in offset order.
+        Ok(self.with_stream(channel, |stream, now| {
+            stream.offset += 1;
+            let publication = Publication {
+                offset: stream.offset,
+                epoch: stream.epoch.clone(),
+                data: data.into(),
+            };
+            stream.history.push_back((now, publication.clone()));
+            stream.trim(&self.settings, now);
+            let subscribed = self
+                .subscribed
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .contains(channel);
+            if subscribed {
+                if let Some(sink) = self.sink.get() {
+                    sink.on_publication(channel, publication);
+                }
             }
-        }
-        Ok(position)
+            stream.position()
+        }))
     }
 
     fn subscribe(&self, channel: &str) -> SubscribeAck {
@@ -205,37 +214,25 @@ impl Broker for MemoryBroker {
         since: u64,
         limit: usize,
     ) -> Result<History, BrokerError> {
-        let now = Instant::now();
-        let mut shard = self.shard(channel);
-        let stream = shard
-            .streams
-            .entry(channel.to_owned())
-            .or_insert_with(|| Stream::new(now));
-        stream.trim(&self.settings, now);
-        stream.touched = now;
-        let publications = stream
-            .history
-            .iter()
-            .map(|(_, p)| p)
-            .filter(|p| p.offset > since)
-            .take(limit)
-            .cloned()
-            .collect();
-        Ok(History {
-            position: stream.position(),
-            publications,
-        })
+        Ok(self.with_stream(channel, |stream, now| {
+            stream.trim(&self.settings, now);
+            let publications = stream
+                .history
+                .iter()
+                .map(|(_, p)| p)
+                .filter(|p| p.offset > since)
+                .take(limit)
+                .cloned()
+                .collect();
+            History {
+                position: stream.position(),
+                publications,
+            }
+        }))
     }
 
     async fn position(&self, channel: &str) -> Result<StreamPosition, BrokerError> {
-        let now = Instant::now();
-        let mut shard = self.shard(channel);
-        let stream = shard
-            .streams
-            .entry(channel.to_owned())
-            .or_insert_with(|| Stream::new(now));
-        stream.touched = now;
-        Ok(stream.position())
+        Ok(self.with_stream(channel, |stream, _| stream.position()))
     }
 
     async fn presence_update(
