@@ -549,3 +549,18 @@ async fn unknown_paths_are_404_json() {
     }
     assert_no_server_panic();
 }
+
+#[tokio::test]
+async fn a_wrong_method_is_405_json() {
+    let n = start().await;
+    let auth = format!("Bearer {}", node::API_KEY);
+    for (method, path) in [
+        (reqwest::Method::GET, "/v1/publish"),
+        (reqwest::Method::POST, "/v1/nodes"),
+        (reqwest::Method::DELETE, "/healthz"),
+    ] {
+        let (status, body) = call(method, &format!("{}{path}", n.http()), Some(&auth), None).await;
+        assert_error(status, &body, 405, "bad_request");
+    }
+    assert_no_server_panic();
+}
