@@ -4,6 +4,8 @@
 //! channel is its owner's alone, the Origin allowlist closes with 4403, and dev mode turns
 //! on exactly when the contract says.
 
+#[path = "support/bystander.rs"]
+mod bystander;
 #[path = "support/client.rs"]
 mod client;
 #[path = "support/node.rs"]
@@ -11,6 +13,7 @@ mod node;
 #[path = "support/panics.rs"]
 mod panics;
 
+use bystander::{assert_undisturbed, node_and_watcher};
 use panics::{assert_no_server_panic, watch_panics};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -22,25 +25,6 @@ use herald_server::Config;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use node::TestNode;
 use serde_json::{json, Value};
-
-/// A node and a bystander session of user `watcher`.
-async fn node_and_watcher(config: Config) -> (TestNode, Client) {
-    watch_panics();
-    let n = TestNode::start(config).await;
-    let (w, _) = Client::hello(&n.ws_url(), &n.token("watcher", &[], &[]), json!({})).await;
-    (n, w)
-}
-
-/// The bystander still gets a push to its user.
-async fn assert_undisturbed(n: &TestNode, w: &mut Client) {
-    let (status, body) = n
-        .publish(json!({"user": "watcher", "data": {"still": "here"}}))
-        .await;
-    assert_eq!(status, 200, "{body}");
-    let m = w.next_message().await;
-    assert_eq!(m["channel"], "user:watcher", "{m}");
-    assert_eq!(m["offset"], body["offset"]);
-}
 
 fn base64url(bytes: &[u8]) -> String {
     const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";

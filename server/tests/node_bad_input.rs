@@ -3,6 +3,8 @@
 //! a bad argument gets a `bad_request` reply while the connection stays. In every case
 //! another session on the same node keeps receiving pushes, and the server does not panic.
 
+#[path = "support/bystander.rs"]
+mod bystander;
 #[path = "support/client.rs"]
 mod client;
 #[path = "support/node.rs"]
@@ -10,33 +12,13 @@ mod node;
 #[path = "support/panics.rs"]
 mod panics;
 
-use panics::{assert_no_server_panic, watch_panics};
+use bystander::{assert_undisturbed, node_and_watcher};
+use panics::assert_no_server_panic;
 use std::time::Duration;
 
 use client::{Client, Closed};
 use node::TestNode;
 use serde_json::{json, Value};
-
-/// A node and a bystander session of user `watcher`.
-async fn node_and_watcher() -> (TestNode, Client) {
-    watch_panics();
-    let n = TestNode::start_default().await;
-    let (w, _) = Client::hello(&n.ws_url(), &n.token("watcher", &[], &[]), json!({})).await;
-    (n, w)
-}
-
-/// The bystander still gets a push to its user.
-async fn assert_undisturbed(n: &TestNode, w: &mut Client) {
-    let (status, body) = n
-        .publish(json!({"user": "watcher", "data": {"still": "here"}}))
-        .await;
-    assert_eq!(status, 200, "{body}");
-    let m = w.next_message().await;
-    assert_eq!(m["type"], "message", "{m}");
-    assert_eq!(m["channel"], "user:watcher");
-    assert_eq!(m["offset"], body["offset"]);
-    assert_eq!(m["data"], json!({"still": "here"}));
-}
 
 async fn alice(n: &TestNode) -> Client {
     let tok = n.token("alice", &["room:*"], &["room:*"]);
@@ -45,7 +27,7 @@ async fn alice(n: &TestNode) -> Client {
 
 /// Says hello, sends `frame` and expects the close code `code`.
 async fn closes_after_hello(text: &str, code: u16) {
-    let (n, mut w) = node_and_watcher().await;
+    let (n, mut w) = node_and_watcher(node::test_config()).await;
     let mut a = alice(&n).await;
     a.send_text(text).await;
     assert_eq!(
@@ -86,7 +68,7 @@ async fn missing_or_non_string_type_closes_4400() {
 
 #[tokio::test]
 async fn binary_frame_closes_4400() {
-    let (n, mut w) = node_and_watcher().await;
+    let (n, mut w) = node_and_watcher(node::test_config()).await;
     let mut a = alice(&n).await;
     let cmd = json!({"type": "subscribe", "id": 1, "channel": "room:1"});
     a.send_binary(cmd.to_string().into_bytes()).await;
@@ -100,7 +82,7 @@ async fn binary_frame_closes_4400() {
 
 #[tokio::test]
 async fn second_hello_closes_4400() {
-    let (n, mut w) = node_and_watcher().await;
+    let (n, mut w) = node_and_watcher(node::test_config()).await;
     let mut a = alice(&n).await;
     let tok = n.token("alice", &["room:*"], &[]);
     a.send(json!({"type": "hello", "token": tok})).await;
@@ -115,7 +97,7 @@ async fn second_hello_closes_4400() {
 /// A first frame other than `hello` closes with 4400, whatever it is.
 #[tokio::test]
 async fn first_frame_not_hello_closes_4400() {
-    let (n, mut w) = node_and_watcher().await;
+    let (n, mut w) = node_and_watcher(node::test_config()).await;
     for first in [
         json!({"type": "subscribe", "id": 1, "channel": "room:1"}).to_string(),
         json!({"type": "pong"}).to_string(),
@@ -142,7 +124,7 @@ async fn first_frame_not_hello_closes_4400() {
 
 #[tokio::test]
 async fn frame_over_the_limit_closes_1009() {
-    let (n, mut w) = node_and_watcher().await;
+    let (n, mut w) = node_and_watcher(node::test_config()).await;
     let mut a = alice(&n).await;
     // 64 KiB is the default limit; this frame is a valid publish of 70 KiB.
     let big =
@@ -162,7 +144,7 @@ async fn frame_over_the_limit_closes_1009() {
 
 #[tokio::test]
 async fn oversized_hello_closes_1009() {
-    let (n, mut w) = node_and_watcher().await;
+    let (n, mut w) = node_and_watcher(node::test_config()).await;
     let mut c = Client::connect(&n.ws_url()).await;
     let big = json!({"type": "hello", "token": "a".repeat(80 * 1024)});
     let _ = c.try_send_text(&big.to_string()).await;
@@ -176,7 +158,7 @@ async fn oversized_hello_closes_1009() {
 
 #[tokio::test]
 async fn frame_just_under_the_limit_is_accepted() {
-    let (n, mut w) = node_and_watcher().await;
+    let (n, mut w) = node_and_watcher(node::test_config()).await;
     let mut a = alice(&n).await;
     let r = a
         .request(json!({"type": "publish", "channel": "room:1", "data": "x".repeat(60 * 1024)}))
@@ -211,7 +193,7 @@ async fn raw_reply(c: &mut Client, cmd: Value) -> Value {
 /// Bad arguments get a `bad_request` reply; the connection stays and works afterwards.
 #[tokio::test]
 async fn bad_arguments_get_bad_request_and_the_connection_stays() {
-    let (n, mut w) = node_and_watcher().await;
+    let (n, mut w) = node_and_watcher(node::test_config()).await;
     let mut a = alice(&n).await;
     let long = format!("room:{}", "a".repeat(300));
     let cases = [
@@ -272,7 +254,7 @@ async fn bad_arguments_get_bad_request_and_the_connection_stays() {
 /// `data` may be any JSON value, `null` included; unknown extra fields are ignored.
 #[tokio::test]
 async fn any_json_data_and_extra_fields_are_accepted() {
-    let (n, mut w) = node_and_watcher().await;
+    let (n, mut w) = node_and_watcher(node::test_config()).await;
     let mut a = alice(&n).await;
     a.request(json!({"type": "subscribe", "channel": "room:1"}))
         .await;
@@ -301,7 +283,7 @@ async fn any_json_data_and_extra_fields_are_accepted() {
 /// A `pong` without a preceding ping is harmless and gets no reply.
 #[tokio::test]
 async fn unsolicited_pong_is_harmless() {
-    let (n, mut w) = node_and_watcher().await;
+    let (n, mut w) = node_and_watcher(node::test_config()).await;
     let mut a = alice(&n).await;
     a.send(json!({"type": "pong"})).await;
     a.send(json!({"type": "pong", "id": 5})).await;
@@ -317,7 +299,7 @@ async fn unsolicited_pong_is_harmless() {
 /// Closing without a close frame, or in the middle of the handshake, does not hurt the node.
 #[tokio::test]
 async fn abrupt_disconnects_do_not_disturb_the_node() {
-    let (n, mut w) = node_and_watcher().await;
+    let (n, mut w) = node_and_watcher(node::test_config()).await;
     for _ in 0..5 {
         let c = Client::connect(&n.ws_url()).await;
         drop(c);

@@ -2,6 +2,8 @@
 //! subscriptions per connection, commands per second, and slow consumers. In every case
 //! the other sessions of the node are undisturbed.
 
+#[path = "support/bystander.rs"]
+mod bystander;
 #[path = "support/client.rs"]
 mod client;
 #[path = "support/node.rs"]
@@ -9,7 +11,8 @@ mod node;
 #[path = "support/panics.rs"]
 mod panics;
 
-use panics::{assert_no_server_panic, watch_panics};
+use bystander::{assert_undisturbed, node_and_watcher};
+use panics::assert_no_server_panic;
 use std::time::Duration;
 
 use client::{Client, Closed};
@@ -18,25 +21,6 @@ use herald_server::Config;
 use node::TestNode;
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
-
-/// A node and a bystander session of user `watcher`.
-async fn node_and_watcher(config: Config) -> (TestNode, Client) {
-    watch_panics();
-    let n = TestNode::start(config).await;
-    let (w, _) = Client::hello(&n.ws_url(), &n.token("watcher", &[], &[]), json!({})).await;
-    (n, w)
-}
-
-/// The bystander still gets a push to its user.
-async fn assert_undisturbed(n: &TestNode, w: &mut Client) {
-    let (status, body) = n
-        .publish(json!({"user": "watcher", "data": {"still": "here"}}))
-        .await;
-    assert_eq!(status, 200, "{body}");
-    let m = w.next_message().await;
-    assert_eq!(m["channel"], "user:watcher", "{m}");
-    assert_eq!(m["offset"], body["offset"]);
-}
 
 /// Connects and says hello; `Ok(welcome)` or `Err(close)`.
 async fn try_hello(n: &TestNode, user: &str) -> (Client, Result<Value, Closed>) {
