@@ -8,7 +8,9 @@
 -- ARGV[4]  max messages to return
 -- ARGV[5]  history ttl in ms
 --
--- Returns {offset, epoch, id1, data1, id2, data2, ...}, oldest first.
+-- Returns {offset, epoch, id1, data1, id2, data2, ...}, oldest first. With a limit of 0
+-- it is the position read: {offset, epoch}. Reading keeps the epoch alive for another
+-- meta ttl, so an idle channel with subscribers keeps its epoch.
 local meta, stream = KEYS[1], KEYS[2]
 local epoch = redis.call('HGET', meta, 'e')
 local offset = 0

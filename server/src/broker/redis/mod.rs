@@ -536,18 +536,9 @@ impl Broker for RedisBroker {
     }
 
     async fn position(&self, channel: &str) -> Result<StreamPosition, BrokerError> {
-        let inner = &self.inner;
-        let client = inner.ready()?;
-        let args = vec![keys::new_epoch(), millis(inner.settings.meta_ttl)];
-        let answer: Vec<Value> = scripts::run(
-            client,
-            &inner.scripts.position,
-            self.channel_keys(channel),
-            args,
-        )
-        .await
-        .map_err(broker_error)?;
-        parse_position(&answer)
+        // history.lua with a limit of 0 is exactly "read or create the position": one
+        // script keeps the epoch logic in one place.
+        Ok(self.history(channel, 0, 0).await?.position)
     }
 
     async fn presence_update(

@@ -15,9 +15,8 @@ use fred::types::FromValue;
 pub(crate) struct Scripts {
     /// Next offset, history append, publish.
     pub publish: Script,
-    /// Current position.
-    pub position: Script,
-    /// History after an offset and the current position.
+    /// History after an offset and the current position (with limit 0: the position
+    /// alone, creating the channel's epoch when it is new).
     pub history: Script,
     /// One node's presence changes in one channel.
     pub presence_update: Script,
@@ -32,7 +31,6 @@ impl Scripts {
     pub(crate) fn new() -> Self {
         Self {
             publish: Script::from_lua(include_str!("publish.lua")),
-            position: Script::from_lua(include_str!("position.lua")),
             history: Script::from_lua(include_str!("history.lua")),
             presence_update: Script::from_lua(include_str!("presence_update.lua")),
             register_node: Script::from_lua(include_str!("register_node.lua")),
