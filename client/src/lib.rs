@@ -1,0 +1,1 @@
+//! Herald's Rust SDK (work in progress, issue [3/6]).

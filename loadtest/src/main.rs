@@ -1,0 +1,3 @@
+//! `herald-loadtest` (work in progress, issue [4/6]).
+
+fn main() {}
