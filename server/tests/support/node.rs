@@ -11,9 +11,9 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 /// The JWT secret of test nodes.
-pub const SECRET: &str = "test-secret-0123456789";
+pub const SECRET: &str = herald_testkit::SECRET;
 /// The API key of test nodes.
-pub const API_KEY: &str = "test-api-key";
+pub const API_KEY: &str = herald_testkit::API_KEY;
 
 /// A config for tests: fixed keys, not dev mode, short timers.
 pub fn test_config() -> Config {

@@ -1,0 +1,39 @@
+//! Real components for Herald's tests, shared by every crate of the workspace:
+//!
+//! - [`redis`]: `redis-server` processes and a local Redis Cluster on free ports;
+//! - [`process`]: the real `herald` binary as a child process (SIGKILL, SIGTERM, restart);
+//! - [`SECRET`], [`API_KEY`] and [`token`]: the keys every test node shares.
+//!
+//! Nothing here is a mock: tests talk to the same programs that run in production.
+
+pub mod process;
+pub mod redis;
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// The JWT secret of test nodes.
+pub const SECRET: &str = "test-secret-0123456789";
+/// The API key of test nodes.
+pub const API_KEY: &str = "test-api-key";
+
+/// A one-hour HS256 token for `user`, signed with [`SECRET`], with these subscribe and
+/// publish patterns.
+pub fn token(user: &str, channels: &[&str], publish: &[&str]) -> String {
+    let exp = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_secs()
+        + 3600;
+    let claims = serde_json::json!({
+        "sub": user,
+        "exp": exp,
+        "channels": channels,
+        "publish": publish,
+    });
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .expect("sign test token")
+}

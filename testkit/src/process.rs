@@ -1,0 +1,189 @@
+//! A Herald node as a separate process (the real `herald` binary), so tests can kill it
+//! with SIGKILL or stop it with SIGTERM like an orchestrator would.
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// A node process.
+pub struct NodeProcess {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// Its node id.
+    pub id: String,
+    child: Option<Child>,
+    env: Vec<(String, String)>,
+}
+
+/// A free loopback port (bound then released; the node binds it right after).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl NodeProcess {
+    /// Starts `herald` with the given extra environment on a free port and waits until
+    /// `/healthz` answers (not `/readyz`: a node may legitimately start unready).
+    pub fn start(id: &str, env: &[(&str, &str)]) -> NodeProcess {
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let mut all: Vec<(String, String)> = vec![
+            ("HERALD_LISTEN".into(), addr.to_string()),
+            ("HERALD_NODE_ID".into(), id.into()),
+            ("HERALD_JWT_SECRET".into(), crate::SECRET.into()),
+            ("HERALD_API_KEY".into(), crate::API_KEY.into()),
+            ("HERALD_DRAIN_MS".into(), "1000".into()),
+            ("HERALD_NODE_TTL_SECS".into(), "3".into()),
+            ("RUST_LOG".into(), "warn".into()),
+        ];
+        for (k, v) in env {
+            all.retain(|(key, _)| key != k);
+            all.push((k.to_string(), v.to_string()));
+        }
+        let mut node = NodeProcess {
+            addr,
+            id: id.into(),
+            child: None,
+            env: all,
+        };
+        node.spawn();
+        node
+    }
+
+    fn spawn(&mut self) {
+        let mut cmd = Command::new(herald_bin());
+        cmd.env_clear()
+            .envs(self.env.iter().cloned())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit());
+        self.child = Some(cmd.spawn().expect("spawn herald"));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(self.addr).is_err() {
+            assert!(Instant::now() < deadline, "herald did not listen in time");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// `ws://…/ws`
+    pub fn ws_url(&self) -> String {
+        format!("ws://{}/ws", self.addr)
+    }
+
+    /// `http://…`
+    pub fn http(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Waits until `/readyz` answers 200, within `wait`.
+    pub async fn wait_ready(&self, wait: Duration) {
+        let url = format!("{}/readyz", self.http());
+        let deadline = Instant::now() + wait;
+        loop {
+            if let Ok(r) = reqwest::get(&url).await {
+                if r.status() == 200 {
+                    return;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "node {} not ready in time",
+                self.id
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// SIGKILL: the node dies without notice.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM, then waits for the exit (within `wait`); returns how long it took.
+    pub fn terminate(&mut self, wait: Duration) -> Duration {
+        let started = Instant::now();
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status();
+            loop {
+                if let Ok(Some(_)) = child.try_wait() {
+                    break;
+                }
+                if started.elapsed() > wait {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    panic!("node {} did not exit within {wait:?} of SIGTERM", self.id);
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        started.elapsed()
+    }
+
+    /// Starts the node again on the same address with the same environment.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+}
+
+impl Drop for NodeProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The `herald` binary of this workspace, built once per test process.
+///
+/// `HERALD_BIN` overrides it. Otherwise it is `target/<profile>/herald`, next to the test
+/// binary's `deps/` folder, and `cargo build -p herald-server --bin herald` runs once first
+/// so that `cargo test -p <another crate>` never runs a stale node. Cargo holds no lock
+/// while tests run, so the nested build does not wait on the outer `cargo test`.
+pub fn herald_bin() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Some(bin) = std::env::var_os("HERALD_BIN") {
+            return PathBuf::from(bin);
+        }
+        let exe = std::env::current_exe().expect("current test executable");
+        let mut dir = exe
+            .parent()
+            .expect("test binary has a folder")
+            .to_path_buf();
+        if dir.ends_with("deps") {
+            dir.pop();
+        }
+        let release = dir.ends_with("release");
+        let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .expect("testkit sits in the workspace");
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let mut build = Command::new(cargo);
+        build.current_dir(workspace).args([
+            "build",
+            "--quiet",
+            "-p",
+            "herald-server",
+            "--bin",
+            "herald",
+        ]);
+        if release {
+            build.arg("--release");
+        }
+        let status = build
+            .status()
+            .expect("run cargo build for the herald binary");
+        assert!(status.success(), "cargo build of the herald binary failed");
+        let bin = dir.join("herald");
+        assert!(bin.exists(), "no herald binary at {}", bin.display());
+        bin
+    })
+}
