@@ -1,1 +1,80 @@
-//! Herald's Rust SDK (work in progress, issue [3/6]).
+//! Herald's Rust SDK: a WebSocket client that reconnects on its own, resumes every
+//! channel from the last message it delivered, and never hands the application a
+//! duplicate or an out-of-order message.
+//!
+//! ```no_run
+//! use herald_client::{Client, Event};
+//!
+//! # async fn demo(token: String) -> Result<(), herald_client::Error> {
+//! let (client, mut events) = Client::builder()
+//!     .discover("http://127.0.0.1:8080") // ask /v1/connect for a node…
+//!     .url("ws://127.0.0.1:8080/ws") //     …or connect here directly
+//!     .token(token)
+//!     .start()?;
+//! client.subscribe("room:42").await?;
+//! client.publish("room:42", &serde_json::json!({"text": "hi"})).await?;
+//! while let Some(event) = events.recv().await {
+//!     match event {
+//!         Event::Message(m) => println!("{} #{}: {}", m.channel, m.offset, m.data),
+//!         Event::Resync(r) => println!("reload {} from the backend", r.channel),
+//!         Event::Stopped(reason) => println!("stopped: {reason:?}"),
+//!         _ => {}
+//!     }
+//! }
+//! # Ok(()) }
+//! ```
+//!
+//! # What the client does
+//!
+//! - **Finding a node.** [`Endpoint`]s are tried in the order given: a WebSocket URL is
+//!   used as is, an HTTP base URL is asked for `GET /v1/connect` (the least-loaded node)
+//!   and the client connects there directly. After a disconnect it moves on to the next
+//!   endpoint and avoids the node it just lost while another one is available.
+//! - **Reconnecting.** Exponential backoff with full jitter (250 ms doubling up to 30 s by
+//!   default). Close codes are honoured: 4503 (draining) reconnects at once after the
+//!   server's jitter; 4401 asks the token callback for a new token; 4400, 4403 and 1009
+//!   stop the client ([`Event::Stopped`]); 4408, 4429, 4509 back off and resume.
+//! - **Resuming.** The client remembers every followed channel, the personal
+//!   `user:<sub>` channel included, with the position of the last message it delivered,
+//!   and sends them as `resume` in each `hello`. Messages at or below that position in
+//!   the same epoch are dropped, so each message reaches the application once, in order.
+//!   When history no longer reaches back (`recovered: false`) or the server sends
+//!   `resync`, the application gets an [`Event::Resync`] and should reload that
+//!   channel's state.
+//! - **Heartbeat watchdog.** The client answers `ping` with `pong`. If nothing arrives
+//!   from the server for twice the `heartbeat_ms` of `welcome`, the connection is
+//!   considered dead and replaced, even when TCP has not noticed.
+//! - **Commands while disconnected.** `subscribe` / `unsubscribe` update the followed
+//!   channels immediately and take effect at the next `hello`; `publish` / `presence`
+//!   wait for the next session, within the request timeout (see [`Client`]).
+//!
+//! One task per client owns the socket; [`Client`] handles talk to it over channels.
+//!
+//! # Modules
+//! - [`config`]: [`ClientBuilder`], [`Endpoint`], tokens, timeouts;
+//! - `connection`: the task that owns the socket and the reconnect policy;
+//! - `endpoints`: choosing the next node (rotation, `/v1/connect`);
+//! - `backoff`: exponential backoff with full jitter;
+//! - `tracker`: followed channels, positions, the duplicate filter;
+//! - [`event`] and [`error`]: what the application receives.
+
+pub mod config;
+pub mod error;
+pub mod event;
+
+mod backoff;
+mod client;
+mod connection;
+mod endpoints;
+mod tracker;
+
+pub use client::{Client, Events};
+pub use config::{BoxError, ClientBuilder, Endpoint, TokenFuture};
+pub use error::Error;
+pub use event::{
+    Connected, DisconnectReason, Disconnected, Event, Message, Resync, ResyncCause, State,
+    StopReason, Subscription,
+};
+pub use herald_protocol::codes::{CloseCode, ErrorCode};
+pub use herald_protocol::frame::ErrorBody;
+pub use herald_protocol::StreamPosition;

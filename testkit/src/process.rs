@@ -128,6 +128,27 @@ impl NodeProcess {
         started.elapsed()
     }
 
+    /// Freezes the node (SIGSTOP): its sockets stay open, but it answers nothing, sends
+    /// no heartbeat and stops refreshing its registry entry, like a hung machine. Dropping
+    /// or killing a paused node still works (SIGKILL ends a stopped process).
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Lets a paused node run again (SIGCONT).
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, signal: &str) {
+        let child = self.child.as_ref().expect("node is not running");
+        let status = Command::new("kill")
+            .args([signal, &child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill {signal} failed");
+    }
+
     /// Starts the node again on the same address with the same environment.
     pub fn restart(&mut self) {
         self.kill();

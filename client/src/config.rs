@@ -1,0 +1,299 @@
+//! The client's settings and the [`ClientBuilder`] that collects and checks them.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use herald_protocol::channel::validate_channel;
+use herald_protocol::StreamPosition;
+use tokio_tungstenite::tungstenite::http::{HeaderName, HeaderValue};
+
+use crate::client::{Client, Events};
+use crate::error::Error;
+
+/// An error from a token callback.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The future a token callback returns.
+pub type TokenFuture = Pin<Box<dyn Future<Output = Result<String, BoxError>> + Send>>;
+
+/// Where the client can connect. Endpoints are tried in the order they were added; after
+/// a disconnect or a failed attempt the client moves on to the next one, so it prefers
+/// another node than the one it just lost.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Endpoint {
+    /// A WebSocket URL to connect to directly (`ws://host:port/ws`).
+    WebSocket(String),
+    /// The HTTP base URL of any node or of the balancer (`http://host:port`): the client
+    /// asks its `GET /v1/connect` for the least-loaded node's URL, then connects there
+    /// directly. Asked again before every attempt.
+    Discover(String),
+}
+
+/// Where tokens come from.
+#[derive(Clone)]
+pub(crate) enum TokenSource {
+    /// One token for the client's life; a 4401 stops the client.
+    Static(String),
+    /// Asked at the first connect and again after every 4401.
+    Provider(Arc<dyn Fn() -> TokenFuture + Send + Sync>),
+}
+
+/// The checked settings, shared with the connection task.
+pub(crate) struct Config {
+    pub(crate) endpoints: Vec<Endpoint>,
+    pub(crate) token: TokenSource,
+    pub(crate) headers: Vec<(HeaderName, HeaderValue)>,
+    pub(crate) initial: Vec<(String, Option<StreamPosition>)>,
+    pub(crate) request_timeout: Duration,
+    pub(crate) connect_timeout: Duration,
+    pub(crate) backoff_initial: Duration,
+    pub(crate) backoff_max: Duration,
+    pub(crate) stable_after: Duration,
+    pub(crate) drain_jitter: Duration,
+    pub(crate) event_buffer: usize,
+}
+
+/// Builds a [`Client`]: endpoints, token, and optional tuning. See the crate docs for an
+/// example.
+pub struct ClientBuilder {
+    endpoints: Vec<Endpoint>,
+    token: Option<TokenSource>,
+    headers: Vec<(String, String)>,
+    initial: Vec<(String, Option<StreamPosition>)>,
+    request_timeout: Duration,
+    connect_timeout: Duration,
+    backoff_initial: Duration,
+    backoff_max: Duration,
+    stable_after: Duration,
+    drain_jitter: Duration,
+    event_buffer: usize,
+}
+
+impl Default for ClientBuilder {
+    fn default() -> Self {
+        Self {
+            endpoints: Vec::new(),
+            token: None,
+            headers: Vec::new(),
+            initial: Vec::new(),
+            request_timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(10),
+            backoff_initial: Duration::from_millis(250),
+            backoff_max: Duration::from_secs(30),
+            stable_after: Duration::from_secs(5),
+            drain_jitter: Duration::from_secs(1),
+            event_buffer: 1024,
+        }
+    }
+}
+
+impl ClientBuilder {
+    /// A builder with the default settings and no endpoint yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds a WebSocket URL to connect to directly (`ws://host:port/ws`).
+    pub fn url(mut self, url: impl Into<String>) -> Self {
+        self.endpoints.push(Endpoint::WebSocket(url.into()));
+        self
+    }
+
+    /// Adds a node's or balancer's HTTP base URL (`http://host:port`) whose
+    /// `/v1/connect` names the node to connect to.
+    pub fn discover(mut self, http_base: impl Into<String>) -> Self {
+        self.endpoints.push(Endpoint::Discover(http_base.into()));
+        self
+    }
+
+    /// Adds an endpoint.
+    pub fn endpoint(mut self, endpoint: Endpoint) -> Self {
+        self.endpoints.push(endpoint);
+        self
+    }
+
+    /// Uses one fixed token. If the server refuses it (4401), the client stops with
+    /// [`StopReason::Unauthorized`](crate::StopReason::Unauthorized).
+    pub fn token(mut self, token: impl Into<String>) -> Self {
+        self.token = Some(TokenSource::Static(token.into()));
+        self
+    }
+
+    /// Gets tokens from a callback: once before the first connect, and again each time
+    /// the server refuses the current token (4401, for example after it expired).
+    /// Between those, reconnects reuse the last token. A callback error counts as a
+    /// failed attempt: the client backs off and asks again.
+    pub fn token_provider<F, Fut, E>(mut self, provider: F) -> Self
+    where
+        F: Fn() -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<String, E>> + Send + 'static,
+        E: Into<BoxError>,
+    {
+        let provider = Arc::new(move || -> TokenFuture {
+            let fut = provider();
+            Box::pin(async move { fut.await.map_err(Into::into) })
+        });
+        self.token = Some(TokenSource::Provider(provider));
+        self
+    }
+
+    /// Sends this `Origin` header with the WebSocket handshake (nodes with
+    /// `HERALD_ALLOWED_ORIGINS` check it).
+    pub fn origin(self, origin: impl Into<String>) -> Self {
+        self.header("Origin", origin)
+    }
+
+    /// Sends an extra HTTP header with the WebSocket handshake.
+    pub fn header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.headers.push((name.into(), value.into()));
+        self
+    }
+
+    /// Follows a channel from the first `hello` on (its current position; no history).
+    pub fn subscribe(mut self, channel: impl Into<String>) -> Self {
+        self.initial.push((channel.into(), None));
+        self
+    }
+
+    /// Follows a channel from the first `hello` on, continuing after a stored position.
+    pub fn subscribe_from(mut self, channel: impl Into<String>, since: StreamPosition) -> Self {
+        self.initial.push((channel.into(), Some(since)));
+        self
+    }
+
+    /// How long a command may wait for its reply, including the wait for a connection
+    /// (default 10 s).
+    pub fn request_timeout(mut self, timeout: Duration) -> Self {
+        self.request_timeout = timeout;
+        self
+    }
+
+    /// How long one `/v1/connect` request, and the WebSocket handshake together with
+    /// `hello` → `welcome`, may each take before the attempt counts as failed
+    /// (default 10 s).
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// Reconnect backoff: the first delay is drawn from `0..=initial`, each further
+    /// failure doubles the ceiling up to `max` (defaults 250 ms and 30 s). A session
+    /// that stayed up for 5 s resets it.
+    pub fn backoff(mut self, initial: Duration, max: Duration) -> Self {
+        self.backoff_initial = initial;
+        self.backoff_max = max;
+        self
+    }
+
+    /// How many events may wait for the application (default 1024). When they are not
+    /// read, the client stops reading the socket, and the server eventually closes a
+    /// connection that does not keep up (4509); the client then resumes.
+    pub fn event_buffer(mut self, events: usize) -> Self {
+        self.event_buffer = events.max(1);
+        self
+    }
+
+    /// Checks the settings and starts the client's connection task on the current tokio
+    /// runtime. Returns at once; connecting happens in the background and is reported
+    /// on [`Events`].
+    pub fn start(self) -> Result<(Client, Events), Error> {
+        let config = self.check()?;
+        let runtime = tokio::runtime::Handle::try_current()
+            .map_err(|_| Error::Config("start must be called inside a tokio runtime".into()))?;
+        Ok(crate::connection::spawn(&runtime, config))
+    }
+
+    fn check(self) -> Result<Config, Error> {
+        if self.endpoints.is_empty() {
+            return Err(Error::Config(
+                "no endpoint: add a url() or discover()".into(),
+            ));
+        }
+        for endpoint in &self.endpoints {
+            let (url, schemes) = match endpoint {
+                Endpoint::WebSocket(u) => (u, ["ws://", "wss://"]),
+                Endpoint::Discover(u) => (u, ["http://", "https://"]),
+            };
+            if !schemes.iter().any(|s| url.starts_with(s)) {
+                return Err(Error::Config(format!(
+                    "{url:?} should start with {} or {}",
+                    schemes[0], schemes[1]
+                )));
+            }
+        }
+        let token = self
+            .token
+            .ok_or_else(|| Error::Config("no token: set token() or token_provider()".into()))?;
+        let mut headers = Vec::with_capacity(self.headers.len());
+        for (name, value) in self.headers {
+            let n = HeaderName::try_from(name.as_str())
+                .map_err(|e| Error::Config(format!("header name {name:?}: {e}")))?;
+            let v = HeaderValue::try_from(value.as_str())
+                .map_err(|e| Error::Config(format!("header {name}: {e}")))?;
+            headers.push((n, v));
+        }
+        for (channel, _) in &self.initial {
+            check_channel(channel)?;
+        }
+        Ok(Config {
+            endpoints: self.endpoints,
+            token,
+            headers,
+            initial: self.initial,
+            request_timeout: self.request_timeout,
+            connect_timeout: self.connect_timeout,
+            backoff_initial: self.backoff_initial,
+            backoff_max: self.backoff_max,
+            stable_after: self.stable_after,
+            drain_jitter: self.drain_jitter,
+            event_buffer: self.event_buffer,
+        })
+    }
+}
+
+/// Checks a channel name locally, so a bad name never reaches (or closes) a connection.
+pub(crate) fn check_channel(channel: &str) -> Result<(), Error> {
+    validate_channel(channel).map_err(|e| Error::InvalidChannel {
+        channel: channel.to_owned(),
+        reason: e.to_string(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(b: ClientBuilder) -> String {
+        match b.check() {
+            Err(Error::Config(m)) | Err(Error::InvalidChannel { reason: m, .. }) => m,
+            Err(e) => panic!("{e}"),
+            Ok(_) => panic!("accepted"),
+        }
+    }
+
+    #[test]
+    fn bad_settings_are_refused() {
+        assert!(err(ClientBuilder::new().token("t")).contains("no endpoint"));
+        assert!(err(ClientBuilder::new().url("ws://h/ws")).contains("no token"));
+        assert!(err(ClientBuilder::new().url("http://h/ws").token("t")).contains("ws://"));
+        assert!(err(ClientBuilder::new().discover("ws://h").token("t")).contains("http://"));
+        assert!(!err(ClientBuilder::new()
+            .url("ws://h/ws")
+            .token("t")
+            .subscribe("bad name"))
+        .is_empty());
+        assert!(err(ClientBuilder::new()
+            .url("ws://h/ws")
+            .token("t")
+            .header("Bad Name", "v"))
+        .contains("header"));
+    }
+
+    #[test]
+    fn start_needs_a_runtime() {
+        let r = ClientBuilder::new().url("ws://h/ws").token("t").start();
+        assert!(matches!(r, Err(Error::Config(m)) if m.contains("tokio")));
+    }
+}

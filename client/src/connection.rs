@@ -1,0 +1,805 @@
+//! The connection task: the only owner of the socket. It finds a node, says `hello`,
+//! serves one session at a time, and after each one decides from the close code whether
+//! and when to connect again.
+//!
+//! The [`Client`] handles talk to it over a command channel and get their answers on
+//! one-shot channels; the application reads [`Events`]. Between sessions the task keeps
+//! answering commands: channel changes go into the [`Tracker`] (and so into the next
+//! `hello`), `publish`/`presence` wait in a queue for the next session.
+//!
+//! What each close code makes the task do (PROTOCOL.md §4, [`CloseCode`]):
+//!
+//! | close | next step |
+//! |---|---|
+//! | 4503 draining | reconnect after the server's `after_ms` (else a jitter of up to 1 s), to another node |
+//! | 4401 unauthorized | ask the token callback again, back off, reconnect; with a fixed token: stop |
+//! | 4400, 4403, 1009 | stop ([`StopReason::Rejected`]) |
+//! | 4408, 4429, 4509, anything else, a broken connection, a silent one | back off, reconnect, resume |
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use herald_protocol::channel::user_channel;
+use herald_protocol::codes::{CloseCode, ErrorCode};
+use herald_protocol::frame::{
+    ClientCommand, ErrorBody, Reply as ReplyFrame, ServerFrame, SubscribeResult, Welcome,
+};
+use herald_protocol::StreamPosition;
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::Message as WsMessage;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+use crate::backoff::{jitter, Backoff};
+use crate::client::{Client, Events};
+use crate::config::{Config, TokenSource};
+use crate::endpoints::Endpoints;
+use crate::error::Error;
+use crate::event::{
+    Connected, DisconnectReason, Disconnected, Event, Message, State, StopReason, Subscription,
+};
+use crate::tracker::{Tracker, Verdict};
+
+/// The one-shot channel a command's answer goes back on.
+pub(crate) type Reply<T> = oneshot::Sender<Result<T, Error>>;
+
+type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// A request from a [`Client`] handle.
+pub(crate) enum Command {
+    Subscribe {
+        channel: String,
+        since: Option<StreamPosition>,
+        reply: Reply<Subscription>,
+    },
+    Unsubscribe {
+        channel: String,
+        reply: Reply<()>,
+    },
+    Publish {
+        channel: String,
+        data: Box<RawValue>,
+        reply: Reply<StreamPosition>,
+    },
+    Presence {
+        channel: String,
+        reply: Reply<BTreeMap<String, u64>>,
+    },
+    Positions {
+        reply: Reply<BTreeMap<String, StreamPosition>>,
+    },
+    Close {
+        done: oneshot::Sender<()>,
+    },
+}
+
+/// Starts the connection task.
+pub(crate) fn spawn(runtime: &tokio::runtime::Handle, config: Config) -> (Client, Events) {
+    let config = Arc::new(config);
+    let (commands_tx, commands) = mpsc::channel(64);
+    let (events_tx, events) = mpsc::channel(config.event_buffer);
+    let (state_tx, state) = watch::channel(State::Connecting);
+    let mut tracker = Tracker::default();
+    for (channel, since) in &config.initial {
+        tracker.add(channel, since.clone());
+    }
+    let driver = Driver {
+        endpoints: Endpoints::new(config.endpoints.clone(), config.connect_timeout),
+        backoff: Backoff::new(config.backoff_initial, config.backoff_max),
+        config: Arc::clone(&config),
+        commands,
+        events: events_tx,
+        state: state_tx,
+        tracker,
+        token: None,
+        subscribers: HashMap::new(),
+        queued: VecDeque::new(),
+        next_id: 1,
+        reconnect_after: None,
+        last_node: None,
+        closers: Vec::new(),
+    };
+    runtime.spawn(driver.run());
+    (
+        Client::new(commands_tx, state, config.request_timeout),
+        Events::new(events),
+    )
+}
+
+/// How a session or an attempt ended.
+#[derive(Debug)]
+enum End {
+    /// The server closed with a code.
+    Closed { code: u16, reason: String },
+    /// No frame for 2 × heartbeat.
+    HeartbeatTimeout,
+    /// The socket broke without a close frame.
+    Lost(String),
+    /// Connecting or `hello` failed.
+    ConnectFailed(String),
+    /// No endpoint gave a URL.
+    NoEndpoint(String),
+    /// The token callback failed.
+    Token(String),
+    /// The client must stop.
+    Stop(StopReason),
+}
+
+/// A command sent on the current session, waiting for its reply.
+enum Pending {
+    /// Waiters are in `Driver::subscribers`, keyed by channel.
+    Subscribe(String),
+    Unsubscribe(Reply<()>),
+    Publish(Reply<StreamPosition>),
+    Presence(String, Reply<BTreeMap<String, u64>>),
+    /// Sent by the task itself; nobody waits.
+    Ignore,
+}
+
+/// A command waiting for a session.
+enum Queued {
+    Publish(String, Box<RawValue>, Reply<StreamPosition>),
+    Presence(String, Reply<BTreeMap<String, u64>>),
+}
+
+/// One live session: the socket and the commands in flight on it.
+struct Session {
+    ws: Ws,
+    pending: HashMap<u64, Pending>,
+}
+
+impl Session {
+    async fn send(&mut self, command: &ClientCommand) -> Result<(), End> {
+        self.ws
+            .send(WsMessage::text(command.to_json()))
+            .await
+            .map_err(|e| End::Lost(e.to_string()))
+    }
+}
+
+struct Driver {
+    config: Arc<Config>,
+    commands: mpsc::Receiver<Command>,
+    events: mpsc::Sender<Event>,
+    state: watch::Sender<State>,
+    tracker: Tracker,
+    endpoints: Endpoints,
+    backoff: Backoff,
+    /// The token to use; `None` asks the provider first.
+    token: Option<String>,
+    /// Callers waiting for a channel's subscription to be confirmed.
+    subscribers: HashMap<String, Vec<Reply<Subscription>>>,
+    queued: VecDeque<Queued>,
+    next_id: u64,
+    /// `after_ms` of the last `reconnect` frame of the current session.
+    reconnect_after: Option<Duration>,
+    last_node: Option<String>,
+    /// `close()` calls waiting for the task to finish.
+    closers: Vec<oneshot::Sender<()>>,
+}
+
+impl Driver {
+    async fn run(mut self) {
+        let reason = self.connect_loop().await;
+        self.finish(reason).await;
+    }
+
+    /// Connects, serves, and reconnects until the client must stop.
+    async fn connect_loop(&mut self) -> StopReason {
+        let mut avoid: Option<String> = None;
+        loop {
+            self.state.send_replace(State::Connecting);
+            let (end, url) = self.attempt(avoid.take()).await;
+            let (retry_in, stop) = self.decide(&end);
+            let reason = match end {
+                End::Stop(reason) => return reason,
+                End::Closed { code, reason } => DisconnectReason::Closed { code, reason },
+                End::HeartbeatTimeout => DisconnectReason::HeartbeatTimeout,
+                End::Lost(e) => DisconnectReason::ConnectionLost(e),
+                End::ConnectFailed(e) => DisconnectReason::ConnectFailed(e),
+                End::NoEndpoint(e) => DisconnectReason::NoEndpoint(e),
+                End::Token(e) => DisconnectReason::Token(e),
+            };
+            tracing::info!(url = url.as_deref(), ?reason, ?retry_in, "disconnected");
+            self.emit(Event::Disconnected(Disconnected {
+                url: url.clone(),
+                reason,
+                retry_in,
+            }))
+            .await;
+            if let Some(stop) = stop {
+                return stop;
+            }
+            avoid = url;
+            self.state.send_replace(State::Reconnecting);
+            let delay = retry_in.unwrap_or_default();
+            if let Err(stop) = self.offline(tokio::time::sleep(delay)).await {
+                return stop;
+            }
+        }
+    }
+
+    /// One attempt: token, endpoint, handshake, then the session until it ends.
+    /// Returns how it ended and the URL involved.
+    async fn attempt(&mut self, avoid: Option<String>) -> (End, Option<String>) {
+        let token = match self.token().await {
+            Ok(token) => token,
+            Err(end) => return (end, None),
+        };
+        let picked = match self.offline(self.endpoints.pick(avoid)).await {
+            Err(stop) => return (End::Stop(stop), None),
+            Ok(Err(e)) => return (End::NoEndpoint(e), None),
+            Ok(Ok(picked)) => picked,
+        };
+        self.endpoints.used(picked.index);
+        let url = picked.url;
+        let handshake = handshake(
+            Arc::clone(&self.config),
+            url.clone(),
+            token,
+            self.tracker.resume(),
+        );
+        let timeout = self.config.connect_timeout;
+        let (ws, welcome) = match self.offline(tokio::time::timeout(timeout, handshake)).await {
+            Err(stop) => return (End::Stop(stop), Some(url)),
+            Ok(Err(_)) => {
+                let e = format!("no welcome within {timeout:?}");
+                return (End::ConnectFailed(e), Some(url));
+            }
+            Ok(Ok(Err(end))) => return (end, Some(url)),
+            Ok(Ok(Ok(up))) => up,
+        };
+        let started = Instant::now();
+        let end = self.serve(ws, welcome, &url).await;
+        if started.elapsed() >= self.config.stable_after {
+            self.backoff.reset();
+        }
+        (end, Some(url))
+    }
+
+    /// The current token, asking the provider when there is none.
+    async fn token(&mut self) -> Result<String, End> {
+        if let Some(token) = &self.token {
+            return Ok(token.clone());
+        }
+        let token = match &self.config.token {
+            TokenSource::Static(token) => token.clone(),
+            TokenSource::Provider(provider) => match self.offline(provider()).await {
+                Err(stop) => return Err(End::Stop(stop)),
+                Ok(Err(e)) => return Err(End::Token(e.to_string())),
+                Ok(Ok(token)) => token,
+            },
+        };
+        self.token = Some(token.clone());
+        Ok(token)
+    }
+
+    /// When to try again (`None` with a stop reason: never).
+    fn decide(&mut self, end: &End) -> (Option<Duration>, Option<StopReason>) {
+        let after = self.reconnect_after.take();
+        let code = match end {
+            End::Stop(reason) => return (None, Some(reason.clone())),
+            End::Closed { code, .. } => CloseCode::from_code(*code),
+            _ => None,
+        };
+        match code {
+            Some(CloseCode::Draining) => {
+                // The server already spread its clients; without its hint, spread here.
+                let delay = after.unwrap_or_else(|| jitter(self.config.drain_jitter));
+                (Some(delay), None)
+            }
+            Some(CloseCode::Unauthorized) => match self.config.token {
+                TokenSource::Static(_) => (None, Some(StopReason::Unauthorized)),
+                TokenSource::Provider(_) => {
+                    self.token = None;
+                    (Some(self.backoff.next_delay()), None)
+                }
+            },
+            Some(code) if !code.should_reconnect() => {
+                let End::Closed { code, reason } = end else {
+                    unreachable!("a close code comes from End::Closed")
+                };
+                let stop = StopReason::Rejected {
+                    code: *code,
+                    reason: reason.clone(),
+                };
+                (None, Some(stop))
+            }
+            _ => (Some(self.backoff.next_delay()), None),
+        }
+    }
+
+    /// Runs `work` while answering commands as a disconnected client.
+    /// `Err` when the client must stop meanwhile.
+    async fn offline<F: Future>(&mut self, work: F) -> Result<F::Output, StopReason> {
+        tokio::pin!(work);
+        loop {
+            tokio::select! {
+                out = &mut work => return Ok(out),
+                command = self.commands.recv() => match command {
+                    None => return Err(StopReason::ClientClosed),
+                    Some(Command::Close { done }) => {
+                        self.closers.push(done);
+                        return Err(StopReason::ClientClosed);
+                    }
+                    Some(command) => self.command_offline(command),
+                },
+            }
+        }
+    }
+
+    fn command_offline(&mut self, command: Command) {
+        match command {
+            Command::Subscribe {
+                channel,
+                since,
+                reply,
+            } => {
+                if self.tracker.add(&channel, since) {
+                    self.subscribers.entry(channel).or_default().push(reply);
+                } else {
+                    let _ = reply.send(Err(Error::AlreadySubscribed(channel)));
+                }
+            }
+            Command::Unsubscribe { channel, reply } => {
+                let _ = reply.send(self.leave(&channel));
+            }
+            Command::Publish {
+                channel,
+                data,
+                reply,
+            } => self.queued.push_back(Queued::Publish(channel, data, reply)),
+            Command::Presence { channel, reply } => {
+                self.queued.push_back(Queued::Presence(channel, reply))
+            }
+            Command::Positions { reply } => {
+                let _ = reply.send(Ok(self.tracker.positions()));
+            }
+            Command::Close { done } => self.closers.push(done),
+        }
+    }
+
+    /// Stops following a channel locally; cancels waiting subscribers.
+    fn leave(&mut self, channel: &str) -> Result<(), Error> {
+        if self.tracker.is_personal(channel) {
+            return Err(Error::Server(ErrorBody::new(
+                ErrorCode::Forbidden,
+                "the personal channel cannot be left",
+            )));
+        }
+        self.tracker.remove(channel);
+        for waiter in self.subscribers.remove(channel).unwrap_or_default() {
+            let _ = waiter.send(Err(Error::Cancelled(channel.to_owned())));
+        }
+        Ok(())
+    }
+
+    /// Serves one session until it ends.
+    async fn serve(&mut self, ws: Ws, welcome: Welcome, url: &str) -> End {
+        let mut session = Session {
+            ws,
+            pending: HashMap::new(),
+        };
+        let end = match self.start_session(&mut session, welcome, url).await {
+            Ok(heartbeat) => self.session_loop(&mut session, heartbeat).await,
+            Err(end) => end,
+        };
+        self.session_ended(session.pending);
+        end
+    }
+
+    /// Reports the session, applies `welcome`, sends what waited for a session.
+    async fn start_session(
+        &mut self,
+        session: &mut Session,
+        welcome: Welcome,
+        url: &str,
+    ) -> Result<Duration, End> {
+        let heartbeat = Duration::from_millis(welcome.heartbeat_ms);
+        let node_changed = self.last_node.as_deref() != Some(welcome.node.as_str());
+        self.last_node = Some(welcome.node.clone());
+        tracing::info!(url, node = %welcome.node, session = %welcome.session, "connected");
+        self.state.send_replace(State::Connected {
+            node: welcome.node.clone(),
+        });
+        self.emit(Event::Connected(Connected {
+            url: url.to_owned(),
+            node: welcome.node.clone(),
+            session: welcome.session.clone(),
+            user: welcome.user.clone(),
+            heartbeat,
+            node_changed,
+        }))
+        .await;
+        self.tracker.set_personal(&user_channel(&welcome.user));
+        for (channel, result) in &welcome.subscriptions {
+            if self.tracker.contains(channel) {
+                self.subscribed(channel, result).await;
+            } else {
+                // Left while the hello was on its way.
+                self.send(session, Pending::Ignore, |id| ClientCommand::Unsubscribe {
+                    id,
+                    channel: channel.clone(),
+                })
+                .await?;
+            }
+        }
+        for (channel, error) in welcome.errors {
+            self.refused(&channel, error).await;
+        }
+        // Channels added while the hello was on its way.
+        let missing: Vec<String> = self
+            .tracker
+            .channels()
+            .filter(|c| !welcome.subscriptions.contains_key(*c))
+            .cloned()
+            .collect();
+        for channel in missing {
+            self.send_subscribe(session, channel).await?;
+        }
+        while let Some(queued) = self.queued.pop_front() {
+            match queued {
+                Queued::Publish(channel, data, reply) if !reply.is_closed() => {
+                    let command = |id| ClientCommand::Publish { id, channel, data };
+                    self.send(session, Pending::Publish(reply), command).await?;
+                }
+                Queued::Presence(channel, reply) if !reply.is_closed() => {
+                    let pending = Pending::Presence(channel.clone(), reply);
+                    let command = |id| ClientCommand::Presence { id, channel };
+                    self.send(session, pending, command).await?;
+                }
+                _ => {} // the caller gave up (timeout)
+            }
+        }
+        Ok(heartbeat)
+    }
+
+    /// Reads frames and commands until the session ends.
+    async fn session_loop(&mut self, session: &mut Session, heartbeat: Duration) -> End {
+        // Any frame proves the connection alive; none for twice the heartbeat means it
+        // is dead even if TCP has not noticed (a hung node, a dropped route).
+        let silence = if heartbeat.is_zero() {
+            Duration::from_secs(86_400)
+        } else {
+            heartbeat * 2
+        };
+        let watchdog = tokio::time::sleep(silence);
+        tokio::pin!(watchdog);
+        loop {
+            let step = tokio::select! {
+                biased;
+                frame = session.ws.next() => {
+                    watchdog.as_mut().reset(Instant::now() + silence);
+                    match frame {
+                        Some(Ok(WsMessage::Text(text))) => self.on_text(session, &text).await,
+                        Some(Ok(WsMessage::Close(frame))) => Err(closed(frame)),
+                        Some(Ok(_)) => Ok(()),
+                        Some(Err(e)) => Err(End::Lost(e.to_string())),
+                        None => Err(End::Lost("connection closed".into())),
+                    }
+                }
+                command = self.commands.recv() => match command {
+                    None => Err(End::Stop(StopReason::ClientClosed)),
+                    Some(Command::Close { done }) => {
+                        self.closers.push(done);
+                        let _ = tokio::time::timeout(
+                            Duration::from_secs(1),
+                            session.ws.close(None),
+                        )
+                        .await;
+                        Err(End::Stop(StopReason::ClientClosed))
+                    }
+                    Some(command) => self.command_online(session, command).await,
+                },
+                () = &mut watchdog => {
+                    tracing::warn!(?silence, "no frame from the server: connection dead");
+                    Err(End::HeartbeatTimeout)
+                }
+            };
+            if let Err(end) = step {
+                return end;
+            }
+        }
+    }
+
+    async fn on_text(&mut self, session: &mut Session, text: &str) -> Result<(), End> {
+        let frame = match ServerFrame::parse(text) {
+            Ok(frame) => frame,
+            Err(e) => {
+                // Newer servers may add frame types: skip what this client does not know.
+                tracing::debug!(error = %e, "unknown server frame skipped");
+                return Ok(());
+            }
+        };
+        match frame {
+            ServerFrame::Message(m) => match self.tracker.message(&m.channel, m.offset, &m.epoch) {
+                Verdict::Drop => {
+                    tracing::trace!(channel = %m.channel, offset = m.offset, "dropped");
+                }
+                verdict => {
+                    if let Verdict::DeliverAfterGap(resync) = verdict {
+                        tracing::warn!(?resync, "gap in a channel's offsets");
+                        self.emit(Event::Resync(resync)).await;
+                    }
+                    let message = Message {
+                        channel: m.channel,
+                        offset: m.offset,
+                        epoch: m.epoch,
+                        data: m.data,
+                    };
+                    self.emit(Event::Message(message)).await;
+                }
+            },
+            ServerFrame::Reply(reply) => self.on_reply(session, reply).await,
+            ServerFrame::Ping => session.send(&ClientCommand::Pong).await?,
+            ServerFrame::Reconnect(r) => {
+                tracing::info!(reason = %r.reason, after_ms = r.after_ms, "server asks to reconnect");
+                self.reconnect_after = Some(Duration::from_millis(r.after_ms));
+            }
+            ServerFrame::Resync(r) => {
+                if let Some(resync) = self.tracker.resync(&r) {
+                    self.emit(Event::Resync(resync)).await;
+                }
+            }
+            ServerFrame::Welcome(_) => tracing::debug!("second welcome ignored"),
+        }
+        Ok(())
+    }
+
+    async fn on_reply(&mut self, session: &mut Session, reply: ReplyFrame) {
+        let Some(pending) = reply.id.and_then(|id| session.pending.remove(&id)) else {
+            tracing::debug!(id = ?reply.id, "reply to no pending command");
+            return;
+        };
+        let outcome = match (reply.result, reply.error) {
+            (_, Some(error)) => Err(error),
+            (Some(result), None) => Ok(result),
+            (None, None) => Ok(serde_json::Value::Null),
+        };
+        match pending {
+            Pending::Subscribe(channel) => match outcome {
+                Err(error) => self.refused(&channel, error).await,
+                Ok(result) => match parse::<SubscribeResult>(result) {
+                    Ok(result) => self.subscribed(&channel, &result).await,
+                    Err(e) => self.answer_subscribers(&channel, Err(e)),
+                },
+            },
+            Pending::Unsubscribe(reply) => {
+                let _ = reply.send(outcome.map(drop).map_err(Error::Server));
+            }
+            Pending::Publish(reply) => {
+                let _ = reply.send(outcome.map_err(Error::Server).and_then(parse));
+            }
+            Pending::Presence(_, reply) => {
+                #[derive(Deserialize)]
+                struct Users {
+                    users: BTreeMap<String, u64>,
+                }
+                let users = outcome
+                    .map_err(Error::Server)
+                    .and_then(parse::<Users>)
+                    .map(|u| u.users);
+                let _ = reply.send(users);
+            }
+            Pending::Ignore => {}
+        }
+    }
+
+    /// A channel confirmed (reply or `welcome`): record, answer, report.
+    async fn subscribed(&mut self, channel: &str, result: &SubscribeResult) {
+        let Some((subscription, resync)) = self.tracker.subscribed(channel, result) else {
+            return; // left meanwhile
+        };
+        self.answer_subscribers(channel, Ok(subscription.clone()));
+        self.emit(Event::Subscribed(subscription)).await;
+        if let Some(resync) = resync {
+            self.emit(Event::Resync(resync)).await;
+        }
+    }
+
+    /// A channel refused by the server: forget it, answer, report.
+    async fn refused(&mut self, channel: &str, error: ErrorBody) {
+        if !self.tracker.is_personal(channel) && self.tracker.remove(channel) {
+            self.answer_subscribers(channel, Err(Error::Server(error.clone())));
+            self.emit(Event::SubscribeFailed {
+                channel: channel.to_owned(),
+                error,
+            })
+            .await;
+        }
+    }
+
+    fn answer_subscribers(&mut self, channel: &str, answer: Result<Subscription, Error>) {
+        for waiter in self.subscribers.remove(channel).unwrap_or_default() {
+            let _ = waiter.send(answer.clone());
+        }
+    }
+
+    async fn command_online(&mut self, session: &mut Session, command: Command) -> Result<(), End> {
+        match command {
+            Command::Subscribe {
+                channel,
+                since,
+                reply,
+            } => {
+                if !self.tracker.add(&channel, since) {
+                    let _ = reply.send(Err(Error::AlreadySubscribed(channel)));
+                    return Ok(());
+                }
+                self.subscribers
+                    .entry(channel.clone())
+                    .or_default()
+                    .push(reply);
+                self.send_subscribe(session, channel).await
+            }
+            Command::Unsubscribe { channel, reply } => {
+                let followed = self.tracker.contains(&channel);
+                if let Err(e) = self.leave(&channel) {
+                    let _ = reply.send(Err(e));
+                    return Ok(());
+                }
+                if !followed {
+                    let _ = reply.send(Ok(()));
+                    return Ok(());
+                }
+                let command = |id| ClientCommand::Unsubscribe { id, channel };
+                self.send(session, Pending::Unsubscribe(reply), command)
+                    .await
+            }
+            Command::Publish {
+                channel,
+                data,
+                reply,
+            } => {
+                let command = |id| ClientCommand::Publish { id, channel, data };
+                self.send(session, Pending::Publish(reply), command).await
+            }
+            Command::Presence { channel, reply } => {
+                let pending = Pending::Presence(channel.clone(), reply);
+                let command = |id| ClientCommand::Presence { id, channel };
+                self.send(session, pending, command).await
+            }
+            other => {
+                self.command_offline(other);
+                Ok(())
+            }
+        }
+    }
+
+    async fn send_subscribe(&mut self, session: &mut Session, channel: String) -> Result<(), End> {
+        let since = self.tracker.position(&channel);
+        let pending = Pending::Subscribe(channel.clone());
+        let command = |id| ClientCommand::Subscribe { id, channel, since };
+        self.send(session, pending, command).await
+    }
+
+    /// Sends a command with a fresh id and records what waits for its reply.
+    async fn send(
+        &mut self,
+        session: &mut Session,
+        pending: Pending,
+        command: impl FnOnce(u64) -> ClientCommand,
+    ) -> Result<(), End> {
+        let id = self.next_id;
+        self.next_id += 1;
+        session.pending.insert(id, pending);
+        session.send(&command(id)).await
+    }
+
+    /// The session is gone: settle what was in flight on it.
+    fn session_ended(&mut self, pending: HashMap<u64, Pending>) {
+        let mut pending: Vec<(u64, Pending)> = pending.into_iter().collect();
+        pending.sort_by_key(|(id, _)| *id);
+        for (_, p) in pending {
+            match p {
+                // The channel is still followed: the next hello resumes it and answers.
+                Pending::Subscribe(_) | Pending::Ignore => {}
+                // The next hello will not include it: done.
+                Pending::Unsubscribe(reply) => {
+                    let _ = reply.send(Ok(()));
+                }
+                // Maybe published, maybe not: never resend on the caller's behalf.
+                Pending::Publish(reply) => {
+                    let _ = reply.send(Err(Error::ConnectionLost));
+                }
+                // Harmless to ask again.
+                Pending::Presence(channel, reply) => {
+                    self.queued.push_back(Queued::Presence(channel, reply));
+                }
+            }
+        }
+    }
+
+    /// The client stops: fail whatever waits, report, let `close()` return.
+    async fn finish(mut self, reason: StopReason) {
+        tracing::info!(?reason, "client stopped");
+        self.state.send_replace(State::Stopped(reason.clone()));
+        for (_, waiters) in self.subscribers.drain() {
+            for waiter in waiters {
+                let _ = waiter.send(Err(Error::Closed));
+            }
+        }
+        for queued in self.queued.drain(..) {
+            match queued {
+                Queued::Publish(_, _, reply) => drop(reply.send(Err(Error::Closed))),
+                Queued::Presence(_, reply) => drop(reply.send(Err(Error::Closed))),
+            }
+        }
+        self.emit(Event::Stopped(reason)).await;
+        // Commands that raced with the stop: dropping their reply senders fails them
+        // with `Error::Closed`.
+        self.commands.close();
+        while let Ok(command) = self.commands.try_recv() {
+            if let Command::Close { done } = command {
+                self.closers.push(done);
+            }
+        }
+        for done in self.closers.drain(..) {
+            let _ = done.send(());
+        }
+    }
+
+    async fn emit(&self, event: Event) {
+        // An application that dropped its `Events` simply gets none.
+        let _ = self.events.send(event).await;
+    }
+}
+
+/// Connects and says hello; returns the socket and the `welcome`.
+async fn handshake(
+    config: Arc<Config>,
+    url: String,
+    token: String,
+    resume: BTreeMap<String, StreamPosition>,
+) -> Result<(Ws, Welcome), End> {
+    let mut request = url
+        .as_str()
+        .into_client_request()
+        .map_err(|e| End::ConnectFailed(e.to_string()))?;
+    for (name, value) in &config.headers {
+        request.headers_mut().insert(name.clone(), value.clone());
+    }
+    let (mut ws, _) = tokio_tungstenite::connect_async_with_config(request, None, true)
+        .await
+        .map_err(|e| End::ConnectFailed(e.to_string()))?;
+    let hello = ClientCommand::Hello { token, resume };
+    ws.send(WsMessage::text(hello.to_json()))
+        .await
+        .map_err(|e| End::ConnectFailed(e.to_string()))?;
+    loop {
+        match ws.next().await {
+            Some(Ok(WsMessage::Text(text))) => match ServerFrame::parse(&text) {
+                Ok(ServerFrame::Welcome(welcome)) => return Ok((ws, welcome)),
+                // A draining node may say `reconnect` first; its close follows.
+                _ => continue,
+            },
+            Some(Ok(WsMessage::Close(frame))) => return Err(closed(frame)),
+            Some(Ok(_)) => continue,
+            Some(Err(e)) => return Err(End::ConnectFailed(e.to_string())),
+            None => return Err(End::ConnectFailed("closed before welcome".into())),
+        }
+    }
+}
+
+fn closed(frame: Option<CloseFrame>) -> End {
+    match frame {
+        Some(frame) => End::Closed {
+            code: u16::from(frame.code),
+            reason: frame.reason.to_string(),
+        },
+        None => End::Lost("closed without a code".into()),
+    }
+}
+
+fn parse<T: DeserializeOwned>(value: serde_json::Value) -> Result<T, Error> {
+    serde_json::from_value(value).map_err(|e| Error::Protocol(e.to_string()))
+}
