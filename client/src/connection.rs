@@ -54,6 +54,9 @@ pub(crate) type Reply<T> = oneshot::Sender<Result<T, Error>>;
 
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
+/// The least delay before a subscribe refused for a passing reason is tried again.
+const RETRY_MIN: Duration = Duration::from_millis(500);
+
 /// A request from a [`Client`] handle.
 pub(crate) enum Command {
     Subscribe {
@@ -155,6 +158,10 @@ enum Queued {
 struct Session {
     ws: Ws,
     pending: HashMap<u64, Pending>,
+    /// Channels refused for a passing reason (`unavailable`, …), subscribed again at
+    /// `retry_at`.
+    retry: Vec<String>,
+    retry_at: Option<Instant>,
 }
 
 impl Session {
@@ -273,11 +280,18 @@ impl Driver {
         }
         let token = match &self.config.token {
             TokenSource::Static(token) => token.clone(),
-            TokenSource::Provider(provider) => match self.offline(provider()).await {
-                Err(stop) => return Err(End::Stop(stop)),
-                Ok(Err(e)) => return Err(End::Token(e.to_string())),
-                Ok(Ok(token)) => token,
-            },
+            TokenSource::Provider(provider) => {
+                let timeout = self.config.connect_timeout;
+                match self
+                    .offline(tokio::time::timeout(timeout, provider()))
+                    .await
+                {
+                    Err(stop) => return Err(End::Stop(stop)),
+                    Ok(Err(_)) => return Err(End::Token(format!("no token within {timeout:?}"))),
+                    Ok(Ok(Err(e))) => return Err(End::Token(e.to_string())),
+                    Ok(Ok(Ok(token))) => token,
+                }
+            }
         };
         self.token = Some(token.clone());
         Ok(token)
@@ -357,15 +371,22 @@ impl Driver {
                 channel,
                 data,
                 reply,
-            } => self.queued.push_back(Queued::Publish(channel, data, reply)),
-            Command::Presence { channel, reply } => {
-                self.queued.push_back(Queued::Presence(channel, reply))
-            }
+            } => self.enqueue(Queued::Publish(channel, data, reply)),
+            Command::Presence { channel, reply } => self.enqueue(Queued::Presence(channel, reply)),
             Command::Positions { reply } => {
                 let _ = reply.send(Ok(self.tracker.positions()));
             }
             Command::Close { done } => self.closers.push(done),
         }
+    }
+
+    /// Queues a command for the next session, forgetting those whose caller gave up.
+    fn enqueue(&mut self, queued: Queued) {
+        self.queued.retain(|q| match q {
+            Queued::Publish(_, _, reply) => !reply.is_closed(),
+            Queued::Presence(_, reply) => !reply.is_closed(),
+        });
+        self.queued.push_back(queued);
     }
 
     /// Stops following a channel locally; cancels waiting subscribers.
@@ -388,6 +409,8 @@ impl Driver {
         let mut session = Session {
             ws,
             pending: HashMap::new(),
+            retry: Vec::new(),
+            retry_at: None,
         };
         let end = match self.start_session(&mut session, welcome, url).await {
             Ok(heartbeat) => self.session_loop(&mut session, heartbeat).await,
@@ -434,7 +457,7 @@ impl Driver {
             }
         }
         for (channel, error) in welcome.errors {
-            self.refused(&channel, error).await;
+            self.refused(session, &channel, error).await;
         }
         // Channels added while the hello was on its way.
         let missing: Vec<String> = self
@@ -475,18 +498,10 @@ impl Driver {
         let watchdog = tokio::time::sleep(silence);
         tokio::pin!(watchdog);
         loop {
+            let retry_at = session.retry_at;
+            // Commands first: they are few, and a busy socket must not starve them.
             let step = tokio::select! {
                 biased;
-                frame = session.ws.next() => {
-                    watchdog.as_mut().reset(Instant::now() + silence);
-                    match frame {
-                        Some(Ok(WsMessage::Text(text))) => self.on_text(session, &text).await,
-                        Some(Ok(WsMessage::Close(frame))) => Err(closed(frame)),
-                        Some(Ok(_)) => Ok(()),
-                        Some(Err(e)) => Err(End::Lost(e.to_string())),
-                        None => Err(End::Lost("connection closed".into())),
-                    }
-                }
                 command = self.commands.recv() => match command {
                     None => Err(End::Stop(StopReason::ClientClosed)),
                     Some(Command::Close { done }) => {
@@ -500,15 +515,38 @@ impl Driver {
                     }
                     Some(command) => self.command_online(session, command).await,
                 },
+                // Frames before the watchdog: a frame that is ready proves life.
+                frame = session.ws.next() => {
+                    watchdog.as_mut().reset(Instant::now() + silence);
+                    match frame {
+                        Some(Ok(WsMessage::Text(text))) => self.on_text(session, &text).await,
+                        Some(Ok(WsMessage::Close(frame))) => Err(closed(frame)),
+                        Some(Ok(_)) => Ok(()),
+                        Some(Err(e)) => Err(End::Lost(e.to_string())),
+                        None => Err(End::Lost("connection closed".into())),
+                    }
+                }
                 () = &mut watchdog => {
                     tracing::warn!(?silence, "no frame from the server: connection dead");
                     Err(End::HeartbeatTimeout)
                 }
+                () = tokio::time::sleep_until(retry_at.unwrap_or_else(Instant::now)),
+                    if retry_at.is_some() => self.retry_subscribes(session).await,
             };
             if let Err(end) = step {
                 return end;
             }
         }
+    }
+
+    async fn retry_subscribes(&mut self, session: &mut Session) -> Result<(), End> {
+        session.retry_at = None;
+        for channel in std::mem::take(&mut session.retry) {
+            if self.tracker.contains(&channel) {
+                self.send_subscribe(session, channel).await?;
+            }
+        }
+        Ok(())
     }
 
     async fn on_text(&mut self, session: &mut Session, text: &str) -> Result<(), End> {
@@ -567,7 +605,7 @@ impl Driver {
         };
         match pending {
             Pending::Subscribe(channel) => match outcome {
-                Err(error) => self.refused(&channel, error).await,
+                Err(error) => self.refused(session, &channel, error).await,
                 Ok(result) => match parse::<SubscribeResult>(result) {
                     Ok(result) => self.subscribed(&channel, &result).await,
                     Err(e) => self.answer_subscribers(&channel, Err(e)),
@@ -606,8 +644,21 @@ impl Driver {
         }
     }
 
-    /// A channel refused by the server: forget it, answer, report.
-    async fn refused(&mut self, channel: &str, error: ErrorBody) {
+    /// A channel refused by the server: for a passing reason, try again soon on this
+    /// session (callers keep waiting); otherwise forget it, answer, report.
+    async fn refused(&mut self, session: &mut Session, channel: &str, error: ErrorBody) {
+        let passing = matches!(
+            error.code,
+            ErrorCode::Unavailable | ErrorCode::RateLimited | ErrorCode::Internal
+        );
+        if passing && self.tracker.contains(channel) {
+            tracing::warn!(channel, code = error.code.as_str(), error = %error.message, "subscribe failed; retrying");
+            session.retry.push(channel.to_owned());
+            session
+                .retry_at
+                .get_or_insert_with(|| Instant::now() + RETRY_MIN + jitter(RETRY_MIN * 2));
+            return;
+        }
         if !self.tracker.is_personal(channel) && self.tracker.remove(channel) {
             self.answer_subscribers(channel, Err(Error::Server(error.clone())));
             self.emit(Event::SubscribeFailed {

@@ -150,7 +150,9 @@ impl Tracker {
                 position: StreamPosition::new(offset.saturating_sub(1), epoch),
                 cause: ResyncCause::Gap,
             }),
-            None => Verdict::Deliver,
+            // The server confirms a subscription before sending any of its messages, so
+            // this one is left over from an earlier subscription to the same channel.
+            None => return Verdict::Drop,
         };
         *slot = Some(StreamPosition::new(offset, epoch));
         verdict
@@ -185,6 +187,11 @@ mod tests {
     fn duplicates_and_old_messages_are_dropped() {
         let mut t = Tracker::default();
         t.add("a", None);
+        assert_eq!(
+            t.message("a", 1, "e"),
+            Verdict::Drop,
+            "before the confirmation"
+        );
         t.subscribed("a", &result(3, "e", false)).unwrap();
         assert_eq!(t.message("a", 3, "e"), Verdict::Drop);
         assert_eq!(t.message("a", 4, "e"), Verdict::Deliver);

@@ -232,3 +232,42 @@ async fn an_expired_token_is_replaced_through_the_callback_on_4401() {
     assert_eq!(calls.load(Ordering::SeqCst), 2);
     client.close().await;
 }
+
+#[tokio::test]
+async fn a_subscribe_refused_while_redis_is_down_is_retried_once_it_is_back() {
+    let mut cluster = Cluster::start(1, "redis-down", &[]).await;
+    let (client, events) = Client::builder()
+        .url(cluster.nodes[0].ws_url())
+        .token(token("alice"))
+        .request_timeout(WAIT)
+        .start()
+        .unwrap();
+    let rec = Recorder::start(events);
+    rec.wait("session", WAIT, |r| r.connected.len() == 1).await;
+
+    cluster.redis.kill();
+    let readyz = format!("{}/readyz", cluster.nodes[0].http());
+    let deadline = Instant::now() + WAIT;
+    while reqwest::get(&readyz).await.unwrap().status() == 200 {
+        assert!(
+            Instant::now() < deadline,
+            "the node did not notice Redis is gone"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let subscribe = tokio::spawn({
+        let client = client.clone();
+        async move { client.subscribe("room:later").await }
+    });
+    // The node answers `unavailable` while Redis is down; the client keeps the channel
+    // and asks again until Redis is back.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    cluster.redis.restart();
+    let sub = subscribe
+        .await
+        .unwrap()
+        .expect("subscribed once Redis is back");
+    assert_eq!(sub.channel, "room:later");
+    rec.with(|r| assert!(r.failed.is_empty(), "{:?}", r.failed));
+    client.close().await;
+}

@@ -67,6 +67,7 @@ pub struct Recorder {
 
 impl Recorder {
     pub fn start(mut events: Events) -> Recorder {
+        logs();
         let record = Arc::new(Mutex::new(Record::default()));
         let changed = Arc::new(Notify::new());
         let (r, c) = (record.clone(), changed.clone());
@@ -128,6 +129,16 @@ impl Recorder {
             let _ = tokio::time::timeout_at(deadline, changed).await;
         }
     }
+}
+
+/// The SDK's logs, captured per test (shown when a test fails). `RUST_LOG` overrides
+/// the default filter.
+pub fn logs() {
+    let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| "herald_client=debug".into());
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_test_writer()
+        .try_init();
 }
 
 /// A token signed with the test secret, valid for `ttl_secs`.
