@@ -6,6 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -33,6 +34,8 @@ use crate::event::{Event, State, Subscription};
 pub struct Client {
     commands: mpsc::Sender<Command>,
     state: watch::Receiver<State>,
+    /// Set by `close()`, so the task stops waiting on a full event buffer.
+    closing: Arc<watch::Sender<bool>>,
     request_timeout: Duration,
 }
 
@@ -45,11 +48,13 @@ impl Client {
     pub(crate) fn new(
         commands: mpsc::Sender<Command>,
         state: watch::Receiver<State>,
+        closing: watch::Sender<bool>,
         request_timeout: Duration,
     ) -> Self {
         Self {
             commands,
             state,
+            closing: Arc::new(closing),
             request_timeout,
         }
     }
@@ -140,8 +145,11 @@ impl Client {
     }
 
     /// Closes the connection and stops the client; pending commands fail with
-    /// [`Error::Closed`]. Returns when the connection task has finished.
+    /// [`Error::Closed`]. Returns when the connection task has finished. Events that no
+    /// longer fit the event buffer from then on are dropped, so `close` never waits for
+    /// the application to read them.
     pub async fn close(&self) {
+        self.closing.send_replace(true);
         let (done, finished) = oneshot::channel();
         if self.commands.send(Command::Close { done }).await.is_ok() {
             let _ = finished.await;

@@ -95,7 +95,8 @@ impl ClientBuilder {
         Self::default()
     }
 
-    /// Adds a WebSocket URL to connect to directly (`ws://host:port/ws`).
+    /// Adds a WebSocket URL to connect to directly (`ws://host:port/ws`; `wss://` is not
+    /// supported by this build).
     pub fn url(mut self, url: impl Into<String>) -> Self {
         self.endpoints.push(Endpoint::WebSocket(url.into()));
         self
@@ -212,14 +213,15 @@ impl ClientBuilder {
             ));
         }
         for endpoint in &self.endpoints {
-            let (url, schemes) = match endpoint {
-                Endpoint::WebSocket(u) => (u, ["ws://", "wss://"]),
-                Endpoint::Discover(u) => (u, ["http://", "https://"]),
+            let (url, scheme) = match endpoint {
+                Endpoint::WebSocket(u) => (u, "ws://"),
+                Endpoint::Discover(u) => (u, "http://"),
             };
-            if !schemes.iter().any(|s| url.starts_with(s)) {
+            // No TLS stack is compiled in (see the crate docs): refuse `wss://` and
+            // `https://` here rather than failing every connection attempt later.
+            if !url.starts_with(scheme) {
                 return Err(Error::Config(format!(
-                    "{url:?} should start with {} or {}",
-                    schemes[0], schemes[1]
+                    "{url:?} should start with {scheme} (this build has no TLS)"
                 )));
             }
         }
@@ -279,6 +281,7 @@ mod tests {
         assert!(err(ClientBuilder::new().url("ws://h/ws")).contains("no token"));
         assert!(err(ClientBuilder::new().url("http://h/ws").token("t")).contains("ws://"));
         assert!(err(ClientBuilder::new().discover("ws://h").token("t")).contains("http://"));
+        assert!(err(ClientBuilder::new().url("wss://h/ws").token("t")).contains("TLS"));
         assert!(!err(ClientBuilder::new()
             .url("ws://h/ws")
             .token("t")

@@ -91,6 +91,7 @@ pub(crate) fn spawn(runtime: &tokio::runtime::Handle, config: Config) -> (Client
     let (commands_tx, commands) = mpsc::channel(64);
     let (events_tx, events) = mpsc::channel(config.event_buffer);
     let (state_tx, state) = watch::channel(State::Connecting);
+    let (closing_tx, closing) = watch::channel(false);
     let mut tracker = Tracker::default();
     for (channel, since) in &config.initial {
         tracker.add(channel, since.clone());
@@ -101,6 +102,7 @@ pub(crate) fn spawn(runtime: &tokio::runtime::Handle, config: Config) -> (Client
         config: Arc::clone(&config),
         commands,
         events: events_tx,
+        closing,
         state: state_tx,
         tracker,
         token: None,
@@ -113,7 +115,7 @@ pub(crate) fn spawn(runtime: &tokio::runtime::Handle, config: Config) -> (Client
     };
     runtime.spawn(driver.run());
     (
-        Client::new(commands_tx, state, config.request_timeout),
+        Client::new(commands_tx, state, closing_tx, config.request_timeout),
         Events::new(events),
     )
 }
@@ -177,6 +179,8 @@ struct Driver {
     config: Arc<Config>,
     commands: mpsc::Receiver<Command>,
     events: mpsc::Sender<Event>,
+    /// True once `close()` was called (or every handle is gone).
+    closing: watch::Receiver<bool>,
     state: watch::Sender<State>,
     tracker: Tracker,
     endpoints: Endpoints,
@@ -428,7 +432,10 @@ impl Driver {
         url: &str,
     ) -> Result<Duration, End> {
         let heartbeat = Duration::from_millis(welcome.heartbeat_ms);
-        let node_changed = self.last_node.as_deref() != Some(welcome.node.as_str());
+        let node_changed = self
+            .last_node
+            .as_deref()
+            .is_some_and(|last| last != welcome.node);
         self.last_node = Some(welcome.node.clone());
         tracing::info!(url, node = %welcome.node, session = %welcome.session, "connected");
         self.state.send_replace(State::Connected {
@@ -799,9 +806,15 @@ impl Driver {
         }
     }
 
-    async fn emit(&self, event: Event) {
+    async fn emit(&mut self, event: Event) {
+        // A full buffer holds the task (and so the socket) back: the backpressure the
+        // server's slow-consumer rule expects. Once the client is closing, it doesn't.
         // An application that dropped its `Events` simply gets none.
-        let _ = self.events.send(event).await;
+        tokio::select! {
+            biased;
+            _ = self.events.send(event) => {}
+            _ = self.closing.wait_for(|closing| *closing) => {}
+        }
     }
 }
 

@@ -93,7 +93,8 @@ pub struct Connected {
     pub user: String,
     /// The server's heartbeat interval; no frame for twice this means a dead connection.
     pub heartbeat: Duration,
-    /// Whether this session is on another node than the previous one.
+    /// Whether this session is on another node than the previous session (false for
+    /// the first one).
     pub node_changed: bool,
 }
 

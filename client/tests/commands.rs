@@ -248,3 +248,21 @@ async fn rejections_stop_the_client() {
         ))
     });
 }
+
+#[tokio::test]
+async fn close_returns_even_when_nobody_reads_the_events() {
+    let node = NodeProcess::start("unread", &[]);
+    let (client, _unread_events) = Client::builder()
+        .url(node.ws_url())
+        .token(alice_token())
+        .event_buffer(1)
+        .start()
+        .unwrap();
+    for n in 0..5 {
+        publish(&node.http(), "user:alice", json!({ "n": n })).await;
+    }
+    tokio::time::timeout(WAIT, client.close())
+        .await
+        .expect("close returned");
+    assert_eq!(client.state(), State::Stopped(StopReason::ClientClosed));
+}
