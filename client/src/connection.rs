@@ -139,6 +139,14 @@ enum End {
     Stop(StopReason),
 }
 
+/// What follows the end of a session or attempt.
+enum Next {
+    /// Connect again after this delay.
+    Retry(Duration),
+    /// Stop for good.
+    Stop(StopReason),
+}
+
 /// A command sent on the current session, waiting for its reply.
 enum Pending {
     /// Waiters are in `Driver::subscribers`, keyed by channel.
@@ -210,7 +218,7 @@ impl Driver {
         loop {
             self.state.send_replace(State::Connecting);
             let (end, url) = self.attempt(avoid.take()).await;
-            let (retry_in, stop) = self.decide(&end);
+            let next = self.decide(&end);
             let reason = match end {
                 End::Stop(reason) => return reason,
                 End::Closed { code, reason } => DisconnectReason::Closed { code, reason },
@@ -220,6 +228,10 @@ impl Driver {
                 End::NoEndpoint(e) => DisconnectReason::NoEndpoint(e),
                 End::Token(e) => DisconnectReason::Token(e),
             };
+            let retry_in = match &next {
+                Next::Retry(delay) => Some(*delay),
+                Next::Stop(_) => None,
+            };
             tracing::info!(url = url.as_deref(), ?reason, ?retry_in, "disconnected");
             self.emit(Event::Disconnected(Disconnected {
                 url: url.clone(),
@@ -227,12 +239,12 @@ impl Driver {
                 retry_in,
             }))
             .await;
-            if let Some(stop) = stop {
-                return stop;
-            }
+            let delay = match next {
+                Next::Stop(stop) => return stop,
+                Next::Retry(delay) => delay,
+            };
             avoid = url;
             self.state.send_replace(State::Reconnecting);
-            let delay = retry_in.unwrap_or_default();
             if let Err(stop) = self.offline(tokio::time::sleep(delay)).await {
                 return stop;
             }
@@ -301,38 +313,31 @@ impl Driver {
         Ok(token)
     }
 
-    /// When to try again (`None` with a stop reason: never).
-    fn decide(&mut self, end: &End) -> (Option<Duration>, Option<StopReason>) {
+    /// What follows the end of a session or attempt.
+    fn decide(&mut self, end: &End) -> Next {
         let after = self.reconnect_after.take();
-        let code = match end {
-            End::Stop(reason) => return (None, Some(reason.clone())),
-            End::Closed { code, .. } => CloseCode::from_code(*code),
-            _ => None,
+        let (code, reason) = match end {
+            End::Stop(reason) => return Next::Stop(reason.clone()),
+            End::Closed { code, reason } => (*code, reason),
+            _ => return Next::Retry(self.backoff.next_delay()),
         };
-        match code {
+        match CloseCode::from_code(code) {
+            // The server already spread its clients; without its hint, spread here.
             Some(CloseCode::Draining) => {
-                // The server already spread its clients; without its hint, spread here.
-                let delay = after.unwrap_or_else(|| jitter(self.config.drain_jitter));
-                (Some(delay), None)
+                Next::Retry(after.unwrap_or_else(|| jitter(self.config.drain_jitter)))
             }
             Some(CloseCode::Unauthorized) => match self.config.token {
-                TokenSource::Static(_) => (None, Some(StopReason::Unauthorized)),
+                TokenSource::Static(_) => Next::Stop(StopReason::Unauthorized),
                 TokenSource::Provider(_) => {
                     self.token = None;
-                    (Some(self.backoff.next_delay()), None)
+                    Next::Retry(self.backoff.next_delay())
                 }
             },
-            Some(code) if !code.should_reconnect() => {
-                let End::Closed { code, reason } = end else {
-                    unreachable!("a close code comes from End::Closed")
-                };
-                let stop = StopReason::Rejected {
-                    code: *code,
-                    reason: reason.clone(),
-                };
-                (None, Some(stop))
-            }
-            _ => (Some(self.backoff.next_delay()), None),
+            Some(c) if !c.should_reconnect() => Next::Stop(StopReason::Rejected {
+                code,
+                reason: reason.clone(),
+            }),
+            _ => Next::Retry(self.backoff.next_delay()),
         }
     }
 
