@@ -51,7 +51,6 @@ pub(crate) struct Config {
     pub(crate) backoff_initial: Duration,
     pub(crate) backoff_max: Duration,
     pub(crate) stable_after: Duration,
-    pub(crate) drain_jitter: Duration,
     pub(crate) event_buffer: usize,
 }
 
@@ -67,7 +66,6 @@ pub struct ClientBuilder {
     backoff_initial: Duration,
     backoff_max: Duration,
     stable_after: Duration,
-    drain_jitter: Duration,
     event_buffer: usize,
 }
 
@@ -83,7 +81,6 @@ impl Default for ClientBuilder {
             backoff_initial: Duration::from_millis(250),
             backoff_max: Duration::from_secs(30),
             stable_after: Duration::from_secs(5),
-            drain_jitter: Duration::from_secs(1),
             event_buffer: 1024,
         }
     }
@@ -249,7 +246,6 @@ impl ClientBuilder {
             backoff_initial: self.backoff_initial,
             backoff_max: self.backoff_max,
             stable_after: self.stable_after,
-            drain_jitter: self.drain_jitter,
             event_buffer: self.event_buffer,
         })
     }

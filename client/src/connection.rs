@@ -11,7 +11,8 @@
 //!
 //! | close | next step |
 //! |---|---|
-//! | 4503 draining | reconnect after the server's `after_ms` (else a jitter of up to 1 s), to another node |
+//! | 4503 draining after `reconnect` | reconnect after the server's `after_ms`, to another node, no backoff |
+//! | 4503 without `reconnect` | back off (a jitter of up to 250 ms after a stable session), reconnect |
 //! | 4401 unauthorized | ask the token callback again, back off, reconnect; with a fixed token: stop |
 //! | 4400, 4403, 1009 | stop ([`StopReason::Rejected`]) |
 //! | 4408, 4429, 4509, anything else, a broken connection, a silent one | back off, reconnect, resume |
@@ -109,7 +110,6 @@ pub(crate) fn spawn(runtime: &tokio::runtime::Handle, config: Config) -> (Client
         subscribers: HashMap::new(),
         queued: VecDeque::new(),
         next_id: 1,
-        reconnect_after: None,
         last_node: None,
         closers: Vec::new(),
     };
@@ -123,8 +123,13 @@ pub(crate) fn spawn(runtime: &tokio::runtime::Handle, config: Config) -> (Client
 /// How a session or an attempt ended.
 #[derive(Debug)]
 enum End {
-    /// The server closed with a code.
-    Closed { code: u16, reason: String },
+    /// The server closed with a code; `after` is the hint of a `reconnect` frame
+    /// received before the close.
+    Closed {
+        code: u16,
+        reason: String,
+        after: Option<Duration>,
+    },
     /// No frame for 2 × heartbeat.
     HeartbeatTimeout,
     /// The socket broke without a close frame.
@@ -172,6 +177,8 @@ struct Session {
     /// `retry_at`.
     retry: Vec<String>,
     retry_at: Option<Instant>,
+    /// `after_ms` of a `reconnect` frame: a planned close follows.
+    reconnect_after: Option<Duration>,
 }
 
 impl Session {
@@ -199,8 +206,6 @@ struct Driver {
     subscribers: HashMap<String, Vec<Reply<Subscription>>>,
     queued: VecDeque<Queued>,
     next_id: u64,
-    /// `after_ms` of the last `reconnect` frame of the current session.
-    reconnect_after: Option<Duration>,
     last_node: Option<String>,
     /// `close()` calls waiting for the task to finish.
     closers: Vec<oneshot::Sender<()>>,
@@ -221,7 +226,7 @@ impl Driver {
             let next = self.decide(&end);
             let reason = match end {
                 End::Stop(reason) => return reason,
-                End::Closed { code, reason } => DisconnectReason::Closed { code, reason },
+                End::Closed { code, reason, .. } => DisconnectReason::Closed { code, reason },
                 End::HeartbeatTimeout => DisconnectReason::HeartbeatTimeout,
                 End::Lost(e) => DisconnectReason::ConnectionLost(e),
                 End::ConnectFailed(e) => DisconnectReason::ConnectFailed(e),
@@ -315,28 +320,32 @@ impl Driver {
 
     /// What follows the end of a session or attempt.
     fn decide(&mut self, end: &End) -> Next {
-        let after = self.reconnect_after.take();
-        let (code, reason) = match end {
+        let (code, reason, after) = match end {
             End::Stop(reason) => return Next::Stop(reason.clone()),
-            End::Closed { code, reason } => (*code, reason),
+            End::Closed {
+                code,
+                reason,
+                after,
+            } => (*code, reason, *after),
             _ => return Next::Retry(self.backoff.next_delay()),
         };
-        match CloseCode::from_code(code) {
-            // The server already spread its clients; without its hint, spread here.
-            Some(CloseCode::Draining) => {
-                Next::Retry(after.unwrap_or_else(|| jitter(self.config.drain_jitter)))
-            }
-            Some(CloseCode::Unauthorized) => match self.config.token {
+        match (CloseCode::from_code(code), after) {
+            // A drain: the server already spread its clients over `after_ms`.
+            (Some(CloseCode::Draining), Some(after)) => Next::Retry(after),
+            (Some(CloseCode::Unauthorized), _) => match self.config.token {
                 TokenSource::Static(_) => Next::Stop(StopReason::Unauthorized),
                 TokenSource::Provider(_) => {
                     self.token = None;
                     Next::Retry(self.backoff.next_delay())
                 }
             },
-            Some(c) if !c.should_reconnect() => Next::Stop(StopReason::Rejected {
+            (Some(c), _) if !c.should_reconnect() => Next::Stop(StopReason::Rejected {
                 code,
                 reason: reason.clone(),
             }),
+            // Everything else may happen again, so back off. That includes 4503 without
+            // `reconnect` (the broker was down at hello, or the drain window ended):
+            // after a stable session the first delay is a mere jitter of up to 250 ms.
             _ => Next::Retry(self.backoff.next_delay()),
         }
     }
@@ -420,6 +429,7 @@ impl Driver {
             pending: HashMap::new(),
             retry: Vec::new(),
             retry_at: None,
+            reconnect_after: None,
         };
         let end = match self.start_session(&mut session, welcome, url).await {
             Ok(heartbeat) => self.session_loop(&mut session, heartbeat).await,
@@ -532,7 +542,9 @@ impl Driver {
                     watchdog.as_mut().reset(Instant::now() + silence);
                     match frame {
                         Some(Ok(WsMessage::Text(text))) => self.on_text(session, &text).await,
-                        Some(Ok(WsMessage::Close(frame))) => Err(closed(frame)),
+                        Some(Ok(WsMessage::Close(frame))) => {
+                            Err(closed(frame, session.reconnect_after))
+                        }
                         Some(Ok(_)) => Ok(()),
                         Some(Err(e)) => Err(End::Lost(e.to_string())),
                         None => Err(End::Lost("connection closed".into())),
@@ -593,7 +605,7 @@ impl Driver {
             ServerFrame::Ping => session.send(&ClientCommand::Pong).await?,
             ServerFrame::Reconnect(r) => {
                 tracing::info!(reason = %r.reason, after_ms = r.after_ms, "server asks to reconnect");
-                self.reconnect_after = Some(Duration::from_millis(r.after_ms));
+                session.reconnect_after = Some(Duration::from_millis(r.after_ms));
             }
             ServerFrame::Resync(r) => {
                 if let Some(resync) = self.tracker.resync(&r) {
@@ -844,14 +856,16 @@ async fn handshake(
     ws.send(WsMessage::text(hello.to_json()))
         .await
         .map_err(|e| End::ConnectFailed(e.to_string()))?;
+    // A draining node says `reconnect` instead of `welcome`; its close follows.
+    let mut after = None;
     loop {
         match ws.next().await {
             Some(Ok(WsMessage::Text(text))) => match ServerFrame::parse(&text) {
                 Ok(ServerFrame::Welcome(welcome)) => return Ok((ws, welcome)),
-                // A draining node may say `reconnect` first; its close follows.
+                Ok(ServerFrame::Reconnect(r)) => after = Some(Duration::from_millis(r.after_ms)),
                 _ => continue,
             },
-            Some(Ok(WsMessage::Close(frame))) => return Err(closed(frame)),
+            Some(Ok(WsMessage::Close(frame))) => return Err(closed(frame, after)),
             Some(Ok(_)) => continue,
             Some(Err(e)) => return Err(End::ConnectFailed(e.to_string())),
             None => return Err(End::ConnectFailed("closed before welcome".into())),
@@ -859,11 +873,12 @@ async fn handshake(
     }
 }
 
-fn closed(frame: Option<CloseFrame>) -> End {
+fn closed(frame: Option<CloseFrame>, after: Option<Duration>) -> End {
     match frame {
         Some(frame) => End::Closed {
             code: u16::from(frame.code),
             reason: frame.reason.to_string(),
+            after,
         },
         None => End::Lost("closed without a code".into()),
     }

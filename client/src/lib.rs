@@ -50,6 +50,9 @@
 //!
 //! One task per client owns the socket; [`Client`] handles talk to it over channels.
 //!
+//! This build speaks `ws://` and `http://` only: no TLS stack is compiled in, and
+//! [`ClientBuilder::start`] refuses `wss://` and `https://` endpoints.
+//!
 //! # Modules
 //! - [`config`]: [`ClientBuilder`], [`Endpoint`], tokens, timeouts;
 //! - `connection`: the task that owns the socket and the reconnect policy;
