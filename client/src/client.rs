@@ -39,6 +39,14 @@ pub struct Client {
     request_timeout: Duration,
 }
 
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("state", &*self.state.borrow())
+            .finish_non_exhaustive()
+    }
+}
+
 impl Client {
     /// A builder; see [`ClientBuilder`].
     pub fn builder() -> ClientBuilder {
@@ -174,6 +182,7 @@ impl Client {
 /// The client's events, in order: see [`Event`]. Ends (`None`) after
 /// [`Event::Stopped`]. Read it continuously, ideally in its own task: while events are
 /// not read, the client does not read its socket either.
+#[derive(Debug)]
 pub struct Events {
     rx: mpsc::Receiver<Event>,
 }
