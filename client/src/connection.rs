@@ -478,16 +478,16 @@ impl Driver {
                 .await?;
             }
         }
-        for (channel, error) in welcome.errors {
-            self.refused(session, &channel, error).await;
-        }
         // Channels added while the hello was on its way.
         let missing: Vec<String> = self
             .tracker
             .channels()
-            .filter(|c| !welcome.subscriptions.contains_key(*c))
+            .filter(|c| !welcome.subscriptions.contains_key(*c) && !welcome.errors.contains_key(*c))
             .cloned()
             .collect();
+        for (channel, error) in welcome.errors {
+            self.refused(session, &channel, error).await;
+        }
         for channel in missing {
             self.send_subscribe(session, channel).await?;
         }

@@ -266,3 +266,29 @@ async fn close_returns_even_when_nobody_reads_the_events() {
         .expect("close returned");
     assert_eq!(client.state(), State::Stopped(StopReason::ClientClosed));
 }
+
+#[tokio::test]
+async fn a_channel_refused_at_hello_is_reported_and_forgotten() {
+    let node = NodeProcess::start("refused", &[]);
+    let (client, events) = Client::builder()
+        .url(node.ws_url())
+        .token(alice_token())
+        .subscribe("room:ok")
+        .subscribe("secret:no")
+        .start()
+        .unwrap();
+    let rec = Recorder::start(events);
+    rec.wait("welcome applied", WAIT, |r| {
+        r.subscribed.iter().any(|s| s.channel == "room:ok")
+            && r.failed.iter().any(|(c, _)| c == "secret:no")
+    })
+    .await;
+    rec.with(|r| assert_eq!(r.failed[0].1.code, ErrorCode::Forbidden));
+    let positions = client.positions().await.unwrap();
+    assert!(positions.contains_key("room:ok") && positions.contains_key("user:alice"));
+    assert!(!positions.contains_key("secret:no"));
+    // Forgotten: subscribing again is a new request (refused again), not "already".
+    let e = client.subscribe("secret:no").await.unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::Forbidden));
+    client.close().await;
+}
