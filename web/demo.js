@@ -240,6 +240,8 @@ async function join(name) {
     $("chat-text").disabled = false;
     $("chat-send").disabled = false;
     refreshPresence();
+    // Nodes send presence changes in batches (every 100 ms): look again shortly.
+    setTimeout(refreshPresence, 400);
     clearInterval(presenceTimer);
     presenceTimer = setInterval(refreshPresence, PRESENCE_EVERY_MS);
   } catch (e) {

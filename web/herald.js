@@ -20,6 +20,11 @@ const CLOSE_UNAUTHORIZED = 4401;
 const CLOSE_DRAINING = 4503;
 /** How long a URL that failed (or is draining) is avoided when there is a choice. */
 const AVOID_MS = 10_000;
+/**
+ * A connection that lasted this long resets the backoff. A shorter one does not, so a
+ * node that welcomes and then closes at once (4429, say) is not hammered.
+ */
+const STABLE_MS = 5_000;
 
 /**
  * An error of the client. `code` is the protocol's error code for a refused command
@@ -95,6 +100,7 @@ export class HeraldClient {
     this._state = "disconnected";
     this._user = null;
     this._heartbeatMs = 25_000;
+    this._welcomeAt = 0;
     this._helloResume = null;
     this._ws = null;
     this._welcome = null;
@@ -471,7 +477,7 @@ export class HeraldClient {
     }
     this._user = w.user;
     this._welcome = w;
-    this._attempt = 0;
+    this._welcomeAt = Date.now();
     this._reconnectAfter = null;
     this._avoid.delete(this._url);
     const resumed = this._helloResume ?? {};
@@ -615,6 +621,7 @@ export class HeraldClient {
     if (ws) ws.onopen = ws.onmessage = ws.onclose = ws.onerror = null;
     clearTimeout(this._watchdog);
     const hadWelcome = this._welcome != null;
+    if (hadWelcome && Date.now() - this._welcomeAt >= STABLE_MS) this._attempt = 0;
     this._welcome = null;
     this._helloResume = null;
     const pending = [...this._pending.values()];

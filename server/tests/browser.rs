@@ -76,12 +76,17 @@ async fn herald_js_and_demo_page_in_chromium() {
         .iter()
         .map(|id| NodeProcess::start(id, &env))
         .collect();
-    // Not dev mode (keys set, HERALD_DEV unset) and alone: /dev/token answers 404.
-    let plain = NodeProcess::start("web-plain", &[("RUST_LOG", "error")]);
+    // Not dev mode (keys set, HERALD_DEV unset) and alone: /dev/token answers 404. Its
+    // short heartbeat shows that herald.js answers pings.
+    let plain = NodeProcess::start(
+        "web-plain",
+        &[("RUST_LOG", "error"), ("HERALD_HEARTBEAT_MS", "300")],
+    );
     for n in nodes.iter().chain([&plain]) {
         n.wait_ready(READY).await;
     }
-    let artifacts = std::env::temp_dir().join(format!("herald-browser-{}", std::process::id()));
+    // Screenshots of the demo, for a human to look at; overwritten by the next run.
+    let artifacts = Path::new(env!("CARGO_TARGET_TMPDIR")).join("browser");
     std::fs::create_dir_all(&artifacts).expect("artifacts dir");
     let config = json!({
         "apiKey": API_KEY,

@@ -90,7 +90,10 @@ const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 function watch(page, name) {
   page.on("pageerror", (e) => say(`${name}: page error: ${e.message}`));
   page.on("console", (m) => {
-    if (m.type() === "error" && !m.text().includes("ERR_CONNECTION_REFUSED")) {
+    // Refused connections (a node is down on purpose) and the /dev/token 404 of the
+    // node without dev mode are expected.
+    const expected = ["ERR_CONNECTION_REFUSED", "status of 404"];
+    if (m.type() === "error" && !expected.some((e) => m.text().includes(e))) {
       say(`${name}: console: ${m.text()}`);
     }
   });
@@ -507,6 +510,41 @@ async function demo(browser) {
   );
 }
 
+// ---- scenario 4: heartbeats and token refresh -----------------------------------------------
+
+async function heartbeatAndToken(browser) {
+  say("scenario 4: ping/pong with a 300 ms heartbeat; a refused token is asked for again");
+  const page = await testPage(browser, plain, "plain");
+  const result = await within(
+    page.evaluate(async (good) => {
+      let calls = 0;
+      // The first token is refused (4401); the client must ask again and go on.
+      const getToken = async () => (++calls === 1 ? "not-a-jwt" : good);
+      const c = H.make("frank-lib", { url: "/ws", getToken, backoffMaxMs: 500 });
+      const welcome = await c.connect();
+      // Several heartbeat periods: the node pings, the client must answer, or 4408.
+      await new Promise((r) => setTimeout(r, 2_000));
+      const report = H.report("frank-lib");
+      c.close();
+      return { calls, heartbeat: welcome.heartbeat_ms, report, closed: c.state };
+    }, plain.token),
+    "a client on the plain node",
+  );
+  assert.equal(result.heartbeat, 300, "the node's heartbeat_ms");
+  assert.equal(result.calls, 2, "getToken asked again after 4401");
+  assert.deepEqual(result.report.disconnects, [4401], "no 4408: every ping was answered");
+  assert.equal(result.report.nodes.length, 1, "one welcome");
+  assert.equal(result.report.state, "connected");
+  assert.equal(result.closed, "closed");
+  assert.deepEqual(result.report.states, [
+    "connecting",
+    "disconnected",
+    "connecting",
+    "connected",
+    "closed",
+  ]);
+}
+
 // ---- main ------------------------------------------------------------------------------
 
 async function main() {
@@ -531,6 +569,7 @@ async function main() {
     const page = await nodeFailures(browser);
     await demo(browser);
     await lossReported(page);
+    await heartbeatAndToken(browser);
   } finally {
     await browser.close();
   }
