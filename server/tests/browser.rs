@@ -67,9 +67,12 @@ async fn herald_js_and_demo_page_in_chromium() {
 
     let mut redis = RedisServer::start();
     let redis_url = redis.url();
+    // History long enough that a slow node restart on a busy machine loses nothing.
+    let history = "300";
     let env = [
         ("HERALD_REDIS_URL", redis_url.as_str()),
         ("HERALD_DEV", "1"),
+        ("HERALD_HISTORY_SIZE", history),
         ("RUST_LOG", "error"),
     ];
     let mut nodes: Vec<NodeProcess> = ["web-0", "web-1", "web-2"]
@@ -80,7 +83,7 @@ async fn herald_js_and_demo_page_in_chromium() {
     // short heartbeat shows that herald.js answers pings.
     let plain = NodeProcess::start(
         "web-plain",
-        &[("RUST_LOG", "error"), ("HERALD_HEARTBEAT_MS", "300")],
+        &[("RUST_LOG", "error"), ("HERALD_HEARTBEAT_MS", "500")],
     );
     for n in nodes.iter().chain([&plain]) {
         n.wait_ready(READY).await;
@@ -90,6 +93,7 @@ async fn herald_js_and_demo_page_in_chromium() {
     std::fs::create_dir_all(&artifacts).expect("artifacts dir");
     let config = json!({
         "apiKey": API_KEY,
+        "historySize": history.parse::<u64>().unwrap(),
         "nodes": nodes.iter().map(|n| json!({"id": n.id, "http": n.http()})).collect::<Vec<_>>(),
         "plain": {
             "id": plain.id,
