@@ -416,11 +416,11 @@ async function lossReported(page) {
 
 // ---- scenario 3: the demo page ------------------------------------------------------------
 
-async function demoPage(browser, node, user) {
+async function demoPage(browser, node, user, query = "") {
   const context = await browser.newContext({ viewport: { width: 1100, height: 900 } });
   const page = await context.newPage();
   watch(page, `demo ${user}`);
-  await page.goto(`${node.http}/?user=${user}`);
+  await page.goto(`${node.http}/?user=${user}${query}`);
   await page.click("#sign-in-form button");
   return page;
 }
@@ -505,6 +505,15 @@ async function demo(browser) {
     timeout: WAIT,
   });
   assert.equal(await frank.textContent("#me"), "frank");
+
+  // "Ask /v1/connect": the page connects to whichever node is least loaded.
+  const gus = await demoPage(browser, nodes[0], "gus", "&connect=1");
+  await gus.waitForSelector("#state.state-connected", { timeout: WAIT });
+  const gusNode = await gus.textContent("#node");
+  const chosen = nodes.find((n) => n.id === gusNode);
+  assert.ok(chosen, `gus is on a node of the cluster: ${gusNode}`);
+  assert.equal(await gus.textContent("#url"), `ws://${new URL(chosen.http).host}/ws`);
+  say(`gus: /v1/connect chose ${gusNode}`);
 
   // The state shown follows the connection: sign out closes it.
   await dora.click("#sign-out");
