@@ -11,7 +11,8 @@
 //! - [`presence`]: this node's presence, sent to the broker in batches;
 //! - [`registry`]: this node's heartbeat and the choice of node for `/v1/connect`;
 //! - [`node`]: the state shared by all of the above, and connection admission;
-//! - [`metrics`]: Prometheus metrics.
+//! - [`metrics`]: Prometheus metrics;
+//! - [`web`]: the browser client (`/herald.js`) and the demo page (`/`), embedded.
 //!
 //! [`run`] serves one node on a listener until a shutdown future resolves, then drains.
 
@@ -24,6 +25,7 @@ pub mod metrics;
 pub mod node;
 pub mod presence;
 pub mod registry;
+pub mod web;
 pub mod ws;
 
 use std::future::Future;
@@ -120,6 +122,7 @@ pub async fn run(
     tokio::spawn(housekeeping(Arc::clone(&hub), memory, background.clone()));
 
     let app = api::routes()
+        .merge(web::routes())
         .route("/ws", get(ws::upgrade))
         .with_state(Arc::clone(&node));
     let stop_http = CancellationToken::new();

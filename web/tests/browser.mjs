@@ -1,0 +1,604 @@
+// Browser test of herald.js and the demo page, in headless Chromium (Debian's package)
+// driven by playwright-core. Run by server/tests/browser.rs, which starts the cluster
+// (Redis + 3 dev-mode nodes + 1 node without dev mode) and passes it as JSON in argv[2].
+//
+// The script asks the Rust side to kill, stop or restart processes by printing a line
+// `@@<command> <arg>` on stdout and waiting for `ok` on stdin; `@@pass` at the end says
+// every check held. Any failure throws: the script exits non-zero with the reason.
+
+import { createInterface } from "node:readline";
+import { readFileSync } from "node:fs";
+import { fileURLToPath } from "node:url";
+import assert from "node:assert/strict";
+import { chromium } from "playwright-core";
+
+const config = JSON.parse(process.argv[2] ?? "{}");
+const { nodes, plain, apiKey } = config;
+const CHROMIUM = process.env.HERALD_CHROMIUM || "/usr/bin/chromium";
+/** Every wait is bounded; generous because the machine may be busy. */
+const WAIT = 30_000;
+const harness = readFileSync(fileURLToPath(new URL("./harness.js", import.meta.url)), "utf8");
+const started = Date.now();
+
+function say(text) {
+  process.stdout.write(`[browser ${((Date.now() - started) / 1000).toFixed(1)}s] ${text}\n`);
+}
+
+// ---- talking to the Rust side ----------------------------------------------------------
+
+const lines = [];
+const lineWaiters = [];
+createInterface({ input: process.stdin }).on("line", (line) => {
+  const w = lineWaiters.shift();
+  if (w) w(line);
+  else lines.push(line);
+});
+
+/** Asks the Rust side to do something to the cluster; resolves when it is done. */
+async function control(command) {
+  say(`asking: ${command}`);
+  process.stdout.write(`@@${command}\n`);
+  const line = lines.length > 0 ? lines.shift() : await new Promise((r) => lineWaiters.push(r));
+  assert.equal(line.trim(), "ok", `${command}: ${line}`);
+}
+
+// ---- the HTTP API ---------------------------------------------------------------------
+
+const down = new Set();
+
+async function api(node, method, path, body) {
+  const r = await fetch(`${node.http}${path}`, {
+    method,
+    headers: { Authorization: `Bearer ${apiKey}`, "Content-Type": "application/json" },
+    body: body === undefined ? undefined : JSON.stringify(body),
+    signal: AbortSignal.timeout(3_000),
+  });
+  const json = await r.json();
+  if (!r.ok) throw new Error(`${method} ${path}: ${r.status} ${JSON.stringify(json)}`);
+  return json;
+}
+
+let rr = 0;
+/**
+ * Publishes through any node that is up, trying the others when one fails (a node that
+ * was just killed, or reconnecting to a restarted Redis), for 15 s at most.
+ */
+async function publish(channel, data) {
+  const deadline = Date.now() + 15_000;
+  let last;
+  while (Date.now() < deadline) {
+    const node = nodes[rr++ % nodes.length];
+    if (down.has(node.id)) continue;
+    try {
+      return await api(node, "POST", "/v1/publish", { channel, data });
+    } catch (e) {
+      last = e;
+      await sleep(50);
+    }
+  }
+  throw new Error(`could not publish to ${channel}: ${last?.message}`);
+}
+
+/** The channel's latest offset and epoch, from a node that is up. */
+async function latest(channel) {
+  for (const node of nodes) {
+    if (down.has(node.id)) continue;
+    const h = await api(node, "GET", `/v1/channels/${channel}/history?limit=0`);
+    return { offset: h.offset, epoch: h.epoch };
+  }
+  throw new Error("no node up");
+}
+
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+
+// ---- pages ---------------------------------------------------------------------------
+
+function watch(page, name) {
+  page.on("pageerror", (e) => say(`${name}: page error: ${e.message}`));
+  page.on("console", (m) => {
+    // Refused connections (a node is down on purpose) and the /dev/token 404 of the
+    // node without dev mode are expected.
+    const expected = ["ERR_CONNECTION_REFUSED", "status of 404"];
+    if (m.type() === "error" && !expected.some((e) => m.text().includes(e))) {
+      say(`${name}: console: ${m.text()}`);
+    }
+  });
+}
+
+/**
+ * A page on `node`'s origin, as the node served it (the demo page), with the harness
+ * added as a module that imports the node's /herald.js. A real response, not one made
+ * up by the test: Chromium's local-network checks treat a made-up page as public and
+ * refuse its connections to 127.0.0.1. The harness is an inline script, which the demo
+ * page's CSP forbids, so this context bypasses CSP (the demo tests below do not).
+ */
+async function testPage(browser, node, name) {
+  const context = await browser.newContext({ bypassCSP: true });
+  const page = await context.newPage();
+  watch(page, name);
+  await page.goto(`${node.http}/`);
+  await page.addScriptTag({ type: "module", content: harness });
+  await page.waitForFunction(() => globalThis.H !== undefined, null, { timeout: WAIT });
+  return page;
+}
+
+/** Fails when `promise` takes longer than WAIT. */
+async function within(promise, what) {
+  let timer;
+  const timeout = new Promise((_, reject) => {
+    timer = setTimeout(() => reject(new Error(`timed out: ${what}`)), WAIT);
+  });
+  try {
+    return await Promise.race([promise, timeout]);
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
+const waitIn = (page, fn, arg, what) =>
+  page.waitForFunction(fn, arg, { timeout: WAIT, polling: 50 }).catch((e) => {
+    throw new Error(`timed out waiting for ${what}: ${e.message.split("\n")[0]}`);
+  });
+
+async function waitConnected(page, name) {
+  await waitIn(page, (n) => H.client(n).state === "connected", name, `${name} connected`);
+}
+
+async function waitLast(page, name, channel, offset) {
+  await waitIn(
+    page,
+    ([n, ch, off]) => H.last(n, ch) >= off,
+    [name, channel, offset],
+    `${name} to reach ${channel} offset ${offset}`,
+  );
+}
+
+/** Every offset from `from` to `to` exactly once, in order, in one epoch. */
+function assertExact(report, channel, from, to) {
+  const got = (report.messages[channel] ?? []).map(([offset]) => offset);
+  const want = [];
+  for (let o = from; o <= to; o++) want.push(o);
+  assert.deepEqual(got, want, `${channel}: every offset once, in order`);
+  const epochs = new Set((report.messages[channel] ?? []).map(([, epoch]) => epoch));
+  assert.equal(epochs.size, 1, `${channel}: one epoch`);
+}
+
+// ---- scenario 1: herald.js through node failures ------------------------------------------
+
+async function nodeFailures(browser) {
+  say("scenario 1: pushes through a node kill, a restart and a drain");
+  const [n0] = nodes;
+  const page = await testPage(browser, n0, "lib");
+  const wsUrls = nodes.map((n) => `ws://${new URL(n.http).host}/ws`);
+
+  // alice: one URL only, so she has to wait for her node to come back.
+  // bob: asks /v1/connect (on the page's origin), falls back to every node's URL.
+  await page.evaluate(
+    ([url, urls]) => {
+      const devToken = async (user) =>
+        (await (await fetch(`/dev/token?user=${user}`)).json()).token;
+      return Promise.all([
+        devToken("alice").then((token) =>
+          H.make("alice", { url, token, backoffMaxMs: 1000 }),
+        ),
+        devToken("bob").then((token) =>
+          H.make("bob", { connectUrl: "/v1/connect", url: urls, token, backoffMaxMs: 1000 }),
+        ),
+      ]);
+    },
+    [wsUrls[0], wsUrls],
+  );
+  const subscribed = await within(
+    page.evaluate(async () => {
+      const out = [];
+      for (const n of ["alice", "bob"]) {
+        await H.client(n).connect();
+        out.push(await H.client(n).subscribe("room:feed"));
+      }
+      return out;
+    }),
+    "alice and bob connect and subscribe",
+  );
+  for (const s of subscribed) assert.equal(s.offset, 0, "room:feed starts empty");
+
+  // Commands resolve with their reply, or reject with the protocol's error code.
+  const checks = await within(page.evaluate(async () => {
+    const a = H.client("alice");
+    return {
+      forbidden: await H.attempt(a.subscribe("user:bob")),
+      bad: await H.attempt(a.publish("not a channel!", 1)),
+      presence: await H.attempt(a.presence("room:feed")),
+      welcomeNode: a.node,
+      user: a.user,
+    };
+  }), "commands and their errors");
+  assert.equal(checks.forbidden.ok, false);
+  assert.equal(checks.forbidden.code, "forbidden");
+  assert.ok(checks.forbidden.isHeraldError);
+  assert.equal(checks.bad.code, "bad_request");
+  assert.equal(checks.presence.ok, true);
+  assert.equal(checks.welcomeNode, n0.id);
+  assert.equal(checks.user, "alice");
+
+  const channels = ["user:alice", "user:bob", "room:feed"];
+  let pushing = true;
+  let pushed = 0;
+  const pusher = (async () => {
+    while (pushing) {
+      for (const ch of channels) await publish(ch, { n: pushed, ch });
+      pushed++;
+      await sleep(40);
+    }
+  })();
+
+  await waitLast(page, "alice", "room:feed", 5);
+  await waitLast(page, "bob", "room:feed", 5);
+
+  // SIGKILL alice's node (also the page's origin): no goodbye, no drain.
+  down.add(n0.id);
+  await control("kill 0");
+  await sleep(1_000);
+  await control("restart 0");
+  down.delete(n0.id);
+  const before = (await latest("user:alice")).offset;
+  await waitLast(page, "alice", "user:alice", before);
+  await waitConnected(page, "alice");
+  say(`alice is back on ${await page.evaluate(() => H.client("alice").node)}`);
+
+  // SIGTERM the node bob is on: it drains (reconnect frame, 4503) and bob moves.
+  await waitConnected(page, "bob");
+  const bobNode = await page.evaluate(() => H.client("bob").node);
+  const j = nodes.findIndex((n) => n.id === bobNode);
+  assert.ok(j >= 0, `bob is on a known node (${bobNode})`);
+  down.add(bobNode);
+  await control(`terminate ${j}`);
+  await waitIn(
+    page,
+    (gone) => H.client("bob").state === "connected" && H.client("bob").node !== gone,
+    bobNode,
+    "bob on another node",
+  );
+  await control(`restart ${j}`);
+  down.delete(bobNode);
+  await sleep(500);
+
+  pushing = false;
+  await pusher;
+  const ends = {};
+  for (const ch of channels) ends[ch] = await latest(ch);
+  say(`pushed ${pushed} rounds; last offsets ${JSON.stringify(ends)}`);
+  await waitLast(page, "alice", "user:alice", ends["user:alice"].offset);
+  await waitLast(page, "alice", "room:feed", ends["room:feed"].offset);
+  await waitLast(page, "bob", "user:bob", ends["user:bob"].offset);
+  await waitLast(page, "bob", "room:feed", ends["room:feed"].offset);
+
+  const alice = await page.evaluate(() => H.report("alice"));
+  const bob = await page.evaluate(() => H.report("bob"));
+  assertExact(alice, "user:alice", 1, ends["user:alice"].offset);
+  assertExact(alice, "room:feed", 1, ends["room:feed"].offset);
+  assertExact(bob, "user:bob", 1, ends["user:bob"].offset);
+  assertExact(bob, "room:feed", 1, ends["room:feed"].offset);
+  assert.deepEqual(alice.resyncs, [], "alice: no loss");
+  assert.deepEqual(bob.resyncs, [], "bob: no loss");
+  assert.ok(alice.nodes.length >= 2, "alice reconnected");
+  assert.ok(alice.nodes.every((n) => n === n0.id), "alice stayed on her only URL");
+  assert.ok(bob.nodes.length >= 2, "bob reconnected");
+  assert.ok(bob.disconnects.includes(4503), `bob saw the drain: ${bob.disconnects}`);
+  assert.ok(
+    alice.subscribed.some((s) => s.channel === "room:feed" && s.recovered),
+    "alice's resume was recovered",
+  );
+  for (const r of [alice, bob]) {
+    assert.ok(!r.states.includes("closed"), "never closed");
+    assert.deepEqual(r.errors.filter((e) => e.fatal), []);
+  }
+  say(
+    `alice: ${alice.messages["user:alice"].length}+${alice.messages["room:feed"].length} messages ` +
+      `over ${alice.nodes.length} connections; bob: ${bob.messages["user:bob"].length}+` +
+      `${bob.messages["room:feed"].length} over ${bob.nodes.join(" → ")}`,
+  );
+  await page.evaluate(() => {
+    H.client("alice").close();
+    H.client("bob").close();
+  });
+  return page;
+}
+
+// ---- scenario 2: recovered:false, resync, fatal close ---------------------------------------
+
+async function lossReported(page) {
+  say("scenario 2: resume beyond history (recovered:false), Redis restarted empty (resync)");
+  const [, n1, n2] = nodes;
+  const url1 = `ws://${new URL(n1.http).host}/ws`;
+  const url2 = `ws://${new URL(n2.http).host}/ws`;
+  const token = (await (await fetch(`${n1.http}/dev/token?user=carol`)).json()).token;
+
+  await within(
+    page.evaluate(
+      async ([url, token]) => {
+        const c = H.make("carol", { url, token });
+        await c.connect();
+        await c.subscribe("room:gap");
+      },
+      [url1, token],
+    ),
+    "carol connects and subscribes",
+  );
+  for (let i = 0; i < 3; i++) await publish("room:gap", { i });
+  await waitLast(page, "carol", "room:gap", 3);
+  const saved = await page.evaluate(() => {
+    const c = H.client("carol");
+    c.close();
+    return c.positions();
+  });
+  assert.equal(saved["room:gap"].offset, 3);
+  assert.ok(saved["user:carol"], "the personal channel has a position too");
+
+  // While carol is away: more than history holds on room:gap, two pushes to her.
+  for (let i = 0; i < config.historySize + 10; i++) await publish("room:gap", { i: i + 3 });
+  await publish("user:carol", { text: "while away 1" });
+  await publish("user:carol", { text: "while away 2" });
+  const gapEnd = await latest("room:gap");
+
+  await within(
+    page.evaluate(
+      async ([url, token, resume]) => {
+        const c = H.make("carol2", { url, token, resume });
+        await c.connect();
+      },
+      [url2, token, saved],
+    ),
+    "carol2 resumes",
+  );
+  await waitLast(page, "carol2", "user:carol", saved["user:carol"].offset + 2);
+  let carol = await page.evaluate(() => H.report("carol2"));
+  assert.deepEqual(
+    carol.resyncs.map((r) => [r.channel, r.reason, r.offset]),
+    [["room:gap", "not_recovered", gapEnd.offset]],
+    "a resume beyond history is reported",
+  );
+  assert.equal(carol.messages["room:gap"], undefined, "no old room:gap message is handed on");
+  assertExact(carol, "user:carol", saved["user:carol"].offset + 1, saved["user:carol"].offset + 2);
+  assert.ok(carol.subscribed.some((s) => s.channel === "user:carol" && s.recovered));
+  assert.ok(carol.subscribed.some((s) => s.channel === "room:gap" && !s.recovered));
+  await publish("room:gap", { after: "resume" });
+  await waitLast(page, "carol2", "room:gap", gapEnd.offset + 1);
+
+  // Redis comes back empty: history and epochs are gone, and the client must hear it.
+  await control("redis-restart");
+  const fresh = await publish("room:gap", { after: "redis restart" });
+  assert.notEqual(fresh.epoch, gapEnd.epoch, "a new epoch after Redis lost everything");
+  await waitIn(
+    page,
+    (epoch) => H.report("carol2").resyncs.some((r) => r.channel === "room:gap" && r.epoch === epoch),
+    fresh.epoch,
+    "carol2 to be told of the lost history (resync)",
+  );
+  const next = await publish("room:gap", { after: "resync" });
+  assert.equal(next.epoch, fresh.epoch);
+  await waitLast(page, "carol2", "room:gap", next.offset);
+  carol = await page.evaluate(() => H.report("carol2"));
+  // The application saw, on room:gap: the resume's resync, the old epoch's last message,
+  // the resync to the new epoch, then the new epoch's messages from right after the
+  // resync's position on, each once and in order.
+  const timeline = carol.timeline["room:gap"];
+  const at = timeline.findIndex(([kind, , epoch]) => kind === "resync" && epoch === fresh.epoch);
+  assert.deepEqual(
+    timeline.slice(0, at),
+    [
+      ["resync", gapEnd.offset, gapEnd.epoch],
+      ["message", gapEnd.offset + 1, gapEnd.epoch],
+    ],
+    "before the resync: only the old epoch",
+  );
+  const resyncAt = timeline[at][1];
+  const after = timeline.slice(at + 1);
+  const want = [];
+  for (let o = resyncAt + 1; o <= next.offset; o++) want.push(["message", o, fresh.epoch]);
+  assert.deepEqual(after, want, "after the resync: the new epoch from its position on");
+  say(`resync seen: ${JSON.stringify(carol.resyncs)}`);
+
+  // A token the node refuses, with no getToken to ask again: stop and report.
+  const refused = await within(
+    page.evaluate(async (url) => {
+      const c = H.make("mallory", { url, token: "not-a-jwt" });
+      const r = await H.attempt(c.connect());
+      return { r, report: H.report("mallory") };
+    }, url2),
+    "a refused token stops the client",
+  );
+  assert.equal(refused.r.ok, false);
+  assert.equal(refused.r.code, "close_4401");
+  assert.equal(refused.report.state, "closed");
+  assert.equal(refused.report.errors[0]?.fatal, true);
+  await page.evaluate(() => H.client("carol2").close());
+}
+
+// ---- scenario 3: the demo page ------------------------------------------------------------
+
+async function demoPage(browser, node, user, query = "") {
+  const context = await browser.newContext({ viewport: { width: 1100, height: 900 } });
+  const page = await context.newPage();
+  watch(page, `demo ${user}`);
+  await page.goto(`${node.http}/?user=${user}${query}`);
+  await page.click("#sign-in-form button");
+  return page;
+}
+
+async function demo(browser) {
+  say("scenario 3: the demo page, two users on two nodes");
+  const [, n1, n2] = nodes;
+  const dora = await demoPage(browser, n1, "dora");
+  const eve = await demoPage(browser, n2, "eve");
+  for (const [page, node, user] of [[dora, n1, "dora"], [eve, n2, "eve"]]) {
+    await page.waitForSelector("#state.state-connected", { timeout: WAIT });
+    await page.waitForFunction((id) => document.getElementById("node").textContent === id, node.id, {
+      timeout: WAIT,
+    });
+    assert.equal(await page.textContent("#me"), user);
+    assert.equal(await page.textContent("#state"), "connected");
+    await page.waitForSelector("#chat-text:not([disabled])", { timeout: WAIT });
+  }
+
+  // dora pushes a notification to eve (client publish to user:eve).
+  const nasty = '<img src=x id="pwned"> & "quotes"';
+  await dora.fill("#notify-to", "eve");
+  await dora.fill("#notify-text", `hi eve ${nasty}`);
+  await dora.click("#notify-form button");
+  await eve.waitForFunction(
+    (text) => document.getElementById("notifications").textContent.includes(text),
+    `hi eve ${nasty}`,
+    { timeout: WAIT },
+  );
+  assert.match(await eve.textContent("#notifications"), /from dora/);
+  assert.equal(await eve.$("#pwned"), null, "user data is text, never HTML");
+  assert.match(await dora.textContent("#notify-result"), /Pushed to eve/);
+
+  // A push from the backend reaches eve's notifications too.
+  await publish("user:eve", { text: "from the backend" });
+  await eve.waitForFunction(
+    () => document.getElementById("notifications").textContent.includes("from the backend"),
+    null,
+    { timeout: WAIT },
+  );
+
+  // Room chat, both ways.
+  await dora.fill("#chat-text", "hello from dora");
+  await dora.press("#chat-text", "Enter");
+  await eve.waitForFunction(
+    () => document.getElementById("chat").textContent.includes("dora: hello from dora"),
+    null,
+    { timeout: WAIT },
+  );
+  await eve.fill("#chat-text", "hi dora, eve here");
+  await eve.click("#chat-send");
+  await dora.waitForFunction(
+    () => document.getElementById("chat").textContent.includes("eve: hi dora, eve here"),
+    null,
+    { timeout: WAIT },
+  );
+
+  // Presence, refreshed: both pages list both users.
+  for (const page of [dora, eve]) {
+    await page.waitForFunction(
+      () => {
+        const users = [...document.querySelectorAll("#presence li")].map((li) => li.dataset.user);
+        return users.includes("dora") && users.includes("eve");
+      },
+      null,
+      { timeout: WAIT },
+    );
+  }
+  await dora.screenshot({ path: `${config.artifacts}/demo-dora.png`, fullPage: true }).catch(() => {});
+  await eve.screenshot({ path: `${config.artifacts}/demo-eve.png`, fullPage: true }).catch(() => {});
+
+  // A node without dev mode: /dev/token is 404, the page says so and takes a token.
+  say("scenario 3b: a node without dev mode");
+  const frank = await demoPage(browser, plain, "frank");
+  await frank.waitForSelector("#token-why:not([hidden])", { timeout: WAIT });
+  assert.match(await frank.textContent("#token-why"), /not in dev mode.*404/s);
+  assert.equal(await frank.isVisible("#token-input"), true);
+  await frank.fill("#token-input", plain.token);
+  await frank.click("#token-form button");
+  await frank.waitForSelector("#state.state-connected", { timeout: WAIT });
+  await frank.waitForFunction((id) => document.getElementById("node").textContent === id, plain.id, {
+    timeout: WAIT,
+  });
+  assert.equal(await frank.textContent("#me"), "frank");
+
+  // "Ask /v1/connect": the page connects to whichever node is least loaded.
+  const gus = await demoPage(browser, nodes[0], "gus", "&connect=1");
+  await gus.waitForSelector("#state.state-connected", { timeout: WAIT });
+  const gusNode = await gus.textContent("#node");
+  const chosen = nodes.find((n) => n.id === gusNode);
+  assert.ok(chosen, `gus is on a node of the cluster: ${gusNode}`);
+  assert.equal(await gus.textContent("#url"), `ws://${new URL(chosen.http).host}/ws`);
+  say(`gus: /v1/connect chose ${gusNode}`);
+
+  // The state shown follows the connection: sign out closes it.
+  await dora.click("#sign-out");
+  assert.equal(await dora.textContent("#state"), "signed out");
+  await eve.waitForFunction(
+    () => ![...document.querySelectorAll("#presence li")].some((li) => li.dataset.user === "dora"),
+    null,
+    { timeout: WAIT },
+  );
+}
+
+// ---- scenario 4: heartbeats and token refresh -----------------------------------------------
+
+async function heartbeatAndToken(browser) {
+  say("scenario 4: ping/pong with a 500 ms heartbeat; a refused token is asked for again");
+  const page = await testPage(browser, plain, "plain");
+  const result = await within(
+    page.evaluate(async (good) => {
+      let calls = 0;
+      // The first token is refused (4401); the client must ask again and go on.
+      const getToken = async () => (++calls === 1 ? "not-a-jwt" : good);
+      const c = H.make("frank-lib", { url: "/ws", getToken, backoffMaxMs: 500 });
+      const welcome = await c.connect();
+      // Several heartbeat periods: the node pings, the client must answer, or 4408.
+      await new Promise((r) => setTimeout(r, 2_500));
+      const report = H.report("frank-lib");
+      c.close();
+      return { calls, heartbeat: welcome.heartbeat_ms, report, closed: c.state };
+    }, plain.token),
+    "a client on the plain node",
+  );
+  assert.equal(result.heartbeat, 500, "the node's heartbeat_ms");
+  assert.equal(result.calls, 2, "getToken asked again after 4401");
+  assert.deepEqual(result.report.disconnects, [4401], "no 4408: every ping was answered");
+  assert.equal(result.report.nodes.length, 1, "one welcome");
+  assert.equal(result.report.state, "connected");
+  assert.equal(result.closed, "closed");
+  assert.deepEqual(result.report.states, [
+    "connecting",
+    "disconnected",
+    "connecting",
+    "connected",
+    "closed",
+  ]);
+}
+
+// ---- main ------------------------------------------------------------------------------
+
+async function main() {
+  assert.ok(
+    Array.isArray(nodes) && nodes.length === 3 && config.historySize > 0,
+    "argv[2]: {nodes: [3], plain, apiKey, historySize, artifacts}",
+  );
+  const browser = await chromium.launch({
+    executablePath: CHROMIUM,
+    headless: true,
+    // Playwright gives every launch a fresh temporary --user-data-dir.
+    args: [
+      "--no-sandbox",
+      "--disable-gpu",
+      "--disable-quic",
+      "--no-first-run",
+      "--disable-background-networking",
+      "--disable-component-update",
+      "--disable-sync",
+    ],
+    timeout: WAIT,
+  });
+  try {
+    say(`chromium ${browser.version()}`);
+    const page = await nodeFailures(browser);
+    await demo(browser);
+    await lossReported(page);
+    await heartbeatAndToken(browser);
+  } finally {
+    await browser.close();
+  }
+  say("all checks passed");
+  process.stdout.write("@@pass\n");
+}
+
+main().then(
+  () => process.exit(0),
+  (e) => {
+    process.stderr.write(`browser test failed: ${e?.stack ?? e}\n`);
+    process.exit(1);
+  },
+);
