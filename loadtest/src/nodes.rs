@@ -132,6 +132,23 @@ pub fn rss_kib(pid: u32) -> Option<u64> {
         .ok()
 }
 
+/// CPU time (user + system) of `pid` so far, seconds. `/proc/<pid>/stat` counts in
+/// USER_HZ, which is 100 on Linux whatever the kernel's tick rate.
+pub fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may contain spaces: fields count from after its ')'.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let utime: u64 = f.get(11)?.parse().ok()?;
+    let stime: u64 = f.get(12)?.parse().ok()?;
+    Some((utime + stime) as f64 / 100.0)
+}
+
+/// CPU seconds of all `pids` together; `None` when one of them is gone.
+pub fn total_cpu_seconds(pids: &[u32]) -> Option<f64> {
+    pids.iter().map(|&p| cpu_seconds(p)).sum()
+}
+
 /// `herald_connections` from the node's `/metrics`.
 pub async fn connections(client: &reqwest::Client, api: &str) -> Option<u64> {
     let url = format!("{}/metrics", api.trim_end_matches('/'));
@@ -194,6 +211,7 @@ mod tests {
         let port = listener.local_addr().unwrap().port();
         assert_eq!(pid_listening_on(port), Some(std::process::id()));
         assert!(rss_kib(std::process::id()).unwrap() > 0);
+        assert!(cpu_seconds(std::process::id()).is_some());
         assert_eq!(port_of("http://127.0.0.1:8081"), Some(8081));
     }
 }

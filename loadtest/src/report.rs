@@ -49,6 +49,13 @@ pub struct Report {
     pub disconnects: u64,
     /// Successful reconnects.
     pub reconnects: u64,
+    /// CPU seconds the nodes used while publishing and draining (`push`, `chaos`;
+    /// local nodes with known pids only; a node restarted meanwhile is not counted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_cpu_s: Option<f64>,
+    /// `delivered` / `node_cpu_s`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deliveries_per_node_cpu_s: Option<f64>,
     /// `connections` only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub connect: Option<ConnectStats>,
@@ -165,6 +172,9 @@ impl Report {
             "throughput {:.0}/s over {:.1} s\n",
             self.throughput_per_s, self.duration_s
         );
+        if let (Some(cpu), Some(per)) = (self.node_cpu_s, self.deliveries_per_node_cpu_s) {
+            s += &format!("node CPU {cpu:.2} s: {per:.0} deliveries per node CPU-second\n");
+        }
         if let Some(c) = &self.connect {
             s += &format!(
                 "connect rate {:.0}/s (ramp {:.1} s), {} workers, sources {:?}, dropped while held {}, open at end {}\n",

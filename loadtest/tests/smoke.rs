@@ -51,9 +51,77 @@ impl Cluster {
     }
 }
 
+/// HAProxy in TCP mode in front of the nodes (round robin, health checks on /readyz),
+/// killed on drop.
+struct Balancer {
+    child: std::process::Child,
+    port: u16,
+    _dir: tempdir::Dir,
+}
+
+mod tempdir {
+    /// A directory removed on drop.
+    pub struct Dir(pub std::path::PathBuf);
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+impl Balancer {
+    fn start(cluster: &Cluster) -> Balancer {
+        let port = herald_testkit::process::free_port();
+        let dir =
+            std::env::temp_dir().join(format!("herald-loadtest-lb-{}-{port}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut cfg = format!(
+            "global\n  maxconn 4000\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n\
+             frontend herald\n  bind 127.0.0.1:{port}\n  default_backend nodes\n\
+             backend nodes\n  balance roundrobin\n  option httpchk GET /readyz\n"
+        );
+        for (i, node) in cluster.nodes.iter().enumerate() {
+            cfg += &format!("  server node{i} {} check inter 1s\n", node.addr);
+        }
+        let path = dir.join("haproxy.cfg");
+        std::fs::write(&path, cfg).unwrap();
+        let child = std::process::Command::new("haproxy")
+            .arg("-f")
+            .arg(&path)
+            .arg("-db")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("start haproxy");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "haproxy did not listen"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Balancer {
+            child,
+            port,
+            _dir: tempdir::Dir(dir),
+        }
+    }
+}
+
+impl Drop for Balancer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A report file of its own for each run (tests run in parallel).
 fn report_path(name: &str) -> PathBuf {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     std::env::temp_dir().join(format!(
-        "herald-loadtest-{name}-{}.json",
+        "herald-loadtest-{name}-{}-{n}.json",
         std::process::id()
     ))
 }
@@ -62,7 +130,7 @@ fn report_path(name: &str) -> PathBuf {
 /// report. The exit status must be 0.
 async fn loadtest(scenario: &str, args: &[String]) -> Value {
     let report = report_path(scenario);
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_herald-loadtest"))
+    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_herald-loadtest"))
         .arg(scenario)
         .args(args)
         .arg("--report")
@@ -70,16 +138,21 @@ async fn loadtest(scenario: &str, args: &[String]) -> Value {
         .env_remove("HERALD_JWT_SECRET")
         .env_remove("HERALD_API_KEY")
         .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
         .kill_on_drop(true)
         .spawn()
         .expect("start herald-loadtest");
-    let status = tokio::time::timeout(Duration::from_secs(120), child.wait())
+    let out = tokio::time::timeout(Duration::from_secs(120), child.wait_with_output())
         .await
         .expect("herald-loadtest finished within 120 s")
         .expect("wait for herald-loadtest");
     assert!(
-        status.success(),
-        "herald-loadtest {scenario} failed: {status}"
+        out.status.success(),
+        "herald-loadtest {scenario} failed: {}\n{}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
     );
     let text = std::fs::read_to_string(&report).expect("report written");
     let _ = std::fs::remove_file(&report);
@@ -274,4 +347,40 @@ async fn broadcast_reaches_every_subscriber() {
         assert_eq!(r["delivered"], 120);
         assert!(r["first_ms"].as_f64().unwrap() <= r["last_ms"].as_f64().unwrap());
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn push_and_broadcast_through_haproxy() {
+    let cluster = Cluster::start().await;
+    let lb = Balancer::start(&cluster);
+    let base = |extra: &[&str]| {
+        let mut args = strings(&[
+            "--url",
+            &format!("ws://127.0.0.1:{}/ws", lb.port),
+            "--api",
+            &format!("http://127.0.0.1:{}", lb.port),
+            "--api-key",
+            API_KEY,
+            "--jwt-secret",
+            SECRET,
+            "--check",
+        ]);
+        args.extend(strings(extra));
+        args
+    };
+    let report = loadtest(
+        "push",
+        &base(&["--users", "60", "--rate", "150", "--duration", "2"]),
+    )
+    .await;
+    assert_exact(&report);
+    assert_eq!(report["connections"], 60);
+    assert_eq!(report["delivered"], report["sent"]);
+    let report = loadtest(
+        "broadcast",
+        &base(&["--subscribers", "60", "--messages", "2"]),
+    )
+    .await;
+    assert_exact(&report);
+    assert_eq!(report["delivered"], 120);
 }

@@ -163,6 +163,8 @@ pub async fn run(args: &PushArgs, actions: Vec<Action>, scenario: &str) -> anyho
     let stop = Arc::new(AtomicBool::new(false));
     let ready = Arc::new(ready);
     let duration = Duration::from_secs_f64(args.common.duration);
+    let pids: Vec<u32> = setup.nodes.iter().filter_map(|n| n.pid).collect();
+    let cpu_before = crate::nodes::total_cpu_seconds(&pids);
     let start = Instant::now();
     let start_us = now_us();
     let action_task = tokio::spawn(actions::run_all(Arc::clone(&action_target), actions, start));
@@ -251,6 +253,10 @@ pub async fn run(args: &PushArgs, actions: Vec<Action>, scenario: &str) -> anyho
         tokio::time::sleep(Duration::from_millis(100)).await;
         totals = state.totals();
     }
+    let node_cpu_s = match (cpu_before, crate::nodes::total_cpu_seconds(&pids)) {
+        (Some(b), Some(a)) if !pids.is_empty() && a > b => Some(a - b),
+        _ => None,
+    };
     for s in &sessions {
         s.abort();
     }
@@ -284,6 +290,8 @@ pub async fn run(args: &PushArgs, actions: Vec<Action>, scenario: &str) -> anyho
             peak_per_s: counters.reconnect_peak(),
         }),
         actions: action_logs,
+        node_cpu_s,
+        deliveries_per_node_cpu_s: node_cpu_s.map(|c| totals.delivered as f64 / c),
         errors: counters.errors.lock().expect("errors").clone(),
         settings: settings(
             &setup,
