@@ -31,7 +31,7 @@ pub enum Command {
     Broadcast(BroadcastArgs),
     /// `push` while nodes are killed, drained and restarted; clients reconnect and resume.
     Chaos(ChaosArgs),
-    /// Internal: one worker process of `connections`.
+    /// Internal: one worker process of `connections` or `broadcast`.
     #[command(hide = true)]
     Worker(WorkerArgs),
 }
@@ -158,11 +158,18 @@ pub struct BroadcastArgs {
     /// Give up waiting for a round's last delivery after this many seconds.
     #[arg(long, default_value_t = 10.0)]
     pub round_timeout: f64,
+    /// Worker processes holding the subscribers (0 = as many as the descriptor limit
+    /// needs; 1 = all in this process).
+    #[arg(long, default_value_t = 0)]
+    pub workers: usize,
 }
 
 /// The hidden worker subcommand.
 #[derive(Debug, Clone, Args)]
 pub struct WorkerArgs {
+    /// The scenario: `connections` or `broadcast`.
+    #[arg(long)]
+    pub kind: String,
     /// The slice of work, as JSON.
     #[arg(long)]
     pub spec: String,

@@ -25,10 +25,18 @@ impl BitSet {
     }
 
     /// Whether `n` is in the set.
-    #[cfg(test)]
     pub fn contains(&self, n: u64) -> bool {
         let w = (n / 64) as usize;
         w < self.words.len() && self.words[w] & (1 << (n % 64)) != 0
+    }
+
+    /// The elements, in increasing order.
+    pub fn iter(&self) -> impl Iterator<Item = u64> + '_ {
+        self.words.iter().enumerate().flat_map(|(i, &w)| {
+            (0..64u64)
+                .filter(move |b| w & (1 << b) != 0)
+                .map(move |b| i as u64 * 64 + b)
+        })
     }
 
     /// How many elements of `self` are not in `other`.
@@ -177,5 +185,6 @@ mod tests {
         assert!(!b.insert(200));
         assert!(b.contains(200) && !b.contains(199));
         assert_eq!(b.len(), 2);
+        assert_eq!(b.iter().collect::<Vec<_>>(), vec![0, 200]);
     }
 }

@@ -9,6 +9,7 @@
 //! - [`latency`]: sharded HDR histograms; [`nodes`]: node pids, memory, connection gauge;
 //! - [`actions`]: the timed kill / drain / restart / exec steps of `chaos`;
 //! - [`scenario`]: `connections` (with worker processes), `push` (+ `chaos`), `broadcast`;
+//! - [`workers`]: worker processes for more sockets than one process may hold;
 //! - [`report`]: the JSON report and the human summary; [`progress`]: progress bars.
 
 mod actions;
@@ -24,6 +25,7 @@ mod report;
 mod scenario;
 mod setup;
 mod token;
+mod workers;
 
 use clap::Parser;
 
@@ -57,7 +59,11 @@ fn main() -> anyhow::Result<()> {
 async fn run(cli: &Cli) -> anyhow::Result<Option<(Report, bool)>> {
     let (report, common) = match &cli.command {
         Command::Worker(args) => {
-            scenario::connections::worker(args).await?;
+            match args.kind.as_str() {
+                "connections" => scenario::connections::worker(&args.spec).await?,
+                "broadcast" => scenario::broadcast::worker(&args.spec).await?,
+                other => anyhow::bail!("unknown worker kind {other:?}"),
+            }
             return Ok(None);
         }
         Command::Connections(args) => (scenario::connections::run(args).await?, &args.common),

@@ -323,7 +323,7 @@ async fn connections_spread_over_sources_and_workers() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn broadcast_reaches_every_subscriber() {
+async fn broadcast_reaches_every_subscriber_across_worker_processes() {
     let cluster = Cluster::start().await;
     let mut args = cluster.args();
     args.extend(strings(&[
@@ -333,6 +333,8 @@ async fn broadcast_reaches_every_subscriber() {
         "3",
         "--interval-ms",
         "50",
+        "--workers",
+        "2",
         "--check",
     ]));
     let report = loadtest("broadcast", &args).await;
@@ -341,6 +343,7 @@ async fn broadcast_reaches_every_subscriber() {
     assert_eq!(report["delivered"], 360);
     let b = &report["broadcast"];
     assert_eq!(b["subscribers"], 120);
+    assert_eq!(report["settings"]["workers"], 2);
     let rounds = b["rounds"].as_array().unwrap();
     assert_eq!(rounds.len(), 3);
     for r in rounds {

@@ -5,13 +5,10 @@
 //! spread over source addresses 127.0.0.2, 127.0.0.3, … (the socket is bound before it
 //! connects). And one process may hold only as many sockets as its descriptor limit
 //! (20,000 here, not raisable), so above that the binary re-executes itself as worker
-//! processes (the hidden `worker` subcommand), each with a slice of the connections; a
-//! worker prints progress lines and, when its stdin closes, a final JSON line.
+//! processes ([`crate::workers`]), each with a slice of the connections.
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr};
-use std::process::Stdio;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -21,16 +18,16 @@ use herald_protocol::frame::Welcome;
 use herald_protocol::StreamPosition;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 use tokio::task::JoinHandle;
 
-use crate::cli::{ConnectionsArgs, WorkerArgs};
+use crate::cli::ConnectionsArgs;
 use crate::client::{now_us, Counters, Handler, SessionOptions, Target};
 use crate::latency::{self, Percentiles};
 use crate::report::{ConnectStats, Report};
 use crate::scenario::{per_process_capacity, settings, start_sessions};
 use crate::setup::Setup;
 use crate::token::Signer;
+use crate::workers::{self, Worker};
 
 /// Connections per source address before another one is used (of ~28k ports).
 const PER_SOURCE: u64 = 25_000;
@@ -94,7 +91,7 @@ impl Handler for Idle {
 struct Slice {
     idle: Arc<Idle>,
     counters: Arc<Counters>,
-    starter: JoinHandle<Vec<JoinHandle<()>>>,
+    starter: Mutex<Option<JoinHandle<Vec<JoinHandle<()>>>>>,
     start_us: u64,
 }
 
@@ -129,7 +126,7 @@ impl Slice {
         Ok(Slice {
             idle,
             counters,
-            starter,
+            starter: Mutex::new(Some(starter)),
             start_us,
         })
     }
@@ -144,7 +141,7 @@ impl Slice {
     }
 
     /// Closes every connection and returns the outcome.
-    async fn finish(self) -> SliceResult {
+    async fn finish(&self) -> SliceResult {
         let p = self.progress();
         let c = &self.counters;
         let result = SliceResult {
@@ -157,93 +154,29 @@ impl Slice {
             handshake: latency::to_pairs(&c.handshake.merged()),
             errors: c.errors.lock().expect("errors").clone(),
         };
-        self.starter.abort();
-        if let Ok(sessions) = self.starter.await {
-            for s in sessions {
-                s.abort();
+        let starter = self.starter.lock().expect("starter lock").take();
+        if let Some(starter) = starter {
+            starter.abort();
+            if let Ok(sessions) = starter.await {
+                for s in sessions {
+                    s.abort();
+                }
             }
         }
         result
     }
 }
 
-/// The hidden `worker` subcommand: runs a slice, prints progress lines, and when stdin
-/// closes prints `{"done": SliceResult}` and exits.
-pub async fn worker(args: &WorkerArgs) -> anyhow::Result<()> {
-    let spec: SliceSpec = serde_json::from_str(&args.spec).context("worker spec")?;
+/// The worker side of `connections`: runs a slice until stdin closes.
+pub async fn worker(spec: &str) -> anyhow::Result<()> {
+    let spec: SliceSpec = serde_json::from_str(spec).context("worker spec")?;
     let slice = Slice::start(spec).await?;
-    let mut stdin_closed = tokio::spawn(async {
-        let mut stdin = tokio::io::stdin();
-        let mut buf = [0u8; 64];
-        while matches!(stdin.read(&mut buf).await, Ok(n) if n > 0) {}
-    });
-    let mut tick = tokio::time::interval(Duration::from_millis(200));
-    loop {
-        tokio::select! {
-            _ = &mut stdin_closed => break,
-            _ = tick.tick() => emit(&serde_json::json!({ "progress": slice.progress() }))?,
-        }
-    }
-    let result = slice.finish().await;
-    emit(&serde_json::json!({ "done": result }))
-}
-
-fn emit(v: &serde_json::Value) -> anyhow::Result<()> {
-    let mut out = std::io::stdout().lock();
-    writeln!(out, "{v}")?;
-    out.flush()?;
-    Ok(())
-}
-
-/// A worker process seen from the parent.
-struct Worker {
-    child: tokio::process::Child,
-    progress: Arc<Mutex<Progress>>,
-    done: Arc<Mutex<Option<SliceResult>>>,
-    reader: JoinHandle<()>,
-}
-
-impl Worker {
-    fn spawn(spec: &SliceSpec) -> anyhow::Result<Worker> {
-        let exe = std::env::current_exe().context("own executable")?;
-        let mut child = tokio::process::Command::new(exe)
-            .arg("worker")
-            .arg("--spec")
-            .arg(serde_json::to_string(spec)?)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .kill_on_drop(true)
-            .spawn()
-            .context("start worker process")?;
-        let stdout = child.stdout.take().context("worker stdout")?;
-        let progress = Arc::new(Mutex::new(Progress::default()));
-        let done = Arc::new(Mutex::new(None));
-        let (p, d) = (Arc::clone(&progress), Arc::clone(&done));
-        let reader = tokio::spawn(async move {
-            let mut lines = BufReader::new(stdout).lines();
-            while let Ok(Some(line)) = lines.next_line().await {
-                #[derive(Deserialize)]
-                struct Line {
-                    progress: Option<Progress>,
-                    done: Option<SliceResult>,
-                }
-                match serde_json::from_str::<Line>(&line) {
-                    Ok(Line {
-                        progress: Some(x), ..
-                    }) => *p.lock().expect("progress") = x,
-                    Ok(Line { done: Some(r), .. }) => *d.lock().expect("done") = Some(r),
-                    _ => {}
-                }
-            }
-        });
-        Ok(Worker {
-            child,
-            progress,
-            done,
-            reader,
-        })
-    }
+    workers::serve(
+        Duration::from_millis(200),
+        || slice.progress(),
+        slice.finish(),
+    )
+    .await
 }
 
 enum Running {
@@ -256,7 +189,7 @@ impl Running {
         match self {
             Running::Local(s) => s.progress(),
             Running::Workers(ws) => ws.iter().fold(Progress::default(), |a, w| {
-                let p = *w.progress.lock().expect("progress");
+                let p: Progress = w.progress().unwrap_or_default();
                 Progress {
                     ready: a.ready + p.ready,
                     failed: a.failed + p.failed,
@@ -271,13 +204,8 @@ impl Running {
             Running::Local(s) => Ok(vec![s.finish().await]),
             Running::Workers(ws) => {
                 let mut out = Vec::new();
-                for mut w in ws {
-                    // Closing stdin tells the worker to report and exit.
-                    drop(w.child.stdin.take());
-                    let _ = tokio::time::timeout(Duration::from_secs(60), w.child.wait()).await;
-                    let _ = (&mut w.reader).await;
-                    let result = w.done.lock().expect("done").take();
-                    out.push(result.context("a worker ended without a result")?);
+                for w in ws {
+                    out.push(w.finish().await?);
                 }
                 Ok(out)
             }
@@ -332,7 +260,7 @@ pub async fn run(args: &ConnectionsArgs) -> anyhow::Result<Report> {
         Running::Workers(
             specs
                 .iter()
-                .map(Worker::spawn)
+                .map(|s| Worker::spawn("connections", s))
                 .collect::<anyhow::Result<_>>()?,
         )
     };
