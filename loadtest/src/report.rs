@@ -56,6 +56,10 @@ pub struct Report {
     /// `delivered` / `node_cpu_s`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deliveries_per_node_cpu_s: Option<f64>,
+    /// CPU seconds this load generator process used in the same window (`push`,
+    /// `chaos`): when it nears the nodes' figure, the generator may be the bottleneck.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generator_cpu_s: Option<f64>,
     /// `connections` only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub connect: Option<ConnectStats>,
@@ -174,6 +178,9 @@ impl Report {
         );
         if let (Some(cpu), Some(per)) = (self.node_cpu_s, self.deliveries_per_node_cpu_s) {
             s += &format!("node CPU {cpu:.2} s: {per:.0} deliveries per node CPU-second\n");
+        }
+        if let Some(g) = self.generator_cpu_s {
+            s += &format!("load generator CPU {g:.2} s\n");
         }
         if let Some(c) = &self.connect {
             s += &format!(

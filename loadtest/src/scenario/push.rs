@@ -165,6 +165,7 @@ pub async fn run(args: &PushArgs, actions: Vec<Action>, scenario: &str) -> anyho
     let duration = Duration::from_secs_f64(args.common.duration);
     let pids: Vec<u32> = setup.nodes.iter().filter_map(|n| n.pid).collect();
     let cpu_before = crate::nodes::total_cpu_seconds(&pids);
+    let own_before = crate::nodes::cpu_seconds(std::process::id());
     let start = Instant::now();
     let start_us = now_us();
     let action_task = tokio::spawn(actions::run_all(Arc::clone(&action_target), actions, start));
@@ -291,6 +292,9 @@ pub async fn run(args: &PushArgs, actions: Vec<Action>, scenario: &str) -> anyho
         }),
         actions: action_logs,
         node_cpu_s,
+        generator_cpu_s: own_before
+            .zip(crate::nodes::cpu_seconds(std::process::id()))
+            .map(|(b, a)| a - b),
         deliveries_per_node_cpu_s: node_cpu_s.map(|c| totals.delivered as f64 / c),
         errors: counters.errors.lock().expect("errors").clone(),
         settings: settings(
