@@ -77,7 +77,8 @@ pub struct Common {
     /// Drain window of spawned nodes (`HERALD_DRAIN_MS`), ms.
     #[arg(long, default_value_t = 2000)]
     pub node_drain_ms: u64,
-    /// New connections per second while connecting (0 = as fast as possible).
+    /// New connections per second while `push`, `chaos` and `broadcast` connect
+    /// (0 = as fast as possible; `connections` uses `--rate`).
     #[arg(long, default_value_t = 2000.0)]
     pub connect_rate: f64,
 }
