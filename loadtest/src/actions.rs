@@ -1,0 +1,288 @@
+//! Timed actions of `chaos`: `--action "at=5s kill node=2"` (kill, drain, restart a node)
+//! and `--exec "at=5s cmd=…"` (any shell command, for clusters run by something else:
+//! `scripts/dev-cluster`, systemd, an orchestrator).
+//!
+//! `kill` and `drain` work on any local node: the pid comes from `--spawn-cluster`,
+//! `--node-pid` or the node's listening port. `restart` needs `--spawn-cluster`, since
+//! only then does the load generator know how to start a node; otherwise use `--exec`.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context};
+use serde::{Deserialize, Serialize};
+
+use crate::cluster::{self, Cluster};
+use crate::nodes::Node;
+
+/// What to do.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Step {
+    /// SIGKILL node i (0-based).
+    Kill(usize),
+    /// SIGTERM node i: drain and exit.
+    Drain(usize),
+    /// Start node i again and wait until it is ready.
+    Restart(usize),
+    /// Run a shell command.
+    Exec(String),
+}
+
+/// A step at a time since the start of publishing.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Action {
+    /// When.
+    pub at: Duration,
+    /// What.
+    pub step: Step,
+    /// The text it was parsed from.
+    pub text: String,
+}
+
+/// What happened to one action, for the report.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ActionLog {
+    /// The action as given.
+    pub action: String,
+    /// Seconds since the start of publishing when it ran.
+    pub at_s: f64,
+    /// How long it took, ms (a restart includes waiting for `/readyz`).
+    pub took_ms: f64,
+    /// Whether it succeeded.
+    pub ok: bool,
+    /// Error or command output.
+    pub detail: String,
+}
+
+/// Parses `5s`, `500ms`, `1.5` (seconds).
+pub fn parse_duration(s: &str) -> anyhow::Result<Duration> {
+    let (num, scale) = if let Some(n) = s.strip_suffix("ms") {
+        (n, 0.001)
+    } else if let Some(n) = s.strip_suffix('s') {
+        (n, 1.0)
+    } else {
+        (s, 1.0)
+    };
+    let v: f64 = num.parse().with_context(|| format!("bad duration {s:?}"))?;
+    if !v.is_finite() || v < 0.0 {
+        bail!("bad duration {s:?}");
+    }
+    Ok(Duration::from_secs_f64(v * scale))
+}
+
+/// Parses `at=5s kill|drain|restart node=2` (nodes count from 1).
+pub fn parse_action(text: &str) -> anyhow::Result<Action> {
+    let mut at = None;
+    let mut verb = None;
+    let mut node = None;
+    for word in text.split_whitespace() {
+        match word.split_once('=') {
+            Some(("at", v)) => at = Some(parse_duration(v)?),
+            Some(("node", v)) => {
+                let n: usize = v.parse().with_context(|| format!("bad node {v:?}"))?;
+                if n == 0 {
+                    bail!("nodes count from 1");
+                }
+                node = Some(n - 1)
+            }
+            Some((k, _)) => bail!("unknown key {k:?} in action {text:?}"),
+            None => verb = Some(word),
+        }
+    }
+    let at = at.ok_or_else(|| anyhow!("action {text:?} needs at=TIME"))?;
+    let node = node.ok_or_else(|| anyhow!("action {text:?} needs node=N"))?;
+    let step = match verb {
+        Some("kill") => Step::Kill(node),
+        Some("drain") => Step::Drain(node),
+        Some("restart") => Step::Restart(node),
+        other => bail!("action {text:?}: unknown verb {other:?} (kill, drain, restart)"),
+    };
+    Ok(Action {
+        at,
+        step,
+        text: text.to_owned(),
+    })
+}
+
+/// Parses `at=5s cmd=<shell command, the rest of the text>`.
+pub fn parse_exec(text: &str) -> anyhow::Result<Action> {
+    let rest = text.trim_start();
+    let (at, rest) = rest
+        .strip_prefix("at=")
+        .and_then(|r| r.split_once(char::is_whitespace))
+        .ok_or_else(|| anyhow!("exec {text:?} must start with at=TIME"))?;
+    let cmd = rest
+        .trim_start()
+        .strip_prefix("cmd=")
+        .ok_or_else(|| anyhow!("exec {text:?} needs cmd=COMMAND after at=TIME"))?;
+    Ok(Action {
+        at: parse_duration(at)?,
+        step: Step::Exec(cmd.to_owned()),
+        text: text.to_owned(),
+    })
+}
+
+/// Where actions act.
+pub struct Target {
+    /// The cluster this process started, if any.
+    pub cluster: Option<Arc<Mutex<Cluster>>>,
+    /// The nodes under test (pids for external clusters).
+    pub nodes: Vec<Node>,
+}
+
+impl Target {
+    /// Checks that every action can run here.
+    pub fn check(&self, actions: &[Action]) -> anyhow::Result<()> {
+        for a in actions {
+            let node = match a.step {
+                Step::Kill(i) | Step::Drain(i) | Step::Restart(i) => i,
+                Step::Exec(_) => continue,
+            };
+            if node >= self.nodes.len() {
+                bail!("{:?}: there are only {} nodes", a.text, self.nodes.len());
+            }
+            if self.cluster.is_none() {
+                if matches!(a.step, Step::Restart(_)) {
+                    bail!(
+                        "{:?}: restart needs --spawn-cluster (use --exec for other clusters)",
+                        a.text
+                    );
+                }
+                if self.nodes[node].pid.is_none() {
+                    bail!(
+                        "{:?}: no pid known for {} (give --node-pid)",
+                        a.text,
+                        self.nodes[node].api
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn run(&self, step: &Step) -> anyhow::Result<String> {
+        match (step, &self.cluster) {
+            (Step::Exec(cmd), _) => {
+                let out = tokio::process::Command::new("sh")
+                    .arg("-c")
+                    .arg(cmd)
+                    .stdin(std::process::Stdio::null())
+                    .output()
+                    .await?;
+                let text = String::from_utf8_lossy(&out.stderr).trim().to_owned()
+                    + String::from_utf8_lossy(&out.stdout).trim();
+                let tail: String = text
+                    .lines()
+                    .last()
+                    .unwrap_or("")
+                    .chars()
+                    .take(200)
+                    .collect();
+                if !out.status.success() {
+                    bail!("{}: {tail}", out.status);
+                }
+                Ok(tail)
+            }
+            (step, Some(cluster)) => {
+                let shared = Arc::clone(cluster);
+                let step2 = step.clone();
+                // Restart may wait for a draining process: keep it off the runtime.
+                tokio::task::spawn_blocking(move || {
+                    let mut c = shared.lock().expect("cluster lock");
+                    match step2 {
+                        Step::Kill(i) => c.kill(i),
+                        Step::Drain(i) => c.drain(i),
+                        Step::Restart(i) => c.restart(i),
+                        Step::Exec(_) => Ok(()),
+                    }
+                })
+                .await??;
+                if let Step::Restart(i) = step {
+                    let api = cluster.lock().expect("cluster lock").apis()[*i].clone();
+                    cluster::wait_ready(&api).await?;
+                }
+                Ok(String::new())
+            }
+            (Step::Kill(i), None) => self.signal(*i, "KILL"),
+            (Step::Drain(i), None) => self.signal(*i, "TERM"),
+            (Step::Restart(_), None) => bail!("restart needs --spawn-cluster"),
+        }
+    }
+
+    fn signal(&self, i: usize, name: &str) -> anyhow::Result<String> {
+        let pid = self.nodes[i]
+            .pid
+            .ok_or_else(|| anyhow!("no pid for node {}", i + 1))?;
+        cluster::signal(pid, name)?;
+        Ok(format!("SIG{name} sent to pid {pid}"))
+    }
+}
+
+/// Runs `actions` at their times after `start`, concurrently (a restart waiting for
+/// readiness does not delay a later kill), and returns what happened.
+pub async fn run_all(target: Arc<Target>, actions: Vec<Action>, start: Instant) -> Vec<ActionLog> {
+    let tasks: Vec<_> = actions
+        .into_iter()
+        .map(|a| {
+            let target = Arc::clone(&target);
+            tokio::spawn(async move {
+                tokio::time::sleep_until((start + a.at).into()).await;
+                let began = Instant::now();
+                let result = target.run(&a.step).await;
+                let log = ActionLog {
+                    action: a.text.clone(),
+                    at_s: began.duration_since(start).as_secs_f64(),
+                    took_ms: began.elapsed().as_secs_f64() * 1000.0,
+                    ok: result.is_ok(),
+                    detail: match result {
+                        Ok(d) => d,
+                        Err(e) => format!("{e:#}"),
+                    },
+                };
+                crate::progress::println(&format!(
+                    "[{:6.2}s] {} → {}{}",
+                    log.at_s,
+                    log.action,
+                    if log.ok { "ok" } else { "FAILED" },
+                    if log.detail.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" ({})", log.detail)
+                    }
+                ));
+                log
+            })
+        })
+        .collect();
+    let mut logs = Vec::new();
+    for t in tasks {
+        if let Ok(log) = t.await {
+            logs.push(log);
+        }
+    }
+    logs.sort_by(|a, b| a.at_s.total_cmp(&b.at_s));
+    logs
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_actions() {
+        let a = parse_action("at=5s kill node=2").unwrap();
+        assert_eq!(a.at, Duration::from_secs(5));
+        assert_eq!(a.step, Step::Kill(1));
+        assert_eq!(
+            parse_action("restart node=1 at=500ms").unwrap().step,
+            Step::Restart(0)
+        );
+        assert!(parse_action("at=5s explode node=1").is_err());
+        assert!(parse_action("at=5s kill node=0").is_err());
+        assert!(parse_action("kill node=1").is_err());
+        let e = parse_exec("at=1.5s cmd=kill -9 $(cat /tmp/x.pid)").unwrap();
+        assert_eq!(e.at, Duration::from_millis(1500));
+        assert_eq!(e.step, Step::Exec("kill -9 $(cat /tmp/x.pid)".into()));
+        assert!(parse_exec("cmd=true").is_err());
+    }
+}

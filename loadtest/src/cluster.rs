@@ -1,0 +1,281 @@
+//! `--spawn-cluster N`: the load generator starts its own `redis-server` and N `herald`
+//! nodes on free loopback ports, so that `chaos` can kill, drain and restart nodes by
+//! index. Everything it started is killed when the run ends (on drop).
+//!
+//! Nodes inherit this process's environment, so any `HERALD_*` tuning set in the shell
+//! applies to them; the listen address, Redis URL, keys and node id are set here.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+
+/// A node process started by the load generator.
+struct SpawnedNode {
+    port: u16,
+    env: Vec<(String, String)>,
+    child: Option<Child>,
+}
+
+/// Redis + N herald nodes, owned by this process.
+pub struct Cluster {
+    dir: PathBuf,
+    bin: PathBuf,
+    redis: Option<Child>,
+    nodes: Vec<SpawnedNode>,
+}
+
+/// How to start the cluster.
+pub struct ClusterOptions<'a> {
+    /// Number of nodes.
+    pub nodes: usize,
+    /// The `herald` binary.
+    pub herald_bin: &'a Path,
+    /// The `redis-server` binary.
+    pub redis_server: &'a str,
+    /// HS256 secret the nodes verify tokens with.
+    pub jwt_secret: &'a str,
+    /// API key of the nodes.
+    pub api_key: &'a str,
+    /// The nodes' drain window (`HERALD_DRAIN_MS`).
+    pub drain_ms: u64,
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn redis_ping(port: u16) -> bool {
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_millis(200)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
+    let mut buf = [0u8; 16];
+    s.write_all(b"PING\r\n").is_ok()
+        && s.read(&mut buf)
+            .is_ok_and(|n| buf[..n].starts_with(b"+PONG"))
+}
+
+impl Cluster {
+    /// Starts Redis and the nodes and waits until every node is ready.
+    pub async fn start(o: ClusterOptions<'_>) -> anyhow::Result<Cluster> {
+        let dir = std::env::temp_dir().join(format!("herald-loadtest-{}", std::process::id()));
+        std::fs::create_dir_all(&dir)?;
+        let redis_port = free_port()?;
+        let redis = Command::new(o.redis_server)
+            .args([
+                "--port",
+                &redis_port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+            ])
+            .args([
+                "--appendonly",
+                "no",
+                "--protected-mode",
+                "no",
+                "--logfile",
+                "redis.log",
+            ])
+            .current_dir(&dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .with_context(|| format!("start {}", o.redis_server))?;
+        let mut cluster = Cluster {
+            dir,
+            bin: o.herald_bin.to_owned(),
+            redis: Some(redis),
+            nodes: Vec::new(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !redis_ping(redis_port) {
+            if Instant::now() > deadline {
+                bail!("redis-server did not answer PING on port {redis_port}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        for i in 0..o.nodes {
+            let port = free_port()?;
+            let env = vec![
+                ("HERALD_LISTEN".into(), format!("127.0.0.1:{port}")),
+                ("HERALD_NODE_ID".into(), format!("node{}", i + 1)),
+                (
+                    "HERALD_PUBLIC_URL".into(),
+                    format!("ws://127.0.0.1:{port}/ws"),
+                ),
+                (
+                    "HERALD_REDIS_URL".into(),
+                    format!("redis://127.0.0.1:{redis_port}"),
+                ),
+                ("HERALD_JWT_SECRET".into(), o.jwt_secret.into()),
+                ("HERALD_API_KEY".into(), o.api_key.into()),
+                ("HERALD_DRAIN_MS".into(), o.drain_ms.to_string()),
+                ("HERALD_DEV".into(), "0".into()),
+                (
+                    "RUST_LOG".into(),
+                    std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+                ),
+            ];
+            cluster.nodes.push(SpawnedNode {
+                port,
+                env,
+                child: None,
+            });
+            cluster.spawn(i)?;
+        }
+        for i in 0..o.nodes {
+            cluster.wait_ready(i).await?;
+        }
+        Ok(cluster)
+    }
+
+    fn spawn(&mut self, i: usize) -> anyhow::Result<()> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join(format!("node{}.log", i + 1)))?;
+        let node = &mut self.nodes[i];
+        let child = Command::new(&self.bin)
+            .envs(node.env.iter().cloned())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("start {}", self.bin.display()))?;
+        node.child = Some(child);
+        Ok(())
+    }
+
+    /// WebSocket URLs of the nodes.
+    pub fn urls(&self) -> Vec<String> {
+        self.nodes
+            .iter()
+            .map(|n| format!("ws://127.0.0.1:{}/ws", n.port))
+            .collect()
+    }
+
+    /// HTTP base URLs of the nodes.
+    pub fn apis(&self) -> Vec<String> {
+        self.nodes
+            .iter()
+            .map(|n| format!("http://127.0.0.1:{}", n.port))
+            .collect()
+    }
+
+    /// Process ids of the nodes (0 for a node that is down).
+    pub fn pids(&self) -> Vec<u32> {
+        self.nodes
+            .iter()
+            .map(|n| n.child.as_ref().map(Child::id).unwrap_or(0))
+            .collect()
+    }
+
+    /// Waits (up to 30 s) until node `i` answers `/readyz` with 200.
+    pub async fn wait_ready(&self, i: usize) -> anyhow::Result<()> {
+        wait_ready(&self.apis()[i]).await
+    }
+
+    /// SIGKILL node `i`: it dies without notice.
+    pub fn kill(&mut self, i: usize) -> anyhow::Result<()> {
+        let node = self.node(i)?;
+        match node.child.take() {
+            Some(mut child) => {
+                child.kill()?;
+                child.wait()?;
+                Ok(())
+            }
+            None => bail!("node {} is not running", i + 1),
+        }
+    }
+
+    /// SIGTERM node `i`: it drains (clients get `reconnect`, then 4503) and exits.
+    pub fn drain(&mut self, i: usize) -> anyhow::Result<()> {
+        let node = self.node(i)?;
+        match &node.child {
+            Some(child) => signal(child.id(), "TERM"),
+            None => bail!("node {} is not running", i + 1),
+        }
+    }
+
+    /// Starts node `i` again on its port (killing it first if it still runs; a draining
+    /// node gets up to 20 s to finish). Call [`Self::wait_ready`] after.
+    pub fn restart(&mut self, i: usize) -> anyhow::Result<()> {
+        let node = self.node(i)?;
+        if let Some(mut child) = node.child.take() {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while child.try_wait()?.is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            child.wait()?;
+        }
+        self.spawn(i)
+    }
+
+    fn node(&mut self, i: usize) -> anyhow::Result<&mut SpawnedNode> {
+        let n = self.nodes.len();
+        self.nodes
+            .get_mut(i)
+            .with_context(|| format!("no node {} (the cluster has {n})", i + 1))
+    }
+}
+
+/// Waits (up to 30 s) until `api` answers `/readyz` with 200.
+pub async fn wait_ready(api: &str) -> anyhow::Result<()> {
+    let client = reqwest::Client::new();
+    let url = format!("{}/readyz", api.trim_end_matches('/'));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(r) = client
+            .get(&url)
+            .timeout(Duration::from_secs(2))
+            .send()
+            .await
+        {
+            if r.status() == 200 {
+                return Ok(());
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("{url} not ready within 30 s");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Sends a signal with `kill(1)` (this crate forbids `unsafe`, so no libc call).
+pub fn signal(pid: u32, name: &str) -> anyhow::Result<()> {
+    let status = Command::new("kill")
+        .arg(format!("-{name}"))
+        .arg(pid.to_string())
+        .status()
+        .context("run kill")?;
+    if !status.success() {
+        bail!("kill -{name} {pid} failed");
+    }
+    Ok(())
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for node in &mut self.nodes {
+            if let Some(mut child) = node.child.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+        if let Some(mut redis) = self.redis.take() {
+            let _ = redis.kill();
+            let _ = redis.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

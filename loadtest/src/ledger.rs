@@ -1,0 +1,190 @@
+//! Exact delivery accounting by offset.
+//!
+//! A message counts as sent only when the publish API answered with its offset
+//! ([`Accepted`]). Each connection keeps the set of offsets it received ([`Seen`]):
+//! an offset seen twice is a duplicate, an offset below the highest one seen is
+//! reordered. After the drain period, lost = accepted offsets a connection never saw.
+//! Offsets are small dense integers (1, 2, 3 … per channel), so bitsets hold them.
+
+/// A growable set of offsets.
+#[derive(Debug, Default, Clone)]
+pub struct BitSet {
+    words: Vec<u64>,
+}
+
+impl BitSet {
+    /// Adds `n`; returns false when it was already there.
+    pub fn insert(&mut self, n: u64) -> bool {
+        let (w, b) = ((n / 64) as usize, n % 64);
+        if w >= self.words.len() {
+            self.words.resize(w + 1, 0);
+        }
+        let had = self.words[w] & (1 << b) != 0;
+        self.words[w] |= 1 << b;
+        !had
+    }
+
+    /// Whether `n` is in the set.
+    pub fn contains(&self, n: u64) -> bool {
+        let w = (n / 64) as usize;
+        w < self.words.len() && self.words[w] & (1 << (n % 64)) != 0
+    }
+
+    /// The elements, in increasing order.
+    pub fn iter(&self) -> impl Iterator<Item = u64> + '_ {
+        self.words.iter().enumerate().flat_map(|(i, &w)| {
+            (0..64u64)
+                .filter(move |b| w & (1 << b) != 0)
+                .map(move |b| i as u64 * 64 + b)
+        })
+    }
+
+    /// How many elements of `self` are not in `other`.
+    pub fn count_missing_from(&self, other: &BitSet) -> u64 {
+        self.words
+            .iter()
+            .enumerate()
+            .map(|(i, w)| (w & !other.words.get(i).copied().unwrap_or(0)).count_ones() as u64)
+            .sum()
+    }
+
+    /// Number of elements.
+    pub fn len(&self) -> u64 {
+        self.words.iter().map(|w| w.count_ones() as u64).sum()
+    }
+}
+
+/// The offsets the publish API accepted for one channel.
+pub type Accepted = BitSet;
+
+/// What one connection saw of one channel, across its reconnects.
+#[derive(Debug, Default)]
+pub struct Seen {
+    /// The channel's epoch (empty until the first `welcome`).
+    pub epoch: String,
+    /// Highest offset seen: where a reconnect resumes.
+    pub last: u64,
+    /// Offsets received.
+    pub offsets: BitSet,
+    /// Offsets received again.
+    pub duplicates: u64,
+    /// Offsets received after a higher one.
+    pub reordered: u64,
+    /// `resync` frames: the server admitted a gap.
+    pub resyncs: u64,
+    /// Resumes answered `recovered: false` (history did not reach back).
+    pub not_recovered: u64,
+    /// Messages of another epoch than the one this connection started in.
+    pub foreign_epoch: u64,
+}
+
+impl Seen {
+    /// Records a delivery; returns true when it is a new offset (not a duplicate).
+    pub fn deliver(&mut self, offset: u64, epoch: &str) -> bool {
+        if !self.epoch.is_empty() && self.epoch != epoch {
+            self.foreign_epoch += 1;
+            return false;
+        }
+        if !self.offsets.insert(offset) {
+            self.duplicates += 1;
+            return false;
+        }
+        if offset < self.last {
+            self.reordered += 1;
+        }
+        self.last = self.last.max(offset);
+        true
+    }
+
+    /// Records the position of a `welcome` subscription.
+    pub fn welcome(&mut self, offset: u64, epoch: &str, recovered: bool) {
+        if self.epoch.is_empty() {
+            self.epoch = epoch.to_owned();
+            self.last = offset;
+        } else if !recovered {
+            self.not_recovered += 1;
+            if self.epoch != epoch {
+                self.epoch = epoch.to_owned();
+            }
+            self.last = self.last.max(offset);
+        }
+    }
+
+    /// Records a `resync`: continue from the server's position.
+    pub fn resync(&mut self, offset: u64, epoch: &str) {
+        self.resyncs += 1;
+        self.epoch = epoch.to_owned();
+        self.last = offset;
+    }
+}
+
+/// Totals over every connection.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Totals {
+    /// Accepted offsets delivered (once) to the connections that should get them.
+    pub delivered: u64,
+    /// Accepted offsets some connection never got.
+    pub lost: u64,
+    /// Offsets delivered twice to one connection.
+    pub duplicates: u64,
+    /// Offsets delivered after a higher one.
+    pub reordered: u64,
+    /// `resync` frames.
+    pub resyncs: u64,
+    /// Resumes answered `recovered: false`.
+    pub not_recovered: u64,
+    /// Deliveries of offsets the API never confirmed (the publish answer was lost).
+    pub unacknowledged: u64,
+}
+
+impl Totals {
+    /// Adds one connection's view of a channel whose accepted offsets are `accepted`.
+    pub fn add(&mut self, seen: &Seen, accepted: &Accepted) {
+        let missing = accepted.count_missing_from(&seen.offsets);
+        self.lost += missing;
+        self.delivered += accepted.len() - missing;
+        self.unacknowledged += seen.offsets.count_missing_from(accepted);
+        self.duplicates += seen.duplicates;
+        self.reordered += seen.reordered;
+        self.resyncs += seen.resyncs;
+        self.not_recovered += seen.not_recovered;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_loss_duplicates_and_reordering() {
+        let mut accepted = Accepted::default();
+        for o in 1..=5 {
+            accepted.insert(o);
+        }
+        let mut seen = Seen::default();
+        seen.welcome(0, "e", false);
+        assert!(seen.deliver(1, "e"));
+        assert!(seen.deliver(3, "e"));
+        assert!(!seen.deliver(3, "e"));
+        assert!(seen.deliver(2, "e"));
+        assert!(seen.deliver(6, "e"));
+        let mut t = Totals::default();
+        t.add(&seen, &accepted);
+        assert_eq!(t.delivered, 3);
+        assert_eq!(t.lost, 2);
+        assert_eq!(t.duplicates, 1);
+        assert_eq!(t.reordered, 1);
+        assert_eq!(t.unacknowledged, 1);
+    }
+
+    #[test]
+    fn bitset_across_words() {
+        let mut b = BitSet::default();
+        assert!(b.insert(0));
+        assert!(b.insert(200));
+        assert!(!b.insert(200));
+        assert!(b.contains(200) && !b.contains(199));
+        assert_eq!(b.len(), 2);
+        assert_eq!(b.iter().collect::<Vec<_>>(), vec![0, 200]);
+    }
+}
