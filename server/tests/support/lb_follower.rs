@@ -19,6 +19,7 @@ use rand::Rng;
 use serde_json::{json, Value};
 use tokio::net::TcpSocket;
 use tokio::task::JoinHandle;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 
@@ -125,9 +126,14 @@ async fn connect(options: &Options) -> Option<Ws> {
         .ok()?;
     let _ = stream.set_nodelay(true);
     let url = format!("ws://{}/ws", options.lb);
+    // Small buffers: thousands of these live in one test process, and tungstenite's
+    // default read buffer is 128 KiB each.
+    let config = WebSocketConfig::default()
+        .read_buffer_size(4096)
+        .write_buffer_size(0);
     let (ws, _) = tokio::time::timeout(
         Duration::from_secs(10),
-        tokio_tungstenite::client_async(url, stream),
+        tokio_tungstenite::client_async_with_config(url, stream, Some(config)),
     )
     .await
     .ok()?
