@@ -58,6 +58,22 @@ impl Scripts {
             .unwrap_or_else(|e| panic!("run scripts/{name}: {e}"))
     }
 
+    /// The nodes' "drain window over; closing the rest" lines: sessions a node had to
+    /// close without their spread `reconnect`, because the machine was too slow.
+    fn drain_overruns(&self) -> Vec<String> {
+        let mut lines = Vec::new();
+        for name in ["node1", "node2", "node3"] {
+            let text =
+                std::fs::read_to_string(self.dir.join(format!("{name}.log"))).unwrap_or_default();
+            lines.extend(
+                text.lines()
+                    .filter(|l| l.contains("drain window over"))
+                    .map(|l| format!("{name}: {}", l.rsplit("  ").next().unwrap_or(l))),
+            );
+        }
+        lines
+    }
+
     /// The tail of every log of the cluster, for failure messages.
     fn logs(&self) -> String {
         let mut all = String::new();
@@ -265,6 +281,7 @@ async fn rolling_restart_through_haproxy_loses_nothing() {
     };
     let restart_time = restart_started.elapsed();
     let pushed_during = ledger.total() - pushed_before;
+    let late = cluster.scripts.drain_overruns();
     assert!(
         restart.status.success(),
         "scripts/rolling-restart failed:\n{}\n{}\n{}",
@@ -296,36 +313,39 @@ async fn rolling_restart_through_haproxy_loses_nothing() {
         records.push(f.stop().await);
     }
     let tally = ledger.tally(records.iter().enumerate().map(|(i, r)| (r, channels(i))));
+    let errors: Vec<&String> = records.iter().flat_map(|r| r.errors.iter()).collect();
 
-    // Reconnects: every welcome after a client's first, bucketed per second of the
-    // restart.
-    let mut per_second: BTreeMap<u64, u64> = BTreeMap::new();
-    let mut reconnects = 0u64;
-    let mut attempts = 0u64;
+    // Reconnects, per second since the restart began: the attempts after a client's
+    // first (what the balancer sees: the storm, if any), and the welcomes after its
+    // first (resumed sessions).
+    let mut attempts_per_second: BTreeMap<u64, u64> = BTreeMap::new();
+    let mut welcomes_per_second: BTreeMap<u64, u64> = BTreeMap::new();
     for r in &records {
-        attempts += u64::from(r.attempts);
-        for (at, _) in r.welcomes.iter().skip(1) {
-            reconnects += 1;
+        for at in r.attempts.iter().skip(1) {
             let second = at.saturating_duration_since(restart_started).as_secs();
-            *per_second.entry(second).or_default() += 1;
+            *attempts_per_second.entry(second).or_default() += 1;
+        }
+        for (at, _) in r.welcomes.iter().skip(1) {
+            let second = at.saturating_duration_since(restart_started).as_secs();
+            *welcomes_per_second.entry(second).or_default() += 1;
         }
     }
-    let timeline: Vec<String> = per_second
-        .iter()
-        .map(|(s, n)| format!("{s}s:{n}"))
-        .collect();
-    let (peak_second, peak) = per_second
-        .iter()
-        .max_by_key(|(_, n)| **n)
-        .map(|(s, n)| (*s, *n))
-        .unwrap_or_default();
-    let refused = attempts - records.iter().map(|r| r.welcomes.len() as u64).sum::<u64>();
+    let reconnects: u64 = welcomes_per_second.values().sum();
+    let attempts: u64 = attempts_per_second.values().sum();
+    let peak = |m: &BTreeMap<u64, u64>| m.values().copied().max().unwrap_or(0);
+    let timeline = |m: &BTreeMap<u64, u64>| {
+        m.iter()
+            .map(|(s, n)| format!("{s}s:{n}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
     println!(
         "measured: rolling restart of 3 nodes (drain {DRAIN_MS} ms) under {CLIENTS} clients \
-         through haproxy l7: connect {:.1} s, restart {:.1} s, {} pushes accepted ({pushed_during} during the \
-         restart, {} unconfirmed), {} deliveries, lost {}, duplicates {}, reconnects {reconnects} \
-         ({refused} attempts without welcome), peak {peak} reconnects/s (second {peak_second}), \
-         per second since the restart began [{}]",
+         through haproxy l7: connect {:.1} s, restart {:.1} s, {} pushes accepted \
+         ({pushed_during} during the restart, {} unconfirmed), {} deliveries, lost {}, \
+         duplicates {}; {reconnects} resumed sessions from {attempts} reconnect attempts; \
+         peak {} reconnect attempts/s, {} resumes/s; attempts per second since the restart \
+         began [{}], resumes [{}]; drain overruns {late:?}; {} errors answered {:?}",
         connect_time.as_secs_f64(),
         restart_time.as_secs_f64(),
         ledger.total(),
@@ -333,7 +353,12 @@ async fn rolling_restart_through_haproxy_loses_nothing() {
         tally.delivered,
         tally.lost,
         tally.duplicates,
-        timeline.join(" ")
+        peak(&attempts_per_second),
+        peak(&welcomes_per_second),
+        timeline(&attempts_per_second),
+        timeline(&welcomes_per_second),
+        errors.len(),
+        errors.iter().take(5).collect::<Vec<_>>(),
     );
     assert_eq!(
         (

@@ -43,10 +43,12 @@ pub struct Record {
     pub channels: BTreeMap<String, Channel>,
     /// When each `welcome` arrived and from which node.
     pub welcomes: Vec<(Instant, String)>,
-    /// Connection attempts (TCP + WebSocket handshake + hello).
-    pub attempts: u32,
+    /// When each connection attempt (TCP connect, WebSocket handshake, hello) began.
+    pub attempts: Vec<Instant>,
     /// Close codes received.
     pub closes: Vec<u16>,
+    /// Errors the node answered: per-channel errors of a `welcome`, error replies.
+    pub errors: Vec<String>,
 }
 
 impl Record {
@@ -147,7 +149,7 @@ fn jitter(from_ms: u64, to_ms: u64) -> Duration {
 
 async fn run(options: Options, record: Arc<Mutex<Record>>, stop: CancellationToken) {
     while !stop.is_cancelled() {
-        record.lock().unwrap().attempts += 1;
+        record.lock().unwrap().attempts.push(Instant::now());
         let Some(mut ws) = connect(&options).await else {
             tokio::select! {
                 _ = stop.cancelled() => return,
@@ -240,10 +242,21 @@ async fn session(
                             seen.position = Some(pos);
                         }
                     }
+                    if let Some(errors) = v["errors"].as_object() {
+                        for (channel, e) in errors {
+                            r.errors.push(format!("welcome {channel}: {e}"));
+                        }
+                    }
                     for channel in &options.extra {
                         if !subs.contains_key(channel) {
-                            let cmd =
+                            // Not (or no longer) subscribed: subscribe, from where we are.
+                            let mut cmd =
                                 json!({"type": "subscribe", "id": next_id, "channel": channel});
+                            if let Some((offset, epoch)) =
+                                r.channels.get(channel).and_then(|c| c.position.clone())
+                            {
+                                cmd["since"] = json!({"offset": offset, "epoch": epoch});
+                            }
                             pending.insert(next_id, channel.clone());
                             next_id += 1;
                             to_send.push(cmd.to_string());
@@ -252,9 +265,21 @@ async fn session(
                 }
                 "reply" => {
                     let id = v["id"].as_u64().unwrap_or(0);
-                    if let (Some(channel), Some(result)) = (pending.remove(&id), v.get("result")) {
+                    let channel = pending.remove(&id);
+                    if let Some(e) = v.get("error") {
+                        r.errors.push(format!("reply {channel:?}: {e}"));
+                        // Subscribe again on a new connection, a moment later.
+                        after = Some(jitter(100, 500));
+                        break;
+                    }
+                    if let (Some(channel), Some(result)) = (channel, v.get("result")) {
                         let seen = r.channels.entry(channel).or_default();
-                        if seen.position.is_none() {
+                        let recovered = result["recovered"] == true;
+                        if seen.position.is_some() && !recovered {
+                            seen.discontinuities += 1;
+                        }
+                        // recovered: the missed messages follow; keep our own position.
+                        if seen.position.is_none() || !recovered {
                             seen.position = Some((
                                 result["offset"].as_u64().unwrap_or(0),
                                 result["epoch"].as_str().unwrap_or("").to_owned(),

@@ -115,6 +115,11 @@ impl Ledger {
                 t.lost += want.difference(&got).count() as u64;
                 t.duplicates += (seen.received.len() - got.len()) as u64;
                 t.violations += seen.violations.len() as u64;
+                for (last, got) in &seen.violations {
+                    *t.gaps
+                        .entry(format!("{channel} {last}->{got}"))
+                        .or_default() += 1;
+                }
                 t.discontinuities += u64::from(seen.discontinuities);
             }
         }
@@ -123,8 +128,10 @@ impl Ledger {
 }
 
 /// The result of [`Ledger::tally`].
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Tally {
+    /// Out-of-order deliveries by "channel last->got", with how many followers saw each.
+    pub gaps: BTreeMap<String, u64>,
     /// Accepted messages × their subscribers.
     pub expected: u64,
     /// Messages delivered to the followers.
