@@ -1,0 +1,328 @@
+//! A lean resilient client for balancer tests: connects through a balancer (optionally
+//! from its own loopback source address, so HAProxy's `balance source` spreads clients),
+//! follows its personal channel and a few others, and on every disconnect reconnects
+//! like a well-behaved client (after a `reconnect` frame: its `after_ms`; otherwise a
+//! short jittered backoff) and resumes from the last offsets it saw.
+//!
+//! It records what an application would see, so tests can count lost and duplicated
+//! messages exactly, and when each (re)connect happened, so they can report the rate.
+
+#![allow(dead_code)]
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use rand::Rng;
+use serde_json::{json, Value};
+use tokio::net::TcpSocket;
+use tokio::task::JoinHandle;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_util::sync::CancellationToken;
+
+/// What one channel delivered.
+#[derive(Debug, Default, Clone)]
+pub struct Channel {
+    /// Offsets delivered, in arrival order (replays and live messages alike).
+    pub received: Vec<u64>,
+    /// Last (offset, epoch) seen.
+    pub position: Option<(u64, String)>,
+    /// Offsets that did not follow the previous one (same epoch, not previous + 1).
+    pub violations: Vec<(u64, u64)>,
+    /// `recovered: false` answers to a resume, and `resync` frames.
+    pub discontinuities: u32,
+}
+
+/// Everything a follower saw.
+#[derive(Debug, Default, Clone)]
+pub struct Record {
+    /// Per channel.
+    pub channels: BTreeMap<String, Channel>,
+    /// When each `welcome` arrived and from which node.
+    pub welcomes: Vec<(Instant, String)>,
+    /// When each connection attempt (TCP connect, WebSocket handshake, hello) began.
+    pub attempts: Vec<Instant>,
+    /// Close codes received.
+    pub closes: Vec<u16>,
+    /// Errors the node answered: per-channel errors of a `welcome`, error replies.
+    pub errors: Vec<String>,
+}
+
+impl Record {
+    /// The node of the latest welcome.
+    pub fn node(&self) -> Option<&str> {
+        self.welcomes.last().map(|(_, n)| n.as_str())
+    }
+
+    /// The last offset seen on a channel.
+    pub fn offset(&self, channel: &str) -> u64 {
+        self.channels
+            .get(channel)
+            .and_then(|c| c.position.as_ref())
+            .map_or(0, |p| p.0)
+    }
+}
+
+/// How a follower connects.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// The balancer.
+    pub lb: SocketAddr,
+    /// Connect from this local address (any 127.x.y.z works on Linux).
+    pub source: Option<IpAddr>,
+    /// The client token.
+    pub token: String,
+    /// Channels to subscribe besides the personal one.
+    pub extra: Vec<String>,
+}
+
+/// A running follower.
+pub struct LbFollower {
+    /// What it saw so far.
+    pub record: Arc<Mutex<Record>>,
+    stop: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+impl LbFollower {
+    /// Starts following.
+    pub fn start(options: Options) -> LbFollower {
+        let record = Arc::new(Mutex::new(Record::default()));
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(run(options, record.clone(), stop.clone()));
+        LbFollower { record, stop, task }
+    }
+
+    /// A copy of the record.
+    pub fn snapshot(&self) -> Record {
+        self.record.lock().unwrap().clone()
+    }
+
+    /// Number of welcomes so far.
+    pub fn connects(&self) -> usize {
+        self.record.lock().unwrap().welcomes.len()
+    }
+
+    /// Stops and returns the record.
+    pub async fn stop(self) -> Record {
+        self.stop.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.task).await;
+        let r = self.record.lock().unwrap();
+        r.clone()
+    }
+}
+
+type Ws = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
+
+async fn connect(options: &Options) -> Option<Ws> {
+    let socket = TcpSocket::new_v4().ok()?;
+    if let Some(source) = options.source {
+        socket.bind(SocketAddr::new(source, 0)).ok()?;
+    }
+    let stream = tokio::time::timeout(Duration::from_secs(5), socket.connect(options.lb))
+        .await
+        .ok()?
+        .ok()?;
+    let _ = stream.set_nodelay(true);
+    let url = format!("ws://{}/ws", options.lb);
+    // Small buffers: thousands of these live in one test process, and tungstenite's
+    // default read buffer is 128 KiB each.
+    let config = WebSocketConfig::default()
+        .read_buffer_size(4096)
+        .write_buffer_size(0);
+    let (ws, _) = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio_tungstenite::client_async_with_config(url, stream, Some(config)),
+    )
+    .await
+    .ok()?
+    .ok()?;
+    Some(ws)
+}
+
+fn jitter(from_ms: u64, to_ms: u64) -> Duration {
+    Duration::from_millis(rand::rng().random_range(from_ms..to_ms))
+}
+
+async fn run(options: Options, record: Arc<Mutex<Record>>, stop: CancellationToken) {
+    while !stop.is_cancelled() {
+        record.lock().unwrap().attempts.push(Instant::now());
+        let Some(mut ws) = connect(&options).await else {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(jitter(100, 500)) => continue,
+            }
+        };
+        let resume: BTreeMap<String, Value> = {
+            let r = record.lock().unwrap();
+            r.channels
+                .iter()
+                .filter_map(|(c, s)| {
+                    s.position
+                        .as_ref()
+                        .map(|(o, e)| (c.clone(), json!({"offset": o, "epoch": e})))
+                })
+                .collect()
+        };
+        let hello = json!({"type": "hello", "token": options.token, "resume": resume});
+        let wait = match session(&mut ws, hello, &options, &record, &stop).await {
+            Some(after) => after,
+            None => return,
+        };
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(wait) => {}
+        }
+    }
+}
+
+/// One connection, until it ends. Returns how long to wait before reconnecting, or
+/// `None` when the follower was stopped.
+async fn session(
+    ws: &mut Ws,
+    hello: Value,
+    options: &Options,
+    record: &Arc<Mutex<Record>>,
+    stop: &CancellationToken,
+) -> Option<Duration> {
+    if ws
+        .send(Message::Text(hello.to_string().into()))
+        .await
+        .is_err()
+    {
+        return Some(jitter(50, 250));
+    }
+    // Subscribe commands sent on this connection: id -> channel.
+    let mut pending: HashMap<u64, String> = HashMap::new();
+    let mut next_id = 1u64;
+    let mut after: Option<Duration> = None;
+    loop {
+        let frame = tokio::select! {
+            _ = stop.cancelled() => return None,
+            // The node pings after 25 s of silence: 40 s without a frame is a dead link.
+            f = tokio::time::timeout(Duration::from_secs(40), ws.next()) => f,
+        };
+        let text = match frame {
+            Ok(Some(Ok(Message::Text(t)))) => t,
+            Ok(Some(Ok(Message::Close(f)))) => {
+                if let Some(f) = f {
+                    record.lock().unwrap().closes.push(u16::from(f.code));
+                }
+                break;
+            }
+            Ok(Some(Ok(_))) => continue,
+            _ => break,
+        };
+        let Ok(v) = serde_json::from_str::<Value>(&text) else {
+            break;
+        };
+        let mut to_send: Vec<String> = Vec::new();
+        {
+            let mut r = record.lock().unwrap();
+            match v["type"].as_str().unwrap_or("") {
+                "welcome" => {
+                    let node = v["node"].as_str().unwrap_or("").to_owned();
+                    r.welcomes.push((Instant::now(), node));
+                    let subs = v["subscriptions"].as_object().cloned().unwrap_or_default();
+                    for (channel, sub) in &subs {
+                        let seen = r.channels.entry(channel.clone()).or_default();
+                        let pos = (
+                            sub["offset"].as_u64().unwrap_or(0),
+                            sub["epoch"].as_str().unwrap_or("").to_owned(),
+                        );
+                        let recovered = sub["recovered"] == true;
+                        if seen.position.is_some() && !recovered {
+                            seen.discontinuities += 1;
+                        }
+                        // recovered: the missed messages follow; keep our own position.
+                        if seen.position.is_none() || !recovered {
+                            seen.position = Some(pos);
+                        }
+                    }
+                    if let Some(errors) = v["errors"].as_object() {
+                        for (channel, e) in errors {
+                            r.errors.push(format!("welcome {channel}: {e}"));
+                        }
+                    }
+                    for channel in &options.extra {
+                        if !subs.contains_key(channel) {
+                            // Not (or no longer) subscribed: subscribe, from where we are.
+                            let mut cmd =
+                                json!({"type": "subscribe", "id": next_id, "channel": channel});
+                            if let Some((offset, epoch)) =
+                                r.channels.get(channel).and_then(|c| c.position.clone())
+                            {
+                                cmd["since"] = json!({"offset": offset, "epoch": epoch});
+                            }
+                            pending.insert(next_id, channel.clone());
+                            next_id += 1;
+                            to_send.push(cmd.to_string());
+                        }
+                    }
+                }
+                "reply" => {
+                    let id = v["id"].as_u64().unwrap_or(0);
+                    let channel = pending.remove(&id);
+                    if let Some(e) = v.get("error") {
+                        r.errors.push(format!("reply {channel:?}: {e}"));
+                        // Subscribe again on a new connection, a moment later.
+                        after = Some(jitter(100, 500));
+                        break;
+                    }
+                    if let (Some(channel), Some(result)) = (channel, v.get("result")) {
+                        let seen = r.channels.entry(channel).or_default();
+                        let recovered = result["recovered"] == true;
+                        if seen.position.is_some() && !recovered {
+                            seen.discontinuities += 1;
+                        }
+                        // recovered: the missed messages follow; keep our own position.
+                        if seen.position.is_none() || !recovered {
+                            seen.position = Some((
+                                result["offset"].as_u64().unwrap_or(0),
+                                result["epoch"].as_str().unwrap_or("").to_owned(),
+                            ));
+                        }
+                    }
+                }
+                "message" => {
+                    let channel = v["channel"].as_str().unwrap_or("").to_owned();
+                    let offset = v["offset"].as_u64().unwrap_or(0);
+                    let epoch = v["epoch"].as_str().unwrap_or("").to_owned();
+                    let seen = r.channels.entry(channel).or_default();
+                    if let Some((last, e)) = &seen.position {
+                        if *e == epoch && offset != last + 1 {
+                            seen.violations.push((*last, offset));
+                        }
+                    }
+                    seen.received.push(offset);
+                    seen.position = Some((offset, epoch));
+                }
+                "resync" => {
+                    let seen = r
+                        .channels
+                        .entry(v["channel"].as_str().unwrap_or("").to_owned())
+                        .or_default();
+                    seen.discontinuities += 1;
+                    seen.position = Some((
+                        v["offset"].as_u64().unwrap_or(0),
+                        v["epoch"].as_str().unwrap_or("").to_owned(),
+                    ));
+                }
+                "reconnect" => {
+                    after = Some(Duration::from_millis(v["after_ms"].as_u64().unwrap_or(0)));
+                }
+                "ping" => to_send.push(r#"{"type":"pong"}"#.to_owned()),
+                _ => {}
+            }
+        }
+        for text in to_send {
+            let _ = ws.send(Message::Text(text.into())).await;
+        }
+    }
+    // A planned close: wait what the node asked. Otherwise a short jittered backoff, so
+    // that the clients of a killed node do not all come back in the same millisecond.
+    Some(after.unwrap_or_else(|| jitter(50, 500)))
+}
