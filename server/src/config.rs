@@ -102,6 +102,12 @@ pub struct Config {
     #[arg(long, env = "HERALD_MAX_MESSAGES_PER_SEC", default_value_t = 100)]
     pub max_messages_per_sec: u32,
 
+    /// Milliseconds a client has to send a complete HTTP request head (the WebSocket
+    /// upgrade request included) and that an idle keep-alive connection stays open;
+    /// then the connection is closed. Stops slowloris clients from holding sockets.
+    #[arg(long, env = "HERALD_HEADER_READ_TIMEOUT_MS", default_value_t = 10_000)]
+    pub header_read_timeout_ms: u64,
+
     /// Connections this node accepts (more: close 4429).
     #[arg(long, env = "HERALD_MAX_CONNECTIONS", default_value_t = 100_000)]
     pub max_connections: usize,
@@ -167,6 +173,11 @@ impl Config {
     /// The heartbeat interval.
     pub fn heartbeat(&self) -> Duration {
         Duration::from_millis(self.heartbeat_ms)
+    }
+
+    /// The header read timeout of HTTP connections.
+    pub fn header_read_timeout(&self) -> Duration {
+        Duration::from_millis(self.header_read_timeout_ms.max(1))
     }
 
     /// The drain window.
