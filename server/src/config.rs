@@ -142,6 +142,12 @@ pub struct Config {
     #[arg(long, env = "HERALD_UNSUBSCRIBE_DELAY_MS", default_value_t = 5_000)]
     pub unsubscribe_delay_ms: u64,
 
+    /// Publications the Redis subscriber connection buffers for the node's reader (fred's
+    /// broadcast channel; fred's own default is 32). When the reader falls further behind,
+    /// the oldest are dropped and the node repairs the gap from history, or sends `resync`.
+    #[arg(long, env = "HERALD_REDIS_SUBSCRIBER_BUFFER", default_value_t = 16_384)]
+    pub redis_subscriber_buffer: usize,
+
     /// Seconds after which a silent node is dropped from the registry and presence.
     #[arg(long, env = "HERALD_NODE_TTL_SECS", default_value_t = 10)]
     pub node_ttl_secs: u64,
@@ -194,6 +200,7 @@ impl Config {
             meta_ttl: Duration::from_secs(self.history_meta_ttl_secs.max(self.history_ttl_secs)),
             node_ttl,
             presence_ttl: node_ttl,
+            subscriber_buffer: self.redis_subscriber_buffer.max(1),
         }
     }
 }

@@ -12,6 +12,9 @@
 //!   answer. Models a network partition or a half-open connection, the case that only
 //!   a liveness check can detect. [`FaultProxy::restore`] delivers what was held, in
 //!   order, as TCP would after a partition heals.
+//! - [`FaultProxy::black_hole_upstream_port`]: the same for one connection only, named
+//!   by its local port towards the upstream (what Redis' `CLIENT LIST` shows as
+//!   `addr`): for instance only a node's pub/sub connection, while its commands flow.
 //! - [`FaultProxy::reject`]: closes every open connection and every new one at once,
 //!   until [`FaultProxy::restore`]. Models an upstream that cannot be reached.
 //!
@@ -31,7 +34,7 @@
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -56,6 +59,9 @@ struct Shared {
     cuts: watch::Sender<u64>,
     open: AtomicUsize,
     accepted: AtomicUsize,
+    /// Open connections: local port towards the upstream, and the connection's own
+    /// black hole switch.
+    conns: Mutex<Vec<(u16, watch::Sender<bool>)>>,
 }
 
 /// A running fault proxy. See the module doc.
@@ -78,6 +84,7 @@ impl FaultProxy {
             cuts: watch::Sender::new(0),
             open: AtomicUsize::new(0),
             accepted: AtomicUsize::new(0),
+            conns: Mutex::new(Vec::new()),
         });
         let accept = tokio::spawn(accept_loop(listener, upstream, Arc::clone(&shared)));
         FaultProxy {
@@ -121,9 +128,34 @@ impl FaultProxy {
         self.cut();
     }
 
-    /// Forwards again; bytes held by a black hole are delivered first, in order.
+    /// Black-holes one open connection: the one whose local port towards the
+    /// upstream is `port`. Returns whether there was one.
+    pub fn black_hole_upstream_port(&self, port: u16) -> bool {
+        let conns = self.shared.conns.lock().unwrap_or_else(|e| e.into_inner());
+        let mut found = false;
+        for (p, hold) in conns.iter() {
+            if *p == port {
+                hold.send_replace(true);
+                found = true;
+            }
+        }
+        found
+    }
+
+    /// Local ports towards the upstream of the connections open now.
+    pub fn upstream_ports(&self) -> Vec<u16> {
+        let conns = self.shared.conns.lock().unwrap_or_else(|e| e.into_inner());
+        conns.iter().map(|(p, _)| *p).collect()
+    }
+
+    /// Forwards again, every connection; bytes held by a black hole are delivered
+    /// first, in order.
     pub fn restore(&self) {
         self.shared.mode.send_replace(Mode::Forward);
+        let conns = self.shared.conns.lock().unwrap_or_else(|e| e.into_inner());
+        for (_, hold) in conns.iter() {
+            hold.send_replace(false);
+        }
     }
 
     /// Connections open through the proxy now.
@@ -163,16 +195,28 @@ async fn accept_loop(listener: TcpListener, upstream: SocketAddr, shared: Arc<Sh
             };
             let _ = client.set_nodelay(true);
             let _ = server.set_nodelay(true);
+            let port = server.local_addr().map(|a| a.port()).unwrap_or(0);
+            let hold = watch::Sender::new(false);
+            shared
+                .conns
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push((port, hold.clone()));
             shared.open.fetch_add(1, Ordering::SeqCst);
             let (client_read, client_write) = client.into_split();
             let (server_read, server_write) = server.into_split();
             // Whichever direction ends first (EOF, error, cut) ends the connection:
             // dropping both halves of both sockets closes them.
             tokio::select! {
-                _ = pipe(client_read, server_write, &shared) => {}
-                _ = pipe(server_read, client_write, &shared) => {}
+                _ = pipe(client_read, server_write, &shared, &hold) => {}
+                _ = pipe(server_read, client_write, &shared, &hold) => {}
                 _ = generation.cut() => {}
             }
+            shared
+                .conns
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .retain(|(p, _)| *p != port);
             shared.open.fetch_sub(1, Ordering::SeqCst);
         });
     }
@@ -184,18 +228,20 @@ async fn pipe(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
     shared: &Shared,
+    hold: &watch::Sender<bool>,
 ) {
     let mut mode = shared.mode.subscribe();
+    let mut hold = hold.subscribe();
     let mut buf = vec![0u8; 16 * 1024];
     loop {
-        if forwarding(&mut mode).await.is_err() {
+        if forwarding(&mut mode, &mut hold).await.is_err() {
             return;
         }
         let n = match from.read(&mut buf).await {
             Ok(0) | Err(_) => return,
             Ok(n) => n,
         };
-        if forwarding(&mut mode).await.is_err() {
+        if forwarding(&mut mode, &mut hold).await.is_err() {
             return;
         }
         if to.write_all(&buf[..n]).await.is_err() {
@@ -204,15 +250,24 @@ async fn pipe(
     }
 }
 
-/// Waits until the mode is [`Mode::Forward`]; `Err` when the connection must close.
-async fn forwarding(mode: &mut watch::Receiver<Mode>) -> Result<(), ()> {
+/// Waits until the proxy forwards and this connection is not held; `Err` when the
+/// connection must close.
+async fn forwarding(
+    mode: &mut watch::Receiver<Mode>,
+    hold: &mut watch::Receiver<bool>,
+) -> Result<(), ()> {
     loop {
         let now = *mode.borrow_and_update();
+        let held = *hold.borrow_and_update();
         match now {
-            Mode::Forward => return Ok(()),
             Mode::Reject => return Err(()),
-            Mode::BlackHole => {
-                if mode.changed().await.is_err() {
+            Mode::Forward if !held => return Ok(()),
+            _ => {
+                let changed = tokio::select! {
+                    r = mode.changed() => r,
+                    r = hold.changed() => r,
+                };
+                if changed.is_err() {
                     return Err(());
                 }
             }
