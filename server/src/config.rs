@@ -108,6 +108,13 @@ pub struct Config {
     #[arg(long, env = "HERALD_HEADER_READ_TIMEOUT_MS", default_value_t = 10_000)]
     pub header_read_timeout_ms: u64,
 
+    /// Kernel send buffer of each client socket in bytes (SO_SNDBUF; Linux doubles it).
+    /// Bounds what a client that stops reading can pin in kernel memory before its
+    /// queue fills and it is closed with 4509. 0 keeps the OS default, which autotunes
+    /// up to `net.ipv4.tcp_wmem`'s maximum (4 MiB) per socket.
+    #[arg(long, env = "HERALD_TCP_SEND_BUFFER", default_value_t = 65_536)]
+    pub tcp_send_buffer: usize,
+
     /// Connections this node accepts (more: close 4429).
     #[arg(long, env = "HERALD_MAX_CONNECTIONS", default_value_t = 100_000)]
     pub max_connections: usize,

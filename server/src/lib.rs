@@ -129,6 +129,7 @@ pub async fn run(
         listener,
         app,
         node.config.header_read_timeout(),
+        node.config.tcp_send_buffer,
         stop_http.clone(),
     ));
 

@@ -11,6 +11,11 @@
 //! between requests. Once upgraded, a WebSocket is the session's business (`hello`
 //! timeout, heartbeat).
 //!
+//! Each accepted socket also gets a bounded kernel send buffer
+//! ([`Config::tcp_send_buffer`](crate::config::Config::tcp_send_buffer)): with Linux'
+//! autotuning a client that stops reading could otherwise pin up to 4 MiB of kernel
+//! memory before the node even notices it is slow.
+//!
 //! The router sees the peer address as `ConnectInfo<SocketAddr>`, as with
 //! `into_make_service_with_connect_info`.
 
@@ -35,6 +40,7 @@ pub async fn serve(
     listener: TcpListener,
     app: Router,
     header_read_timeout: Duration,
+    send_buffer: usize,
     stop: CancellationToken,
 ) {
     let connections = TaskTracker::new();
@@ -51,6 +57,11 @@ pub async fn serve(
             }
         };
         let _ = stream.set_nodelay(true);
+        if send_buffer > 0 {
+            if let Err(e) = socket2::SockRef::from(&stream).set_send_buffer_size(send_buffer) {
+                tracing::debug!(%peer, error = %e, "could not set the send buffer");
+            }
+        }
         let router = app.clone();
         let service = hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
             request.extensions_mut().insert(ConnectInfo(peer));
