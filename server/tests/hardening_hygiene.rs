@@ -65,7 +65,7 @@ async fn client_life(url: String, i: usize) {
             }
         }
     }
-    if i % 2 == 0 {
+    if i.is_multiple_of(2) {
         let _ = ws.close(None).await;
     } else {
         drop(ws); // no close frame
