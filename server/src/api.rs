@@ -233,26 +233,53 @@ async fn history(
     State(node): State<Arc<Node>>,
     Path(channel): Path<String>,
     Query(params): Query<HashMap<String, String>>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<HistoryAnswer>, ApiError> {
     validate_channel(&channel).map_err(|e| ApiError::bad_request(format!("channel name {e}")))?;
     let since = number_param(&params, "since")?.unwrap_or(0);
     let max = node.config.history_size as u64;
     let limit = number_param(&params, "limit")?.unwrap_or(max).min(max) as usize;
     let h = node.broker.history(&channel, since, limit).await?;
-    let messages: Vec<Value> = h
+    // `data` goes out exactly as it was published, like on the WebSocket: parsing it
+    // into a `Value` would turn big integers into floats, numbers out of f64's range and
+    // values nested deeper than serde_json's recursion limit into errors.
+    let messages: Vec<HistoryMessage> = h
         .publications
         .iter()
-        .map(|p| {
-            let data: Value = serde_json::from_str(&p.data).unwrap_or(Value::Null);
-            json!({ "offset": p.offset, "data": data })
+        .map(|p| HistoryMessage {
+            offset: p.offset,
+            data: raw_json(&p.data),
         })
         .collect();
-    Ok(Json(json!({
-        "channel": channel,
-        "epoch": h.position.epoch,
-        "offset": h.position.offset,
-        "messages": messages,
-    })))
+    // Serialized straight from the struct: `json!` would go through `Value` again.
+    Ok(Json(HistoryAnswer {
+        channel,
+        epoch: h.position.epoch,
+        offset: h.position.offset,
+        messages,
+    }))
+}
+
+/// The answer of `GET /v1/channels/{channel}/history`.
+#[derive(serde::Serialize)]
+struct HistoryAnswer {
+    channel: String,
+    epoch: String,
+    offset: u64,
+    messages: Vec<HistoryMessage>,
+}
+
+/// One message of a history answer, its data as raw JSON.
+#[derive(serde::Serialize)]
+struct HistoryMessage {
+    offset: u64,
+    data: Box<RawValue>,
+}
+
+/// Stored data as raw JSON. It was validated when published; `null` if a broker ever
+/// holds something else, rather than an invalid answer.
+fn raw_json(data: &str) -> Box<RawValue> {
+    RawValue::from_string(data.to_owned())
+        .unwrap_or_else(|_| RawValue::from_string("null".into()).expect("null is JSON"))
 }
 
 async fn nodes(_: ApiKeyAuth, State(node): State<Arc<Node>>) -> Result<Json<Value>, ApiError> {

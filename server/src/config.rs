@@ -102,6 +102,19 @@ pub struct Config {
     #[arg(long, env = "HERALD_MAX_MESSAGES_PER_SEC", default_value_t = 100)]
     pub max_messages_per_sec: u32,
 
+    /// Milliseconds a client has to send a complete HTTP request head (the WebSocket
+    /// upgrade request included) and that an idle keep-alive connection stays open;
+    /// then the connection is closed. Stops slowloris clients from holding sockets.
+    #[arg(long, env = "HERALD_HEADER_READ_TIMEOUT_MS", default_value_t = 10_000)]
+    pub header_read_timeout_ms: u64,
+
+    /// Kernel send buffer of each client socket in bytes (SO_SNDBUF; Linux doubles it).
+    /// Bounds what a client that stops reading can pin in kernel memory before its
+    /// queue fills and it is closed with 4509. 0 keeps the OS default, which autotunes
+    /// up to `net.ipv4.tcp_wmem`'s maximum (4 MiB) per socket.
+    #[arg(long, env = "HERALD_TCP_SEND_BUFFER", default_value_t = 65_536)]
+    pub tcp_send_buffer: usize,
+
     /// Connections this node accepts (more: close 4429).
     #[arg(long, env = "HERALD_MAX_CONNECTIONS", default_value_t = 100_000)]
     pub max_connections: usize,
@@ -136,6 +149,12 @@ pub struct Config {
     #[arg(long, env = "HERALD_UNSUBSCRIBE_DELAY_MS", default_value_t = 5_000)]
     pub unsubscribe_delay_ms: u64,
 
+    /// Publications the Redis subscriber connection buffers for the node's reader (fred's
+    /// broadcast channel; fred's own default is 32). When the reader falls further behind,
+    /// the oldest are dropped and the node repairs the gap from history, or sends `resync`.
+    #[arg(long, env = "HERALD_REDIS_SUBSCRIBER_BUFFER", default_value_t = 16_384)]
+    pub redis_subscriber_buffer: usize,
+
     /// Seconds after which a silent node is dropped from the registry and presence.
     #[arg(long, env = "HERALD_NODE_TTL_SECS", default_value_t = 10)]
     pub node_ttl_secs: u64,
@@ -169,6 +188,11 @@ impl Config {
         Duration::from_millis(self.heartbeat_ms)
     }
 
+    /// The header read timeout of HTTP connections.
+    pub fn header_read_timeout(&self) -> Duration {
+        Duration::from_millis(self.header_read_timeout_ms.max(1))
+    }
+
     /// The drain window.
     pub fn drain(&self) -> Duration {
         Duration::from_millis(self.drain_ms)
@@ -183,6 +207,7 @@ impl Config {
             meta_ttl: Duration::from_secs(self.history_meta_ttl_secs.max(self.history_ttl_secs)),
             node_ttl,
             presence_ttl: node_ttl,
+            subscriber_buffer: self.redis_subscriber_buffer.max(1),
         }
     }
 }

@@ -11,6 +11,7 @@
 //! - [`presence`]: this node's presence, sent to the broker in batches;
 //! - [`registry`]: this node's heartbeat and the choice of node for `/v1/connect`;
 //! - [`node`]: the state shared by all of the above, and connection admission;
+//! - [`listener`]: accepting connections and serving HTTP on them, with timeouts;
 //! - [`metrics`]: Prometheus metrics;
 //! - [`web`]: the browser client (`/herald.js`) and the demo page (`/`), embedded.
 //!
@@ -21,6 +22,7 @@ pub mod auth;
 pub mod broker;
 pub mod config;
 pub mod hub;
+pub mod listener;
 pub mod metrics;
 pub mod node;
 pub mod presence;
@@ -126,15 +128,13 @@ pub async fn run(
         .route("/ws", get(ws::upgrade))
         .with_state(Arc::clone(&node));
     let stop_http = CancellationToken::new();
-    let server = {
-        let stop_http = stop_http.clone();
-        axum::serve(
-            listener,
-            app.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(async move { stop_http.cancelled().await })
-    };
-    let server = tokio::spawn(async move { server.await });
+    let server = tokio::spawn(listener::serve(
+        listener,
+        app,
+        node.config.header_read_timeout(),
+        node.config.tcp_send_buffer,
+        stop_http.clone(),
+    ));
 
     shutdown.await;
     tracing::info!(node = %node.id, "draining");

@@ -115,12 +115,34 @@ async fn close(socket: &mut WebSocket, code: CloseCode) {
     let _ = timeout(CLOSE_TIMEOUT, socket.send(Message::Close(Some(frame)))).await;
 }
 
-/// Whether a read error is tungstenite's "message too large" (close 1009).
-fn is_too_large(err: &axum::Error) -> bool {
-    matches!(
-        std::error::Error::source(err).and_then(|e| e.downcast_ref::<tungstenite::Error>()),
-        Some(tungstenite::Error::Capacity(_))
-    )
+/// How a read error ends the session. A frame over the limit closes with 1009; a text
+/// frame that is not UTF-8, or a frame that breaks the WebSocket framing rules (reserved
+/// opcodes or bits, an unmasked or fragmented control frame, a stray continuation) is
+/// not a command at all and closes with 4400, so the client learns it must not retry
+/// the same bytes. Anything else (a reset, an EOF) means the client is gone.
+fn read_error(err: &axum::Error) -> End {
+    match std::error::Error::source(err).and_then(|e| e.downcast_ref::<tungstenite::Error>()) {
+        Some(tungstenite::Error::Capacity(_)) => End::Close(CloseCode::TooLarge),
+        Some(tungstenite::Error::Utf8(_)) => End::Close(CloseCode::BadRequest),
+        Some(tungstenite::Error::Protocol(p)) => {
+            use tungstenite::error::ProtocolError as P;
+            match p {
+                P::NonZeroReservedBits
+                | P::UnmaskedFrameFromClient
+                | P::FragmentedControlFrame
+                | P::ControlFrameTooBig
+                | P::UnknownControlFrameType(_)
+                | P::UnknownDataFrameType(_)
+                | P::UnexpectedContinueFrame
+                | P::ExpectedFragment(_)
+                | P::InvalidOpcode(_)
+                | P::InvalidCloseSequence => End::Close(CloseCode::BadRequest),
+                // A reset without a close frame, and the like: the client is gone.
+                _ => End::Gone,
+            }
+        }
+        _ => End::Gone,
+    }
 }
 
 /// How a session ended.
@@ -146,8 +168,7 @@ async fn read_hello(
             Some(Ok(Message::Binary(_))) => return Err(End::Close(CloseCode::BadRequest)),
             Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
             Some(Ok(Message::Close(_))) | None => return Err(End::Gone),
-            Some(Err(e)) if is_too_large(&e) => return Err(End::Close(CloseCode::TooLarge)),
-            Some(Err(_)) => return Err(End::Gone),
+            Some(Err(e)) => return Err(read_error(&e)),
         }
     }
 }
@@ -522,8 +543,7 @@ impl Session {
                         Some(Ok(Message::Binary(_))) => return Err(End::Close(CloseCode::BadRequest)),
                         Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
                         Some(Ok(Message::Close(_))) | None => return Err(End::Gone),
-                        Some(Err(e)) if is_too_large(&e) => return Err(End::Close(CloseCode::TooLarge)),
-                        Some(Err(_)) => return Err(End::Gone),
+                        Some(Err(e)) => return Err(read_error(&e)),
                     }
                 }
                 item = self.rx.recv() => {

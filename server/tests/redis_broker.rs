@@ -27,6 +27,7 @@ fn settings() -> BrokerSettings {
         meta_ttl: Duration::from_secs(120),
         node_ttl: Duration::from_secs(10),
         presence_ttl: Duration::from_secs(10),
+        subscriber_buffer: 16_384,
     }
 }
 

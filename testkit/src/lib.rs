@@ -2,11 +2,13 @@
 //!
 //! - [`redis`]: `redis-server` processes and a local Redis Cluster on free ports;
 //! - [`process`]: the real `herald` binary as a child process (SIGKILL, SIGTERM, restart);
+//! - [`proxy`]: a TCP fault proxy that cuts, black-holes and restores connections;
 //! - [`SECRET`], [`API_KEY`] and [`token`]: the keys every test node shares.
 //!
 //! Nothing here is a mock: tests talk to the same programs that run in production.
 
 pub mod process;
+pub mod proxy;
 pub mod redis;
 
 use std::time::{SystemTime, UNIX_EPOCH};

@@ -69,6 +69,28 @@ impl NodeProcess {
         }
     }
 
+    /// The process id while the node runs (to read `/proc/<pid>/status` and the like).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    /// Resident memory of the node (`VmRSS` of `/proc/<pid>/status`), in KiB; `None`
+    /// when the node is not running or the platform has no `/proc`.
+    pub fn rss_kib(&self) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()?)).ok()?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+    }
+
+    /// Open file descriptors of the node (entries of `/proc/<pid>/fd`): sockets
+    /// included, so a leak of connections shows here.
+    pub fn open_fds(&self) -> Option<usize> {
+        let dir = std::fs::read_dir(format!("/proc/{}/fd", self.pid()?)).ok()?;
+        Some(dir.count())
+    }
+
     /// `ws://…/ws`
     pub fn ws_url(&self) -> String {
         format!("ws://{}/ws", self.addr)

@@ -335,6 +335,7 @@ mod tests {
             meta_ttl: Duration::from_secs(3600),
             node_ttl: Duration::from_secs(10),
             presence_ttl: Duration::from_secs(10),
+            subscriber_buffer: 16,
         }
     }
 

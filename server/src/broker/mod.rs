@@ -77,6 +77,9 @@ pub struct BrokerSettings {
     pub node_ttl: Duration,
     /// Presence entries not refreshed for this long expire.
     pub presence_ttl: Duration,
+    /// Publications the Redis subscriber connection may hold for the reader before it
+    /// drops the oldest (a lag, repaired from history). Unused by the memory broker.
+    pub subscriber_buffer: usize,
 }
 
 /// Failures of the broker.

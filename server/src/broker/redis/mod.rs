@@ -66,11 +66,6 @@ const UNRESPONSIVE_AFTER: Duration = Duration::from_secs(4);
 /// Reconnect backoff: from 100 ms doubling up to 2 s, forever, with jitter.
 const RECONNECT_MIN_MS: u32 = 100;
 const RECONNECT_MAX_MS: u32 = 2_000;
-/// Capacity of fred's broadcast channel between the subscriber connection and the
-/// reader (fred's default is 32 and it drops the oldest on lag). The reader only
-/// decodes and hands off, so this absorbs scheduling hiccups, not sustained overload;
-/// a lag is still detected and handled as possible loss.
-const SUBSCRIBER_BUFFER: usize = 16_384;
 
 /// The Redis broker. See the module doc.
 pub struct RedisBroker {
@@ -211,7 +206,11 @@ pub async fn connect(
         keys::parse_url(url).map_err(|e| BrokerError::Internal(format!("bad Redis URL: {e}")))?;
     let client = build_client(config.clone(), None)
         .map_err(|e| BrokerError::Internal(format!("bad Redis config: {e}")))?;
-    let sub = build_client(config, Some(SUBSCRIBER_BUFFER))
+    // The capacity of fred's broadcast channel between the subscriber connection and
+    // the reader (fred's default is 32 and it drops the oldest on lag). The reader only
+    // decodes and hands off, so this absorbs scheduling hiccups, not sustained overload;
+    // a lag is still detected and handled as possible loss.
+    let sub = build_client(config, Some(settings.subscriber_buffer.max(1)))
         .map_err(|e| BrokerError::Internal(format!("bad Redis config: {e}")))?;
     let keys = Keys::new(prefix, node_id);
     let (requests, requests_rx) = mpsc::unbounded_channel();

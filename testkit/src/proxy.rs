@@ -1,0 +1,303 @@
+//! A TCP fault proxy: put it between a node and Redis (or anything else that speaks
+//! TCP) and break the network on command.
+//!
+//! The proxy forwards every accepted connection to one upstream address, byte for byte,
+//! in both directions. A test then changes its mode:
+//!
+//! - [`FaultProxy::cut`]: closes every open connection at once (both sides see the
+//!   connection end); new connections are accepted and forwarded again. Models a reset
+//!   connection: a restarted firewall, a NAT entry that expired, a killed proxy.
+//! - [`FaultProxy::black_hole`]: stops forwarding in both directions *without closing*:
+//!   bytes stay in the kernel's buffers, and new connections are accepted but get no
+//!   answer. Models a network partition or a half-open connection, the case that only
+//!   a liveness check can detect. [`FaultProxy::restore`] delivers what was held, in
+//!   order, as TCP would after a partition heals.
+//! - [`FaultProxy::black_hole_upstream_port`]: the same for one connection only, named
+//!   by its local port towards the upstream (what Redis' `CLIENT LIST` shows as
+//!   `addr`): for instance only a node's pub/sub connection, while its commands flow.
+//! - [`FaultProxy::reject`]: closes every open connection and every new one at once,
+//!   until [`FaultProxy::restore`]. Models an upstream that cannot be reached.
+//!
+//! ```no_run
+//! # async fn demo() {
+//! use herald_testkit::proxy::FaultProxy;
+//! let proxy = FaultProxy::start("127.0.0.1:6379".parse().unwrap()).await;
+//! let url = format!("redis://{}", proxy.addr()); // give this to the node
+//! proxy.black_hole(); // the node's connections go silent
+//! proxy.restore(); // and come back, with what was held
+//! proxy.cut(); // every connection is closed; reconnects work
+//! # }
+//! ```
+//!
+//! Everything runs as tasks on the caller's tokio runtime; dropping the proxy stops it
+//! and closes its connections.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+/// What the proxy does with traffic now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Forward every byte.
+    Forward,
+    /// Forward nothing, close nothing.
+    BlackHole,
+    /// Close every connection, open or new.
+    Reject,
+}
+
+/// Shared state of the proxy and its connection tasks.
+struct Shared {
+    mode: watch::Sender<Mode>,
+    /// Bumped by every cut: connections opened under an older generation close.
+    cuts: watch::Sender<u64>,
+    open: AtomicUsize,
+    accepted: AtomicUsize,
+    /// Open connections: local port towards the upstream, and the connection's own
+    /// black hole switch.
+    conns: Mutex<Vec<(u16, watch::Sender<bool>)>>,
+}
+
+/// A running fault proxy. See the module doc.
+pub struct FaultProxy {
+    addr: SocketAddr,
+    upstream: SocketAddr,
+    shared: Arc<Shared>,
+    accept: JoinHandle<()>,
+}
+
+impl FaultProxy {
+    /// Starts a proxy on a free loopback port that forwards to `upstream`.
+    pub async fn start(upstream: SocketAddr) -> FaultProxy {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind the proxy");
+        let addr = listener.local_addr().expect("proxy address");
+        let shared = Arc::new(Shared {
+            mode: watch::Sender::new(Mode::Forward),
+            cuts: watch::Sender::new(0),
+            open: AtomicUsize::new(0),
+            accepted: AtomicUsize::new(0),
+            conns: Mutex::new(Vec::new()),
+        });
+        let accept = tokio::spawn(accept_loop(listener, upstream, Arc::clone(&shared)));
+        FaultProxy {
+            addr,
+            upstream,
+            shared,
+            accept,
+        }
+    }
+
+    /// Where the proxy listens.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Where it forwards to.
+    pub fn upstream(&self) -> SocketAddr {
+        self.upstream
+    }
+
+    /// The current mode.
+    pub fn mode(&self) -> Mode {
+        *self.shared.mode.borrow()
+    }
+
+    /// Closes every open connection now; later connections are forwarded (unless the
+    /// proxy is black-holed or rejecting).
+    pub fn cut(&self) {
+        self.shared.cuts.send_modify(|g| *g += 1);
+    }
+
+    /// Stops forwarding in both directions without closing anything.
+    pub fn black_hole(&self) {
+        self.shared.mode.send_replace(Mode::BlackHole);
+    }
+
+    /// Closes every open connection and refuses new ones (accepts and closes them
+    /// at once) until [`FaultProxy::restore`].
+    pub fn reject(&self) {
+        self.shared.mode.send_replace(Mode::Reject);
+        self.cut();
+    }
+
+    /// Black-holes one open connection: the one whose local port towards the
+    /// upstream is `port`. Returns whether there was one.
+    pub fn black_hole_upstream_port(&self, port: u16) -> bool {
+        let conns = self.shared.conns.lock().unwrap_or_else(|e| e.into_inner());
+        let mut found = false;
+        for (p, hold) in conns.iter() {
+            if *p == port {
+                hold.send_replace(true);
+                found = true;
+            }
+        }
+        found
+    }
+
+    /// Local ports towards the upstream of the connections open now.
+    pub fn upstream_ports(&self) -> Vec<u16> {
+        let conns = self.shared.conns.lock().unwrap_or_else(|e| e.into_inner());
+        conns.iter().map(|(p, _)| *p).collect()
+    }
+
+    /// Forwards again, every connection; bytes held by a black hole are delivered
+    /// first, in order.
+    pub fn restore(&self) {
+        self.shared.mode.send_replace(Mode::Forward);
+        let conns = self.shared.conns.lock().unwrap_or_else(|e| e.into_inner());
+        for (_, hold) in conns.iter() {
+            hold.send_replace(false);
+        }
+    }
+
+    /// Connections open through the proxy now.
+    pub fn open_connections(&self) -> usize {
+        self.shared.open.load(Ordering::SeqCst)
+    }
+
+    /// Connections accepted since the start (a reconnect shows up here).
+    pub fn accepted_connections(&self) -> usize {
+        self.shared.accepted.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for FaultProxy {
+    fn drop(&mut self) {
+        self.accept.abort();
+        self.shared.mode.send_replace(Mode::Reject);
+        self.cut();
+    }
+}
+
+async fn accept_loop(listener: TcpListener, upstream: SocketAddr, shared: Arc<Shared>) {
+    loop {
+        let Ok((client, _)) = listener.accept().await else {
+            continue;
+        };
+        shared.accepted.fetch_add(1, Ordering::SeqCst);
+        if *shared.mode.borrow() == Mode::Reject {
+            drop(client);
+            continue;
+        }
+        let shared = Arc::clone(&shared);
+        tokio::spawn(async move {
+            let generation = Generation::now(&shared.cuts);
+            let Ok(server) = TcpStream::connect(upstream).await else {
+                return;
+            };
+            let _ = client.set_nodelay(true);
+            let _ = server.set_nodelay(true);
+            let port = server.local_addr().map(|a| a.port()).unwrap_or(0);
+            let hold = watch::Sender::new(false);
+            shared
+                .conns
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push((port, hold.clone()));
+            shared.open.fetch_add(1, Ordering::SeqCst);
+            let (client_read, client_write) = client.into_split();
+            let (server_read, server_write) = server.into_split();
+            // Whichever direction ends first (EOF, error, cut) ends the connection:
+            // dropping both halves of both sockets closes them.
+            tokio::select! {
+                _ = pipe(client_read, server_write, &shared, &hold) => {}
+                _ = pipe(server_read, client_write, &shared, &hold) => {}
+                _ = generation.cut() => {}
+            }
+            shared
+                .conns
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .retain(|(p, _)| *p != port);
+            shared.open.fetch_sub(1, Ordering::SeqCst);
+        });
+    }
+}
+
+/// Copies one direction, honouring the mode: nothing is read while black-holed, and a
+/// chunk read just before a black hole is held until the proxy forwards again.
+async fn pipe(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    shared: &Shared,
+    hold: &watch::Sender<bool>,
+) {
+    let mut mode = shared.mode.subscribe();
+    let mut hold = hold.subscribe();
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        if forwarding(&mut mode, &mut hold).await.is_err() {
+            return;
+        }
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if forwarding(&mut mode, &mut hold).await.is_err() {
+            return;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Waits until the proxy forwards and this connection is not held; `Err` when the
+/// connection must close.
+async fn forwarding(
+    mode: &mut watch::Receiver<Mode>,
+    hold: &mut watch::Receiver<bool>,
+) -> Result<(), ()> {
+    loop {
+        let now = *mode.borrow_and_update();
+        let held = *hold.borrow_and_update();
+        match now {
+            Mode::Reject => return Err(()),
+            Mode::Forward if !held => return Ok(()),
+            _ => {
+                let changed = tokio::select! {
+                    r = mode.changed() => r,
+                    r = hold.changed() => r,
+                };
+                if changed.is_err() {
+                    return Err(());
+                }
+            }
+        }
+    }
+}
+
+/// The cut generation a connection was opened under.
+struct Generation {
+    rx: watch::Receiver<u64>,
+    at: u64,
+}
+
+impl Generation {
+    fn now(cuts: &watch::Sender<u64>) -> Self {
+        let rx = cuts.subscribe();
+        let at = *rx.borrow();
+        Self { rx, at }
+    }
+
+    /// Resolves when a cut happened after the connection opened.
+    async fn cut(mut self) {
+        loop {
+            if *self.rx.borrow_and_update() != self.at {
+                return;
+            }
+            if self.rx.changed().await.is_err() {
+                // The proxy is gone.
+                return;
+            }
+        }
+    }
+}
