@@ -31,8 +31,12 @@ use herald_protocol::StreamPosition;
 use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
 
-use crate::broker::{Broker, BrokerError, Publication, PublicationSink, SubscribeAck};
+use crate::broker::{Broker, BrokerError, History, Publication, PublicationSink, SubscribeAck};
 use crate::metrics::Metrics;
+
+/// How long a gap repair keeps retrying an unavailable history read before it sends
+/// `resync` (see `Hub::history_for_repair`).
+const REPAIR_RETRY_WINDOW: Duration = Duration::from_secs(5);
 
 const SHARDS: usize = 64;
 
@@ -327,6 +331,14 @@ impl Hub {
     }
 
     fn resync_all(&self, entry: &ChannelEntry, position: StreamPosition) {
+        // Rare and meaningful (clients must reload state): worth a log line.
+        tracing::warn!(
+            channel = %entry.name,
+            offset = position.offset,
+            epoch = %position.epoch,
+            sessions = entry.sessions.len(),
+            "continuity lost; sending resync"
+        );
         self.metrics.resyncs.inc();
         for handle in entry.sessions.values() {
             self.offer(
@@ -354,10 +366,7 @@ impl Hub {
     }
 
     async fn repair(self: Arc<Self>, channel: Arc<str>, epoch: Arc<str>, from: u64) {
-        let history = self
-            .broker()
-            .history(&channel, from, self.repair_limit)
-            .await;
+        let history = self.history_for_repair(&channel, from).await;
         let mut shard = self.shard(&channel);
         let Some(entry) = shard.channels.get_mut(&channel) else {
             return;
@@ -407,6 +416,31 @@ impl Hub {
             current_epoch = p.epoch.clone();
             last = p.offset;
             self.dispatch(entry, &p);
+        }
+    }
+
+    /// Reads the history a repair needs. A gap is usually noticed right after the
+    /// subscriber connection came back, while the command connection may still be
+    /// reconnecting, so a failed read is retried for [`REPAIR_RETRY_WINDOW`] before the
+    /// repair gives up with `resync`: the history is most likely still there. Live
+    /// publications keep buffering meanwhile.
+    async fn history_for_repair(&self, channel: &str, from: u64) -> Result<History, BrokerError> {
+        let deadline = Instant::now() + REPAIR_RETRY_WINDOW;
+        let mut delay = Duration::from_millis(50);
+        loop {
+            match self
+                .broker()
+                .history(channel, from, self.repair_limit)
+                .await
+            {
+                Ok(h) => return Ok(h),
+                Err(e) if Instant::now() + delay < deadline => {
+                    tracing::debug!(channel, error = %e, "gap repair: history unavailable; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(1));
+                }
+                Err(e) => return Err(e),
+            }
         }
     }
 

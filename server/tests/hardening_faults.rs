@@ -193,7 +193,9 @@ fn assert_no_silent_loss(record: &Record, channel: &str, accepted: &[u64], kept_
     let missing: Vec<&u64> = accepted.iter().filter(|o| !delivered.contains(o)).collect();
     assert!(
         missing.is_empty() || (!kept_data && seen.discontinuities > 0),
-        "{channel}: accepted but never delivered: {missing:?}"
+        "{channel}: accepted but never delivered: {missing:?} (resyncs: {}, delivered: {:?})",
+        seen.discontinuities,
+        seen.offsets
     );
     if kept_data {
         assert_eq!(
