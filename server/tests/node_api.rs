@@ -528,9 +528,10 @@ async fn health_readiness_and_metrics_need_no_key() {
 #[tokio::test]
 async fn unknown_paths_are_404_json() {
     let n = start().await;
+    // `/` is the demo page (node_web.rs); anything unknown is a JSON 404.
     for path in [
-        "/",
         "/nope",
+        "/herald.jsx",
         "/v1",
         "/v1/publishx",
         "/v1/users/alice",
