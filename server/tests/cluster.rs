@@ -69,16 +69,6 @@ async fn get(http: &str, path: &str) -> (u16, Value) {
     (status, r.json().await.unwrap_or(Value::Null))
 }
 
-async fn metric(http: &str, name: &str) -> f64 {
-    let text = reqwest::get(format!("{http}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    node::metric_value(&text, name)
-}
-
 /// Asserts a user's personal stream is exactly 1..=last, once each, in order.
 fn assert_exact(record: &Record, channel: &str, last: u64) {
     let seen = record.channels.get(channel).expect("channel followed");
@@ -148,7 +138,9 @@ async fn messages_reach_only_the_nodes_with_subscribers() {
     let before: Vec<f64> = {
         let mut v = Vec::new();
         for n in &nodes {
-            v.push(metric(&n.http(), "herald_broker_messages_received_total").await);
+            v.push(
+                herald_testkit::metric(&n.http(), "herald_broker_messages_received_total").await,
+            );
         }
         v
     };
@@ -161,7 +153,8 @@ async fn messages_reach_only_the_nodes_with_subscribers() {
     }
     let mut after = Vec::new();
     for n in &nodes {
-        after.push(metric(&n.http(), "herald_broker_messages_received_total").await);
+        after
+            .push(herald_testkit::metric(&n.http(), "herald_broker_messages_received_total").await);
     }
     assert_eq!(
         after[0] - before[0],

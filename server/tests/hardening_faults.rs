@@ -117,16 +117,6 @@ async fn ready(http: &str) -> bool {
     matches!(r, Ok(r) if r.status() == 200)
 }
 
-async fn metric(http: &str, name: &str) -> f64 {
-    let text = reqwest::get(format!("{http}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    node::metric_value(&text, name)
-}
-
 /// Waits until `/readyz` of `http` says `want`; returns how long that took.
 async fn wait_readiness(http: &str, want: bool, wait: Duration) -> Duration {
     let started = Instant::now();
@@ -296,7 +286,7 @@ async fn redis_connection_cut_loses_nothing() {
         cut_at
     })
     .await;
-    let repaired = metric(&http, "herald_gaps_repaired_total").await;
+    let repaired = herald_testkit::metric(&http, "herald_gaps_repaired_total").await;
     eprintln!(
         "measured: redis connection cut: node ready {ready_again:?} after the cut, clients had \
          everything {caught_up:?} after it (gaps repaired from history: {repaired})"
@@ -432,7 +422,7 @@ async fn subscriber_lag_is_repaired_from_history() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let accepted_before = s.proxy.accepted_connections();
-    let repaired_before = metric(&http, "herald_gaps_repaired_total").await;
+    let repaired_before = herald_testkit::metric(&http, "herald_gaps_repaired_total").await;
     // Hold node 0's subscriber connection, publish the burst, let it go at once: well
     // within the probe's 3 s, so this is a lag and not a forced reconnect.
     assert!(s.proxy.black_hole_upstream_port(s.subscriber_port()));
@@ -453,7 +443,8 @@ async fn subscriber_lag_is_repaired_from_history() {
         "the client never got the whole burst"
     );
     let took = started.elapsed();
-    let repaired = metric(&http, "herald_gaps_repaired_total").await - repaired_before;
+    let repaired =
+        herald_testkit::metric(&http, "herald_gaps_repaired_total").await - repaired_before;
     let record = f.stop().await;
     assert_eq!(
         s.proxy.accepted_connections(),

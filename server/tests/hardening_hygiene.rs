@@ -24,16 +24,6 @@ const ROUNDS: usize = 10;
 const CLIENTS: usize = 40;
 const CHANNELS: usize = 100;
 
-async fn metric(node: &NodeProcess, name: &str) -> f64 {
-    let text = reqwest::get(format!("{}/metrics", node.http()))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    node::metric_value(&text, name)
-}
-
 /// One client's life: hello, three subscriptions, a publish, then a clean close or an
 /// abrupt drop of the TCP connection.
 async fn client_life(url: String, i: usize) {
@@ -108,8 +98,8 @@ async fn after_churn_the_node_and_redis_return_to_idle() {
         t.await.unwrap();
     }
     wait_until("idle after warm-up", Duration::from_secs(15), || async {
-        metric(&node, "herald_connections").await == 0.0
-            && metric(&node, "herald_broker_channels").await == 0.0
+        herald_testkit::metric(&node.http(), "herald_connections").await == 0.0
+            && herald_testkit::metric(&node.http(), "herald_broker_channels").await == 0.0
     })
     .await;
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -126,16 +116,17 @@ async fn after_churn_the_node_and_redis_return_to_idle() {
         }
     }
     let churn = started.elapsed();
-    let peak_connections = metric(&node, "herald_connections_accepted_total").await;
+    let peak_connections =
+        herald_testkit::metric(&node.http(), "herald_connections_accepted_total").await;
 
     // The node forgets everything…
     wait_until(
         "node gauges back to zero",
         Duration::from_secs(15),
         || async {
-            metric(&node, "herald_connections").await == 0.0
-                && metric(&node, "herald_subscriptions").await == 0.0
-                && metric(&node, "herald_broker_channels").await == 0.0
+            herald_testkit::metric(&node.http(), "herald_connections").await == 0.0
+                && herald_testkit::metric(&node.http(), "herald_subscriptions").await == 0.0
+                && herald_testkit::metric(&node.http(), "herald_broker_channels").await == 0.0
         },
     )
     .await;

@@ -75,16 +75,6 @@ async fn subscriber(node: &NodeProcess, user: &str, slow: bool) -> Ws {
     ws
 }
 
-async fn metric(node: &NodeProcess, name: &str) -> f64 {
-    let text = reqwest::get(format!("{}/metrics", node.http()))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    node::metric_value(&text, name)
-}
-
 /// 200 clients stop reading while 3 000 messages of 1 KiB flow to them and to 10
 /// clients that read: the slow ones are closed with 4509, the node's memory growth stays
 /// under the bound, and each reading client gets all 3 000 messages in order.
@@ -179,11 +169,13 @@ async fn hundreds_of_slow_consumers_are_cut_and_memory_stays_bounded() {
     }
     // Every slow client was cut.
     let deadline = Instant::now() + Duration::from_secs(30);
-    while metric(&node, "herald_slow_consumer_disconnects_total").await < SLOW as f64 {
+    while herald_testkit::metric(&node.http(), "herald_slow_consumer_disconnects_total").await
+        < SLOW as f64
+    {
         assert!(
             Instant::now() < deadline,
             "only {} slow clients were closed",
-            metric(&node, "herald_slow_consumer_disconnects_total").await
+            herald_testkit::metric(&node.http(), "herald_slow_consumer_disconnects_total").await
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -246,12 +238,12 @@ async fn hundreds_of_slow_consumers_are_cut_and_memory_stays_bounded() {
         (peak - baseline) / 1024
     );
     assert_eq!(
-        metric(&node, "herald_slow_consumer_disconnects_total").await,
+        herald_testkit::metric(&node.http(), "herald_slow_consumer_disconnects_total").await,
         SLOW as f64
     );
     // The reading clients are gone too (their tasks ended): every slot is given back.
     let deadline = Instant::now() + Duration::from_secs(10);
-    while metric(&node, "herald_connections").await != 0.0 {
+    while herald_testkit::metric(&node.http(), "herald_connections").await != 0.0 {
         assert!(Instant::now() < deadline, "connections were not released");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

@@ -3,7 +3,8 @@
 //! - [`redis`]: `redis-server` processes and a local Redis Cluster on free ports;
 //! - [`process`]: the real `herald` binary as a child process (SIGKILL, SIGTERM, restart);
 //! - [`proxy`]: a TCP fault proxy that cuts, black-holes and restores connections;
-//! - [`SECRET`], [`API_KEY`] and [`token`]: the keys every test node shares.
+//! - [`SECRET`], [`API_KEY`] and [`token`]: the keys every test node shares;
+//! - [`metric`] and [`metric_value`]: one value from a node's `/metrics`.
 //!
 //! Nothing here is a mock: tests talk to the same programs that run in production.
 
@@ -38,4 +39,27 @@ pub fn token(user: &str, channels: &[&str], publish: &[&str]) -> String {
         &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
     )
     .expect("sign test token")
+}
+
+/// Sums the samples of metric `name` (over all its label sets) in Prometheus text.
+pub fn metric_value(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Reads metric `name` from the `/metrics` of the node at `http` (`http://host:port`).
+pub async fn metric(http: &str, name: &str) -> f64 {
+    let text = reqwest::get(format!("{http}/metrics"))
+        .await
+        .expect("GET /metrics")
+        .text()
+        .await
+        .expect("read /metrics");
+    metric_value(&text, name)
 }

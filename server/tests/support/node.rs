@@ -146,13 +146,7 @@ impl TestNode {
 
     /// Reads one metric's value from `/metrics` (the sum over its label sets).
     pub async fn metric(&self, name: &str) -> f64 {
-        let text = reqwest::get(format!("{}/metrics", self.http()))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        metric_value(&text, name)
+        herald_testkit::metric(&self.http(), name).await
     }
 }
 
@@ -164,17 +158,8 @@ impl Drop for TestNode {
     }
 }
 
-/// Sums the samples of metric `name` in Prometheus text.
-pub fn metric_value(text: &str, name: &str) -> f64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter(|l| {
-            l.strip_prefix(name)
-                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
+#[allow(unused_imports)] // not every test file reads metrics
+pub use herald_testkit::metric_value;
 
 /// A token signed with [`SECRET`].
 pub fn token(user: &str, channels: &[&str], publish: &[&str]) -> String {
