@@ -10,6 +10,9 @@ use clap::Parser;
 
 use crate::broker::BrokerSettings;
 
+/// Presence TTL in node TTLs (10 s → 300 s).
+pub const PRESENCE_TTL_FACTOR: u32 = 30;
+
 /// The node's configuration.
 #[derive(Debug, Clone, Parser)]
 #[command(
@@ -129,9 +132,18 @@ pub struct Config {
     #[arg(long, env = "HERALD_SESSION_QUEUE", default_value_t = 1024)]
     pub session_queue: usize,
 
-    /// WebSocket read buffer per connection, in bytes (tungstenite's default is 128 KiB,
-    /// allocated up front: the largest part of a connection's memory).
-    #[arg(long, env = "HERALD_WS_READ_BUFFER", default_value_t = 4096)]
+    /// Worker threads of the node's runtime; 0 = one per CPU core. Set it below the
+    /// core count when several nodes (or a node and Redis) share a small machine: more
+    /// runnable threads than cores cost context switches on every wakeup.
+    #[arg(long, env = "HERALD_WORKER_THREADS", default_value_t = 0)]
+    pub worker_threads: usize,
+
+    /// WebSocket read buffer per connection, in bytes. It is allocated up front and is
+    /// also the most one read takes from the socket; a longer frame grows it to the
+    /// frame's size. Clients send few, small frames (hello, subscribe), so 512 bytes
+    /// fits nearly all of them and keeps an idle connection small (tungstenite's
+    /// default is 128 KiB).
+    #[arg(long, env = "HERALD_WS_READ_BUFFER", default_value_t = 512)]
     pub ws_read_buffer: usize,
 
     /// WebSocket write buffer per connection: frames are coalesced up to this size
@@ -206,7 +218,11 @@ impl Config {
             history_ttl: Duration::from_secs(self.history_ttl_secs.max(1)),
             meta_ttl: Duration::from_secs(self.history_meta_ttl_secs.max(self.history_ttl_secs)),
             node_ttl,
-            presence_ttl: node_ttl,
+            // Presence entries are filtered by the registry on every read, so a dead
+            // node drops out within the node TTL whatever this is. The TTL only
+            // collects the hashes of channels whose nodes all died; a long one keeps
+            // refreshing cheap (one PEXPIRE per channel every TTL/3).
+            presence_ttl: node_ttl.saturating_mul(PRESENCE_TTL_FACTOR),
             subscriber_buffer: self.redis_subscriber_buffer.max(1),
         }
     }

@@ -6,7 +6,7 @@
 //!   leave schedules an unsubscribe after `unsubscribe_delay`, which a new session in
 //!   the meantime cancels, so churn does not thrash the broker.
 //! - **Encode once, share the bytes.** A publication is encoded into one frame, wrapped
-//!   in an `Arc`, and offered to every local session's bounded queue with `try_send`.
+//!   in an `Arc`, and offered to every local session's bounded queue without waiting.
 //!   A full queue never blocks the fan-out: that session is closed with 4509 and
 //!   resumes from its offset.
 //! - **Continuity per channel on this node.** The hub knows the last offset it
@@ -20,7 +20,7 @@
 use std::collections::hash_map::DefaultHasher;
 use std::collections::{HashMap, VecDeque};
 use std::hash::{Hash, Hasher};
-use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
@@ -28,7 +28,7 @@ use axum::extract::ws::Utf8Bytes;
 use futures_util::future::{FutureExt, Shared};
 use herald_protocol::frame::encode_message;
 use herald_protocol::StreamPosition;
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::broker::{Broker, BrokerError, History, Publication, PublicationSink, SubscribeAck};
@@ -56,23 +56,60 @@ pub struct Delivery {
     pub frame: Utf8Bytes,
 }
 
-/// What the hub puts into a session's queue.
+/// What the hub puts into a session's queue. One word wide, so that a queue of
+/// hundreds costs little; the rare resync is boxed.
 #[derive(Debug, Clone)]
 pub enum Outbound {
     /// A message to write.
     Message(Arc<Delivery>),
     /// Continuity on a channel was lost: continue from this position.
-    Resync(Arc<str>, StreamPosition),
+    Resync(Box<(Arc<str>, StreamPosition)>),
 }
 
-/// Lets the hub (and the node) close a session from outside its task.
-#[derive(Debug, Default)]
+/// One session's mailbox: its bounded queue of outbound items and the close request.
+///
+/// Not a `tokio::sync::mpsc` channel: a bounded channel allocates a block of 32 slots
+/// and a cache-padded header up front (about 2 KiB per connection), while an idle
+/// session needs nothing. This queue allocates only when items arrive and gives the
+/// memory back once it has drained, so an idle connection costs a few dozen bytes here.
+/// One consumer (the session's task), many producers (the hub's fan-outs).
+#[derive(Debug)]
 pub struct SessionControl {
     code: AtomicU16,
-    notify: Notify,
+    gone: AtomicBool,
+    capacity: usize,
+    queue: Mutex<VecDeque<Outbound>>,
+    /// Wakes the session for a close request.
+    close_notify: Notify,
+    /// Wakes the session for queued items.
+    ready: Notify,
 }
 
+/// Why an item was not queued.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Refused {
+    /// The queue is full: the session is a slow consumer.
+    Full,
+    /// The session has ended.
+    Gone,
+}
+
+/// A drained queue keeps at most this many slots; more is given back.
+const KEEP_SLOTS: usize = 16;
+
 impl SessionControl {
+    /// A mailbox holding at most `capacity` items.
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            code: AtomicU16::new(0),
+            gone: AtomicBool::new(false),
+            capacity: capacity.max(1),
+            queue: Mutex::new(VecDeque::new()),
+            close_notify: Notify::new(),
+            ready: Notify::new(),
+        }
+    }
+
     /// Asks the session to close with `code`. The first code asked for wins.
     pub fn close(&self, code: u16) {
         if self
@@ -81,7 +118,7 @@ impl SessionControl {
             .is_ok()
         {
             // notify_one keeps a permit if the session is not waiting right now.
-            self.notify.notify_one();
+            self.close_notify.notify_one();
         }
     }
 
@@ -92,19 +129,60 @@ impl SessionControl {
             if code != 0 {
                 return code;
             }
-            self.notify.notified().await;
+            self.close_notify.notified().await;
         }
+    }
+
+    fn queue(&self) -> MutexGuard<'_, VecDeque<Outbound>> {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues an item without waiting.
+    pub fn offer(&self, item: Outbound) -> Result<(), Refused> {
+        if self.gone.load(Ordering::Acquire) {
+            return Err(Refused::Gone);
+        }
+        {
+            let mut queue = self.queue();
+            if queue.len() >= self.capacity {
+                return Err(Refused::Full);
+            }
+            queue.push_back(item);
+        }
+        self.ready.notify_one();
+        Ok(())
+    }
+
+    /// Waits for the next item (the session's task only).
+    pub async fn next(&self) -> Outbound {
+        loop {
+            if let Some(item) = self.try_next() {
+                return item;
+            }
+            self.ready.notified().await;
+        }
+    }
+
+    /// The next item, if one is queued.
+    pub fn try_next(&self) -> Option<Outbound> {
+        let mut queue = self.queue();
+        let item = queue.pop_front();
+        if queue.is_empty() && queue.capacity() > KEEP_SLOTS {
+            // A burst is over: give its memory back.
+            queue.shrink_to(KEEP_SLOTS);
+        }
+        item
+    }
+
+    /// The session ended: refuse and drop whatever comes.
+    pub fn end(&self) {
+        self.gone.store(true, Ordering::Release);
+        *self.queue() = VecDeque::new();
     }
 }
 
 /// The hub's handle on one session.
-#[derive(Debug, Clone)]
-pub struct SessionHandle {
-    /// The session's bounded queue.
-    pub tx: mpsc::Sender<Outbound>,
-    /// Closing it from outside.
-    pub control: Arc<SessionControl>,
-}
+pub type SessionHandle = Arc<SessionControl>;
 
 /// Where the hub stands in one channel's stream.
 #[derive(Debug, Clone)]
@@ -317,16 +395,14 @@ impl Hub {
     }
 
     fn offer(&self, handle: &SessionHandle, item: Outbound) {
-        match handle.tx.try_send(item) {
+        match handle.offer(item) {
             Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(_)) => {
+            Err(Refused::Full) => {
                 self.metrics.queue_drops.inc();
-                handle
-                    .control
-                    .close(herald_protocol::codes::CloseCode::SlowConsumer.code());
+                handle.close(herald_protocol::codes::CloseCode::SlowConsumer.code());
             }
             // The session is gone and will leave the channel itself.
-            Err(mpsc::error::TrySendError::Closed(_)) => {}
+            Err(Refused::Gone) => {}
         }
     }
 
@@ -343,7 +419,7 @@ impl Hub {
         for handle in entry.sessions.values() {
             self.offer(
                 handle,
-                Outbound::Resync(entry.name.clone(), position.clone()),
+                Outbound::Resync(Box::new((entry.name.clone(), position.clone()))),
             );
         }
     }

@@ -118,9 +118,9 @@ pub async fn run(
     announce(&node, local);
 
     let background = CancellationToken::new();
-    let ttl = node.config.broker_settings().node_ttl;
+    let presence_ttl = node.config.broker_settings().presence_ttl;
     tokio::spawn(registry::heartbeat(Arc::clone(&node), background.clone()));
-    tokio::spawn(Arc::clone(&presence).run(ttl / 3, background.clone()));
+    tokio::spawn(Arc::clone(&presence).run(presence_ttl / 3, background.clone()));
     tokio::spawn(housekeeping(Arc::clone(&hub), memory, background.clone()));
 
     let app = api::routes()

@@ -3,8 +3,12 @@
 //! Sessions report joins and leaves here; this module keeps the node's counts per
 //! (channel, user) and sends only the changes to the broker in batches (every 100 ms),
 //! so that a burst of connects costs one broker round trip, not one per connection.
-//! It also refreshes the node's entries before they expire and, every few refreshes,
+//! It also refreshes the node's entries before they expire and, every third refresh,
 //! writes them all again so that presence heals after the broker lost its data.
+//!
+//! Broker calls go out in chunks of [`CHUNK`] channels: a node with 20k users has 20k
+//! personal channels, and one call per channel all at once would hold 20k requests
+//! (and their buffers) in memory at the same moment.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -15,6 +19,9 @@ use tokio_util::sync::CancellationToken;
 use crate::broker::{Broker, PresenceChange};
 
 type Key = (Arc<str>, Arc<str>);
+
+/// Channels per broker call batch.
+const CHUNK: usize = 512;
 
 #[derive(Default)]
 struct State {
@@ -94,12 +101,15 @@ impl Presence {
     /// they stay pending for the next flush.
     pub async fn flush(&self, all: bool) {
         let changes = self.take_changes(all);
-        if changes.is_empty() {
-            return;
-        }
-        if let Err(e) = self.broker.presence_update(&self.node_id, &changes).await {
-            tracing::debug!(error = %e, "presence update failed; will retry");
-            self.mark_dirty(&changes);
+        let mut chunks = changes.chunks(CHUNK);
+        while let Some(chunk) = chunks.next() {
+            if let Err(e) = self.broker.presence_update(&self.node_id, chunk).await {
+                tracing::debug!(error = %e, "presence update failed; will retry");
+                self.mark_dirty(chunk);
+                for rest in chunks.by_ref() {
+                    self.mark_dirty(rest);
+                }
+            }
         }
     }
 
@@ -110,11 +120,11 @@ impl Presence {
             let set: HashSet<&Arc<str>> = state.counts.keys().map(|(c, _)| c).collect();
             set.into_iter().map(|c| c.to_string()).collect()
         };
-        if channels.is_empty() {
-            return;
-        }
-        if let Err(e) = self.broker.presence_refresh(&self.node_id, &channels).await {
-            tracing::debug!(error = %e, "presence refresh failed");
+        for chunk in channels.chunks(CHUNK) {
+            if let Err(e) = self.broker.presence_refresh(&self.node_id, chunk).await {
+                tracing::debug!(error = %e, "presence refresh failed");
+                return;
+            }
         }
     }
 
@@ -138,8 +148,8 @@ impl Presence {
                 _ = flush.tick() => self.flush(false).await,
                 _ = refresh.tick() => {
                     refreshes += 1;
-                    // Every tenth refresh rewrites everything: heals a broker that lost data.
-                    if refreshes.is_multiple_of(10) { self.flush(true).await } else { self.refresh().await }
+                    // Every third refresh rewrites everything: heals a broker that lost data.
+                    if refreshes.is_multiple_of(3) { self.flush(true).await } else { self.refresh().await }
                 }
             }
         }

@@ -30,7 +30,6 @@ use herald_protocol::frame::{
 use herald_protocol::StreamPosition;
 use rand::Rng;
 use serde_json::json;
-use tokio::sync::mpsc;
 use tokio::time::{timeout, Instant};
 
 use crate::auth::Claims;
@@ -59,22 +58,9 @@ pub async fn upgrade(
         .max_frame_size(cfg.max_frame_bytes);
     let admission = node.admit(peer.ip());
     let tracker = node.sessions.clone();
-    ws.on_upgrade(move |socket| {
-        tracker.track_future(async move {
-            let mut socket = socket;
-            let refusal = match admission {
-                Err(code) => code,
-                Ok(_) if !origin_ok => CloseCode::Forbidden,
-                Ok(_) if node.is_draining() => CloseCode::Draining,
-                Ok(admission) => return run(node, socket, admission).await,
-            };
-            if refusal == CloseCode::Draining {
-                let _ = send_reconnect(&mut socket).await;
-            }
-            node.metrics.disconnected(Some(refusal.code()));
-            close(&mut socket, refusal).await;
-        })
-    })
+    // The task runs `run`'s future directly: a wrapping `async` block would store the
+    // socket twice in every connection's task.
+    ws.on_upgrade(move |socket| tracker.track_future(run(node, socket, admission, origin_ok)))
 }
 
 /// Whether the request's `Origin` is allowed. Without a list every origin is; a request
@@ -106,13 +92,23 @@ async fn send_reconnect(socket: &mut WebSocket) -> Result<(), axum::Error> {
     send_text(socket, frame.to_json()).await
 }
 
-/// Sends a close frame (bounded in time) and gives up on the socket.
+/// Sends a close frame and waits for the client's answer, both bounded in time.
 async fn close(socket: &mut WebSocket, code: CloseCode) {
     let frame = CloseFrame {
         code: code.code(),
         reason: code.reason().into(),
     };
-    let _ = timeout(CLOSE_TIMEOUT, socket.send(Message::Close(Some(frame)))).await;
+    let _ = timeout(CLOSE_TIMEOUT, async {
+        if socket.send(Message::Close(Some(frame))).await.is_err() {
+            return;
+        }
+        // Read (and drop) whatever the client still sends, up to its close answer.
+        // Dropping a socket with unread bytes makes the kernel answer with a reset,
+        // and a reset can destroy our close frame before the client reads it: a
+        // client that flooded us would never learn why it was closed.
+        while let Some(Ok(_)) = socket.recv().await {}
+    })
+    .await;
 }
 
 /// How a read error ends the session. A frame over the limit closes with 1009; a text
@@ -173,53 +169,91 @@ async fn read_hello(
     }
 }
 
-/// Runs one admitted connection to its end.
-async fn run(node: Arc<Node>, mut socket: WebSocket, admission: Admission) {
+/// Runs one upgraded connection to its end.
+///
+/// Memory per idle connection is dominated by this future, which lives in the
+/// connection's task for its whole life. Only the session's state and the main loop
+/// (`Session::serve`) are held inline; the one-off phases (hello, start, close) are
+/// boxed, so their futures exist only while they run.
+async fn run(
+    node: Arc<Node>,
+    mut socket: WebSocket,
+    admission: Result<Admission, CloseCode>,
+    origin_ok: bool,
+) {
+    let end = match admission {
+        Err(code) => End::Close(code),
+        Ok(_) if !origin_ok => End::Close(CloseCode::Forbidden),
+        Ok(_) if node.is_draining() => {
+            let _ = Box::pin(send_reconnect(&mut socket)).await;
+            End::Close(CloseCode::Draining)
+        }
+        Ok(admission) => {
+            let end = serve_session(&node, &mut socket).await;
+            drop(admission);
+            end
+        }
+    };
+    Box::pin(finish(&node, &mut socket, end)).await;
+}
+
+/// Hello, token, session: everything between the upgrade and the end.
+async fn serve_session(node: &Arc<Node>, socket: &mut WebSocket) -> End {
+    let (token, resume) = match Box::pin(hello(node, socket)).await {
+        Ok(hello) => hello,
+        Err(end) => return end,
+    };
+    let claims = match node.keys.verifier.verify(&token) {
+        Ok(claims) => claims,
+        Err(e) => {
+            tracing::debug!(error = %e, "token refused");
+            return End::Close(CloseCode::Unauthorized);
+        }
+    };
+    drop(token);
+    let mut session = Session::new(Arc::clone(node), claims);
+    let end = match Box::pin(session.start(socket, resume)).await {
+        Ok(()) => match session.serve(socket).await {
+            Ok(()) => End::Gone,
+            Err(end) => end,
+        },
+        Err(end) => end,
+    };
+    session.cleanup();
+    end
+}
+
+/// Waits for `hello` within the hello timeout. A connection still silent when the node
+/// drains is told to go elsewhere.
+async fn hello(
+    node: &Node,
+    socket: &mut WebSocket,
+) -> Result<(String, BTreeMap<String, StreamPosition>), End> {
     let hello_timeout = Duration::from_millis(node.config.hello_timeout_ms);
-    // A connection still silent when the node drains is told to go elsewhere.
-    let hello = tokio::select! {
-        r = timeout(hello_timeout, read_hello(&mut socket)) => match r {
+    tokio::select! {
+        r = timeout(hello_timeout, read_hello(socket)) => match r {
             Ok(r) => r,
             Err(_) => Err(End::Close(CloseCode::Timeout)),
         },
         _ = node.drain.cancelled() => {
-            let _ = timeout(CLOSE_TIMEOUT, send_reconnect(&mut socket)).await;
+            let _ = timeout(CLOSE_TIMEOUT, send_reconnect(socket)).await;
             Err(End::Close(CloseCode::Draining))
         }
-    };
-    let end = match hello {
-        Err(end) => end,
-        Ok((token, resume)) => match node.keys.verifier.verify(&token) {
-            Err(e) => {
-                tracing::debug!(error = %e, "token refused");
-                End::Close(CloseCode::Unauthorized)
-            }
-            Ok(claims) => {
-                let mut session = Session::new(Arc::clone(&node), claims);
-                let end = session.start(&mut socket, resume).await;
-                let end = match end {
-                    Ok(()) => match session.serve(&mut socket).await {
-                        Ok(()) => End::Gone,
-                        Err(end) => end,
-                    },
-                    Err(end) => end,
-                };
-                session.cleanup();
-                end
-            }
-        },
-    };
+    }
+}
+
+/// Counts how the connection ended and sends the close frame, if any.
+async fn finish(node: &Node, socket: &mut WebSocket, end: End) {
     match end {
         End::Close(code) => {
             node.metrics.disconnected(Some(code.code()));
             if code == CloseCode::SlowConsumer {
                 node.metrics.slow_consumer_disconnects.inc();
             }
-            close(&mut socket, code).await;
+            close(socket, code).await;
         }
         End::Gone => node.metrics.disconnected(None),
     }
-    drop(admission);
 }
 
 /// Where the session stands in one channel.
@@ -290,12 +324,12 @@ impl RateLimit {
 struct Session {
     node: Arc<Node>,
     id: SessionId,
-    uuid: String,
+    uuid: uuid::Uuid,
     claims: Claims,
     user: Arc<str>,
     personal: Arc<str>,
+    /// The session's mailbox, shared with the hub.
     handle: SessionHandle,
-    rx: mpsc::Receiver<Outbound>,
     channels: HashMap<Arc<str>, ChannelState>,
     rate: RateLimit,
     last_recv: Instant,
@@ -307,23 +341,18 @@ struct Session {
 
 impl Session {
     fn new(node: Arc<Node>, claims: Claims) -> Self {
-        let (tx, rx) = mpsc::channel(node.config.session_queue.max(1));
         let user: Arc<str> = claims.sub.as_str().into();
         let personal: Arc<str> = user_channel(&user).into();
         let now = Instant::now();
         Self {
             id: node.next_session_id(),
-            uuid: uuid::Uuid::new_v4().to_string(),
+            uuid: uuid::Uuid::new_v4(),
             rate: RateLimit::new(node.config.max_messages_per_sec),
-            handle: SessionHandle {
-                tx,
-                control: Arc::new(SessionControl::default()),
-            },
+            handle: Arc::new(SessionControl::new(node.config.session_queue)),
             node,
             claims,
             user,
             personal,
-            rx,
             channels: HashMap::new(),
             last_recv: now,
             last_send: now,
@@ -368,7 +397,7 @@ impl Session {
             }
         }
         let welcome = ServerFrame::Welcome(Welcome {
-            session: self.uuid.clone(),
+            session: self.uuid.to_string(),
             node: self.node.id.clone(),
             user: self.user.to_string(),
             heartbeat_ms: self.node.config.heartbeat_ms,
@@ -527,7 +556,7 @@ impl Session {
     /// The main loop after `welcome`.
     async fn serve(&mut self, socket: &mut WebSocket) -> Result<(), End> {
         let heartbeat = self.node.config.heartbeat();
-        let control = Arc::clone(&self.handle.control);
+        let control = Arc::clone(&self.handle);
         let drain = self.node.drain.clone();
         let force = self.node.force_close.clone();
         let sleep = tokio::time::sleep_until(self.next_timer(heartbeat));
@@ -539,15 +568,17 @@ impl Session {
                     self.last_recv = Instant::now();
                     self.pinged = false;
                     match frame {
-                        Some(Ok(Message::Text(text))) => self.command(socket, &text).await?,
+                        // Boxed: commands are rare next to deliveries, and their
+                        // futures (broker calls) would otherwise sit in every idle
+                        // connection's task.
+                        Some(Ok(Message::Text(text))) => Box::pin(self.command(socket, &text)).await?,
                         Some(Ok(Message::Binary(_))) => return Err(End::Close(CloseCode::BadRequest)),
                         Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
                         Some(Ok(Message::Close(_))) | None => return Err(End::Gone),
                         Some(Err(e)) => return Err(read_error(&e)),
                     }
                 }
-                item = self.rx.recv() => {
-                    let Some(item) = item else { return Err(End::Gone) };
+                item = control.next() => {
                     // A write that stalls loses against a close request or a timeout.
                     let write = timeout(heartbeat * 2, self.write_batch(socket, item));
                     tokio::select! {
@@ -609,9 +640,9 @@ impl Session {
     async fn write_batch(&mut self, socket: &mut WebSocket, first: Outbound) -> Result<(), End> {
         self.write_item(socket, first).await?;
         for _ in 1..BATCH {
-            match self.rx.try_recv() {
-                Ok(item) => self.write_item(socket, item).await?,
-                Err(_) => break,
+            match self.handle.try_next() {
+                Some(item) => self.write_item(socket, item).await?,
+                None => break,
             }
         }
         self.flush(socket).await
@@ -624,18 +655,14 @@ impl Session {
                     return Ok(()); // unsubscribed meanwhile
                 };
                 let (epoch, last) = (state.epoch.clone(), state.last);
+                // The rare paths are boxed to keep them out of the task's size.
                 if *epoch != *d.epoch {
-                    self.resync(
-                        socket,
-                        &d.channel,
-                        StreamPosition::new(d.offset - 1, &*d.epoch),
-                    )
-                    .await?;
+                    let position = StreamPosition::new(d.offset - 1, &*d.epoch);
+                    Box::pin(self.resync(socket, &d.channel, position)).await?;
                 } else if d.offset <= last {
                     return Ok(()); // already delivered
                 } else if d.offset > last + 1 {
-                    self.fill_gap(socket, &d.channel, &epoch, last, d.offset)
-                        .await?;
+                    Box::pin(self.fill_gap(socket, &d.channel, &epoch, last, d.offset)).await?;
                 }
                 self.send(socket, d.frame.clone()).await?;
                 self.node.metrics.messages_delivered.inc();
@@ -645,13 +672,14 @@ impl Session {
                 }
                 Ok(())
             }
-            Outbound::Resync(channel, position) => {
+            Outbound::Resync(resync) => {
+                let (channel, position) = *resync;
                 let behind = self
                     .channels
                     .get(&channel)
                     .is_some_and(|s| *s.epoch != *position.epoch || s.last < position.offset);
                 if behind {
-                    self.resync(socket, &channel, position).await?;
+                    Box::pin(self.resync(socket, &channel, position)).await?;
                 }
                 Ok(())
             }
@@ -846,6 +874,7 @@ impl Session {
 
     /// Leaves every channel.
     fn cleanup(&mut self) {
+        self.handle.end();
         for (name, _) in self.channels.drain() {
             self.node.hub.leave(&name, self.id);
             self.node.presence.leave(&name, &self.user);
