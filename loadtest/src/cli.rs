@@ -123,6 +123,10 @@ pub struct PushArgs {
     /// Concurrent publishers (each keeps one request in flight).
     #[arg(long, default_value_t = 16)]
     pub publishers: usize,
+    /// Messages per publish request: 1 uses `POST /v1/publish`; more use
+    /// `POST /v1/publish/batch`, each message to its own random user.
+    #[arg(long, default_value_t = 1)]
+    pub batch: usize,
     /// Seconds to wait after publishing for the last deliveries before counting losses.
     #[arg(long, default_value_t = 15.0)]
     pub drain: f64,

@@ -11,6 +11,8 @@ pub struct Publisher {
     client: reqwest::Client,
     /// `<api>/v1/publish` per node.
     urls: Vec<String>,
+    /// `<api>/v1/publish/batch` per node.
+    batch_urls: Vec<String>,
     auth: String,
 }
 
@@ -34,6 +36,10 @@ impl Publisher {
             urls: apis
                 .iter()
                 .map(|a| format!("{}/v1/publish", a.trim_end_matches('/')))
+                .collect(),
+            batch_urls: apis
+                .iter()
+                .map(|a| format!("{}/v1/publish/batch", a.trim_end_matches('/')))
                 .collect(),
             auth: format!("Bearer {api_key}"),
         })
@@ -63,6 +69,58 @@ impl Publisher {
         }
         response.json().await.context("publish answer")
     }
+
+    /// Publishes a batch (`bodies` are single publish request bodies) through node
+    /// `node` with `POST /v1/publish/batch`: one result per message, in order.
+    pub async fn publish_batch(
+        &self,
+        node: usize,
+        bodies: &[String],
+    ) -> anyhow::Result<Vec<Result<Published, String>>> {
+        let body = format!(r#"{{"messages":[{}]}}"#, bodies.join(","));
+        let response = self
+            .client
+            .post(&self.batch_urls[node % self.batch_urls.len()])
+            .header("authorization", &self.auth)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .context("batch publish request")?;
+        let status = response.status();
+        if status != 200 {
+            let text = response.text().await.unwrap_or_default();
+            return Err(anyhow!("batch publish answered {status}: {}", text.trim()));
+        }
+        let answer: BatchAnswer = response.json().await.context("batch publish answer")?;
+        if answer.results.len() != bodies.len() {
+            return Err(anyhow!(
+                "batch publish answered {} results for {} messages",
+                answer.results.len(),
+                bodies.len()
+            ));
+        }
+        Ok(answer
+            .results
+            .into_iter()
+            .map(|r| match r {
+                BatchResult::Published(p) => Ok(p),
+                BatchResult::Error { error } => Err(error.to_string()),
+            })
+            .collect())
+    }
+}
+
+#[derive(Deserialize)]
+struct BatchAnswer {
+    results: Vec<BatchResult>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum BatchResult {
+    Published(Published),
+    Error { error: serde_json::Value },
 }
 
 /// A publish body for user `user`.

@@ -97,6 +97,7 @@ impl FromRequestParts<Arc<Node>> for ApiKeyAuth {
 pub fn routes() -> Router<Arc<Node>> {
     Router::new()
         .route("/v1/publish", post(publish))
+        .route("/v1/publish/batch", post(publish_batch))
         .route("/v1/users/{user}/presence", get(user_presence))
         .route("/v1/channels/{channel}/presence", get(channel_presence))
         .route("/v1/channels/{channel}/history", get(history))
@@ -142,40 +143,145 @@ struct PublishBody {
     data: Option<Box<RawValue>>,
 }
 
+impl PublishBody {
+    /// The channel to publish to (checked) and the data.
+    fn target(self) -> Result<(String, Box<RawValue>), ApiError> {
+        let channel = match (self.channel, self.user) {
+            (Some(channel), None) => {
+                validate_channel(&channel)
+                    .map_err(|e| ApiError::bad_request(format!("channel name {e}")))?;
+                channel
+            }
+            (None, Some(user)) => {
+                validate_user(&user).map_err(|e| ApiError::bad_request(format!("user id {e}")))?;
+                user_channel(&user)
+            }
+            _ => {
+                return Err(ApiError::bad_request(
+                    "give exactly one of `channel` and `user`",
+                ))
+            }
+        };
+        let data = self
+            .data
+            .ok_or_else(|| ApiError::bad_request("`data` is missing"))?;
+        Ok((channel, data))
+    }
+}
+
 async fn publish(
     _: ApiKeyAuth,
     State(node): State<Arc<Node>>,
     body: Body,
 ) -> Result<Json<Value>, ApiError> {
     let limit = node.config.max_publish_bytes;
-    let bytes = to_bytes(body, limit).await.map_err(|_| {
+    let bytes = read_body(body, limit).await?;
+    let body: PublishBody = serde_json::from_slice(&bytes)
+        .map_err(|e| ApiError::bad_request(format!("invalid body: {e}")))?;
+    let (channel, data) = body.target()?;
+    publish_one(&node, channel, &data).await.map(Json)
+}
+
+/// Most messages in one batch.
+pub const MAX_BATCH_MESSAGES: usize = 1000;
+/// Least body size a batch may have, whatever `max_publish_bytes` is.
+const MIN_BATCH_BODY_BYTES: usize = 1 << 20;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BatchBody {
+    messages: Vec<PublishBody>,
+}
+
+/// `POST /v1/publish/batch` (an addition to the contract): up to
+/// [`MAX_BATCH_MESSAGES`] publishes in one request, each answered in the same order as
+/// `/v1/publish` would answer it. An application that pushes to many users at once
+/// saves one HTTP round trip per message, and the node sends the broker calls
+/// pipelined. Messages to the same channel are published in their batch order;
+/// different channels go concurrently.
+///
+/// The answer is 200 with one result per message (an offset or an error), unless every
+/// message failed: then it is the first error's status, so that a caller that only
+/// looks at the status still sees an outage.
+async fn publish_batch(
+    _: ApiKeyAuth,
+    State(node): State<Arc<Node>>,
+    body: Body,
+) -> Result<Json<Value>, ApiError> {
+    let limit = node.config.max_publish_bytes.max(MIN_BATCH_BODY_BYTES);
+    let bytes = read_body(body, limit).await?;
+    let batch: BatchBody = serde_json::from_slice(&bytes)
+        .map_err(|e| ApiError::bad_request(format!("invalid body: {e}")))?;
+    let count = batch.messages.len();
+    if count == 0 || count > MAX_BATCH_MESSAGES {
+        return Err(ApiError::bad_request(format!(
+            "a batch holds 1 to {MAX_BATCH_MESSAGES} messages, not {count}"
+        )));
+    }
+    let limit = node.config.max_publish_bytes;
+    let mut results: Vec<Option<Result<Value, ApiError>>> = (0..count).map(|_| None).collect();
+    // Per channel, the indexes of its messages in batch order.
+    let mut by_channel: HashMap<String, Vec<(usize, Box<RawValue>)>> = HashMap::new();
+    for (i, message) in batch.messages.into_iter().enumerate() {
+        match message.target() {
+            Ok((_, data)) if data.get().len() > limit => {
+                results[i] = Some(Err(ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    ErrorCode::TooLarge,
+                    format!("data larger than {limit} bytes"),
+                )));
+            }
+            Ok((channel, data)) => by_channel.entry(channel).or_default().push((i, data)),
+            Err(e) => results[i] = Some(Err(e)),
+        }
+    }
+    let node = &node;
+    let lanes = by_channel
+        .into_iter()
+        .map(|(channel, messages)| async move {
+            let mut out = Vec::with_capacity(messages.len());
+            for (i, data) in messages {
+                out.push((i, publish_one(node, channel.clone(), &data).await));
+            }
+            out
+        });
+    for (i, result) in futures_util::future::join_all(lanes)
+        .await
+        .into_iter()
+        .flatten()
+    {
+        results[i] = Some(result);
+    }
+    let results: Vec<Result<Value, ApiError>> = results
+        .into_iter()
+        .map(|r| r.expect("every message has a result"))
+        .collect();
+    if let Some(Err(_)) = results.first() {
+        if results.iter().all(Result::is_err) {
+            let first = results.into_iter().next().expect("not empty");
+            return Err(first.expect_err("checked"));
+        }
+    }
+    let results: Vec<Value> = results
+        .into_iter()
+        .map(|r| r.unwrap_or_else(|e| json!({ "error": e.body })))
+        .collect();
+    Ok(Json(json!({ "results": results })))
+}
+
+/// Reads a request body of at most `limit` bytes.
+async fn read_body(body: Body, limit: usize) -> Result<axum::body::Bytes, ApiError> {
+    to_bytes(body, limit).await.map_err(|_| {
         ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             ErrorCode::TooLarge,
             format!("body larger than {limit} bytes"),
         )
-    })?;
-    let body: PublishBody = serde_json::from_slice(&bytes)
-        .map_err(|e| ApiError::bad_request(format!("invalid body: {e}")))?;
-    let channel = match (body.channel, body.user) {
-        (Some(channel), None) => {
-            validate_channel(&channel)
-                .map_err(|e| ApiError::bad_request(format!("channel name {e}")))?;
-            channel
-        }
-        (None, Some(user)) => {
-            validate_user(&user).map_err(|e| ApiError::bad_request(format!("user id {e}")))?;
-            user_channel(&user)
-        }
-        _ => {
-            return Err(ApiError::bad_request(
-                "give exactly one of `channel` and `user`",
-            ))
-        }
-    };
-    let data = body
-        .data
-        .ok_or_else(|| ApiError::bad_request("`data` is missing"))?;
+    })
+}
+
+/// Publishes one message and answers as `/v1/publish` does.
+async fn publish_one(node: &Node, channel: String, data: &RawValue) -> Result<Value, ApiError> {
     let position = node
         .broker
         .publish(&channel, data.get())
@@ -185,11 +291,11 @@ async fn publish(
         })?;
     node.metrics.messages_published.inc();
     node.metrics.message_bytes.observe(data.get().len() as f64);
-    Ok(Json(json!({
+    Ok(json!({
         "channel": channel,
         "offset": position.offset,
         "epoch": position.epoch,
-    })))
+    }))
 }
 
 async fn user_presence(

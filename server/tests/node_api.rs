@@ -79,8 +79,9 @@ where
     }
 }
 
-const KEYED: [(&str, &str); 5] = [
+const KEYED: [(&str, &str); 6] = [
     ("POST", "/v1/publish"),
+    ("POST", "/v1/publish/batch"),
     ("GET", "/v1/users/alice/presence"),
     ("GET", "/v1/channels/room:1/presence"),
     ("GET", "/v1/channels/room:1/history"),
@@ -173,6 +174,67 @@ async fn publish_by_channel_and_by_user() {
     let (status, body) = n.publish(json!({"channel": "room:1", "data": null})).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(a.next_message().await["data"], Value::Null);
+    assert_no_server_panic();
+}
+
+async fn post_batch(n: &TestNode, body: &str) -> (u16, Value) {
+    let auth = format!("Bearer {}", node::API_KEY);
+    call(
+        reqwest::Method::POST,
+        &format!("{}/v1/publish/batch", n.http()),
+        Some(&auth),
+        Some(("application/json", body.as_bytes().to_vec())),
+    )
+    .await
+}
+
+#[tokio::test]
+async fn batch_publish_answers_each_message_in_order() {
+    let n = start().await;
+    let (mut a, _) = Client::hello(&n.ws_url(), &n.token("alice", &[], &[]), json!({})).await;
+    let (mut b, _) = Client::hello(&n.ws_url(), &n.token("bob", &[], &[]), json!({})).await;
+    let mut messages: Vec<Value> = (1..=20)
+        .map(|i| json!({"user": if i % 2 == 0 { "alice" } else { "bob" }, "data": {"n": i}}))
+        .collect();
+    // Bad messages are answered in place and do not stop the others.
+    messages.insert(3, json!({"user": "alice"}));
+    messages.insert(7, json!({"channel": "bad channel!", "data": 1}));
+    let big = "x".repeat(70_000);
+    messages.insert(9, json!({"user": "alice", "data": big}));
+    let (status, body) = post_batch(&n, &json!({ "messages": messages }).to_string()).await;
+    assert_eq!(status, 200, "{body}");
+    let results = body["results"].as_array().expect("results");
+    assert_eq!(results.len(), 23, "{body}");
+    assert_eq!(results[3]["error"]["code"], "bad_request", "{body}");
+    assert_eq!(results[7]["error"]["code"], "bad_request", "{body}");
+    assert_eq!(results[9]["error"]["code"], "too_large", "{body}");
+    let ok: Vec<&Value> = results.iter().filter(|r| r["offset"].is_u64()).collect();
+    assert_eq!(ok.len(), 20);
+    // Per user, offsets follow the batch order, and every message arrives in it.
+    for (client, user, parity) in [(&mut a, "alice", 0), (&mut b, "bob", 1)] {
+        let mine: Vec<&&Value> = ok
+            .iter()
+            .filter(|r| r["channel"] == format!("user:{user}"))
+            .collect();
+        assert_eq!(mine.len(), 10);
+        for (k, r) in mine.iter().enumerate() {
+            assert_eq!(r["offset"], k as u64 + 1, "{body}");
+            let m = client.next_message().await;
+            assert_eq!(m["offset"], k as u64 + 1);
+            assert_eq!(m["data"]["n"], (2 * k + 2 - parity) as u64, "{m}");
+        }
+    }
+    // Whole-batch errors: empty, too many, not a batch.
+    let (status, body) = post_batch(&n, r#"{"messages":[]}"#).await;
+    assert_error(status, &body, 400, "bad_request");
+    let many: Vec<Value> = (0..1001).map(|_| json!({"user": "a", "data": 1})).collect();
+    let (status, body) = post_batch(&n, &json!({ "messages": many }).to_string()).await;
+    assert_error(status, &body, 400, "bad_request");
+    let (status, body) = post_batch(&n, r#"{"user":"alice","data":1}"#).await;
+    assert_error(status, &body, 400, "bad_request");
+    // Every message refused: the first error's status.
+    let (status, body) = post_batch(&n, r#"{"messages":[{"user":"a b","data":1}]}"#).await;
+    assert_error(status, &body, 400, "bad_request");
     assert_no_server_panic();
 }
 

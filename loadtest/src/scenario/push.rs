@@ -170,7 +170,10 @@ pub async fn run(args: &PushArgs, actions: Vec<Action>, scenario: &str) -> anyho
     let start_us = now_us();
     let action_task = tokio::spawn(actions::run_all(Arc::clone(&action_target), actions, start));
     let publishers = args.publishers.max(1);
-    let period = (args.rate > 0.0).then(|| Duration::from_secs_f64(publishers as f64 / args.rate));
+    let batch = args.batch.clamp(1, 1000);
+    // Each tick of a publisher sends one request of `batch` messages.
+    let period =
+        (args.rate > 0.0).then(|| Duration::from_secs_f64((publishers * batch) as f64 / args.rate));
     let mut tasks = Vec::new();
     for p in 0..publishers {
         let (state, publisher, sent, errors, first_error, stop, ready) = (
@@ -197,30 +200,48 @@ pub async fn run(args: &PushArgs, actions: Vec<Action>, scenario: &str) -> anyho
                         break;
                     }
                 }
-                let (user, node) = {
+                let (users, node): (Vec<usize>, usize) = {
                     let mut rng = rand::rng();
                     (
-                        ready[rng.random_range(0..ready.len())],
+                        (0..batch)
+                            .map(|_| ready[rng.random_range(0..ready.len())])
+                            .collect(),
                         rng.random_range(0..publisher.nodes()),
                     )
                 };
-                let seq = state.seq[user].fetch_add(1, Ordering::Relaxed) + 1;
-                let body = publish::to_user(&state.users[user], &Payload::json(now_us(), seq));
-                match publisher.publish(node, body).await {
-                    Ok(p) => {
-                        state.books[user]
-                            .lock()
-                            .expect("book lock")
-                            .accepted
-                            .insert(p.offset);
-                        sent.fetch_add(1, Ordering::Relaxed);
+                let bodies: Vec<String> = users
+                    .iter()
+                    .map(|&user| {
+                        let seq = state.seq[user].fetch_add(1, Ordering::Relaxed) + 1;
+                        publish::to_user(&state.users[user], &Payload::json(now_us(), seq))
+                    })
+                    .collect();
+                let outcomes: Vec<Result<u64, String>> = if batch == 1 {
+                    vec![publisher
+                        .publish(node, bodies.into_iter().next().expect("one body"))
+                        .await
+                        .map(|p| p.offset)
+                        .map_err(|e| format!("{e:#}"))]
+                } else {
+                    match publisher.publish_batch(node, &bodies).await {
+                        Ok(results) => results.into_iter().map(|r| r.map(|p| p.offset)).collect(),
+                        Err(e) => vec![Err(format!("{e:#}")); batch],
                     }
-                    Err(e) => {
-                        errors.fetch_add(1, Ordering::Relaxed);
-                        first_error
-                            .lock()
-                            .expect("error lock")
-                            .get_or_insert_with(|| format!("{e:#}"));
+                };
+                for (&user, outcome) in users.iter().zip(outcomes) {
+                    match outcome {
+                        Ok(offset) => {
+                            state.books[user]
+                                .lock()
+                                .expect("book lock")
+                                .accepted
+                                .insert(offset);
+                            sent.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(e) => {
+                            errors.fetch_add(1, Ordering::Relaxed);
+                            first_error.lock().expect("error lock").get_or_insert(e);
+                        }
                     }
                 }
             }
@@ -303,6 +324,7 @@ pub async fn run(args: &PushArgs, actions: Vec<Action>, scenario: &str) -> anyho
                 ("users", args.users.into()),
                 ("rate", args.rate.into()),
                 ("publishers", publishers.into()),
+                ("batch", batch.into()),
             ],
         ),
         ..Report::default()
