@@ -36,11 +36,30 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         tracing_subscriber::fmt().with_env_filter(filter).init();
     }
     raise_fd_limit();
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    let listener =
+        listen(config.listen).with_context(|| format!("cannot listen on {}", config.listen))?;
     herald_server::run(listener, config, shutdown_signal()).await?;
     Ok(())
+}
+
+/// Pending connections the kernel queues for `accept` (capped by `net.core.somaxconn`).
+/// tokio's `bind` asks for 1024; a reconnect wave after a node failure brings thousands
+/// of handshakes at once, and a full queue drops SYNs, which clients retry only after a
+/// second.
+const LISTEN_BACKLOG: i32 = 8192;
+
+/// Binds the listening socket with a deep accept queue.
+fn listen(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(LISTEN_BACKLOG)?;
+    tokio::net::TcpListener::from_std(socket.into())
 }
 
 /// Resolves on SIGTERM or Ctrl-C.

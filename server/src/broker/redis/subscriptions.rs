@@ -130,26 +130,48 @@ impl Manager {
                 self.desired.remove(channel);
             }
         }
-        if let Some(probes) = probes {
-            self.probes = probes.into_iter().collect();
-        }
+        let old_probes =
+            probes.map(|p| std::mem::replace(&mut self.probes, p.into_iter().collect()));
 
         let keys = &self.inner.keys;
-        let all_wanted: HashSet<String> = self
-            .desired
-            .iter()
-            .map(|c| keys.pubsub(c))
-            .chain(self.probes.iter().cloned())
-            .collect();
         let (to_unsubscribe, to_subscribe): (Vec<String>, Vec<String>) = if resubscribe {
+            let all_wanted: HashSet<String> = self
+                .desired
+                .iter()
+                .map(|c| keys.pubsub(c))
+                .chain(self.probes.iter().cloned())
+                .collect();
             tracing::debug!(channels = all_wanted.len(), "resubscribing every channel");
             let stale = self.active.difference(&all_wanted).cloned().collect();
             // The connection(s) may be new: confirm everything again.
             self.active.clear();
-            (stale, all_wanted.iter().cloned().collect())
+            (stale, all_wanted.into_iter().collect())
         } else {
-            let stale = self.active.difference(&all_wanted).cloned().collect();
-            let missing = all_wanted.difference(&self.active).cloned().collect();
+            // Only what this batch touched: comparing the whole sets on every batch
+            // made a connect storm quadratic (each batch cost O(all channels)).
+            let mut stale = Vec::new();
+            let mut missing = Vec::new();
+            for (channel, want) in &wanted {
+                let name = keys.pubsub(channel);
+                match (*want, self.active.contains(&name)) {
+                    (true, false) => missing.push(name),
+                    (false, true) => stale.push(name),
+                    _ => {}
+                }
+            }
+            if let Some(old) = &old_probes {
+                stale.extend(
+                    old.difference(&self.probes)
+                        .filter(|p| self.active.contains(*p))
+                        .cloned(),
+                );
+                missing.extend(
+                    self.probes
+                        .iter()
+                        .filter(|p| !self.active.contains(*p))
+                        .cloned(),
+                );
+            }
             (stale, missing)
         };
 
