@@ -39,6 +39,16 @@ pub enum Command {
 /// Options shared by every scenario.
 #[derive(Debug, Clone, Args)]
 pub struct Common {
+    /// Source addresses to spread connections over (127.0.0.2, 127.0.0.3, …), bound
+    /// before connecting. 0 = one per 1,000 connections (at most 250), none below
+    /// that: each address has only ~28k ephemeral ports, and the kernel's search for a
+    /// free one gets slower as they fill (it was 65% of the generator's CPU at 19k
+    /// connections from one address).
+    #[arg(long, default_value_t = 0)]
+    pub sources: u32,
+    /// First source address.
+    #[arg(long, default_value = "127.0.0.2")]
+    pub source_base: std::net::Ipv4Addr,
     /// Node (or balancer) WebSocket URLs, comma-separated; connection i uses URL i mod n.
     #[arg(long, value_delimiter = ',', env = "HERALD_LOADTEST_URL")]
     pub url: Vec<String>,
@@ -91,13 +101,6 @@ pub struct ConnectionsArgs {
     /// Connections to open.
     #[arg(long, default_value_t = 1000)]
     pub connections: u64,
-    /// Source addresses to spread connections over (127.0.0.2, 127.0.0.3, …); each has
-    /// ~28k ephemeral ports. 0 = one per 25,000 connections, none below that.
-    #[arg(long, default_value_t = 0)]
-    pub sources: u32,
-    /// First source address.
-    #[arg(long, default_value = "127.0.0.2")]
-    pub source_base: std::net::Ipv4Addr,
     /// New connections per second (0 = as fast as possible).
     #[arg(long, default_value_t = 1000.0)]
     pub rate: f64,

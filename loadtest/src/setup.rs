@@ -29,6 +29,10 @@ pub struct Setup {
     pub cluster: Option<Arc<Mutex<Cluster>>>,
     /// Unique per run: prefix of user and channel names.
     pub run: String,
+    /// `--sources` (0 = automatic, see `scenario::source_addresses`).
+    pub sources: u32,
+    /// `--source-base`.
+    pub source_base: std::net::Ipv4Addr,
 }
 
 fn random_key() -> String {
@@ -113,6 +117,8 @@ impl Setup {
             nodes,
             cluster,
             run,
+            sources: c.sources,
+            source_base: c.source_base,
         })
     }
 }

@@ -217,6 +217,33 @@ async fn push_delivers_every_accepted_message_exactly_once() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn batched_push_through_the_batch_api_loses_nothing() {
+    let cluster = Cluster::start().await;
+    let mut args = cluster.args();
+    args.extend(strings(&[
+        "--users",
+        "1500",
+        "--rate",
+        "1000",
+        "--batch",
+        "20",
+        "--publishers",
+        "4",
+        "--duration",
+        "3",
+        "--check",
+    ]));
+    let report = loadtest("push", &args).await;
+    assert_exact(&report);
+    assert_eq!(report["settings"]["batch"], 20);
+    // 1500 connections from more than one source address (one per 1,000).
+    assert_eq!(report["connections"], 1500);
+    let sent = report["sent"].as_u64().unwrap();
+    assert!(sent >= 1000, "too little was sent: {report}");
+    assert_eq!(report["delivered"].as_u64().unwrap(), sent);
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn chaos_kill_restart_and_drain_lose_nothing() {
     // The load generator starts its own Redis and nodes, so it can kill, drain and
     // restart them by index.

@@ -26,7 +26,7 @@ use crate::latency::{self, Latency, Percentiles};
 use crate::ledger::{Accepted, Seen};
 use crate::publish::{self, Publisher};
 use crate::report::{BroadcastStats, ReconnectStats, Report, Round};
-use crate::scenario::{per_process_capacity, settings, start_sessions};
+use crate::scenario::{per_process_capacity, settings, source_addresses, start_sessions};
 use crate::setup::Setup;
 use crate::token::Signer;
 use crate::workers::{self, Worker};
@@ -102,6 +102,7 @@ impl Handler for BroadcastState {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct SliceSpec {
     urls: Vec<String>,
+    sources: Vec<std::net::IpAddr>,
     first: usize,
     count: usize,
     rate: f64,
@@ -176,7 +177,7 @@ impl Slice {
             Arc::clone(&state),
             Arc::clone(&counters),
             Arc::new(targets),
-            Arc::new(Vec::new()),
+            Arc::new(spec.sources.clone()),
             spec.first,
             spec.count,
             spec.rate,
@@ -323,6 +324,7 @@ pub async fn run(args: &BroadcastArgs) -> anyhow::Result<Report> {
         anyhow::bail!("{workers} workers cannot hold {n} subscribers (room for {cap} each)");
     }
     let channel = format!("{}-bc", setup.run);
+    let sources = source_addresses(&setup, n as u64);
     let messages = args.messages as usize;
     let mut specs = Vec::new();
     let mut first = 0;
@@ -330,6 +332,7 @@ pub async fn run(args: &BroadcastArgs) -> anyhow::Result<Report> {
         let count = n / workers + usize::from(w < n % workers);
         specs.push(SliceSpec {
             urls: setup.targets.iter().map(|t| t.url.clone()).collect(),
+            sources: sources.clone(),
             first,
             count,
             rate: args.common.connect_rate / workers as f64,

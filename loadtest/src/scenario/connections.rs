@@ -8,7 +8,7 @@
 //! processes ([`crate::workers`]), each with a slice of the connections.
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -24,13 +24,10 @@ use crate::cli::ConnectionsArgs;
 use crate::client::{now_us, Counters, Handler, SessionOptions, Target};
 use crate::latency::{self, Percentiles};
 use crate::report::{ConnectStats, Report};
-use crate::scenario::{per_process_capacity, settings, start_sessions};
+use crate::scenario::{per_process_capacity, settings, source_addresses, start_sessions};
 use crate::setup::Setup;
 use crate::token::Signer;
 use crate::workers::{self, Worker};
-
-/// Connections per source address before another one is used (of ~28k ports).
-const PER_SOURCE: u64 = 25_000;
 
 /// The work of one process.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -217,16 +214,7 @@ impl Running {
 pub async fn run(args: &ConnectionsArgs) -> anyhow::Result<Report> {
     let setup = Setup::new(&args.common).await?;
     let n = args.connections;
-    let sources: Vec<IpAddr> = {
-        let k = match args.sources {
-            0 if n > PER_SOURCE => n.div_ceil(PER_SOURCE) as u32,
-            k => k,
-        };
-        let base = u32::from(args.source_base);
-        (0..k)
-            .map(|i| IpAddr::V4(Ipv4Addr::from(base + i)))
-            .collect()
-    };
+    let sources: Vec<IpAddr> = source_addresses(&setup, n);
     let cap = per_process_capacity();
     let workers = match args.workers {
         0 => n.div_ceil(cap).max(1) as usize,

@@ -81,6 +81,23 @@ pub async fn start_sessions<H: Handler>(
     sessions
 }
 
+/// Connections per source address when `--sources` is 0.
+const PER_SOURCE: u64 = 1_000;
+/// Most source addresses chosen automatically.
+const MAX_AUTO_SOURCES: u64 = 250;
+
+/// The source addresses for `n` connections (see `--sources`).
+pub fn source_addresses(setup: &Setup, n: u64) -> Vec<IpAddr> {
+    let k = match setup.sources {
+        0 if n > PER_SOURCE => n.div_ceil(PER_SOURCE).min(MAX_AUTO_SOURCES) as u32,
+        k => k,
+    };
+    let base = u32::from(setup.source_base);
+    (0..k)
+        .map(|i| IpAddr::V4(std::net::Ipv4Addr::from(base + i)))
+        .collect()
+}
+
 /// The connect phase of `push`, `chaos` and `broadcast`: `n` resilient sessions, with a
 /// progress bar, returned once all are connected or failed (or after a generous timeout).
 pub async fn connect_all<H: Handler>(
@@ -98,7 +115,7 @@ pub async fn connect_all<H: Handler>(
         handler,
         c,
         targets,
-        Arc::new(Vec::new()),
+        Arc::new(source_addresses(setup, n as u64)),
         0,
         n,
         rate,
