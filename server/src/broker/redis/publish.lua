@@ -31,10 +31,16 @@ if size > 0 and ttl > 0 then
   local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
   redis.call('XADD', stream, 'MAXLEN', size, string.format('%d-0', offset),
     'd', ARGV[2], 't', string.format('%d', now))
-  -- Age trim: entries are in time order, so expired ones form a prefix. Look at a
-  -- few from the head each time; each publish removes more than it adds, so the
-  -- stream keeps up. Readers also skip expired entries, so this only saves memory.
-  local head = redis.call('XRANGE', stream, '-', '+', 'COUNT', 16)
+  -- Age trim: entries are in time order, so expired ones form a prefix. Look at the
+  -- head first (the common case: nothing expired, one entry read); when it has
+  -- expired, look at a few more, so that each publish removes more than it adds and
+  -- the stream keeps up. Readers also skip expired entries, so this only saves memory.
+  local head = redis.call('XRANGE', stream, '-', '+', 'COUNT', 1)
+  if head[1] and tonumber(head[1][2][4]) < now - ttl then
+    head = redis.call('XRANGE', stream, '-', '+', 'COUNT', 16)
+  else
+    head = {}
+  end
   local last = nil
   for _, entry in ipairs(head) do
     if tonumber(entry[2][4]) < now - ttl then
