@@ -1,7 +1,8 @@
 //! Watching the nodes under test from outside: their process ids (given, or found by
 //! listening port in `/proc`), resident memory (`VmRSS`) and connection gauge
-//! (`herald_connections` from `/metrics`). The node exposes no process-memory metric,
-//! so memory is read from `/proc`; that works for nodes on this machine only.
+//! (`herald_connections` from `/metrics`). Memory comes from `/proc` for a node on this
+//! machine, and otherwise from the node's `process_resident_memory_bytes` gauge, so
+//! memory per connection is measurable for remote nodes too.
 
 use std::collections::HashSet;
 use std::time::Duration;
@@ -149,34 +150,46 @@ pub fn total_cpu_seconds(pids: &[u32]) -> Option<f64> {
     pids.iter().map(|&p| cpu_seconds(p)).sum()
 }
 
-/// `herald_connections` from the node's `/metrics`.
-pub async fn connections(client: &reqwest::Client, api: &str) -> Option<u64> {
+/// `herald_connections` and `process_resident_memory_bytes` (in KiB) from the node's
+/// `/metrics`.
+pub async fn scrape(client: &reqwest::Client, api: &str) -> (Option<u64>, Option<u64>) {
     let url = format!("{}/metrics", api.trim_end_matches('/'));
-    let text = client
-        .get(url)
-        .timeout(Duration::from_secs(5))
-        .send()
-        .await
-        .ok()?
-        .text()
-        .await
-        .ok()?;
-    text.lines()
-        .find(|l| l.starts_with("herald_connections "))?
-        .split_whitespace()
-        .nth(1)?
-        .parse::<f64>()
-        .ok()
-        .map(|v| v as u64)
+    let text = async {
+        client
+            .get(url)
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await?
+            .text()
+            .await
+    };
+    let Ok(text) = text.await else {
+        return (None, None);
+    };
+    let value = |name: &str| {
+        text.lines()
+            .find(|l| {
+                l.strip_prefix(name)
+                    .is_some_and(|rest| rest.starts_with(' '))
+            })?
+            .split_whitespace()
+            .nth(1)?
+            .parse::<f64>()
+            .ok()
+    };
+    (
+        value("herald_connections").map(|v| v as u64),
+        value("process_resident_memory_bytes").map(|v| v as u64 / 1024),
+    )
 }
 
 /// A snapshot of every node: (rss KiB, connections).
 pub async fn snapshot(client: &reqwest::Client, nodes: &[Node]) -> Vec<(u64, u64)> {
     let mut out = Vec::with_capacity(nodes.len());
     for node in nodes {
-        let rss = node.pid.and_then(rss_kib).unwrap_or(0);
-        let conns = connections(client, &node.api).await.unwrap_or(0);
-        out.push((rss, conns));
+        let (conns, scraped_rss) = scrape(client, &node.api).await;
+        let rss = node.pid.and_then(rss_kib).or(scraped_rss).unwrap_or(0);
+        out.push((rss, conns.unwrap_or(0)));
     }
     out
 }

@@ -61,6 +61,10 @@ pub struct Metrics {
     pub resyncs: Counter,
     /// Broker operations that failed.
     pub broker_errors: Counter,
+    /// Resident memory of the process, read from `/proc` at each scrape.
+    resident_memory: Gauge,
+    /// Open file descriptors of the process, counted at each scrape.
+    open_fds: Gauge,
 }
 
 impl Default for Metrics {
@@ -90,6 +94,8 @@ impl Metrics {
             gaps_repaired: Counter::default(),
             resyncs: Counter::default(),
             broker_errors: Counter::default(),
+            resident_memory: Gauge::default(),
+            open_fds: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -168,6 +174,18 @@ impl Metrics {
             "Failed broker operations",
             m.broker_errors.clone(),
         );
+        // The standard names of Prometheus' process collector, so that dashboards (and
+        // herald-loadtest, for nodes on other machines) find them.
+        registry.register(
+            "process_resident_memory_bytes",
+            "Resident memory size in bytes",
+            m.resident_memory.clone(),
+        );
+        registry.register(
+            "process_open_fds",
+            "Number of open file descriptors",
+            m.open_fds.clone(),
+        );
         Self { registry, ..m }
     }
 
@@ -179,8 +197,22 @@ impl Metrics {
 
     /// The metrics in Prometheus (OpenMetrics) text format.
     pub fn render(&self) -> String {
+        if let Some(bytes) = resident_memory_bytes() {
+            self.resident_memory.set(bytes);
+        }
+        if let Ok(fds) = std::fs::read_dir("/proc/self/fd") {
+            self.open_fds.set(fds.count() as i64);
+        }
         let mut out = String::with_capacity(4096);
         encode(&mut out, &self.registry).expect("writing to a String cannot fail");
         out
     }
+}
+
+/// `VmRSS` of this process (Linux); `None` elsewhere.
+fn resident_memory_bytes() -> Option<i64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kib: i64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }

@@ -567,6 +567,10 @@ async fn health_readiness_and_metrics_need_no_key() {
         assert!(present, "metric {name} missing from:\n{text}");
     }
     assert_eq!(node::metric_value(&text, "herald_connections"), 1.0);
+    // The process collector's standard names (the test node runs in this process).
+    let rss = node::metric_value(&text, "process_resident_memory_bytes");
+    assert!(rss > 1_000_000.0, "resident memory {rss}");
+    assert!(node::metric_value(&text, "process_open_fds") >= 3.0);
     assert!(node::metric_value(&text, "herald_messages_published_total") >= 1.0);
     assert!(node::metric_value(&text, "herald_messages_delivered_total") >= 1.0);
     assert!(node::metric_value(&text, "herald_broker_messages_received_total") >= 1.0);
