@@ -53,21 +53,28 @@ impl Publisher {
     /// Publishes `body` (a complete publish request JSON) through node `node`. Only an
     /// answer 200 with an offset is a success.
     pub async fn publish(&self, node: usize, body: String) -> anyhow::Result<Published> {
+        let url = &self.urls[node % self.urls.len()];
+        let response = self.post(url, body, "publish").await?;
+        response.json().await.context("publish answer")
+    }
+
+    /// POSTs `body` to `url` with the API key; anything but 200 is an error naming `what`.
+    async fn post(&self, url: &str, body: String, what: &str) -> anyhow::Result<reqwest::Response> {
         let response = self
             .client
-            .post(&self.urls[node % self.urls.len()])
+            .post(url)
             .header("authorization", &self.auth)
             .header("content-type", "application/json")
             .body(body)
             .send()
             .await
-            .context("publish request")?;
+            .with_context(|| format!("{what} request"))?;
         let status = response.status();
         if status != 200 {
             let text = response.text().await.unwrap_or_default();
-            return Err(anyhow!("publish answered {status}: {}", text.trim()));
+            return Err(anyhow!("{what} answered {status}: {}", text.trim()));
         }
-        response.json().await.context("publish answer")
+        Ok(response)
     }
 
     /// Publishes a batch (`bodies` are single publish request bodies) through node
@@ -78,20 +85,8 @@ impl Publisher {
         bodies: &[String],
     ) -> anyhow::Result<Vec<Result<Published, String>>> {
         let body = format!(r#"{{"messages":[{}]}}"#, bodies.join(","));
-        let response = self
-            .client
-            .post(&self.batch_urls[node % self.batch_urls.len()])
-            .header("authorization", &self.auth)
-            .header("content-type", "application/json")
-            .body(body)
-            .send()
-            .await
-            .context("batch publish request")?;
-        let status = response.status();
-        if status != 200 {
-            let text = response.text().await.unwrap_or_default();
-            return Err(anyhow!("batch publish answered {status}: {}", text.trim()));
-        }
+        let url = &self.batch_urls[node % self.batch_urls.len()];
+        let response = self.post(url, body, "batch publish").await?;
         let answer: BatchAnswer = response.json().await.context("batch publish answer")?;
         if answer.results.len() != bodies.len() {
             return Err(anyhow!(

@@ -184,8 +184,8 @@ impl Report {
         }
         if let Some(c) = &self.connect {
             s += &format!(
-                "connect rate {:.0}/s (ramp {:.1} s), {} workers, sources {:?}, dropped while held {}, open at end {}\n",
-                c.connect_rate_per_s, c.ramp_s, c.workers, c.sources, c.dropped_while_held, c.open_at_end
+                "connect rate {:.0}/s (ramp {:.1} s), {} workers, sources {}, dropped while held {}, open at end {}\n",
+                c.connect_rate_per_s, c.ramp_s, c.workers, source_range(&c.sources), c.dropped_while_held, c.open_at_end
             );
         }
         for m in &self.node_memory {
@@ -225,5 +225,17 @@ impl Report {
             s += &format!("error ×{n}: {e}\n");
         }
         s
+    }
+}
+
+/// The source addresses for a summary line: all of a few, or the first, the last and
+/// how many (the JSON report lists them all).
+fn source_range(sources: &[String]) -> String {
+    match sources {
+        [] => "none (the OS picks)".into(),
+        [first, .., last] if sources.len() > 3 => {
+            format!("{first} … {last} ({})", sources.len())
+        }
+        all => all.join(", "),
     }
 }

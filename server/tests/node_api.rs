@@ -44,10 +44,15 @@ async fn call(
 }
 
 async fn post_raw(n: &TestNode, body: &str) -> (u16, Value) {
+    post_to(n, "/v1/publish", body).await
+}
+
+/// POSTs a JSON body with the API key to `path`.
+async fn post_to(n: &TestNode, path: &str, body: &str) -> (u16, Value) {
     let auth = format!("Bearer {}", node::API_KEY);
     call(
         reqwest::Method::POST,
-        &format!("{}/v1/publish", n.http()),
+        &format!("{}{path}", n.http()),
         Some(&auth),
         Some(("application/json", body.as_bytes().to_vec())),
     )
@@ -178,14 +183,7 @@ async fn publish_by_channel_and_by_user() {
 }
 
 async fn post_batch(n: &TestNode, body: &str) -> (u16, Value) {
-    let auth = format!("Bearer {}", node::API_KEY);
-    call(
-        reqwest::Method::POST,
-        &format!("{}/v1/publish/batch", n.http()),
-        Some(&auth),
-        Some(("application/json", body.as_bytes().to_vec())),
-    )
-    .await
+    post_to(n, "/v1/publish/batch", body).await
 }
 
 #[tokio::test]
