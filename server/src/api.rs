@@ -175,7 +175,7 @@ async fn publish(
     body: Body,
 ) -> Result<Json<Value>, ApiError> {
     let limit = node.config.max_publish_bytes;
-    let bytes = read_body(body, limit).await?;
+    let bytes = read_body(&node, body, limit).await?;
     let body: PublishBody = serde_json::from_slice(&bytes)
         .map_err(|e| ApiError::bad_request(format!("invalid body: {e}")))?;
     let (channel, data) = body.target()?;
@@ -209,7 +209,7 @@ async fn publish_batch(
     body: Body,
 ) -> Result<Json<Value>, ApiError> {
     let limit = node.config.max_publish_bytes.max(MIN_BATCH_BODY_BYTES);
-    let bytes = read_body(body, limit).await?;
+    let bytes = read_body(&node, body, limit).await?;
     let batch: BatchBody = serde_json::from_slice(&bytes)
         .map_err(|e| ApiError::bad_request(format!("invalid body: {e}")))?;
     let count = batch.messages.len();
@@ -269,15 +269,29 @@ async fn publish_batch(
     Ok(Json(json!({ "results": results })))
 }
 
-/// Reads a request body of at most `limit` bytes.
-async fn read_body(body: Body, limit: usize) -> Result<axum::body::Bytes, ApiError> {
-    to_bytes(body, limit).await.map_err(|_| {
-        ApiError::new(
+/// Reads a request body of at most `limit` bytes, within the header read timeout.
+///
+/// hyper's header timeout ends once the request head is in; without this one, a client
+/// could send a body a byte a minute and hold its connection and task forever (a
+/// slowloris on the body).
+async fn read_body(node: &Node, body: Body, limit: usize) -> Result<axum::body::Bytes, ApiError> {
+    let deadline = node.config.header_read_timeout();
+    match tokio::time::timeout(deadline, to_bytes(body, limit)).await {
+        Ok(Ok(bytes)) => Ok(bytes),
+        Ok(Err(_)) => Err(ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             ErrorCode::TooLarge,
             format!("body larger than {limit} bytes"),
-        )
-    })
+        )),
+        Err(_) => Err(ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            ErrorCode::BadRequest,
+            format!(
+                "request body not received within {} ms",
+                deadline.as_millis()
+            ),
+        )),
+    }
 }
 
 /// Publishes one message and answers as `/v1/publish` does.

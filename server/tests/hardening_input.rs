@@ -643,3 +643,72 @@ async fn slowloris_connections_are_cut_and_hold_nothing() {
     let (_c, welcome) = Client::hello(&node.ws_url(), &tok, json!({})).await;
     assert_eq!(welcome["type"], "welcome");
 }
+
+/// A slowloris on the body: a publish whose head arrives at once and whose body never
+/// completes is answered 408 once `HERALD_HEADER_READ_TIMEOUT_MS` has passed, and its
+/// connection ends; a normal publish meanwhile goes through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_that_never_completes_is_cut() {
+    const TIMEOUT_MS: u64 = 1_000;
+    let node = NodeProcess::start(
+        "slow-body",
+        &[("HERALD_HEADER_READ_TIMEOUT_MS", &TIMEOUT_MS.to_string())],
+    );
+    node.wait_ready(Duration::from_secs(10)).await;
+    let fds_before = node.open_fds().expect("/proc");
+    let started = Instant::now();
+    let mut slow = Vec::new();
+    for _ in 0..20 {
+        let mut s = TcpStream::connect(node.addr).await.unwrap();
+        let head = format!(
+            "POST /v1/publish HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {}\r\n\
+             Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"user\":",
+            node.addr,
+            node::API_KEY
+        );
+        s.write_all(head.as_bytes()).await.unwrap();
+        slow.push(tokio::spawn(async move {
+            // Trickle a byte every 200 ms and read what the node says.
+            let mut answer = Vec::new();
+            let mut buf = [0u8; 1024];
+            loop {
+                match tokio::time::timeout(Duration::from_millis(200), s.read(&mut buf)).await {
+                    Ok(Ok(0) | Err(_)) => return (answer, started.elapsed()),
+                    Ok(Ok(n)) => answer.extend_from_slice(&buf[..n]),
+                    Err(_) => {
+                        let _ = s.write_all(b" ").await;
+                    }
+                }
+                assert!(started.elapsed() < Duration::from_secs(20), "never cut");
+            }
+        }));
+    }
+    // Meanwhile a real publish works.
+    let r = reqwest::Client::new()
+        .post(format!("{}/v1/publish", node.http()))
+        .bearer_auth(node::API_KEY)
+        .json(&json!({"user": "bob", "data": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    for task in slow {
+        let (answer, after) = task.await.unwrap();
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with("HTTP/1.1 408"), "answer: {answer}");
+        assert!(
+            answer.contains("request body not received"),
+            "answer: {answer}"
+        );
+        assert!(
+            after >= Duration::from_millis(TIMEOUT_MS) && after < Duration::from_secs(5),
+            "cut after {after:?}"
+        );
+    }
+    // The node holds nothing for them.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while node.open_fds().expect("/proc") > fds_before && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(node.open_fds().expect("/proc") <= fds_before);
+}
