@@ -376,11 +376,8 @@ impl Driver {
                 since,
                 reply,
             } => {
-                if self.tracker.add(&channel, since) {
-                    self.subscribers.entry(channel).or_default().push(reply);
-                } else {
-                    let _ = reply.send(Err(Error::AlreadySubscribed(channel)));
-                }
+                // Subscribed at the next welcome (resume), answered then.
+                self.follow(channel, since, reply);
             }
             Command::Unsubscribe { channel, reply } => {
                 let _ = reply.send(self.leave(&channel));
@@ -693,6 +690,22 @@ impl Driver {
         }
     }
 
+    /// Starts following `channel` and queues `reply` for the answer; a channel already
+    /// followed is answered at once with `AlreadySubscribed`. True when newly followed.
+    fn follow(
+        &mut self,
+        channel: String,
+        since: Option<StreamPosition>,
+        reply: Reply<Subscription>,
+    ) -> bool {
+        if !self.tracker.add(&channel, since) {
+            let _ = reply.send(Err(Error::AlreadySubscribed(channel)));
+            return false;
+        }
+        self.subscribers.entry(channel).or_default().push(reply);
+        true
+    }
+
     fn answer_subscribers(&mut self, channel: &str, answer: Result<Subscription, Error>) {
         for waiter in self.subscribers.remove(channel).unwrap_or_default() {
             let _ = waiter.send(answer.clone());
@@ -706,14 +719,9 @@ impl Driver {
                 since,
                 reply,
             } => {
-                if !self.tracker.add(&channel, since) {
-                    let _ = reply.send(Err(Error::AlreadySubscribed(channel)));
+                if !self.follow(channel.clone(), since, reply) {
                     return Ok(());
                 }
-                self.subscribers
-                    .entry(channel.clone())
-                    .or_default()
-                    .push(reply);
                 self.send_subscribe(session, channel).await
             }
             Command::Unsubscribe { channel, reply } => {

@@ -111,7 +111,8 @@ pub fn routes() -> Router<Arc<Node>> {
         .method_not_allowed_fallback(method_not_allowed)
 }
 
-async fn method_not_allowed() -> ApiError {
+/// The JSON 405 of every endpoint (the web assets' too).
+pub(crate) async fn method_not_allowed() -> ApiError {
     ApiError::new(
         StatusCode::METHOD_NOT_ALLOWED,
         ErrorCode::BadRequest,

@@ -15,10 +15,8 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
-use herald_protocol::codes::ErrorCode;
 use sha2::{Digest, Sha256};
 
-use crate::api::ApiError;
 use crate::node::Node;
 
 /// The demo page's policy. `connect-src` lists `ws:`/`wss:` without a host: the demo
@@ -101,16 +99,8 @@ pub fn routes() -> Router<Arc<Node>> {
                 get(move |h: HeaderMap| async move { serve(i, &h) }),
             )
         })
-        .method_not_allowed_fallback(method_not_allowed)
-}
-
-/// The same JSON 405 as the API's endpoints.
-async fn method_not_allowed() -> ApiError {
-    ApiError::new(
-        StatusCode::METHOD_NOT_ALLOWED,
-        ErrorCode::BadRequest,
-        "method not allowed on this endpoint",
-    )
+        // The same JSON 405 as the API's endpoints.
+        .method_not_allowed_fallback(crate::api::method_not_allowed)
 }
 
 /// The file with its headers, or 304 when the browser's copy is current.
