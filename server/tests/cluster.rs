@@ -14,6 +14,7 @@ mod process;
 mod redis_server;
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use client::Client;
@@ -83,7 +84,8 @@ fn assert_exact(record: &Record, channel: &str, last: u64) {
     );
     let want: Vec<u64> = (1..=last).collect();
     assert_eq!(
-        seen.offsets, want,
+        seen.offsets(),
+        want,
         "{channel}: not every message once, in order"
     );
 }
@@ -197,11 +199,11 @@ async fn publish_stream(
 async fn survive_node_kill(url: &str, prefix: &str) {
     let env = cluster_env(url, prefix);
     let mut nodes = start_nodes(3, &env).await;
-    let urls: Vec<String> = nodes.iter().map(|n| n.ws_url()).collect();
+    let addrs: Vec<SocketAddr> = nodes.iter().map(|n| n.addr).collect();
     let users: Vec<String> = (0..6).map(|i| format!("u{i}")).collect();
     let followers: Vec<Follower> = users
         .iter()
-        .map(|u| Follower::start(urls.clone(), node::token(u, &[], &[]), vec![], 0))
+        .map(|u| Follower::on_nodes(addrs.clone(), node::token(u, &[], &[]), 0))
         .collect();
     for (f, u) in followers.iter().zip(&users) {
         assert!(
@@ -231,7 +233,7 @@ async fn survive_node_kill(url: &str, prefix: &str) {
     for (f, u) in followers.into_iter().zip(&users) {
         let channel = format!("user:{u}");
         let record = f.stop().await;
-        assert!(record.connects >= 2, "{u} should have reconnected");
+        assert!(record.connects() >= 2, "{u} should have reconnected");
         assert_exact(&record, &channel, last[&channel]);
     }
 }
@@ -272,12 +274,12 @@ async fn redis_restart(aof: bool) {
         "redis-restart"
     });
     let nodes = start_nodes(2, &cluster_env(&redis.url(), &p)).await;
-    let urls: Vec<String> = nodes.iter().map(|n| n.ws_url()).collect();
+    let addrs: Vec<SocketAddr> = nodes.iter().map(|n| n.addr).collect();
     let users: Vec<String> = (0..4).map(|i| format!("r{i}")).collect();
     let followers: Vec<Follower> = users
         .iter()
         .enumerate()
-        .map(|(i, u)| Follower::start(urls.clone(), node::token(u, &[], &[]), vec![], i))
+        .map(|(i, u)| Follower::on_nodes(addrs.clone(), node::token(u, &[], &[]), i))
         .collect();
     for (f, u) in followers.iter().zip(&users) {
         assert!(
