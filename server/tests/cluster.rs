@@ -205,12 +205,7 @@ async fn survive_node_kill(url: &str, prefix: &str) {
         .iter()
         .map(|u| Follower::on_nodes(addrs.clone(), node::token(u, &[], &[]), 0))
         .collect();
-    for (f, u) in followers.iter().zip(&users) {
-        assert!(
-            f.wait_for(&format!("user:{u}"), 0, Duration::from_secs(10))
-                .await
-        );
-    }
+    follower::assert_joined(&followers, &users, Duration::from_secs(10)).await;
     let via = vec![nodes[1].http(), nodes[2].http()];
     let publisher = tokio::spawn(publish_stream(
         via,
@@ -221,15 +216,13 @@ async fn survive_node_kill(url: &str, prefix: &str) {
     tokio::time::sleep(Duration::from_millis(500)).await;
     nodes[0].kill();
     let last = publisher.await.unwrap();
-    for (f, u) in followers.iter().zip(&users) {
-        let channel = format!("user:{u}");
-        assert!(
-            f.wait_for(&channel, last[&channel], Duration::from_secs(15))
-                .await,
-            "{channel} did not catch up to {}",
-            last[&channel]
-        );
-    }
+    follower::assert_caught_up(
+        &followers,
+        &users,
+        |c| Some(last[c]),
+        Duration::from_secs(15),
+    )
+    .await;
     for (f, u) in followers.into_iter().zip(&users) {
         let channel = format!("user:{u}");
         let record = f.stop().await;
@@ -281,12 +274,7 @@ async fn redis_restart(aof: bool) {
         .enumerate()
         .map(|(i, u)| Follower::on_nodes(addrs.clone(), node::token(u, &[], &[]), i))
         .collect();
-    for (f, u) in followers.iter().zip(&users) {
-        assert!(
-            f.wait_for(&format!("user:{u}"), 0, Duration::from_secs(10))
-                .await
-        );
-    }
+    follower::assert_joined(&followers, &users, Duration::from_secs(10)).await;
     let via: Vec<String> = nodes.iter().map(|n| n.http()).collect();
     let publisher = tokio::spawn(publish_stream(
         via.clone(),

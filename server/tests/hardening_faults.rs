@@ -210,12 +210,7 @@ where
         .iter()
         .map(|u| Follower::on_nodes(vec![s.nodes[0].addr], node::token(u, &[], &[]), 0))
         .collect();
-    for (f, u) in followers.iter().zip(&users) {
-        assert!(
-            f.wait_for(&format!("user:{u}"), 0, Duration::from_secs(10))
-                .await
-        );
-    }
+    follower::assert_joined(&followers, &users, Duration::from_secs(10)).await;
     let stop = CancellationToken::new();
     let (publisher, accepted) = publish_stream(
         s.nodes[1].http(),
@@ -228,28 +223,25 @@ where
     // What was accepted until the fault ended must reach the clients: how long that
     // takes after the end is the recovery time clients see.
     let snapshot = accepted.lock().unwrap().clone();
-    for (f, u) in followers.iter().zip(&users) {
-        let channel = format!("user:{u}");
-        if let Some(last) = snapshot.get(&channel).and_then(|o| o.last()) {
-            assert!(
-                f.wait_for(&channel, *last, Duration::from_secs(20)).await,
-                "{channel} never caught up to {last}"
-            );
-        }
-    }
+    follower::assert_caught_up(
+        &followers,
+        &users,
+        |c| snapshot.get(c).and_then(|o| o.last().copied()),
+        Duration::from_secs(20),
+    )
+    .await;
     let caught_up = fault_over.elapsed();
     tokio::time::sleep(Duration::from_millis(500)).await;
     stop.cancel();
     publisher.await.unwrap();
     let accepted = accepted.lock().unwrap().clone();
-    for (f, u) in followers.iter().zip(&users) {
-        let channel = format!("user:{u}");
-        let last = *accepted[&channel].last().unwrap();
-        assert!(
-            f.wait_for(&channel, last, Duration::from_secs(20)).await,
-            "{channel} never caught up to {last}"
-        );
-    }
+    follower::assert_caught_up(
+        &followers,
+        &users,
+        |c| Some(*accepted[c].last().unwrap()),
+        Duration::from_secs(20),
+    )
+    .await;
     for (f, u) in followers.into_iter().zip(&users) {
         let channel = format!("user:{u}");
         let record = f.stop().await;
@@ -483,12 +475,7 @@ async fn a_node_killed_under_load_loses_nothing() {
         .enumerate()
         .map(|(i, u)| Follower::on_nodes(addrs.clone(), node::token(u, &[], &[]), i % 3))
         .collect();
-    for (f, u) in followers.iter().zip(&users) {
-        assert!(
-            f.wait_for(&format!("user:{u}"), 0, Duration::from_secs(20))
-                .await
-        );
-    }
+    follower::assert_joined(&followers, &users, Duration::from_secs(20)).await;
     let stop = CancellationToken::new();
     let mut streams = Vec::new();
     for via in [nodes[1].http(), nodes[2].http()] {
@@ -529,15 +516,13 @@ async fn a_node_killed_under_load_loses_nothing() {
         offsets.sort();
     }
     let stopped = Instant::now();
-    for (f, u) in followers.iter().zip(&users) {
-        let channel = format!("user:{u}");
-        if let Some(last) = accepted.get(&channel).and_then(|o| o.last()) {
-            assert!(
-                f.wait_for(&channel, *last, Duration::from_secs(30)).await,
-                "{channel} never caught up"
-            );
-        }
-    }
+    follower::assert_caught_up(
+        &followers,
+        &users,
+        |c| accepted.get(c).and_then(|o| o.last().copied()),
+        Duration::from_secs(30),
+    )
+    .await;
     let lag = stopped.elapsed();
     let mut reconnected = 0;
     for (f, u) in followers.into_iter().zip(&users) {

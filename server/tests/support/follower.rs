@@ -183,6 +183,36 @@ pub async fn stop_all(followers: Vec<Follower>) -> Vec<Record> {
     records
 }
 
+/// Asserts that the follower of each user (in order) joins the user's personal channel
+/// `user:<name>` within `wait` (each).
+pub async fn assert_joined(followers: &[Follower], users: &[String], wait: Duration) {
+    for (f, u) in followers.iter().zip(users) {
+        assert!(
+            f.wait_for(&format!("user:{u}"), 0, wait).await,
+            "the follower of {u} never joined user:{u}"
+        );
+    }
+}
+
+/// Asserts that the follower of each user (in order) reaches offset `last(channel)` of
+/// the user's personal channel, where it is `Some`, within `wait` (each).
+pub async fn assert_caught_up(
+    followers: &[Follower],
+    users: &[String],
+    last: impl Fn(&str) -> Option<u64>,
+    wait: Duration,
+) {
+    for (f, u) in followers.iter().zip(users) {
+        let channel = format!("user:{u}");
+        if let Some(last) = last(&channel) {
+            assert!(
+                f.wait_for(&channel, last, wait).await,
+                "{channel} never caught up to {last}"
+            );
+        }
+    }
+}
+
 type Ws = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
 
 async fn connect(target: SocketAddr, source: Option<IpAddr>) -> Option<Ws> {
