@@ -8,10 +8,6 @@ mod client;
 mod follower;
 #[path = "support/node.rs"]
 mod node;
-#[path = "support/process.rs"]
-mod process;
-#[path = "support/redis_server.rs"]
-mod redis_server;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -19,8 +15,8 @@ use std::time::{Duration, Instant};
 
 use client::Client;
 use follower::{Follower, Record};
-use process::NodeProcess;
-use redis_server::{RedisCluster, RedisServer};
+use herald_testkit::process::NodeProcess;
+use herald_testkit::redis::{RedisCluster, RedisOptions, RedisServer};
 use serde_json::{json, Value};
 
 fn prefix(test: &str) -> String {
@@ -41,21 +37,9 @@ async fn start_nodes(n: usize, env: &[(&str, &str)]) -> Vec<NodeProcess> {
     nodes
 }
 
+/// A publish through `http`, on a client of its own.
 async fn publish(http: &str, body: Value) -> (u16, Value) {
-    let r = reqwest::Client::new()
-        .post(format!("{http}/v1/publish"))
-        .bearer_auth(node::API_KEY)
-        .json(&body)
-        .timeout(Duration::from_secs(5))
-        .send()
-        .await;
-    match r {
-        Ok(r) => {
-            let status = r.status().as_u16();
-            (status, r.json().await.unwrap_or(Value::Null))
-        }
-        Err(_) => (0, Value::Null),
-    }
+    node::publish_to(&reqwest::Client::new(), http, body).await
 }
 
 async fn get(http: &str, path: &str) -> (u16, Value) {
@@ -257,7 +241,7 @@ async fn redis_restart_with_aof_recovers_every_message() {
 /// lost: clients must be told (`resync`). With AOF every message that was accepted is
 /// delivered exactly once, in order.
 async fn redis_restart(aof: bool) {
-    let mut redis = RedisServer::start_with(redis_server::RedisOptions {
+    let mut redis = RedisServer::start_with(RedisOptions {
         aof,
         ..Default::default()
     });

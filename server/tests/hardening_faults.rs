@@ -12,16 +12,10 @@
 //! stream goes on while node 0 suffers. Followers (resilient recording clients) sit on
 //! node 0 and record exactly what an application would see.
 
-#[path = "support/client.rs"]
-mod client;
 #[path = "support/follower.rs"]
 mod follower;
 #[path = "support/node.rs"]
 mod node;
-#[path = "support/process.rs"]
-mod process;
-#[path = "support/redis_server.rs"]
-mod redis_server;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -29,10 +23,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use follower::{Follower, Record};
+use herald_testkit::process::NodeProcess;
 use herald_testkit::proxy::FaultProxy;
-use process::NodeProcess;
-use redis_server::RedisServer;
-use serde_json::{json, Value};
+use herald_testkit::redis::RedisServer;
+use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 fn prefix(test: &str) -> String {
@@ -92,23 +86,6 @@ impl Setup {
     }
 }
 
-async fn publish(client: &reqwest::Client, http: &str, body: Value) -> (u16, Value) {
-    let r = client
-        .post(format!("{http}/v1/publish"))
-        .bearer_auth(node::API_KEY)
-        .json(&body)
-        .timeout(Duration::from_secs(5))
-        .send()
-        .await;
-    match r {
-        Ok(r) => {
-            let status = r.status().as_u16();
-            (status, r.json().await.unwrap_or(Value::Null))
-        }
-        Err(_) => (0, Value::Null),
-    }
-}
-
 async fn ready(http: &str) -> bool {
     let r = reqwest::Client::new()
         .get(format!("{http}/readyz"))
@@ -152,7 +129,7 @@ fn publish_stream(
             let user = &users[i % users.len()];
             i += 1;
             let (status, body) =
-                publish(&client, &http, json!({"user": user, "data": {"i": i}})).await;
+                node::publish_to(&client, &http, json!({"user": user, "data": {"i": i}})).await;
             if status == 200 {
                 let channel = body["channel"].as_str().unwrap().to_owned();
                 let offset = body["offset"].as_u64().unwrap();
@@ -331,7 +308,8 @@ async fn network_partition_to_redis_loses_nothing() {
         // A publish through the partitioned node fails within the command timeout.
         let client = reqwest::Client::new();
         let t = Instant::now();
-        let (status, body) = publish(&client, &http, json!({"user": "u0", "data": "x"})).await;
+        let (status, body) =
+            node::publish_to(&client, &http, json!({"user": "u0", "data": "x"})).await;
         assert_eq!(status, 503, "{body}");
         let failed_in = t.elapsed();
         eprintln!("measured: partition: publish through the node failed with 503 in {failed_in:?}");
