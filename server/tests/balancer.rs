@@ -6,10 +6,10 @@
 //! Clients connect from many loopback source addresses (127.0.1.x), as real users do,
 //! so that the L4 configuration's `balance source` spreads them over the nodes.
 
+#[path = "support/follower.rs"]
+mod follower;
 #[path = "support/haproxy.rs"]
 mod haproxy;
-#[path = "support/lb_follower.rs"]
-mod lb_follower;
 #[path = "support/ledger.rs"]
 mod ledger;
 
@@ -17,11 +17,11 @@ use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 
+use follower::{Follower, Options};
 use haproxy::Haproxy;
 use herald_testkit::process::NodeProcess;
 use herald_testkit::redis::RedisServer;
 use herald_testkit::{token, API_KEY};
-use lb_follower::{LbFollower, Options, Record};
 use ledger::Ledger;
 use serde_json::json;
 
@@ -67,54 +67,32 @@ fn user(i: usize) -> String {
 
 /// Starts `n` followers through the balancer, each on its personal channel and `room`,
 /// and waits until each has its first welcome and a position in the room.
-async fn followers(lb: &Haproxy, n: usize, room: &str) -> Vec<LbFollower> {
-    let followers: Vec<LbFollower> = (0..n)
+async fn followers(lb: &Haproxy, n: usize, room: &str) -> Vec<Follower> {
+    let followers: Vec<Follower> = (0..n)
         .map(|i| {
-            LbFollower::start(Options {
-                lb: lb.addr,
+            Follower::start(Options {
+                targets: vec![lb.addr],
                 source: source(i),
                 token: token(&user(i), &["room:*"], &[]),
                 extra: vec![room.to_owned()],
+                jitter: true,
+                ..Options::default()
             })
         })
         .collect();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     for f in &followers {
-        while f
-            .snapshot()
-            .channels
-            .get(room)
-            .and_then(|c| c.position.clone())
-            .is_none()
-        {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "a follower did not join {room} through the balancer"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        assert!(
+            f.wait_for(room, 0, left).await,
+            "a follower did not join {room} through the balancer"
+        );
     }
     followers
 }
 
 fn channels(i: usize, room: &str) -> Vec<String> {
     vec![format!("user:{}", user(i)), room.to_owned()]
-}
-
-/// Waits until every follower has the last accepted offset of its channels.
-async fn wait_caught_up(followers: &[LbFollower], ledger: &Ledger, room: &str, wait: Duration) {
-    let deadline = tokio::time::Instant::now() + wait;
-    for (i, f) in followers.iter().enumerate() {
-        let want = channels(i, room);
-        while !ledger.caught_up(&f.snapshot(), &want) {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "follower {i} did not catch up: {:?}",
-                f.snapshot()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
 }
 
 async fn pushes_through_the_balancer_reach_users_on_every_node(kind: &str) {
@@ -142,18 +120,12 @@ async fn pushes_through_the_balancer_reach_users_on_every_node(kind: &str) {
         let body = json!({"channel": room, "data": {"k": k}});
         assert!(ledger.publish(&http, &lb.http(), API_KEY, &body).await);
     }
-    wait_caught_up(&followers, &ledger, room, Duration::from_secs(20)).await;
+    ledger
+        .wait_caught_up(&followers, |i| channels(i, room), Duration::from_secs(20))
+        .await;
 
-    let mut records: Vec<Record> = Vec::new();
-    for f in followers {
-        records.push(f.stop().await);
-    }
-    let tally = ledger.tally(
-        records
-            .iter()
-            .enumerate()
-            .map(|(i, r)| (r, channels(i, room))),
-    );
+    let records = follower::stop_all(followers).await;
+    let tally = ledger.tally(&records, |i| channels(i, room));
     assert_eq!(tally.expected, (n + 3 * n) as u64);
     assert_eq!(
         (tally.lost, tally.duplicates, tally.violations),
@@ -207,7 +179,7 @@ async fn a_killed_node_behind_haproxy_loses_no_message(kind: &str) {
     for &i in &victims {
         loop {
             let r = followers[i].snapshot();
-            if r.welcomes.len() >= 2 {
+            if r.connects() >= 2 {
                 assert_ne!(
                     r.node(),
                     Some("node2"),
@@ -223,18 +195,12 @@ async fn a_killed_node_behind_haproxy_loses_no_message(kind: &str) {
         }
     }
     publish_rounds(&ledger, &lb, n, room, 3).await;
-    wait_caught_up(&followers, &ledger, room, Duration::from_secs(30)).await;
+    ledger
+        .wait_caught_up(&followers, |i| channels(i, room), Duration::from_secs(30))
+        .await;
 
-    let mut records: Vec<Record> = Vec::new();
-    for f in followers {
-        records.push(f.stop().await);
-    }
-    let tally = ledger.tally(
-        records
-            .iter()
-            .enumerate()
-            .map(|(i, r)| (r, channels(i, room))),
-    );
+    let records = follower::stop_all(followers).await;
+    let tally = ledger.tally(&records, |i| channels(i, room));
     println!(
         "measured: {kind} kill of node2 behind haproxy: {} clients moved, {} pushes accepted, \
          {} unconfirmed, lost {}, duplicates {}",
@@ -244,20 +210,11 @@ async fn a_killed_node_behind_haproxy_loses_no_message(kind: &str) {
         tally.lost,
         tally.duplicates
     );
-    assert_eq!(
-        (
-            tally.lost,
-            tally.duplicates,
-            tally.violations,
-            tally.discontinuities
-        ),
-        (0, 0, 0, 0),
-        "{tally:?}"
-    );
+    tally.assert_exact();
     // Nodes other than node2 kept their clients: only node2's moved.
     for (i, r) in records.iter().enumerate() {
         if !victims.contains(&i) {
-            assert_eq!(r.welcomes.len(), 1, "client {i} of a live node reconnected");
+            assert_eq!(r.connects(), 1, "client {i} of a live node reconnected");
         }
     }
 }

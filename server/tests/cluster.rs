@@ -8,18 +8,15 @@ mod client;
 mod follower;
 #[path = "support/node.rs"]
 mod node;
-#[path = "support/process.rs"]
-mod process;
-#[path = "support/redis_server.rs"]
-mod redis_server;
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use client::Client;
 use follower::{Follower, Record};
-use process::NodeProcess;
-use redis_server::{RedisCluster, RedisServer};
+use herald_testkit::process::NodeProcess;
+use herald_testkit::redis::{RedisCluster, RedisOptions, RedisServer};
 use serde_json::{json, Value};
 
 fn prefix(test: &str) -> String {
@@ -40,21 +37,9 @@ async fn start_nodes(n: usize, env: &[(&str, &str)]) -> Vec<NodeProcess> {
     nodes
 }
 
+/// A publish through `http`, on a client of its own.
 async fn publish(http: &str, body: Value) -> (u16, Value) {
-    let r = reqwest::Client::new()
-        .post(format!("{http}/v1/publish"))
-        .bearer_auth(node::API_KEY)
-        .json(&body)
-        .timeout(Duration::from_secs(5))
-        .send()
-        .await;
-    match r {
-        Ok(r) => {
-            let status = r.status().as_u16();
-            (status, r.json().await.unwrap_or(Value::Null))
-        }
-        Err(_) => (0, Value::Null),
-    }
+    node::publish_to(&reqwest::Client::new(), http, body).await
 }
 
 async fn get(http: &str, path: &str) -> (u16, Value) {
@@ -83,7 +68,8 @@ fn assert_exact(record: &Record, channel: &str, last: u64) {
     );
     let want: Vec<u64> = (1..=last).collect();
     assert_eq!(
-        seen.offsets, want,
+        seen.offsets(),
+        want,
         "{channel}: not every message once, in order"
     );
 }
@@ -197,18 +183,13 @@ async fn publish_stream(
 async fn survive_node_kill(url: &str, prefix: &str) {
     let env = cluster_env(url, prefix);
     let mut nodes = start_nodes(3, &env).await;
-    let urls: Vec<String> = nodes.iter().map(|n| n.ws_url()).collect();
+    let addrs: Vec<SocketAddr> = nodes.iter().map(|n| n.addr).collect();
     let users: Vec<String> = (0..6).map(|i| format!("u{i}")).collect();
     let followers: Vec<Follower> = users
         .iter()
-        .map(|u| Follower::start(urls.clone(), node::token(u, &[], &[]), vec![], 0))
+        .map(|u| Follower::on_nodes(addrs.clone(), node::token(u, &[], &[]), 0))
         .collect();
-    for (f, u) in followers.iter().zip(&users) {
-        assert!(
-            f.wait_for(&format!("user:{u}"), 0, Duration::from_secs(10))
-                .await
-        );
-    }
+    follower::assert_joined(&followers, &users, Duration::from_secs(10)).await;
     let via = vec![nodes[1].http(), nodes[2].http()];
     let publisher = tokio::spawn(publish_stream(
         via,
@@ -219,19 +200,17 @@ async fn survive_node_kill(url: &str, prefix: &str) {
     tokio::time::sleep(Duration::from_millis(500)).await;
     nodes[0].kill();
     let last = publisher.await.unwrap();
-    for (f, u) in followers.iter().zip(&users) {
-        let channel = format!("user:{u}");
-        assert!(
-            f.wait_for(&channel, last[&channel], Duration::from_secs(15))
-                .await,
-            "{channel} did not catch up to {}",
-            last[&channel]
-        );
-    }
+    follower::assert_caught_up(
+        &followers,
+        &users,
+        |c| Some(last[c]),
+        Duration::from_secs(15),
+    )
+    .await;
     for (f, u) in followers.into_iter().zip(&users) {
         let channel = format!("user:{u}");
         let record = f.stop().await;
-        assert!(record.connects >= 2, "{u} should have reconnected");
+        assert!(record.connects() >= 2, "{u} should have reconnected");
         assert_exact(&record, &channel, last[&channel]);
     }
 }
@@ -262,7 +241,7 @@ async fn redis_restart_with_aof_recovers_every_message() {
 /// lost: clients must be told (`resync`). With AOF every message that was accepted is
 /// delivered exactly once, in order.
 async fn redis_restart(aof: bool) {
-    let mut redis = RedisServer::start_with(redis_server::RedisOptions {
+    let mut redis = RedisServer::start_with(RedisOptions {
         aof,
         ..Default::default()
     });
@@ -272,19 +251,14 @@ async fn redis_restart(aof: bool) {
         "redis-restart"
     });
     let nodes = start_nodes(2, &cluster_env(&redis.url(), &p)).await;
-    let urls: Vec<String> = nodes.iter().map(|n| n.ws_url()).collect();
+    let addrs: Vec<SocketAddr> = nodes.iter().map(|n| n.addr).collect();
     let users: Vec<String> = (0..4).map(|i| format!("r{i}")).collect();
     let followers: Vec<Follower> = users
         .iter()
         .enumerate()
-        .map(|(i, u)| Follower::start(urls.clone(), node::token(u, &[], &[]), vec![], i))
+        .map(|(i, u)| Follower::on_nodes(addrs.clone(), node::token(u, &[], &[]), i))
         .collect();
-    for (f, u) in followers.iter().zip(&users) {
-        assert!(
-            f.wait_for(&format!("user:{u}"), 0, Duration::from_secs(10))
-                .await
-        );
-    }
+    follower::assert_joined(&followers, &users, Duration::from_secs(10)).await;
     let via: Vec<String> = nodes.iter().map(|n| n.http()).collect();
     let publisher = tokio::spawn(publish_stream(
         via.clone(),

@@ -12,26 +12,21 @@
 //! stream goes on while node 0 suffers. Followers (resilient recording clients) sit on
 //! node 0 and record exactly what an application would see.
 
-#[path = "support/client.rs"]
-mod client;
 #[path = "support/follower.rs"]
 mod follower;
 #[path = "support/node.rs"]
 mod node;
-#[path = "support/process.rs"]
-mod process;
-#[path = "support/redis_server.rs"]
-mod redis_server;
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use follower::{Follower, Record};
+use herald_testkit::process::NodeProcess;
 use herald_testkit::proxy::FaultProxy;
-use process::NodeProcess;
-use redis_server::RedisServer;
-use serde_json::{json, Value};
+use herald_testkit::redis::RedisServer;
+use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 fn prefix(test: &str) -> String {
@@ -91,23 +86,6 @@ impl Setup {
     }
 }
 
-async fn publish(client: &reqwest::Client, http: &str, body: Value) -> (u16, Value) {
-    let r = client
-        .post(format!("{http}/v1/publish"))
-        .bearer_auth(node::API_KEY)
-        .json(&body)
-        .timeout(Duration::from_secs(5))
-        .send()
-        .await;
-    match r {
-        Ok(r) => {
-            let status = r.status().as_u16();
-            (status, r.json().await.unwrap_or(Value::Null))
-        }
-        Err(_) => (0, Value::Null),
-    }
-}
-
 async fn ready(http: &str) -> bool {
     let r = reqwest::Client::new()
         .get(format!("{http}/readyz"))
@@ -151,7 +129,7 @@ fn publish_stream(
             let user = &users[i % users.len()];
             i += 1;
             let (status, body) =
-                publish(&client, &http, json!({"user": user, "data": {"i": i}})).await;
+                node::publish_to(&client, &http, json!({"user": user, "data": {"i": i}})).await;
             if status == 200 {
                 let channel = body["channel"].as_str().unwrap().to_owned();
                 let offset = body["offset"].as_u64().unwrap();
@@ -179,13 +157,13 @@ fn assert_no_silent_loss(record: &Record, channel: &str, accepted: &[u64], kept_
     );
     let unique: BTreeSet<&(String, u64)> = seen.messages.iter().collect();
     assert_eq!(unique.len(), seen.messages.len(), "{channel}: duplicates");
-    let delivered: BTreeSet<u64> = seen.offsets.iter().copied().collect();
+    let delivered: BTreeSet<u64> = seen.offsets().into_iter().collect();
     let missing: Vec<&u64> = accepted.iter().filter(|o| !delivered.contains(o)).collect();
     assert!(
         missing.is_empty() || (!kept_data && seen.discontinuities > 0),
         "{channel}: accepted but never delivered: {missing:?} (resyncs: {}, delivered: {:?})",
         seen.discontinuities,
-        seen.offsets
+        seen.offsets()
     );
     if kept_data {
         assert_eq!(
@@ -207,21 +185,9 @@ where
     let users: Vec<String> = (0..users).map(|i| format!("u{i}")).collect();
     let followers: Vec<Follower> = users
         .iter()
-        .map(|u| {
-            Follower::start(
-                vec![s.nodes[0].ws_url()],
-                node::token(u, &[], &[]),
-                vec![],
-                0,
-            )
-        })
+        .map(|u| Follower::on_nodes(vec![s.nodes[0].addr], node::token(u, &[], &[]), 0))
         .collect();
-    for (f, u) in followers.iter().zip(&users) {
-        assert!(
-            f.wait_for(&format!("user:{u}"), 0, Duration::from_secs(10))
-                .await
-        );
-    }
+    follower::assert_joined(&followers, &users, Duration::from_secs(10)).await;
     let stop = CancellationToken::new();
     let (publisher, accepted) = publish_stream(
         s.nodes[1].http(),
@@ -234,32 +200,33 @@ where
     // What was accepted until the fault ended must reach the clients: how long that
     // takes after the end is the recovery time clients see.
     let snapshot = accepted.lock().unwrap().clone();
-    for (f, u) in followers.iter().zip(&users) {
-        let channel = format!("user:{u}");
-        if let Some(last) = snapshot.get(&channel).and_then(|o| o.last()) {
-            assert!(
-                f.wait_for(&channel, *last, Duration::from_secs(20)).await,
-                "{channel} never caught up to {last}"
-            );
-        }
-    }
+    follower::assert_caught_up(
+        &followers,
+        &users,
+        |c| snapshot.get(c).and_then(|o| o.last().copied()),
+        Duration::from_secs(20),
+    )
+    .await;
     let caught_up = fault_over.elapsed();
     tokio::time::sleep(Duration::from_millis(500)).await;
     stop.cancel();
     publisher.await.unwrap();
     let accepted = accepted.lock().unwrap().clone();
-    for (f, u) in followers.iter().zip(&users) {
-        let channel = format!("user:{u}");
-        let last = *accepted[&channel].last().unwrap();
-        assert!(
-            f.wait_for(&channel, last, Duration::from_secs(20)).await,
-            "{channel} never caught up to {last}"
-        );
-    }
+    follower::assert_caught_up(
+        &followers,
+        &users,
+        |c| Some(*accepted[c].last().unwrap()),
+        Duration::from_secs(20),
+    )
+    .await;
     for (f, u) in followers.into_iter().zip(&users) {
         let channel = format!("user:{u}");
         let record = f.stop().await;
-        assert_eq!(record.connects, 1, "{channel}: the client was disconnected");
+        assert_eq!(
+            record.connects(),
+            1,
+            "{channel}: the client was disconnected"
+        );
         assert_no_silent_loss(&record, &channel, &accepted[&channel], true);
     }
     caught_up
@@ -341,7 +308,8 @@ async fn network_partition_to_redis_loses_nothing() {
         // A publish through the partitioned node fails within the command timeout.
         let client = reqwest::Client::new();
         let t = Instant::now();
-        let (status, body) = publish(&client, &http, json!({"user": "u0", "data": "x"})).await;
+        let (status, body) =
+            node::publish_to(&client, &http, json!({"user": "u0", "data": "x"})).await;
         assert_eq!(status, 503, "{body}");
         let failed_in = t.elapsed();
         eprintln!("measured: partition: publish through the node failed with 503 in {failed_in:?}");
@@ -402,12 +370,7 @@ async fn subscriber_lag_is_repaired_from_history() {
     )
     .await;
     let http = s.nodes[0].http();
-    let f = Follower::start(
-        vec![s.nodes[0].ws_url()],
-        node::token("burst", &[], &[]),
-        vec![],
-        0,
-    );
+    let f = Follower::on_nodes(vec![s.nodes[0].addr], node::token("burst", &[], &[]), 0);
     assert!(f.wait_for("user:burst", 0, Duration::from_secs(10)).await);
     // Publishing trims history to the publisher's size: keep the whole burst.
     let mut settings = herald_server::Config::default().broker_settings();
@@ -453,9 +416,9 @@ async fn subscriber_lag_is_repaired_from_history() {
     );
     assert!(repaired >= 1.0, "nothing was dropped by the lag?");
     let seen = &record.channels["user:burst"];
-    assert_eq!(seen.offsets, (1..=BURST).collect::<Vec<_>>());
+    assert_eq!(seen.offsets(), (1..=BURST).collect::<Vec<_>>());
     assert_eq!(seen.discontinuities, 0);
-    assert_eq!(record.connects, 1);
+    assert_eq!(record.connects(), 1);
     eprintln!(
         "measured: subscriber lag: a burst of {BURST} through a buffer of 1: {repaired} gap \
          repairs, the client had all {BURST} in order {took:?} after the burst started"
@@ -483,19 +446,14 @@ async fn a_node_killed_under_load_loses_nothing() {
     for n in &nodes {
         n.wait_ready(Duration::from_secs(15)).await;
     }
-    let urls: Vec<String> = nodes.iter().map(|n| n.ws_url()).collect();
+    let addrs: Vec<SocketAddr> = nodes.iter().map(|n| n.addr).collect();
     let users: Vec<String> = (0..USERS).map(|i| format!("k{i}")).collect();
     let followers: Vec<Follower> = users
         .iter()
         .enumerate()
-        .map(|(i, u)| Follower::start(urls.clone(), node::token(u, &[], &[]), vec![], i % 3))
+        .map(|(i, u)| Follower::on_nodes(addrs.clone(), node::token(u, &[], &[]), i % 3))
         .collect();
-    for (f, u) in followers.iter().zip(&users) {
-        assert!(
-            f.wait_for(&format!("user:{u}"), 0, Duration::from_secs(20))
-                .await
-        );
-    }
+    follower::assert_joined(&followers, &users, Duration::from_secs(20)).await;
     let stop = CancellationToken::new();
     let mut streams = Vec::new();
     for via in [nodes[1].http(), nodes[2].http()] {
@@ -512,7 +470,7 @@ async fn a_node_killed_under_load_loses_nothing() {
     // The killed node's clients (every third) find another node and resume.
     let moved: Vec<&Follower> = followers.iter().step_by(3).collect();
     loop {
-        let done = moved.iter().all(|f| f.record.lock().unwrap().connects >= 2);
+        let done = moved.iter().all(|f| f.connects() >= 2);
         if done {
             break;
         }
@@ -536,21 +494,19 @@ async fn a_node_killed_under_load_loses_nothing() {
         offsets.sort();
     }
     let stopped = Instant::now();
-    for (f, u) in followers.iter().zip(&users) {
-        let channel = format!("user:{u}");
-        if let Some(last) = accepted.get(&channel).and_then(|o| o.last()) {
-            assert!(
-                f.wait_for(&channel, *last, Duration::from_secs(30)).await,
-                "{channel} never caught up"
-            );
-        }
-    }
+    follower::assert_caught_up(
+        &followers,
+        &users,
+        |c| accepted.get(c).and_then(|o| o.last().copied()),
+        Duration::from_secs(30),
+    )
+    .await;
     let lag = stopped.elapsed();
     let mut reconnected = 0;
     for (f, u) in followers.into_iter().zip(&users) {
         let channel = format!("user:{u}");
         let record = f.stop().await;
-        if record.connects >= 2 {
+        if record.connects() >= 2 {
             reconnected += 1;
         }
         let none = Vec::new();

@@ -6,10 +6,10 @@
 //! The cluster is the one `scripts/dev-cluster up` starts (on free ports, in a temporary
 //! state folder, with this workspace's herald binary), so this also tests that script.
 
+#[path = "support/follower.rs"]
+mod follower;
 #[path = "support/haproxy.rs"]
 mod haproxy;
-#[path = "support/lb_follower.rs"]
-mod lb_follower;
 #[path = "support/ledger.rs"]
 mod ledger;
 
@@ -20,9 +20,9 @@ use std::process::{Command, Output};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use follower::{Follower, Options};
 use herald_testkit::process::{free_port, herald_bin};
 use herald_testkit::{token, API_KEY, SECRET};
-use lb_follower::{LbFollower, Options, Record};
 use ledger::Ledger;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
@@ -225,32 +225,25 @@ async fn rolling_restart_through_haproxy_loses_nothing() {
 
     // Connect in waves, as users arrive, not all in one millisecond.
     let started = Instant::now();
-    let mut followers: Vec<LbFollower> = Vec::with_capacity(CLIENTS);
+    let mut followers: Vec<Follower> = Vec::with_capacity(CLIENTS);
     for wave in (0..CLIENTS).collect::<Vec<_>>().chunks(250) {
         for &i in wave {
-            followers.push(LbFollower::start(Options {
-                lb: cluster.lb,
-                source: None,
+            followers.push(Follower::start(Options {
+                targets: vec![cluster.lb],
                 token: token(&user(i), &["room:*"], &[]),
                 extra: vec![room(i)],
+                jitter: true,
+                ..Options::default()
             }));
         }
         let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
         for &i in wave {
-            while followers[i]
-                .snapshot()
-                .channels
-                .get(&room(i))
-                .and_then(|c| c.position.clone())
-                .is_none()
-            {
-                assert!(
-                    tokio::time::Instant::now() < deadline,
-                    "client {i} did not connect through the balancer\n{}",
-                    cluster.scripts.logs()
-                );
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            assert!(
+                followers[i].wait_for(&room(i), 0, left).await,
+                "client {i} did not connect through the balancer\n{}",
+                cluster.scripts.logs()
+            );
         }
     }
     let connect_time = started.elapsed();
@@ -296,23 +289,12 @@ async fn rolling_restart_through_haproxy_loses_nothing() {
     for p in pushers {
         p.await.unwrap();
     }
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    for (i, f) in followers.iter().enumerate() {
-        while !ledger.caught_up(&f.snapshot(), &channels(i)) {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "client {i} did not catch up after the restart: {:?}",
-                f.snapshot()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
+    ledger
+        .wait_caught_up(&followers, channels, Duration::from_secs(60))
+        .await;
 
-    let mut records: Vec<Record> = Vec::with_capacity(CLIENTS);
-    for f in followers {
-        records.push(f.stop().await);
-    }
-    let tally = ledger.tally(records.iter().enumerate().map(|(i, r)| (r, channels(i))));
+    let records = follower::stop_all(followers).await;
+    let tally = ledger.tally(&records, channels);
     let errors: Vec<&String> = records.iter().flat_map(|r| r.errors.iter()).collect();
 
     // Reconnects, per second since the restart began: the attempts after a client's
@@ -360,19 +342,10 @@ async fn rolling_restart_through_haproxy_loses_nothing() {
         errors.len(),
         errors.iter().take(5).collect::<Vec<_>>(),
     );
-    assert_eq!(
-        (
-            tally.lost,
-            tally.duplicates,
-            tally.violations,
-            tally.discontinuities
-        ),
-        (0, 0, 0, 0),
-        "{tally:?}"
-    );
+    tally.assert_exact();
     for (i, r) in records.iter().enumerate() {
         assert!(
-            r.welcomes.len() >= 2,
+            r.connects() >= 2,
             "client {i} was never moved, yet every node restarted"
         );
     }

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::lb_follower::Record;
+use crate::follower::{Follower, Record};
 
 /// Offsets the API accepted, per channel.
 #[derive(Default)]
@@ -94,26 +94,46 @@ impl Ledger {
         channels.iter().all(|c| record.offset(c) >= self.last(c))
     }
 
-    /// Counts, over every follower and each of its channels, the accepted messages it
-    /// never got (lost) and the deliveries of an offset it already had (duplicates).
-    /// Followers joined every channel before the first push, so each must get every
-    /// accepted offset.
-    pub fn tally<'a>(
+    /// Waits until every follower (follower i on `channels(i)`) has the last accepted
+    /// offset of its channels, all within `wait`.
+    pub async fn wait_caught_up(
         &self,
-        followers: impl IntoIterator<Item = (&'a Record, Vec<String>)>,
-    ) -> Tally {
+        followers: &[Follower],
+        channels: impl Fn(usize) -> Vec<String>,
+        wait: Duration,
+    ) {
+        let deadline = tokio::time::Instant::now() + wait;
+        for (i, f) in followers.iter().enumerate() {
+            let want = channels(i);
+            while !self.caught_up(&f.snapshot(), &want) {
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "follower {i} did not catch up: {:?}",
+                    f.snapshot()
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+
+    /// Counts, over every follower (record i of one on `channels(i)`) and each of its
+    /// channels, the accepted messages it never got (lost) and the deliveries of an
+    /// offset it already had (duplicates). Followers joined every channel before the
+    /// first push, so each must get every accepted offset.
+    pub fn tally(&self, records: &[Record], channels: impl Fn(usize) -> Vec<String>) -> Tally {
         let accepted = self.accepted.lock().unwrap();
         let empty = BTreeSet::new();
         let mut t = Tally::default();
-        for (record, channels) in followers {
-            for channel in channels {
+        for (i, record) in records.iter().enumerate() {
+            for channel in channels(i) {
                 let want = accepted.get(&channel).unwrap_or(&empty);
                 let seen = record.channels.get(&channel).cloned().unwrap_or_default();
-                let got: BTreeSet<u64> = seen.received.iter().copied().collect();
+                let received = seen.offsets();
+                let got: BTreeSet<u64> = received.iter().copied().collect();
                 t.expected += want.len() as u64;
-                t.delivered += seen.received.len() as u64;
+                t.delivered += received.len() as u64;
                 t.lost += want.difference(&got).count() as u64;
-                t.duplicates += (seen.received.len() - got.len()) as u64;
+                t.duplicates += (received.len() - got.len()) as u64;
                 t.violations += seen.violations.len() as u64;
                 for (last, got) in &seen.violations {
                     *t.gaps
@@ -144,4 +164,22 @@ pub struct Tally {
     pub violations: u64,
     /// `recovered: false` resumes and `resync` frames.
     pub discontinuities: u64,
+}
+
+impl Tally {
+    /// Every accepted message reached every follower once, in order, and none was told
+    /// to resync.
+    #[track_caller]
+    pub fn assert_exact(&self) {
+        assert_eq!(
+            (
+                self.lost,
+                self.duplicates,
+                self.violations,
+                self.discontinuities
+            ),
+            (0, 0, 0, 0),
+            "{self:?}"
+        );
+    }
 }

@@ -171,3 +171,26 @@ pub fn token(user: &str, channels: &[&str], publish: &[&str]) -> String {
         publish: Some(publish.iter().map(|s| s.to_string()).collect()),
     })
 }
+
+/// An authorized `POST /v1/publish` to the node at `http` (`http://host:port`), within
+/// 5 s; returns status and JSON body, or `(0, Null)` when no answer came.
+pub async fn publish_to(
+    client: &reqwest::Client,
+    http: &str,
+    body: serde_json::Value,
+) -> (u16, serde_json::Value) {
+    let r = client
+        .post(format!("{http}/v1/publish"))
+        .bearer_auth(API_KEY)
+        .json(&body)
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await;
+    match r {
+        Ok(r) => {
+            let status = r.status().as_u16();
+            (status, r.json().await.unwrap_or(serde_json::Value::Null))
+        }
+        Err(_) => (0, serde_json::Value::Null),
+    }
+}
