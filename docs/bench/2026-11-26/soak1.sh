@@ -1,4 +1,5 @@
 #!/bin/bash
+# Soak 1: kill and drain nodes 1 and 2 in turn (each restarted 30 s later); node 3 is never touched.
 ACTS=()
 for c in 0 240 480 720 960 1200 1440 1680; do
   ACTS+=(--action "at=$((c+10))s kill node=1" --action "at=$((c+40))s restart node=1"

@@ -1,6 +1,6 @@
 #!/bin/bash
-# Soak 2: every kill or drain hits the node that holds the clients, so all 3000 move
-# each time (a killed or drained node's clients go to the next URL).
+# Soak 2: kills and drains rotate over all three nodes (each restarted 30 s later), so
+# every failure moves clients (a killed or drained node's clients go to the next URL).
 ACTS=()
 ops=("kill 1" "drain 2" "kill 3" "drain 1" "kill 2" "drain 3")
 for i in $(seq 0 29); do
