@@ -180,7 +180,7 @@ async fn publish(
     let body: PublishBody = serde_json::from_slice(&bytes)
         .map_err(|e| ApiError::bad_request(format!("invalid body: {e}")))?;
     let (channel, data) = body.target()?;
-    publish_one(&node, channel, &data).await.map(Json)
+    publish_one(&node, &channel, &data).await.map(Json)
 }
 
 /// Most messages in one batch.
@@ -242,7 +242,7 @@ async fn publish_batch(
         .map(|(channel, messages)| async move {
             let mut out = Vec::with_capacity(messages.len());
             for (i, data) in messages {
-                out.push((i, publish_one(node, channel.clone(), &data).await));
+                out.push((i, publish_one(node, &channel, &data).await));
             }
             out
         });
@@ -257,11 +257,9 @@ async fn publish_batch(
         .into_iter()
         .map(|r| r.expect("every message has a result"))
         .collect();
-    if let Some(Err(_)) = results.first() {
-        if results.iter().all(Result::is_err) {
-            let first = results.into_iter().next().expect("not empty");
-            return Err(first.expect_err("checked"));
-        }
+    if results.iter().all(Result::is_err) {
+        let first = results.into_iter().next().expect("a batch is not empty");
+        return Err(first.expect_err("every result is an error"));
     }
     let results: Vec<Value> = results
         .into_iter()
@@ -296,10 +294,10 @@ async fn read_body(node: &Node, body: Body, limit: usize) -> Result<axum::body::
 }
 
 /// Publishes one message and answers as `/v1/publish` does.
-async fn publish_one(node: &Node, channel: String, data: &RawValue) -> Result<Value, ApiError> {
+async fn publish_one(node: &Node, channel: &str, data: &RawValue) -> Result<Value, ApiError> {
     let position = node
         .broker
-        .publish(&channel, data.get())
+        .publish(channel, data.get())
         .await
         .inspect_err(|_| {
             node.metrics.broker_errors.inc();

@@ -101,14 +101,12 @@ impl Presence {
     /// they stay pending for the next flush.
     pub async fn flush(&self, all: bool) {
         let changes = self.take_changes(all);
-        let mut chunks = changes.chunks(CHUNK);
-        while let Some(chunk) = chunks.next() {
+        for (i, chunk) in changes.chunks(CHUNK).enumerate() {
             if let Err(e) = self.broker.presence_update(&self.node_id, chunk).await {
                 tracing::debug!(error = %e, "presence update failed; will retry");
-                self.mark_dirty(chunk);
-                for rest in chunks.by_ref() {
-                    self.mark_dirty(rest);
-                }
+                // This chunk and the ones not sent yet.
+                self.mark_dirty(&changes[i * CHUNK..]);
+                return;
             }
         }
     }
