@@ -610,6 +610,11 @@ impl Driver {
                 }
             }
             ServerFrame::Welcome(_) => tracing::debug!("second welcome ignored"),
+            ServerFrame::Expiring(_)
+            | ServerFrame::Subscribed(_)
+            | ServerFrame::Unsubscribed(_) => {
+                tracing::debug!("v1.1 frame not handled yet")
+            }
         }
         Ok(())
     }

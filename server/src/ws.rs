@@ -746,6 +746,7 @@ impl Session {
             Ok(ClientCommand::Unsubscribe { id, .. }) => (Some(*id), "unsubscribe"),
             Ok(ClientCommand::Publish { id, .. }) => (Some(*id), "publish"),
             Ok(ClientCommand::Presence { id, .. }) => (Some(*id), "presence"),
+            Ok(ClientCommand::Refresh { id, .. }) => (Some(*id), "refresh"),
         };
         self.node
             .metrics
@@ -798,6 +799,10 @@ impl Session {
             ClientCommand::Presence { channel, .. } => {
                 let result = self.presence(&channel).await;
                 self.reply(socket, Some(id), result).await
+            }
+            ClientCommand::Refresh { .. } => {
+                let err = CommandError(ErrorCode::BadRequest, "refresh: not yet".into());
+                self.reply(socket, Some(id), Err(err)).await
             }
             ClientCommand::Pong | ClientCommand::Hello { .. } => Ok(()),
         }

@@ -235,7 +235,8 @@ fn expected(text: &str) -> Expect {
             ClientCommand::Subscribe { id, .. }
             | ClientCommand::Unsubscribe { id, .. }
             | ClientCommand::Publish { id, .. }
-            | ClientCommand::Presence { id, .. },
+            | ClientCommand::Presence { id, .. }
+            | ClientCommand::Refresh { id, .. },
         ) => Expect::Reply(id),
     }
 }

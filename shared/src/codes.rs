@@ -16,6 +16,8 @@ pub enum CloseCode {
     Forbidden = 4403,
     /// No hello in time, or heartbeat missed. Reconnect with backoff.
     Timeout = 4408,
+    /// The backend removed the user (v1.1). Do not auto-reconnect.
+    Kicked = 4410,
     /// Too many connections or messages. Reconnect after backoff.
     TooMany = 4429,
     /// The node is draining or shutting down. Reconnect now, with jitter, and resume.
@@ -26,12 +28,13 @@ pub enum CloseCode {
 
 impl CloseCode {
     /// Every close code, for tables and tests.
-    pub const ALL: [CloseCode; 8] = [
+    pub const ALL: [CloseCode; 9] = [
         CloseCode::TooLarge,
         CloseCode::BadRequest,
         CloseCode::Unauthorized,
         CloseCode::Forbidden,
         CloseCode::Timeout,
+        CloseCode::Kicked,
         CloseCode::TooMany,
         CloseCode::Draining,
         CloseCode::SlowConsumer,
@@ -47,6 +50,10 @@ impl CloseCode {
         Self::ALL.into_iter().find(|c| c.code() == code)
     }
 
+    /// The reason of a 4401 close when the session's token reached `exp` without a
+    /// `refresh` (PROTOCOL.md §7).
+    pub const TOKEN_EXPIRED: &'static str = "token expired";
+
     /// The short reason sent in the close frame.
     pub fn reason(self) -> &'static str {
         match self {
@@ -55,6 +62,7 @@ impl CloseCode {
             CloseCode::Unauthorized => "unauthorized",
             CloseCode::Forbidden => "forbidden",
             CloseCode::Timeout => "timeout",
+            CloseCode::Kicked => "kicked",
             CloseCode::TooMany => "too many connections or messages",
             CloseCode::Draining => "node draining",
             CloseCode::SlowConsumer => "slow consumer",
@@ -65,7 +73,7 @@ impl CloseCode {
     pub fn should_reconnect(self) -> bool {
         !matches!(
             self,
-            CloseCode::TooLarge | CloseCode::BadRequest | CloseCode::Forbidden
+            CloseCode::TooLarge | CloseCode::BadRequest | CloseCode::Forbidden | CloseCode::Kicked
         )
     }
 }

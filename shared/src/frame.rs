@@ -67,6 +67,13 @@ pub enum ClientCommand {
     },
     /// Answer to a server `ping`.
     Pong,
+    /// Swap the session's token for a fresh one of the same user (v1.1).
+    Refresh {
+        /// Echoed in the reply.
+        id: u64,
+        /// The new JWT.
+        token: String,
+    },
 }
 
 /// Why a client frame was not accepted.
@@ -126,7 +133,7 @@ impl ClientCommand {
         let kind = raw.kind.as_ref();
         if !matches!(
             kind,
-            "hello" | "subscribe" | "unsubscribe" | "publish" | "presence" | "pong"
+            "hello" | "subscribe" | "unsubscribe" | "publish" | "presence" | "pong" | "refresh"
         ) {
             return Err(ParseError::NotACommand(format!("unknown type {kind:?}")));
         }
@@ -138,6 +145,17 @@ impl ClientCommand {
                     Some(Some(id)) => id,
                     _ => return Err(bad(None, "`id` must be a non-negative integer")),
                 };
+                if kind == "refresh" {
+                    return match raw.token {
+                        Some(Value::String(token)) if !token.is_empty() => {
+                            Ok(ClientCommand::Refresh { id, token })
+                        }
+                        Some(Value::String(_)) | None | Some(Value::Null) => {
+                            Err(bad(Some(id), "`token` is missing"))
+                        }
+                        Some(_) => Err(bad(Some(id), "`token` must be a string")),
+                    };
+                }
                 let channel = channel_arg(id, raw.channel)?;
                 match kind {
                     "subscribe" => {
@@ -304,6 +322,36 @@ pub struct Resync {
     pub epoch: String,
 }
 
+/// `expiring` (v1.1): the session's token expires in `in_ms` milliseconds; send
+/// `refresh` before then, or the session is closed with 4401 "token expired".
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Expiring {
+    /// Milliseconds until the token's `exp`.
+    pub in_ms: u64,
+}
+
+/// `subscribed` (v1.1): the server added a channel to the session (server API).
+/// Messages after `offset` follow, like after a `subscribe` reply.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Subscribed {
+    /// The channel.
+    pub channel: String,
+    /// The channel's latest offset when the session joined.
+    pub offset: u64,
+    /// The channel's epoch.
+    pub epoch: String,
+}
+
+/// `unsubscribed` (v1.1): the server removed a channel from the session.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Unsubscribed {
+    /// The channel.
+    pub channel: String,
+    /// Why: `server` (the server API) or `permissions` (a refreshed token no longer
+    /// allows it).
+    pub reason: String,
+}
+
 /// A frame from the server.
 #[derive(Debug, Serialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -320,6 +368,12 @@ pub enum ServerFrame {
     Reconnect(Reconnect),
     /// See [`Resync`].
     Resync(Resync),
+    /// See [`Expiring`].
+    Expiring(Expiring),
+    /// See [`Subscribed`].
+    Subscribed(Subscribed),
+    /// See [`Unsubscribed`].
+    Unsubscribed(Unsubscribed),
 }
 
 #[derive(Deserialize)]
@@ -340,6 +394,9 @@ impl ServerFrame {
             "ping" => ServerFrame::Ping,
             "reconnect" => ServerFrame::Reconnect(serde_json::from_str(text)?),
             "resync" => ServerFrame::Resync(serde_json::from_str(text)?),
+            "expiring" => ServerFrame::Expiring(serde_json::from_str(text)?),
+            "subscribed" => ServerFrame::Subscribed(serde_json::from_str(text)?),
+            "unsubscribed" => ServerFrame::Unsubscribed(serde_json::from_str(text)?),
             other => {
                 return Err(serde::de::Error::custom(format!(
                     "unknown frame type {other:?}"
@@ -426,6 +483,10 @@ mod tests {
             ClientCommand::parse(r#"{"type":"pong"}"#),
             Ok(ClientCommand::Pong)
         ));
+        match ClientCommand::parse(r#"{"type":"refresh","id":9,"token":"a.b.c"}"#).unwrap() {
+            ClientCommand::Refresh { id, token } => assert_eq!((id, token.as_str()), (9, "a.b.c")),
+            other => panic!("{other:?}"),
+        }
         assert!(matches!(
             ClientCommand::parse(
                 r#"{"type":"subscribe","id":1,"channel":"r","since":{"offset":1,"epoch":"e"},"extra":1}"#
@@ -462,6 +523,10 @@ mod tests {
         );
         bad_argument(r#"{"type":"publish","id":2,"channel":"a"}"#, Some(2));
         bad_argument(r#"{"type":"presence","id":4,"channel":""}"#, Some(4));
+        bad_argument(r#"{"type":"refresh","id":5}"#, Some(5));
+        bad_argument(r#"{"type":"refresh","id":5,"token":""}"#, Some(5));
+        bad_argument(r#"{"type":"refresh","id":5,"token":7}"#, Some(5));
+        bad_argument(r#"{"type":"refresh","token":"t"}"#, None);
     }
 
     #[test]
@@ -491,6 +556,16 @@ mod tests {
             ServerFrame::Reconnect(Reconnect {
                 reason: "draining".into(),
                 after_ms: 5,
+            }),
+            ServerFrame::Expiring(Expiring { in_ms: 60_000 }),
+            ServerFrame::Subscribed(Subscribed {
+                channel: "room:1".into(),
+                offset: 3,
+                epoch: "e".into(),
+            }),
+            ServerFrame::Unsubscribed(Unsubscribed {
+                channel: "room:1".into(),
+                reason: "server".into(),
             }),
             ServerFrame::Reply(Reply {
                 id: Some(1),
