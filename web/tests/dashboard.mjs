@@ -9,7 +9,7 @@
 //
 // Usage by hand, for a screenshot of a running cluster (no Rust side, no kick, no kill):
 //   node dashboard.mjs '{"apiKey":"…","nodes":[{"id":"a","http":"http://127.0.0.1:8080"}],
-//     "screenshot":"/tmp/dashboard.png","lingerMs":20000}'
+//     "screenshot":"/tmp/dashboard.png","lingerMs":20000,"lookUp":"user-1"}'
 
 import { createInterface } from "node:readline";
 import assert from "node:assert/strict";
@@ -302,7 +302,15 @@ async function main() {
       await kick(page);
       await nodeVanishes(page);
     }
-    if (config.screenshot) await screenshot(page, config.screenshot);
+    if (config.screenshot) {
+      if (config.lookUp) {
+        // By hand: show one user in the screenshot.
+        await page.fill("#user-input", config.lookUp);
+        await page.click("#user-form button");
+        await page.locator("#user-result").waitFor({ state: "visible", timeout: WAIT });
+      }
+      await screenshot(page, config.screenshot);
+    }
   } finally {
     await browser.close();
   }
