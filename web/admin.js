@@ -130,6 +130,11 @@ function signOut(why) {
 }
 
 async function signIn(key) {
+  if (!/^[\x20-\x7e]+$/.test(key)) {
+    // fetch() refuses such a header; say so rather than "the node did not answer".
+    signOut("An API key is printable ASCII: check what was pasted.");
+    return;
+  }
   sessionStorage.setItem(KEY, key);
   try {
     await api("GET", "/v1/nodes");

@@ -44,17 +44,24 @@ pub async fn heartbeat(node: Arc<Node>, stop: CancellationToken) {
     let every = heartbeat_period(node.config.broker_settings().node_ttl);
     let retry = Duration::from_millis(200);
     let mut failing = false;
+    let mut first = true;
     loop {
         if node.is_draining() {
             return;
         }
-        // Reading the load figures walks /proc (every open descriptor): not on a worker.
-        let info = tokio::task::spawn_blocking({
-            let node = Arc::clone(&node);
-            move || node.info()
-        })
-        .await
-        .map_err(|e| BrokerError::Internal(format!("reading the node's figures: {e}")));
+        let info = if std::mem::take(&mut first) {
+            // At start the node is cheap to read and should join the registry at once,
+            // as soon as it can be ready, without waiting for a blocking thread.
+            Ok(node.info())
+        } else {
+            // Reading the load figures walks /proc (every open descriptor): not on a worker.
+            tokio::task::spawn_blocking({
+                let node = Arc::clone(&node);
+                move || node.info()
+            })
+            .await
+            .map_err(|e| BrokerError::Internal(format!("reading the node's figures: {e}")))
+        };
         if node.is_draining() {
             // Drain began meanwhile and removed the entry: don't write it back.
             return;

@@ -121,10 +121,16 @@ async fn the_admin_page_is_served_with_a_strict_policy() {
 async fn nodes_carry_load_figures_and_user_presence_names_nodes() {
     watch_panics();
     let n = TestNode::start_default().await;
-    let node_id = {
+    // Ready does not wait for the first heartbeat.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let node_id = loop {
         let (status, body) = n.get("/v1/nodes").await;
         assert_eq!(status, 200, "{body}");
-        body["nodes"][0]["id"].as_str().unwrap().to_owned()
+        if let Some(id) = body["nodes"][0]["id"].as_str() {
+            break id.to_owned();
+        }
+        assert!(Instant::now() < deadline, "this node never registered");
+        tokio::time::sleep(Duration::from_millis(50)).await;
     };
     let token = node::token("ulla", &["room:*"], &["room:*"]);
     let (mut a, _) = Client::hello(&n.ws_url(), &token, json!({})).await;
