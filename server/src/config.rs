@@ -21,7 +21,8 @@ pub const PRESENCE_TTL_FACTOR: u32 = 30;
     about = "Herald: a horizontally scaled WebSocket push server"
 )]
 pub struct Config {
-    /// Address and port to listen on.
+    /// Address and port to listen on. Without keys, only a loopback address runs (in
+    /// dev mode); elsewhere a node without keys refuses to start.
     #[arg(long, env = "HERALD_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
 
@@ -42,7 +43,7 @@ pub struct Config {
     #[arg(long, env = "HERALD_PUBLIC_URL")]
     pub public_url: Option<String>,
 
-    /// HS256 secret for client tokens.
+    /// HS256 secret for client tokens (at least 32 bytes outside dev mode).
     #[arg(long, env = "HERALD_JWT_SECRET", hide_env_values = true)]
     pub jwt_secret: Option<String>,
 
@@ -50,7 +51,7 @@ pub struct Config {
     #[arg(long, env = "HERALD_JWT_PUBLIC_KEY_FILE")]
     pub jwt_public_key_file: Option<PathBuf>,
 
-    /// Bearer key for the server API.
+    /// Bearer key for the server API (at least 32 bytes outside dev mode).
     #[arg(long, env = "HERALD_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
 
