@@ -6,9 +6,16 @@
 # no curl (the probe is plain bash).
 #
 #   docker build -t herald .
-#   docker run --rm -p 127.0.0.1:8080:8080 herald        # one node, dev mode
+#   docker run --rm -p 8080:8080 -e HERALD_JWT_SECRET -e HERALD_API_KEY herald
 #
-# docker-compose.yml builds it for its three nodes.
+# The image never runs in dev mode by itself: it listens on 0.0.0.0, where a node without
+# keys refuses to start (README, "Dev mode"), and keys shorter than 32 bytes are refused
+# too. Give it both keys from a secret store (`openssl rand -hex 32` makes one). For a
+# local try-out, turn dev mode on explicitly and publish on loopback only:
+#
+#   docker run --rm -p 127.0.0.1:8080:8080 -e HERALD_DEV=1 herald
+#
+# docker-compose.yml builds it for its three nodes (dev mode on, explicitly).
 
 FROM rust:1-bookworm AS build
 WORKDIR /src
@@ -26,6 +33,7 @@ COPY deploy/readyz-probe /usr/local/bin/readyz-probe
 USER herald:herald
 # Inside a container the node must listen on every interface; the published port decides
 # who can reach it. Every other setting comes from the environment (README, Configuration).
+# No HERALD_DEV and no keys here: the keys come from whoever runs the image.
 ENV HERALD_LISTEN=0.0.0.0:8080
 EXPOSE 8080
 # Ready = accepts clients (Redis reachable, not draining): /readyz, not /healthz.

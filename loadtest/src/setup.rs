@@ -35,9 +35,14 @@ pub struct Setup {
     pub source_base: std::net::Ipv4Addr,
 }
 
+/// The shortest secret and API key a node takes outside dev mode (the spawned nodes run
+/// with `HERALD_DEV=0`): `herald_server::auth::MIN_KEY_BYTES`.
+const MIN_KEY_BYTES: usize = 32;
+
+/// A random key for spawned nodes, longer than [`MIN_KEY_BYTES`].
 fn random_key() -> String {
     let mut rng = rand::rng();
-    (0..24)
+    (0..40)
         .map(|_| char::from(b"abcdefghijklmnopqrstuvwxyz0123456789"[rng.random_range(0..36)]))
         .collect()
 }
@@ -67,6 +72,16 @@ impl Setup {
             }
             let secret = c.jwt_secret.clone().unwrap_or_else(random_key);
             let key = c.api_key.clone().unwrap_or_else(random_key);
+            // Said here, not as a node that never gets ready: the nodes refuse short keys.
+            for (flag, value) in [("--jwt-secret", &secret), ("--api-key", &key)] {
+                if value.len() < MIN_KEY_BYTES {
+                    bail!(
+                        "{flag} is {} bytes; the spawned nodes need at least {MIN_KEY_BYTES} \
+                         (or leave it out: a random one is made)",
+                        value.len()
+                    );
+                }
+            }
             let bin = c.herald_bin.clone().unwrap_or_else(default_herald_bin);
             let started = Cluster::start(ClusterOptions {
                 nodes: n,

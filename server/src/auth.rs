@@ -6,6 +6,7 @@
 //! is compared in constant time on SHA-256 digests, so neither its content nor its
 //! length leaks through timing.
 
+use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -133,6 +134,94 @@ pub enum KeyError {
     /// An empty secret or API key.
     #[error("{0} must not be empty")]
     Empty(&'static str),
+    /// No key at all on an address other than loopback: implicit dev mode would hand
+    /// tokens to anyone who can reach the node.
+    #[error(
+        "no keys configured and {listen} is not a loopback address: set HERALD_JWT_SECRET \
+         (or HERALD_JWT_PUBLIC_KEY_FILE) and HERALD_API_KEY; dev mode without keys runs on \
+         127.0.0.1 or ::1 only (HERALD_DEV=1 turns it on anywhere: never in production)"
+    )]
+    NoKeysOffLoopback {
+        /// The listen address.
+        listen: SocketAddr,
+    },
+    /// Outside dev mode one of the two keys is missing.
+    #[error("{0} is not set: outside dev mode the node needs both a token key and an API key")]
+    Missing(&'static str),
+    /// Outside dev mode a secret or API key is shorter than [`MIN_KEY_BYTES`].
+    #[error(
+        "{name} is {len} bytes: outside dev mode it must be at least {MIN_KEY_BYTES} bytes \
+         (e.g. `openssl rand -hex 32`)"
+    )]
+    TooShort {
+        /// The setting.
+        name: &'static str,
+        /// Its length in bytes (never the key itself).
+        len: usize,
+    },
+}
+
+/// The shortest HS256 secret and API key accepted outside dev mode, in bytes: 256 bits,
+/// the size of HS256's own output (RFC 7518 §3.2 asks for a key at least that long).
+pub const MIN_KEY_BYTES: usize = 32;
+
+/// The startup rules for keys and dev mode (PROTOCOL.md §7): whether the node runs in
+/// dev mode, or why it must not start. A pure function of the configuration, so
+/// `herald` can check it before binding, and [`Keys::resolve`] applies the same rules.
+///
+/// - A secret or API key set to an empty string, or both a secret and a public key
+///   file, is an error in any mode.
+/// - Dev mode is on with `HERALD_DEV` true, on any address, or when no key at all is
+///   configured and the node listens on a loopback address (127.0.0.0/8, ::1).
+/// - No key at all on any other address (`0.0.0.0` included) is an error: a node
+///   reachable from elsewhere never hands out tokens by accident.
+/// - Outside dev mode both a token key and an API key are required, and an HS256 secret
+///   and the API key must be at least [`MIN_KEY_BYTES`] long. Dev mode accepts short
+///   keys (a dev cluster's keys are public anyway).
+pub fn dev_mode(config: &Config) -> Result<bool, KeyError> {
+    if config.jwt_secret.as_deref() == Some("") {
+        return Err(KeyError::Empty("HERALD_JWT_SECRET"));
+    }
+    if config.api_key.as_deref() == Some("") {
+        return Err(KeyError::Empty("HERALD_API_KEY"));
+    }
+    if config.jwt_secret.is_some() && config.jwt_public_key_file.is_some() {
+        return Err(KeyError::Ambiguous);
+    }
+    let token_key = config.jwt_secret.is_some() || config.jwt_public_key_file.is_some();
+    let any_key = token_key || config.api_key.is_some();
+    if config.dev {
+        return Ok(true);
+    }
+    if !any_key {
+        return if config.listen.ip().is_loopback() {
+            Ok(true)
+        } else {
+            Err(KeyError::NoKeysOffLoopback {
+                listen: config.listen,
+            })
+        };
+    }
+    if !token_key {
+        return Err(KeyError::Missing(
+            "HERALD_JWT_SECRET (or HERALD_JWT_PUBLIC_KEY_FILE)",
+        ));
+    }
+    let Some(api_key) = &config.api_key else {
+        return Err(KeyError::Missing("HERALD_API_KEY"));
+    };
+    for (name, key) in [
+        ("HERALD_JWT_SECRET", config.jwt_secret.as_deref()),
+        ("HERALD_API_KEY", Some(api_key.as_str())),
+    ] {
+        if let Some(key) = key.filter(|k| k.len() < MIN_KEY_BYTES) {
+            return Err(KeyError::TooShort {
+                name,
+                len: key.len(),
+            });
+        }
+    }
+    Ok(false)
 }
 
 /// Verifies client tokens with one key and one pinned algorithm.
@@ -301,19 +390,10 @@ fn random_key() -> String {
 }
 
 impl Keys {
-    /// Loads the configured keys. Dev mode turns on when no key at all is configured,
-    /// or with `HERALD_DEV=1`; it then generates whatever key is missing.
+    /// Loads the configured keys after checking them with [`dev_mode`]. Dev mode
+    /// generates whatever key is missing; outside it both keys are configured.
     pub fn resolve(config: &Config) -> Result<Self, KeyError> {
-        if config.jwt_secret.as_deref() == Some("") {
-            return Err(KeyError::Empty("HERALD_JWT_SECRET"));
-        }
-        if config.api_key.as_deref() == Some("") {
-            return Err(KeyError::Empty("HERALD_API_KEY"));
-        }
-        let any_key = config.jwt_secret.is_some()
-            || config.jwt_public_key_file.is_some()
-            || config.api_key.is_some();
-        let dev = config.dev || !any_key;
+        let dev = dev_mode(config)?;
         let max = config.max_token_bytes;
         let mut generated = Vec::new();
 
@@ -325,24 +405,20 @@ impl Keys {
             ),
             (None, Some(path)) => (TokenVerifier::from_public_key_file(path, max)?, None),
             (None, None) => {
+                // Only in dev mode (`dev_mode` refuses a missing token key otherwise).
                 let secret = random_key();
-                if dev {
-                    generated.push("HERALD_JWT_SECRET");
-                }
-                // Outside dev mode (API key only) nobody knows this secret: no client
-                // can connect until a token key is configured, which is the safe answer.
+                generated.push("HERALD_JWT_SECRET");
                 (
                     TokenVerifier::hs256(secret.as_bytes(), max),
-                    dev.then(|| TokenSigner::hs256(secret.as_bytes())),
+                    Some(TokenSigner::hs256(secret.as_bytes())),
                 )
             }
         };
         let api_key_clear = match &config.api_key {
             Some(k) => k.clone(),
             None => {
-                if dev {
-                    generated.push("HERALD_API_KEY");
-                }
+                // Only in dev mode, as above.
+                generated.push("HERALD_API_KEY");
                 random_key()
             }
         };
@@ -466,16 +542,33 @@ mod tests {
         assert!(!k.matches(""));
     }
 
+    const LONG_SECRET: &str = "a-test-secret-of-thirty-two-byte";
+    const LONG_API_KEY: &str = "a-test-api-key-of-thirty-two-byt";
+
+    fn listening_on(listen: &str) -> Config {
+        Config {
+            listen: listen.parse().unwrap(),
+            ..Config::default()
+        }
+    }
+
     #[test]
     fn dev_mode_rules() {
+        assert_eq!(LONG_SECRET.len(), MIN_KEY_BYTES);
+        assert_eq!(LONG_API_KEY.len(), MIN_KEY_BYTES);
         let keys = Keys::resolve(&Config::default()).unwrap();
         assert!(keys.dev && keys.dev_signer.is_some() && keys.generated.len() == 2);
         let config = Config {
-            api_key: Some("k".into()),
+            api_key: Some(LONG_API_KEY.into()),
+            jwt_secret: Some(LONG_SECRET.into()),
             ..Config::default()
         };
         let keys = Keys::resolve(&config).unwrap();
         assert!(!keys.dev && keys.dev_signer.is_none() && keys.generated.is_empty());
+        assert!(
+            keys.dev_api_key.is_none(),
+            "the clear key is kept in dev mode only"
+        );
         let config = Config {
             api_key: Some("k".into()),
             jwt_secret: Some("s".into()),
@@ -484,5 +577,156 @@ mod tests {
         };
         let keys = Keys::resolve(&config).unwrap();
         assert!(keys.dev && keys.dev_signer.is_some() && keys.generated.is_empty());
+        // Explicit dev mode with one key fills in the other.
+        let config = Config {
+            api_key: Some("k".into()),
+            dev: true,
+            ..listening_on("0.0.0.0:8080")
+        };
+        let keys = Keys::resolve(&config).unwrap();
+        assert!(keys.dev && keys.dev_signer.is_some());
+        assert_eq!(keys.generated, ["HERALD_JWT_SECRET"]);
+    }
+
+    #[test]
+    fn implicit_dev_mode_on_loopback_only() {
+        for listen in ["127.0.0.1:8080", "127.1.2.3:0", "[::1]:8080"] {
+            assert!(dev_mode(&listening_on(listen)).unwrap(), "{listen}");
+        }
+        for listen in [
+            "0.0.0.0:8080",
+            "[::]:8080",
+            "10.0.0.1:8080",
+            "[::ffff:127.0.0.1]:80",
+        ] {
+            let err = dev_mode(&listening_on(listen)).unwrap_err();
+            assert!(
+                matches!(err, KeyError::NoKeysOffLoopback { .. }),
+                "{listen}: {err}"
+            );
+            let text = err.to_string();
+            assert!(
+                text.contains("HERALD_JWT_SECRET") && text.contains("HERALD_API_KEY"),
+                "{text}"
+            );
+        }
+        // HERALD_DEV=1 turns it on anywhere, with or without keys.
+        let config = Config {
+            dev: true,
+            ..listening_on("0.0.0.0:8080")
+        };
+        assert!(dev_mode(&config).unwrap());
+    }
+
+    #[test]
+    fn outside_dev_mode_both_keys_are_required() {
+        for listen in ["127.0.0.1:8080", "0.0.0.0:8080"] {
+            let only_api = Config {
+                api_key: Some(LONG_API_KEY.into()),
+                ..listening_on(listen)
+            };
+            let err = dev_mode(&only_api).unwrap_err();
+            assert!(matches!(err, KeyError::Missing(_)), "{err}");
+            assert!(err.to_string().starts_with("HERALD_JWT_SECRET"), "{err}");
+            let only_secret = Config {
+                jwt_secret: Some(LONG_SECRET.into()),
+                ..listening_on(listen)
+            };
+            let err = dev_mode(&only_secret).unwrap_err();
+            assert!(matches!(err, KeyError::Missing("HERALD_API_KEY")), "{err}");
+            let only_public_key = Config {
+                jwt_public_key_file: Some("/nonexistent.pem".into()),
+                ..listening_on(listen)
+            };
+            assert!(matches!(
+                dev_mode(&only_public_key),
+                Err(KeyError::Missing("HERALD_API_KEY"))
+            ));
+            let both = Config {
+                jwt_public_key_file: Some("/nonexistent.pem".into()),
+                api_key: Some(LONG_API_KEY.into()),
+                ..listening_on(listen)
+            };
+            assert!(!dev_mode(&both).unwrap());
+            // Keys::resolve applies the same rules.
+            assert!(matches!(
+                Keys::resolve(&only_api),
+                Err(KeyError::Missing(_))
+            ));
+        }
+    }
+
+    #[test]
+    fn outside_dev_mode_short_keys_are_refused() {
+        let short = "x".repeat(MIN_KEY_BYTES - 1);
+        let config = |secret: &str, api_key: &str, dev: bool| Config {
+            jwt_secret: Some(secret.into()),
+            api_key: Some(api_key.into()),
+            dev,
+            ..Config::default()
+        };
+        let err = dev_mode(&config(&short, LONG_API_KEY, false)).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                KeyError::TooShort {
+                    name: "HERALD_JWT_SECRET",
+                    len: 31
+                }
+            ),
+            "{err}"
+        );
+        let err = dev_mode(&config(LONG_SECRET, &short, false)).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                KeyError::TooShort {
+                    name: "HERALD_API_KEY",
+                    len: 31
+                }
+            ),
+            "{err}"
+        );
+        assert!(
+            !err.to_string().contains(&short),
+            "the key is never printed"
+        );
+        // Bytes, not characters: 16 two-byte characters are 32 bytes.
+        assert!(dev_mode(&config(&"é".repeat(16), LONG_API_KEY, false)).is_ok());
+        assert!(dev_mode(&config(&"é".repeat(15), LONG_API_KEY, false)).is_err());
+        // Dev mode takes short keys (deploy/cluster.env's are public anyway).
+        assert!(dev_mode(&config("s", "k", true)).unwrap());
+    }
+
+    #[test]
+    fn empty_and_ambiguous_keys_are_refused_in_every_mode() {
+        for dev in [false, true] {
+            let empty_secret = Config {
+                jwt_secret: Some(String::new()),
+                dev,
+                ..Config::default()
+            };
+            assert!(matches!(
+                dev_mode(&empty_secret),
+                Err(KeyError::Empty("HERALD_JWT_SECRET"))
+            ));
+            let empty_api = Config {
+                api_key: Some(String::new()),
+                dev,
+                ..Config::default()
+            };
+            assert!(matches!(
+                dev_mode(&empty_api),
+                Err(KeyError::Empty("HERALD_API_KEY"))
+            ));
+            let both = Config {
+                jwt_secret: Some(LONG_SECRET.into()),
+                jwt_public_key_file: Some("/k.pem".into()),
+                api_key: Some(LONG_API_KEY.into()),
+                dev,
+                ..Config::default()
+            };
+            assert!(matches!(dev_mode(&both), Err(KeyError::Ambiguous)));
+        }
     }
 }

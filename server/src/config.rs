@@ -21,7 +21,8 @@ pub const PRESENCE_TTL_FACTOR: u32 = 30;
     about = "Herald: a horizontally scaled WebSocket push server"
 )]
 pub struct Config {
-    /// Address and port to listen on.
+    /// Address and port to listen on. Without keys, only a loopback address runs (in
+    /// dev mode); elsewhere a node without keys refuses to start.
     #[arg(long, env = "HERALD_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
 
@@ -42,7 +43,7 @@ pub struct Config {
     #[arg(long, env = "HERALD_PUBLIC_URL")]
     pub public_url: Option<String>,
 
-    /// HS256 secret for client tokens.
+    /// HS256 secret for client tokens (at least 32 bytes outside dev mode).
     #[arg(long, env = "HERALD_JWT_SECRET", hide_env_values = true)]
     pub jwt_secret: Option<String>,
 
@@ -50,7 +51,7 @@ pub struct Config {
     #[arg(long, env = "HERALD_JWT_PUBLIC_KEY_FILE")]
     pub jwt_public_key_file: Option<PathBuf>,
 
-    /// Bearer key for the server API.
+    /// Bearer key for the server API (at least 32 bytes outside dev mode).
     #[arg(long, env = "HERALD_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
 
@@ -58,9 +59,10 @@ pub struct Config {
     #[arg(long, env = "HERALD_ALLOWED_ORIGINS", value_delimiter = ',')]
     pub allowed_origins: Option<Vec<String>>,
 
-    /// Dev mode even with keys configured (a dev cluster shares its keys).
-    /// (`1`, `true`, `yes` or `on` turn it on; `0`, `false`, `no`, `off` or empty do not.)
-    #[arg(long, env = "HERALD_DEV", value_parser = clap::builder::FalseyValueParser::new())]
+    /// Dev mode even with keys configured and on any address (a dev cluster shares its
+    /// keys). `1`, `true`, `yes` or `on` turn it on; `0`, `false`, `no`, `off` or empty
+    /// leave it off (any case); any other value is a startup error.
+    #[arg(long, env = "HERALD_DEV", value_parser = parse_switch)]
     pub dev: bool,
 
     /// Messages kept in each channel's history.
@@ -186,6 +188,31 @@ pub struct Config {
     pub log_format: String,
 }
 
+/// Parses an on/off setting strictly: `1 true yes on` / `0 false no off`, any case.
+///
+/// Empty means off, because that is how compose files pass a variable that is unset
+/// on the host (`HERALD_DEV=${HERALD_DEV:-}`). Anything else is refused rather than
+/// read as "on" (clap's `FalseyValueParser` took `disabled` or a typo for true), so a
+/// value meant to turn dev mode off can never turn it on.
+pub fn parse_switch(value: &str) -> Result<bool, String> {
+    const ON: [&str; 4] = ["1", "true", "yes", "on"];
+    const OFF: [&str; 4] = ["0", "false", "no", "off"];
+    if value.is_empty() {
+        return Ok(false);
+    }
+    if ON.iter().any(|w| w.eq_ignore_ascii_case(value)) {
+        Ok(true)
+    } else if OFF.iter().any(|w| w.eq_ignore_ascii_case(value)) {
+        Ok(false)
+    } else {
+        Err(format!(
+            "expected {} (on) or {} (off), any case; empty means off",
+            ON.join(", "),
+            OFF.join(", ")
+        ))
+    }
+}
+
 impl Default for Config {
     /// The documented defaults, without reading the environment (for tests and embedding).
     fn default() -> Self {
@@ -253,6 +280,33 @@ mod tests {
         assert_eq!(c.heartbeat_ms, 25_000);
         assert_eq!(c.max_frame_bytes, 65_536);
         assert_eq!(c.drain_ms, 10_000);
+    }
+
+    #[test]
+    fn switch_words_are_strict() {
+        for on in ["1", "true", "TRUE", "True", "yes", "YES", "on", "On"] {
+            assert_eq!(parse_switch(on), Ok(true), "{on:?}");
+        }
+        for off in ["0", "false", "FALSE", "no", "No", "off", "Off", "OFF", ""] {
+            assert_eq!(parse_switch(off), Ok(false), "{off:?}");
+        }
+        for bad in [
+            "disabled", "none", "ture", "2", "y", "t", "enable", " on", "off ", " ",
+        ] {
+            assert!(parse_switch(bad).is_err(), "{bad:?} must be refused");
+        }
+    }
+
+    #[test]
+    fn dev_flag_and_environment_values() {
+        let parse = |args: &[&str]| Config::try_parse_from(args.iter().copied());
+        assert!(parse(&["herald", "--dev"]).unwrap().dev);
+        assert!(!parse(&["herald"]).unwrap().dev);
+        // HERALD_DEV's value goes through `parse_switch` (tests/node_process.rs runs the
+        // binary with each kind of value); the flag itself takes none.
+        let cmd = <Config as clap::CommandFactory>::command();
+        let arg = cmd.get_arguments().find(|a| a.get_id() == "dev").unwrap();
+        assert_eq!(arg.get_env(), Some(std::ffi::OsStr::new("HERALD_DEV")));
     }
 
     #[test]

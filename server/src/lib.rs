@@ -54,7 +54,7 @@ use crate::presence::Presence;
 /// Why the node could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    /// The keys could not be loaded.
+    /// The keys could not be loaded, or break the startup rules ([`auth::dev_mode`]).
     #[error(transparent)]
     Keys(#[from] auth::KeyError),
     /// The broker could not be set up (a malformed URL).
@@ -72,13 +72,21 @@ const DRAIN_GRACE: Duration = Duration::from_secs(4);
 /// §6 says: `/readyz` turns 503 at once, the node leaves the registry, sessions get
 /// `reconnect` spread over the drain window and close 4503, and this returns within the
 /// drain window plus 5 s.
+///
+/// Before anything else it checks the keys against the startup rules
+/// ([`auth::dev_mode`]) for the listener's address, and returns
+/// [`StartError::Keys`] when they break one.
 pub async fn run(
     listener: TcpListener,
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), StartError> {
-    let keys = Keys::resolve(&config)?;
     let local = listener.local_addr()?;
+    // The startup rules judge the address actually bound: an embedder may hand in a
+    // listener on another address than `config.listen`.
+    let mut config = config;
+    config.listen = local;
+    let keys = Keys::resolve(&config)?;
     let id = config
         .node_id
         .clone()

@@ -2,8 +2,10 @@
 //! Everything else lives in the library (`herald_server::run`).
 
 use anyhow::Context;
+use std::process::ExitCode;
+
 use clap::Parser;
-use herald_server::Config;
+use herald_server::{Config, StartError};
 use tracing_subscriber::EnvFilter;
 
 /// The allocator: mimalloc keeps per-thread free lists and returns memory to the OS in
@@ -12,8 +14,42 @@ use tracing_subscriber::EnvFilter;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-fn main() -> anyhow::Result<()> {
+/// Exit status of a configuration the node refuses (as clap's for a bad flag).
+const EXIT_CONFIG: u8 = 2;
+
+fn main() -> ExitCode {
     let config = Config::parse();
+    // The startup rules (keys, dev mode) before binding anything: a node that must not
+    // run never listens, not even for a moment. `run` checks them again for the bound
+    // address.
+    if let Err(e) = herald_server::auth::dev_mode(&config) {
+        eprintln!("herald: cannot start: {e}");
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    match start(config) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // One line. A start error's own message is complete (its source is already
+            // in it); anything else gets its chain of causes.
+            match e.downcast_ref::<StartError>() {
+                Some(StartError::Keys(k)) => {
+                    eprintln!("herald: cannot start: {k}");
+                    ExitCode::from(EXIT_CONFIG)
+                }
+                Some(other) => {
+                    eprintln!("herald: cannot start: {other}");
+                    ExitCode::FAILURE
+                }
+                None => {
+                    eprintln!("herald: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+fn start(config: Config) -> anyhow::Result<()> {
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     if config.worker_threads > 0 {
         runtime.worker_threads(config.worker_threads);

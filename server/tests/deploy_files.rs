@@ -3,7 +3,9 @@
 //! ports, environment, the same HAProxy file), both HAProxy configurations are valid
 //! with the environment of each place they run, the image's health probe tells a ready
 //! node from an unready one, and the Dockerfile has the shape we promise (it cannot be
-//! built here: no Docker engine).
+//! built here: no Docker engine). Dev mode never switches on by accident: the image sets
+//! no key and no HERALD_DEV and listens off loopback, so without keys it refuses to start;
+//! the compose cluster turns dev mode on explicitly.
 //!
 //! The validator is Debian's `docker-compose` (1.29, `config` works without an engine);
 //! `scripts/test` installs it. A missing validator fails these tests, never skips them.
@@ -12,12 +14,14 @@
 mod haproxy;
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Command, Output};
 use std::time::Duration;
 
 use haproxy::workspace;
-use herald_testkit::process::{free_port, NodeProcess};
+use herald_server::config::parse_switch;
+use herald_testkit::process::{free_port, start_refused, NodeProcess};
 use serde_json::Value;
 
 /// Runs a program in the workspace with `env` and no other HERALD_ variable (nor
@@ -412,16 +416,120 @@ async fn readyz_probe_tells_ready_from_unready() {
     );
 }
 
-#[test]
-fn dockerfile_builds_a_slim_non_root_image_with_a_health_probe() {
+/// The Dockerfile's instructions, comments dropped and continuation lines joined.
+fn dockerfile_instructions() -> Vec<String> {
     let text = std::fs::read_to_string(workspace().join("Dockerfile")).unwrap();
-    // Instructions, with continuation lines joined.
-    let joined = text.replace("\\\n", " ");
-    let lines: Vec<&str> = joined
+    text.replace("\\\n", " ")
         .lines()
         .map(str::trim)
         .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The environment the runtime stage sets (`ENV K=V [K=V…]`; values without spaces).
+fn dockerfile_runtime_env() -> BTreeMap<String, String> {
+    let lines = dockerfile_instructions();
+    let runtime = lines
+        .iter()
+        .rposition(|l| l.starts_with("FROM "))
+        .expect("a FROM");
+    let mut env = BTreeMap::new();
+    for l in &lines[runtime..] {
+        if let Some(rest) = l.strip_prefix("ENV ") {
+            for pair in rest.split_whitespace() {
+                let (k, v) = pair.split_once('=').expect("ENV in K=V form");
+                env.insert(k.to_owned(), v.trim_matches('"').to_owned());
+            }
+        }
+    }
+    env
+}
+
+#[test]
+fn the_image_does_not_run_in_dev_mode_by_default() {
+    let env = dockerfile_runtime_env();
+    for var in [
+        "HERALD_DEV",
+        "HERALD_JWT_SECRET",
+        "HERALD_JWT_PUBLIC_KEY_FILE",
+        "HERALD_API_KEY",
+    ] {
+        assert!(
+            !env.contains_key(var),
+            "the image must not set {var}: {env:?}"
+        );
+    }
+    let lines = dockerfile_instructions();
+    for l in lines
+        .iter()
+        .filter(|l| l.starts_with("ENTRYPOINT") || l.starts_with("CMD ") || l.starts_with("ARG "))
+    {
+        assert!(
+            !l.contains("--dev") && !l.contains("HERALD_DEV"),
+            "dev mode in the image: {l}"
+        );
+    }
+    let listen: SocketAddr = env["HERALD_LISTEN"].parse().expect("HERALD_LISTEN");
+    assert!(
+        !listen.ip().is_loopback(),
+        "the container listens on every interface: {listen}"
+    );
+    // So the image without keys refuses to start: the real binary with the image's
+    // environment (port 0, nothing else).
+    let mut listen_any_port = listen;
+    listen_any_port.set_port(0);
+    let listen_any_port = listen_any_port.to_string();
+    let mut run_env: Vec<(&str, &str)> = env
+        .iter()
+        .filter(|(k, _)| k.as_str() != "HERALD_LISTEN")
+        .map(|(k, v)| (k.as_str(), v.as_str()))
         .collect();
+    run_env.push(("HERALD_LISTEN", &listen_any_port));
+    let refusal = start_refused(&run_env);
+    assert_eq!(refusal.status.code(), Some(2), "{refusal:?}");
+    assert!(
+        refusal.stderr.contains("HERALD_JWT_SECRET") && refusal.stderr.contains("HERALD_API_KEY"),
+        "{refusal:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compose_turns_dev_mode_on_explicitly() {
+    let compose = compose_config(&[]);
+    let services = compose["services"].as_object().expect("services");
+    for node in ["node1", "node2", "node3"] {
+        let env = env_of(&services[node]);
+        assert_eq!(
+            parse_switch(&env["HERALD_DEV"]),
+            Ok(true),
+            "{node}: HERALD_DEV must turn dev mode on explicitly: {env:?}"
+        );
+        let listen: SocketAddr = env["HERALD_LISTEN"].parse().unwrap();
+        assert!(!listen.ip().is_loopback(), "{node}: {listen}");
+    }
+    // And a node with that environment (its keys are short), on every interface, runs in
+    // dev mode. Redis is left out: /dev/token does not need it.
+    let env = env_of(&services["node1"]);
+    let listen = format!("0.0.0.0:{}", free_port());
+    let mut run_env: Vec<(&str, &str)> = env
+        .iter()
+        .filter(|(k, _)| !["HERALD_LISTEN", "HERALD_REDIS_URL"].contains(&k.as_str()))
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    run_env.push(("HERALD_LISTEN", &listen));
+    let n = NodeProcess::start("compose-dev", &run_env);
+    let status = reqwest::get(format!("{}/dev/token?user=alice", n.http()))
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(status, 200);
+}
+
+#[test]
+fn dockerfile_builds_a_slim_non_root_image_with_a_health_probe() {
+    let lines = dockerfile_instructions();
+    let lines: Vec<&str> = lines.iter().map(String::as_str).collect();
     let froms: Vec<&str> = lines
         .iter()
         .copied()

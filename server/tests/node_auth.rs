@@ -1,8 +1,9 @@
 //! Authentication and authorization (PROTOCOL.md §1, §2, §3): every kind of bad token is
 //! closed with 4401, RS256/ES256/EdDSA tokens are accepted with a public key file, the
 //! `channels` and `publish` claims are enforced with `forbidden` replies, the personal
-//! channel is its owner's alone, the Origin allowlist closes with 4403, and dev mode turns
-//! on exactly when the contract says.
+//! channel is its owner's alone, the Origin allowlist closes with 4403, dev mode turns
+//! on exactly when the contract says, and keys that break the startup rules (§7: none off
+//! loopback, one missing, shorter than 32 bytes) stop the start.
 
 #[path = "support/bystander.rs"]
 mod bystander;
@@ -20,8 +21,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use client::{Client, Closed};
-use herald_server::auth::now_secs;
-use herald_server::Config;
+use herald_server::auth::{now_secs, KeyError, MIN_KEY_BYTES};
+use herald_server::{Config, StartError};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use node::TestNode;
 use serde_json::{json, Value};
@@ -736,13 +737,117 @@ async fn dev_mode_without_keys_hands_out_working_tokens() {
 #[tokio::test]
 async fn no_dev_mode_when_a_key_is_configured() {
     watch_panics();
-    for (jwt, api) in [(true, true), (false, true), (true, false)] {
-        let n = TestNode::start(dev_config(jwt, api, false)).await;
-        let (status, body) = dev_token(&n, "?user=alice").await;
-        assert_eq!(status, 404, "jwt {jwt} api {api}: {body}");
-        assert_eq!(body["error"]["code"], "not_found", "{body}");
+    let n = TestNode::start(dev_config(true, true, false)).await;
+    let (status, body) = dev_token(&n, "?user=alice").await;
+    assert_eq!(status, 404, "{body}");
+    assert_eq!(body["error"]["code"], "not_found", "{body}");
+    // With one key only the node does not start in dev mode, nor with a random key in
+    // place of the other: it refuses to start, naming what is missing.
+    for (jwt, api, missing) in [
+        (false, true, "HERALD_JWT_SECRET"),
+        (true, false, "HERALD_API_KEY"),
+    ] {
+        let err = start_error("127.0.0.1:0", dev_config(jwt, api, false)).await;
+        assert!(
+            matches!(err, StartError::Keys(KeyError::Missing(_))),
+            "jwt {jwt} api {api}: {err}"
+        );
+        assert!(err.to_string().starts_with(missing), "{err}");
     }
     assert_no_server_panic();
+}
+
+/// Runs a node on a listener bound to `addr` and expects it to refuse to start.
+async fn start_error(addr: &str, config: Config) -> StartError {
+    let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+    let run = herald_server::run(listener, config, std::future::pending());
+    tokio::time::timeout(Duration::from_secs(5), run)
+        .await
+        .expect("run returns at once")
+        .expect_err("the node must refuse to start")
+}
+
+#[tokio::test]
+async fn no_implicit_dev_mode_off_loopback() {
+    // The listener decides, not `config.listen` (here still the default 127.0.0.1:8080):
+    // on every interface, a node without keys does not start.
+    let err = start_error("0.0.0.0:0", dev_config(false, false, false)).await;
+    assert!(
+        matches!(err, StartError::Keys(KeyError::NoKeysOffLoopback { .. })),
+        "{err}"
+    );
+    let text = err.to_string();
+    assert!(
+        text.contains("HERALD_JWT_SECRET") && text.contains("HERALD_API_KEY"),
+        "{text}"
+    );
+    // Explicit dev mode runs there (a dev cluster in containers).
+    let listener = tokio::net::TcpListener::bind("0.0.0.0:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let node = tokio::spawn(herald_server::run(
+        listener,
+        dev_config(false, false, true),
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    let url = format!("http://127.0.0.1:{port}/dev/token?user=alice");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Ok(r) = reqwest::get(&url).await {
+            assert_eq!(r.status(), 200);
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "dev node not up");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _ = stop.send(());
+    node.await.unwrap().expect("the dev node ran");
+}
+
+#[tokio::test]
+async fn short_keys_stop_the_start_outside_dev_mode() {
+    let short = "x".repeat(MIN_KEY_BYTES - 1);
+    let short_secret = Config {
+        jwt_secret: Some(short.clone()),
+        ..node::test_config()
+    };
+    let err = start_error("127.0.0.1:0", short_secret).await;
+    assert!(
+        matches!(
+            err,
+            StartError::Keys(KeyError::TooShort {
+                name: "HERALD_JWT_SECRET",
+                ..
+            })
+        ),
+        "{err}"
+    );
+    let short_api_key = Config {
+        api_key: Some(short.clone()),
+        ..node::test_config()
+    };
+    let err = start_error("127.0.0.1:0", short_api_key).await;
+    assert!(
+        matches!(
+            err,
+            StartError::Keys(KeyError::TooShort {
+                name: "HERALD_API_KEY",
+                ..
+            })
+        ),
+        "{err}"
+    );
+    // Dev mode takes them.
+    let n = TestNode::start(Config {
+        jwt_secret: Some("s".into()),
+        api_key: Some("k".into()),
+        dev: true,
+        ..node::test_config()
+    })
+    .await;
+    assert_eq!(dev_token(&n, "?user=alice").await.0, 200);
 }
 
 #[tokio::test]

@@ -1,5 +1,7 @@
-//! The real `herald` binary: configuration from the environment (`HERALD_DEV=1`) and
-//! SIGTERM handling (exit within the drain window plus 5 s).
+//! The real `herald` binary: configuration from the environment (`HERALD_DEV` and its
+//! accepted words), the startup rules (no keys off loopback, a missing or short key outside
+//! dev mode: one line on stderr, exit status 2) and SIGTERM handling (exit within the
+//! drain window plus 5 s).
 
 #[path = "support/client.rs"]
 mod client;
@@ -11,7 +13,7 @@ mod process;
 use std::time::Duration;
 
 use client::{Client, Closed};
-use process::NodeProcess;
+use process::{start_refused, NodeProcess};
 use serde_json::json;
 
 async fn dev_token_status(n: &NodeProcess) -> u16 {
@@ -24,20 +26,114 @@ async fn dev_token_status(n: &NodeProcess) -> u16 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn herald_dev_from_the_environment() {
-    let on = NodeProcess::start("dev-on", &[("HERALD_DEV", "1")]);
-    on.wait_ready(Duration::from_secs(10)).await;
-    assert_eq!(
-        dev_token_status(&on).await,
-        200,
-        "HERALD_DEV=1 turns dev mode on"
+    // The documented words in any case; empty is how compose passes an unset variable.
+    for (value, status) in [
+        ("1", 200),
+        ("TRUE", 200),
+        ("0", 404),
+        ("Off", 404),
+        ("", 404),
+    ] {
+        let n = NodeProcess::start("dev-words", &[("HERALD_DEV", value)]);
+        n.wait_ready(Duration::from_secs(10)).await;
+        assert_eq!(
+            dev_token_status(&n).await,
+            status,
+            "keys configured and HERALD_DEV={value:?}"
+        );
+    }
+}
+
+/// The one line a refused start prints, after checking the exit status (2, like a bad
+/// flag).
+fn refused(env: &[(&str, &str)]) -> String {
+    let r = start_refused(env);
+    assert_eq!(r.status.code(), Some(2), "{env:?}: {r:?}");
+    r.stderr
+}
+
+#[test]
+fn herald_dev_refuses_other_values() {
+    let keys = [
+        ("HERALD_LISTEN", "127.0.0.1:0"),
+        ("HERALD_JWT_SECRET", node::SECRET),
+        ("HERALD_API_KEY", node::API_KEY),
+    ];
+    for bad in ["disabled", "none", "ture", "y", "2", " on"] {
+        // With keys (where it would turn dev mode on) and without (where dev mode would
+        // be on anyway on loopback): the value is wrong either way.
+        for env in [&keys[..], &keys[..1]] {
+            let mut env = env.to_vec();
+            env.push(("HERALD_DEV", bad));
+            let stderr = refused(&env);
+            assert!(
+                stderr.contains(&format!("'{bad}'")) && stderr.contains("--dev"),
+                "HERALD_DEV={bad:?}: {stderr}"
+            );
+        }
+    }
+}
+
+#[test]
+fn no_keys_off_loopback_refuses_to_start() {
+    for listen in ["0.0.0.0:0", "[::]:0"] {
+        let stderr = refused(&[("HERALD_LISTEN", listen)]);
+        assert!(stderr.starts_with("herald: cannot start: "), "{stderr}");
+        assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
+        assert!(
+            stderr.contains("HERALD_JWT_SECRET") && stderr.contains("HERALD_API_KEY"),
+            "{stderr}"
+        );
+        assert!(stderr.contains(listen), "{stderr}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_keys_on_loopback_is_dev_mode() {
+    // README's "Two commands": `herald` with nothing set serves a dev node on loopback.
+    let n = NodeProcess::start_without_keys("dev-implicit", &[]);
+    n.wait_ready(Duration::from_secs(10)).await;
+    assert_eq!(dev_token_status(&n).await, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_or_short_keys_refuse_to_start_outside_dev_mode() {
+    let short = "s".repeat(31);
+    let listen = ("HERALD_LISTEN", "127.0.0.1:0");
+    let secret = ("HERALD_JWT_SECRET", node::SECRET);
+    let api_key = ("HERALD_API_KEY", node::API_KEY);
+    for (env, named) in [
+        (
+            vec![listen, ("HERALD_JWT_SECRET", &short), api_key],
+            "HERALD_JWT_SECRET",
+        ),
+        (
+            vec![listen, secret, ("HERALD_API_KEY", &short)],
+            "HERALD_API_KEY",
+        ),
+        (vec![listen, api_key], "HERALD_JWT_SECRET"),
+        (vec![listen, secret], "HERALD_API_KEY"),
+        (
+            vec![("HERALD_LISTEN", "0.0.0.0:0"), ("HERALD_API_KEY", &short)],
+            "HERALD_JWT_SECRET",
+        ),
+    ] {
+        let stderr = refused(&env);
+        assert!(stderr.starts_with("herald: cannot start: "), "{stderr}");
+        assert!(stderr.contains(named), "{env:?}: {stderr}");
+        assert!(!stderr.contains(&short), "a key is never printed: {stderr}");
+    }
+    // Dev mode takes short keys, on any address (deploy/cluster.env's).
+    let n = NodeProcess::start(
+        "dev-short",
+        &[
+            ("HERALD_DEV", "1"),
+            ("HERALD_JWT_SECRET", "short"),
+            ("HERALD_API_KEY", "short"),
+        ],
     );
-    let off = NodeProcess::start("dev-off", &[("HERALD_DEV", "0")]);
-    off.wait_ready(Duration::from_secs(10)).await;
-    assert_eq!(
-        dev_token_status(&off).await,
-        404,
-        "keys configured and HERALD_DEV=0"
-    );
+    n.wait_ready(Duration::from_secs(10)).await;
+    assert_eq!(dev_token_status(&n).await, 200);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

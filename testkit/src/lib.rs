@@ -14,10 +14,14 @@ pub mod redis;
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
-/// The JWT secret of test nodes.
-pub const SECRET: &str = "test-secret-0123456789";
-/// The API key of test nodes.
-pub const API_KEY: &str = "test-api-key";
+/// The JWT secret of test nodes. At least 32 bytes: outside dev mode a node refuses a
+/// shorter one (`herald_server::auth::MIN_KEY_BYTES`).
+pub const SECRET: &str = "test-secret-0123456789-abcdefghijklmnop";
+/// The API key of test nodes, at least 32 bytes like [`SECRET`].
+pub const API_KEY: &str = "test-api-key-0123456789-abcdefghijklmnop";
+
+// A shorter key would stop every test node at start, far from the cause.
+const _: () = assert!(SECRET.len() >= 32 && API_KEY.len() >= 32);
 
 /// A one-hour HS256 token for `user`, signed with [`SECRET`], with these subscribe and
 /// publish patterns.

@@ -28,21 +28,50 @@ pub fn free_port() -> u16 {
 
 impl NodeProcess {
     /// Starts `herald` with the given extra environment on a free port and waits until
-    /// `/healthz` answers (not `/readyz`: a node may legitimately start unready).
+    /// it accepts connections (not `/readyz`: a node may legitimately start unready).
+    /// A `HERALD_LISTEN` in `env` replaces the free port (give it a real port, not 0;
+    /// `0.0.0.0` is reached on 127.0.0.1).
     pub fn start(id: &str, env: &[(&str, &str)]) -> NodeProcess {
+        Self::start_with(id, true, env)
+    }
+
+    /// [`Self::start`] without the test keys: with no key in `env` the node starts in
+    /// dev mode on its loopback address, as `herald` does with nothing configured.
+    pub fn start_without_keys(id: &str, env: &[(&str, &str)]) -> NodeProcess {
+        Self::start_with(id, false, env)
+    }
+
+    fn start_with(id: &str, keys: bool, env: &[(&str, &str)]) -> NodeProcess {
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let mut all: Vec<(String, String)> = vec![
             ("HERALD_LISTEN".into(), addr.to_string()),
             ("HERALD_NODE_ID".into(), id.into()),
-            ("HERALD_JWT_SECRET".into(), crate::SECRET.into()),
-            ("HERALD_API_KEY".into(), crate::API_KEY.into()),
             ("HERALD_DRAIN_MS".into(), "1000".into()),
             ("HERALD_NODE_TTL_SECS".into(), "3".into()),
             ("RUST_LOG".into(), "warn".into()),
         ];
+        if keys {
+            all.push(("HERALD_JWT_SECRET".into(), crate::SECRET.into()));
+            all.push(("HERALD_API_KEY".into(), crate::API_KEY.into()));
+        }
+        let mut addr = addr;
         for (k, v) in env {
             all.retain(|(key, _)| key != k);
             all.push((k.to_string(), v.to_string()));
+            if *k == "HERALD_LISTEN" {
+                // A listen address of the caller's (a fixed port): reach it on loopback
+                // when it is every interface.
+                let listen: SocketAddr = v.parse().expect("HERALD_LISTEN is host:port");
+                addr = match listen.ip() {
+                    ip if ip.is_unspecified() && ip.is_ipv4() => {
+                        SocketAddr::from(([127, 0, 0, 1], listen.port()))
+                    }
+                    ip if ip.is_unspecified() => {
+                        SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, listen.port()))
+                    }
+                    _ => listen,
+                };
+            }
         }
         let mut node = NodeProcess {
             addr,
@@ -61,12 +90,21 @@ impl NodeProcess {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit());
-        self.child = Some(cmd.spawn().expect("spawn herald"));
+        let mut child = cmd.spawn().expect("spawn herald");
         let deadline = Instant::now() + Duration::from_secs(10);
         while std::net::TcpStream::connect(self.addr).is_err() {
+            // A node that refused to start (its error is on stderr above) fails at once,
+            // not after the deadline.
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!(
+                    "herald {} exited at start ({status}); see its stderr",
+                    self.id
+                );
+            }
             assert!(Instant::now() < deadline, "herald did not listen in time");
             std::thread::sleep(Duration::from_millis(20));
         }
+        self.child = Some(child);
     }
 
     /// The process id while the node runs (to read `/proc/<pid>/status` and the like).
@@ -181,6 +219,47 @@ impl NodeProcess {
 impl Drop for NodeProcess {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// How a `herald` process that was expected to refuse to start ended.
+#[derive(Debug)]
+pub struct Refusal {
+    /// Its exit status.
+    pub status: std::process::ExitStatus,
+    /// What it printed on stderr.
+    pub stderr: String,
+}
+
+/// Runs `herald` with exactly `env` (nothing of the test's environment) and expects it to
+/// refuse to start: it must exit within 10 s. A node that is still running then is killed
+/// and the test fails. Give it an address that can't collide (port 0) in `env`.
+pub fn start_refused(env: &[(&str, &str)]) -> Refusal {
+    let mut child = Command::new(herald_bin())
+        .env_clear()
+        .env("RUST_LOG", "warn")
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn herald");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if child.try_wait().expect("wait for herald").is_some() {
+            break;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("herald started with {env:?}; it should have refused");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().expect("herald's output");
+    Refusal {
+        status: out.status,
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
     }
 }
 
