@@ -58,6 +58,7 @@
 //! - `connection`: the task that owns the socket and the reconnect policy;
 //! - `endpoints`: choosing the next node (rotation, `/v1/connect`);
 //! - `backoff`: exponential backoff with full jitter;
+//! - `refresh`: when to ask for a fresh token after `expiring`, and when to give up;
 //! - `tracker`: followed channels, positions, the duplicate filter;
 //! - [`event`] and [`error`]: what the application receives.
 
@@ -69,6 +70,7 @@ mod backoff;
 mod client;
 mod connection;
 mod endpoints;
+mod refresh;
 mod tracker;
 
 pub use client::{Client, Events};
