@@ -560,6 +560,14 @@ async function heartbeatAndToken(browser) {
   ]);
 }
 
+// ---- scenario 5: frames no real node sends (a fake socket in the page) --------------------
+
+async function fakeFrames(page) {
+  say("scenario 5: odd and hostile frames, v1.1 frames, refresh, kicked (fake socket)");
+  const out = await within(page.evaluate(() => H.fakeChecks()), "the fake-socket checks");
+  say(`fake socket: ${out.odd} odd frames skipped, delivery went on`);
+}
+
 // ---- main ------------------------------------------------------------------------------
 
 async function main() {
@@ -585,6 +593,7 @@ async function main() {
   try {
     say(`chromium ${browser.version()}`);
     const page = await nodeFailures(browser);
+    await fakeFrames(page);
     await demo(browser);
     await lossReported(page);
     await heartbeatAndToken(browser);
