@@ -20,7 +20,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{json, Value};
 
-use crate::broker::BrokerError;
+use crate::broker::{BrokerError, UserCommand};
 use crate::node::Node;
 use crate::registry::least_loaded;
 
@@ -99,6 +99,10 @@ pub fn routes() -> Router<Arc<Node>> {
         .route("/v1/publish", post(publish))
         .route("/v1/publish/batch", post(publish_batch))
         .route("/v1/users/{user}/presence", get(user_presence))
+        .route("/v1/users/{user}/disconnect", post(user_disconnect))
+        .route("/v1/users/{user}/subscribe", post(user_subscribe))
+        .route("/v1/users/{user}/unsubscribe", post(user_unsubscribe))
+        .route("/v1/users/{user}/revoke", post(user_revoke))
         .route("/v1/channels/{channel}/presence", get(channel_presence))
         .route("/v1/channels/{channel}/history", get(history))
         .route("/v1/nodes", get(nodes))
@@ -326,6 +330,142 @@ async fn user_presence(
     })))
 }
 
+/// Largest body of a user command (`disconnect`, `subscribe`, …): a few fields.
+const USER_COMMAND_BODY_BYTES: usize = 4096;
+
+/// Reads a user command's JSON body. An empty body is `{}`.
+async fn command_body<T: serde::de::DeserializeOwned>(
+    node: &Node,
+    body: Body,
+) -> Result<T, ApiError> {
+    let bytes = read_body(node, body, USER_COMMAND_BODY_BYTES).await?;
+    let bytes: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) {
+        b"{}"
+    } else {
+        &bytes
+    };
+    serde_json::from_slice(bytes).map_err(|e| ApiError::bad_request(format!("invalid body: {e}")))
+}
+
+/// Sends a user command through the broker to every node and answers with the count.
+async fn user_command(
+    node: &Node,
+    user: &str,
+    command: UserCommand,
+) -> Result<Json<Value>, ApiError> {
+    validate_user(user).map_err(|e| ApiError::bad_request(format!("user id {e}")))?;
+    let sessions = node
+        .broker
+        .user_command(user, &command)
+        .await
+        .inspect_err(|_| {
+            node.metrics.broker_errors.inc();
+        })?;
+    tracing::info!(user, ?command, sessions, "user command");
+    Ok(Json(json!({ "sessions": sessions })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DisconnectBody {
+    /// 4401 (get a new token and reconnect) when true, 4410 (kicked) when false.
+    #[serde(default = "yes")]
+    reconnect: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// `POST /v1/users/{user}/disconnect`: closes every session of the user, cluster-wide.
+async fn user_disconnect(
+    _: ApiKeyAuth,
+    State(node): State<Arc<Node>>,
+    Path(user): Path<String>,
+    body: Body,
+) -> Result<Json<Value>, ApiError> {
+    let body: DisconnectBody = command_body(&node, body).await?;
+    let command = UserCommand::Disconnect {
+        reconnect: body.reconnect,
+    };
+    user_command(&node, &user, command).await
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ChannelBody {
+    channel: String,
+}
+
+/// The channel of a server subscribe or unsubscribe: a valid name, and not a personal
+/// channel (nobody else may be in one, and its owner cannot leave it).
+fn server_channel(body: ChannelBody) -> Result<String, ApiError> {
+    validate_channel(&body.channel)
+        .map_err(|e| ApiError::bad_request(format!("channel name {e}")))?;
+    if herald_protocol::channel::personal_channel_owner(&body.channel).is_some() {
+        return Err(ApiError::bad_request(
+            "personal channels (user:…) cannot be joined or left",
+        ));
+    }
+    Ok(body.channel)
+}
+
+/// `POST /v1/users/{user}/subscribe`: the user's current sessions join a channel.
+async fn user_subscribe(
+    _: ApiKeyAuth,
+    State(node): State<Arc<Node>>,
+    Path(user): Path<String>,
+    body: Body,
+) -> Result<Json<Value>, ApiError> {
+    let channel = server_channel(command_body(&node, body).await?)?;
+    user_command(&node, &user, UserCommand::Subscribe { channel }).await
+}
+
+/// `POST /v1/users/{user}/unsubscribe`: the user's current sessions leave a channel.
+async fn user_unsubscribe(
+    _: ApiKeyAuth,
+    State(node): State<Arc<Node>>,
+    Path(user): Path<String>,
+    body: Body,
+) -> Result<Json<Value>, ApiError> {
+    let channel = server_channel(command_body(&node, body).await?)?;
+    user_command(&node, &user, UserCommand::Unsubscribe { channel }).await
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RevokeBody {
+    /// Unix seconds; tokens issued before are refused.
+    before: u64,
+}
+
+/// `POST /v1/users/{user}/revoke`: tokens of the user issued before `before` are
+/// refused from now on, on every node, and the sessions holding one are closed (4401).
+///
+/// The revocation lasts until `max(before, now)` plus the longest token lifetime the
+/// node accepts: by then every token it refuses has expired. `before` may not lie
+/// further ahead than that lifetime.
+async fn user_revoke(
+    _: ApiKeyAuth,
+    State(node): State<Arc<Node>>,
+    Path(user): Path<String>,
+    body: Body,
+) -> Result<Json<Value>, ApiError> {
+    let body: RevokeBody = command_body(&node, body).await?;
+    let now = crate::auth::now_secs();
+    let lifetime = node.keys.verifier.max_lifetime_secs();
+    if body.before == 0 || body.before > now.saturating_add(lifetime) {
+        return Err(ApiError::bad_request(format!(
+            "`before` must be unix seconds from 1 to now + {lifetime}"
+        )));
+    }
+    let command = UserCommand::Revoke {
+        before: body.before,
+        until: body.before.max(now).saturating_add(lifetime),
+    };
+    user_command(&node, &user, command).await
+}
+
 async fn channel_presence(
     _: ApiKeyAuth,
     State(node): State<Arc<Node>>,
@@ -446,8 +586,13 @@ async fn metrics(State(node): State<Arc<Node>>) -> impl IntoResponse {
     )
 }
 
-/// Dev tokens live for a day.
+/// Dev tokens live for a day, or the longest lifetime the node accepts if shorter.
 const DEV_TOKEN_TTL_SECS: u64 = 86_400;
+
+/// The lifetime of a dev token on this node.
+pub(crate) fn dev_token_ttl(node: &Node) -> u64 {
+    DEV_TOKEN_TTL_SECS.min(node.keys.verifier.max_lifetime_secs())
+}
 
 async fn dev_token(
     State(node): State<Arc<Node>>,
@@ -465,6 +610,6 @@ async fn dev_token(
         .ok_or_else(|| ApiError::bad_request("`user` is missing"))?;
     validate_user(user).map_err(|e| ApiError::bad_request(format!("user id {e}")))?;
     Ok(Json(
-        json!({ "token": signer.dev_token(user, DEV_TOKEN_TTL_SECS) }),
+        json!({ "token": signer.dev_token(user, dev_token_ttl(&node)) }),
     ))
 }

@@ -27,6 +27,10 @@ pub struct Claims {
     /// Not valid before, seconds since the Unix epoch.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nbf: Option<u64>,
+    /// Issued at, seconds since the Unix epoch. Revocations compare it; a verified
+    /// token always has it (see [`TokenVerifier::verify`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iat: Option<u64>,
     /// Patterns of channels the user may subscribe to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub channels: Option<Vec<String>>,
@@ -46,6 +50,11 @@ impl Claims {
                 .as_deref()
                 .is_some_and(|p| any_pattern_allows(p, channel)),
         }
+    }
+
+    /// When the token was issued (unix seconds); 0 if unknown (never after `verify`).
+    pub fn issued_at(&self) -> u64 {
+        self.iat.unwrap_or(0)
     }
 
     /// Whether the user may publish to `channel` from the client.
@@ -72,6 +81,36 @@ pub enum AuthError {
     /// `sub` is not a valid user id.
     #[error("invalid sub: {0}")]
     BadSubject(herald_protocol::channel::NameError),
+    /// `exp` lies further ahead than the longest token lifetime the node accepts.
+    #[error("token lifetime over the limit of {0} s")]
+    TooLong(u64),
+}
+
+/// The default longest token lifetime (`HERALD_MAX_TOKEN_LIFETIME_SECS`): a day.
+pub const DEFAULT_MAX_LIFETIME_SECS: u64 = 86_400;
+
+/// Checks a token's lifetime against `max` seconds at `now` and returns its issue time.
+///
+/// Revocations refuse tokens issued before a time and are kept for `max` seconds, so
+/// no token may live longer than `max`: with `iat`, `exp - iat ≤ max`; without `iat`,
+/// the token counts as issued at `exp - max` (the earliest time a token of the allowed
+/// lifetime could have been issued), and `exp ≤ now + max` keeps that in the past.
+pub fn issued_at(exp: u64, iat: Option<u64>, now: u64, max: u64) -> Result<u64, AuthError> {
+    if exp > now.saturating_add(max) {
+        return Err(AuthError::TooLong(max));
+    }
+    match iat {
+        Some(iat) if exp.saturating_sub(iat) > max => Err(AuthError::TooLong(max)),
+        Some(iat) => Ok(iat),
+        None => Ok(exp.saturating_sub(max)),
+    }
+}
+
+/// How long before a token's expiry the session sends `expiring`: the configured
+/// notice, but at most half of what is left, so that a short-lived token is not
+/// announced as expiring the moment it is accepted.
+pub fn expiry_notice_ms(remaining_ms: u64, notice_ms: u64) -> u64 {
+    notice_ms.min(remaining_ms / 2)
 }
 
 /// Failures while loading keys at start.
@@ -101,6 +140,7 @@ pub struct TokenVerifier {
     key: DecodingKey,
     validation: Validation,
     max_bytes: usize,
+    max_lifetime_secs: u64,
 }
 
 impl TokenVerifier {
@@ -141,7 +181,19 @@ impl TokenVerifier {
             key,
             validation,
             max_bytes,
+            max_lifetime_secs: DEFAULT_MAX_LIFETIME_SECS,
         }
+    }
+
+    /// Sets the longest token lifetime accepted (see [`issued_at`]).
+    pub fn with_max_lifetime(mut self, secs: u64) -> Self {
+        self.max_lifetime_secs = secs.max(1);
+        self
+    }
+
+    /// The longest token lifetime accepted, in seconds.
+    pub fn max_lifetime_secs(&self) -> u64 {
+        self.max_lifetime_secs
     }
 
     /// The pinned algorithm.
@@ -157,9 +209,11 @@ impl TokenVerifier {
         if token.len() > self.max_bytes {
             return Err(AuthError::TooLarge);
         }
-        let data = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation)?;
-        validate_user(&data.claims.sub).map_err(AuthError::BadSubject)?;
-        Ok(data.claims)
+        let mut claims = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation)?.claims;
+        validate_user(&claims.sub).map_err(AuthError::BadSubject)?;
+        let iat = issued_at(claims.exp, claims.iat, now_secs(), self.max_lifetime_secs)?;
+        claims.iat = Some(iat);
+        Ok(claims)
     }
 }
 
@@ -185,10 +239,12 @@ impl TokenSigner {
     /// A dev token: valid for `ttl_secs`, may subscribe and publish anywhere (the
     /// personal channels of others stay closed).
     pub fn dev_token(&self, user: &str, ttl_secs: u64) -> String {
+        let now = now_secs();
         self.sign(&Claims {
             sub: user.to_owned(),
-            exp: now_secs() + ttl_secs,
+            exp: now + ttl_secs,
             nbf: None,
+            iat: Some(now),
             channels: Some(vec!["*".into()]),
             publish: Some(vec!["*".into()]),
         })
@@ -290,6 +346,7 @@ impl Keys {
                 random_key()
             }
         };
+        let verifier = verifier.with_max_lifetime(config.max_token_lifetime_secs);
         Ok(Self {
             verifier,
             dev_signer,
@@ -310,6 +367,7 @@ mod tests {
             sub: sub.into(),
             exp: now_secs() + 60,
             nbf: None,
+            iat: None,
             channels: Some(vec!["room:*".into(), "news".into()]),
             publish: Some(vec!["room:*".into()]),
         }
@@ -362,6 +420,42 @@ mod tests {
             verifier.verify(&"a".repeat(9000)),
             Err(AuthError::TooLarge)
         ));
+    }
+
+    #[test]
+    fn lifetime_bound_and_issue_time() {
+        let day = 86_400;
+        // With iat: the lifetime is exp - iat.
+        assert_eq!(
+            issued_at(1_000 + day, Some(1_000), 1_000, day).unwrap(),
+            1_000
+        );
+        assert!(issued_at(1_000 + day + 1, Some(1_000), 1_000, day).is_err());
+        // Without iat: counted as issued at exp - max.
+        assert_eq!(issued_at(5_000, None, 4_000, day).unwrap(), 0);
+        assert_eq!(issued_at(4_000 + day, None, 4_000, day).unwrap(), 4_000);
+        // Never further ahead than max, whatever iat claims.
+        assert!(issued_at(4_000 + day + 1, None, 4_000, day).is_err());
+        assert!(issued_at(4_000 + day + 1, Some(4_000 + 10), 4_000, day).is_err());
+        let verifier = TokenVerifier::hs256(b"secret", 8192).with_max_lifetime(60);
+        let signer = TokenSigner::hs256(b"secret");
+        let long = Claims {
+            exp: now_secs() + 3_600,
+            ..claims("alice")
+        };
+        assert!(matches!(
+            verifier.verify(&signer.sign(&long)),
+            Err(AuthError::TooLong(60))
+        ));
+        let ok = verifier.verify(&signer.sign(&claims("alice"))).unwrap();
+        assert!(ok.iat.is_some(), "a verified token has an issue time");
+    }
+
+    #[test]
+    fn expiry_notice() {
+        assert_eq!(expiry_notice_ms(3_600_000, 60_000), 60_000);
+        assert_eq!(expiry_notice_ms(4_000, 60_000), 2_000);
+        assert_eq!(expiry_notice_ms(0, 60_000), 0);
     }
 
     #[test]

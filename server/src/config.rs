@@ -96,6 +96,16 @@ pub struct Config {
     #[arg(long, env = "HERALD_MAX_TOKEN_BYTES", default_value_t = 8_192)]
     pub max_token_bytes: usize,
 
+    /// Longest client token lifetime accepted, in seconds: `exp - iat` (or, without
+    /// `iat`, `exp - now`) above it is refused. Revocations last this long.
+    #[arg(long, env = "HERALD_MAX_TOKEN_LIFETIME_SECS", default_value_t = 86_400)]
+    pub max_token_lifetime_secs: u64,
+
+    /// How long before a token's `exp` the session is sent `expiring` (at most half of
+    /// the token's remaining lifetime when it was accepted), in milliseconds.
+    #[arg(long, env = "HERALD_TOKEN_EXPIRY_NOTICE_MS", default_value_t = 60_000)]
+    pub token_expiry_notice_ms: u64,
+
     /// Channels one connection may be subscribed to, its personal channel included.
     #[arg(long, env = "HERALD_MAX_SUBSCRIPTIONS", default_value_t = 128)]
     pub max_subscriptions: usize,

@@ -20,7 +20,7 @@
 use std::collections::hash_map::DefaultHasher;
 use std::collections::{HashMap, VecDeque};
 use std::hash::{Hash, Hasher};
-use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
@@ -31,8 +31,12 @@ use herald_protocol::StreamPosition;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use crate::broker::{Broker, BrokerError, History, Publication, PublicationSink, SubscribeAck};
+use crate::broker::{
+    Broker, BrokerError, History, Publication, PublicationSink, SubscribeAck, UserCommand,
+};
+use crate::control::{Revocations, UserIndex};
 use crate::metrics::Metrics;
+use herald_protocol::codes::CloseCode;
 
 /// How long a gap repair keeps retrying an unavailable history read before it sends
 /// `resync` (see `Hub::history_for_repair`).
@@ -64,6 +68,45 @@ pub enum Outbound {
     Message(Arc<Delivery>),
     /// Continuity on a channel was lost: continue from this position.
     Resync(Box<(Arc<str>, StreamPosition)>),
+    /// A server API command for this session's user (subscribe, unsubscribe), shared
+    /// by every session of the user on this node.
+    Control(Arc<UserCommand>),
+}
+
+/// Why the node closes a session, beyond its close code: picks the close frame's
+/// reason text when one code has several causes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum CloseReason {
+    /// The code's own reason ([`CloseCode::reason`]).
+    Default = 0,
+    /// 4401: the token reached `exp` without a `refresh`.
+    TokenExpired = 1,
+    /// 4401: the token was revoked by the server API.
+    TokenRevoked = 2,
+    /// 4401: the server API disconnected the user (`reconnect: true`).
+    Disconnected = 3,
+}
+
+impl CloseReason {
+    /// The reason text of a close with `code`.
+    pub fn text(self, code: CloseCode) -> &'static str {
+        match self {
+            CloseReason::Default => code.reason(),
+            CloseReason::TokenExpired => CloseCode::TOKEN_EXPIRED,
+            CloseReason::TokenRevoked => "token revoked",
+            CloseReason::Disconnected => "disconnected by the server",
+        }
+    }
+
+    fn from_u8(v: u8) -> Self {
+        match v {
+            1 => CloseReason::TokenExpired,
+            2 => CloseReason::TokenRevoked,
+            3 => CloseReason::Disconnected,
+            _ => CloseReason::Default,
+        }
+    }
 }
 
 /// One session's mailbox: its bounded queue of outbound items and the close request.
@@ -75,7 +118,10 @@ pub enum Outbound {
 /// One consumer (the session's task), many producers (the hub's fan-outs).
 #[derive(Debug)]
 pub struct SessionControl {
-    code: AtomicU16,
+    /// The close request: code in the low 16 bits, [`CloseReason`] above; 0 = none.
+    code: AtomicU32,
+    /// When the session's token was issued (unix seconds), for revocations.
+    token_iat: AtomicU64,
     gone: AtomicBool,
     capacity: usize,
     queue: Mutex<VecDeque<Outbound>>,
@@ -101,7 +147,8 @@ impl SessionControl {
     /// A mailbox holding at most `capacity` items.
     pub fn new(capacity: usize) -> Self {
         Self {
-            code: AtomicU16::new(0),
+            code: AtomicU32::new(0),
+            token_iat: AtomicU64::new(0),
             gone: AtomicBool::new(false),
             capacity: capacity.max(1),
             queue: Mutex::new(VecDeque::new()),
@@ -112,9 +159,15 @@ impl SessionControl {
 
     /// Asks the session to close with `code`. The first code asked for wins.
     pub fn close(&self, code: u16) {
+        self.close_with(code, CloseReason::Default);
+    }
+
+    /// Asks the session to close with `code` and a reason. The first request wins.
+    pub fn close_with(&self, code: u16, reason: CloseReason) {
+        let packed = u32::from(code) | (u32::from(reason as u8) << 16);
         if self
             .code
-            .compare_exchange(0, code, Ordering::AcqRel, Ordering::Acquire)
+            .compare_exchange(0, packed, Ordering::AcqRel, Ordering::Acquire)
             .is_ok()
         {
             // notify_one keeps a permit if the session is not waiting right now.
@@ -122,15 +175,25 @@ impl SessionControl {
         }
     }
 
-    /// Resolves when a close was asked for, with its code.
-    pub async fn closed(&self) -> u16 {
+    /// Resolves when a close was asked for, with its code and reason.
+    pub async fn closed(&self) -> (u16, CloseReason) {
         loop {
-            let code = self.code.load(Ordering::Acquire);
-            if code != 0 {
-                return code;
+            let packed = self.code.load(Ordering::Acquire);
+            if packed != 0 {
+                return (packed as u16, CloseReason::from_u8((packed >> 16) as u8));
             }
             self.close_notify.notified().await;
         }
+    }
+
+    /// Records when the session's current token was issued.
+    pub fn set_token_iat(&self, iat: u64) {
+        self.token_iat.store(iat, Ordering::Release);
+    }
+
+    /// When the session's current token was issued (unix seconds).
+    pub fn token_iat(&self) -> u64 {
+        self.token_iat.load(Ordering::Acquire)
     }
 
     fn queue(&self) -> MutexGuard<'_, VecDeque<Outbound>> {
@@ -221,6 +284,10 @@ pub struct Hub {
     repair_limit: usize,
     /// Channels whose last session left: (deadline, channel, generation), in deadline order.
     reap_queue: Mutex<VecDeque<(Instant, Arc<str>, u64)>>,
+    /// Local sessions by user, for the server API's user commands.
+    pub users: UserIndex,
+    /// Revoked tokens, checked at hello and refresh.
+    pub revocations: Revocations,
 }
 
 impl Hub {
@@ -233,6 +300,84 @@ impl Hub {
             unsubscribe_delay,
             repair_limit,
             reap_queue: Mutex::default(),
+            users: UserIndex::default(),
+            revocations: Revocations::default(),
+        }
+    }
+
+    /// Whether session `id` is in `channel` (or joining it).
+    fn is_member(&self, channel: &str, id: SessionId) -> bool {
+        self.shard(channel)
+            .channels
+            .get(channel)
+            .is_some_and(|e| e.sessions.contains_key(&id))
+    }
+
+    /// Applies a server API command to the local sessions of `user`; returns how many
+    /// it affected. Closes are requested at once; joins and leaves go through the
+    /// sessions' queues, since only a session's own task changes its channels.
+    pub fn on_user_command(&self, user: &str, command: &UserCommand) -> u64 {
+        match command {
+            UserCommand::Disconnect { reconnect } => {
+                let (code, reason) = if *reconnect {
+                    (CloseCode::Unauthorized, CloseReason::Disconnected)
+                } else {
+                    (CloseCode::Kicked, CloseReason::Default)
+                };
+                self.users.for_each(user, |_, h| {
+                    h.close_with(code.code(), reason);
+                    true
+                })
+            }
+            UserCommand::Revoke { before, until } => {
+                // Recorded before the scan: see the race note in `control`.
+                self.revocations
+                    .insert(user, *before, *until, crate::auth::now_secs());
+                self.users.for_each(user, |_, h| {
+                    let revoked = h.token_iat() < *before;
+                    if revoked {
+                        h.close_with(CloseCode::Unauthorized.code(), CloseReason::TokenRevoked);
+                    }
+                    revoked
+                })
+            }
+            UserCommand::Subscribe { channel } | UserCommand::Unsubscribe { channel } => {
+                let joining = matches!(command, UserCommand::Subscribe { .. });
+                let item = Arc::new(command.clone());
+                self.users.for_each(user, |id, h| {
+                    // Only sessions the command changes count.
+                    if self.is_member(channel, id) == joining {
+                        return false;
+                    }
+                    self.offer(h, Outbound::Control(Arc::clone(&item)));
+                    true
+                })
+            }
+        }
+    }
+
+    /// Loads the broker's revocations, retrying for a while when the broker does not
+    /// answer (it may still be connecting). Run at start and after every resubscribe,
+    /// which also covers a broker that was down for longer than the retries.
+    pub async fn load_revocations(self: Arc<Self>) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut delay = Duration::from_millis(100);
+        loop {
+            match self.broker().revocations().await {
+                Ok(list) => {
+                    self.revocations.load(list, crate::auth::now_secs());
+                    return;
+                }
+                Err(e) if Instant::now() + delay > deadline => {
+                    tracing::warn!(error = %e, "could not load revocations; next try after a broker reconnect");
+                    return;
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "could not load revocations; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(2));
+                }
+            }
         }
     }
 
@@ -589,5 +734,11 @@ impl PublicationSink for HubSink {
         for channel in self.0.channels() {
             tokio::spawn(Arc::clone(&self.0).check_continuity(channel));
         }
+        // A revocation sent while this node was cut off was missed: load them again.
+        tokio::spawn(Arc::clone(&self.0).load_revocations());
+    }
+
+    fn on_user_command(&self, user: &str, command: &UserCommand) -> u64 {
+        self.0.on_user_command(user, command)
     }
 }

@@ -8,6 +8,7 @@
 //!   storage — the [`broker::Broker`] trait with a memory and a Redis implementation;
 //! - [`hub`]: which local session is in which channel; encode once, fan out, repair gaps;
 //! - [`ws`]: the WebSocket upgrade and one session's protocol state machine;
+//! - [`control`]: the server API's control over users (sessions by user, revocations);
 //! - [`presence`]: this node's presence, sent to the broker in batches;
 //! - [`registry`]: this node's heartbeat and the choice of node for `/v1/connect`;
 //! - [`node`]: the state shared by all of the above, and connection admission;
@@ -21,6 +22,7 @@ pub mod api;
 pub mod auth;
 pub mod broker;
 pub mod config;
+pub mod control;
 pub mod hub;
 pub mod listener;
 pub mod metrics;
@@ -104,6 +106,7 @@ pub async fn run(
     };
     hub.attach(Arc::clone(&broker));
     broker.start(Arc::new(HubSink(Arc::clone(&hub))));
+    tokio::spawn(Arc::clone(&hub).load_revocations());
     let presence = Arc::new(Presence::new(id.clone(), Arc::clone(&broker)));
     let node = Arc::new(Node::new(
         config,
@@ -201,7 +204,7 @@ fn announce(node: &Node, local: SocketAddr) {
     let http = format!("http://{local}");
     let (token, more) = match node.keys.dev_signer.as_ref() {
         Some(s) => (
-            s.dev_token("demo", 86_400),
+            s.dev_token("demo", api::dev_token_ttl(node)),
             format!("curl '{http}/dev/token?user=alice'"),
         ),
         None => (

@@ -24,17 +24,17 @@ use futures_util::SinkExt;
 use herald_protocol::channel::user_channel;
 use herald_protocol::codes::{CloseCode, ErrorCode};
 use herald_protocol::frame::{
-    ClientCommand, ErrorBody, ParseError, Reconnect, Reply, Resync, ServerFrame, SubscribeResult,
-    Welcome,
+    ClientCommand, ErrorBody, Expiring, ParseError, Reconnect, Reply, Resync, ServerFrame,
+    SubscribeResult, Subscribed, Unsubscribed, Welcome,
 };
 use herald_protocol::StreamPosition;
 use rand::Rng;
 use serde_json::json;
 use tokio::time::{timeout, Instant};
 
-use crate::auth::Claims;
-use crate::broker::{BrokerError, Publication};
-use crate::hub::{Outbound, SessionControl, SessionHandle, SessionId};
+use crate::auth::{now_secs, Claims};
+use crate::broker::{BrokerError, Publication, UserCommand};
+use crate::hub::{CloseReason, Outbound, SessionControl, SessionHandle, SessionId};
 use crate::node::{Admission, Node};
 
 /// Most queued messages written before one flush.
@@ -93,10 +93,10 @@ async fn send_reconnect(socket: &mut WebSocket) -> Result<(), axum::Error> {
 }
 
 /// Sends a close frame and waits for the client's answer, both bounded in time.
-async fn close(socket: &mut WebSocket, code: CloseCode) {
+async fn close(socket: &mut WebSocket, code: CloseCode, reason: CloseReason) {
     let frame = CloseFrame {
         code: code.code(),
-        reason: code.reason().into(),
+        reason: reason.text(code).into(),
     };
     let _ = timeout(CLOSE_TIMEOUT, async {
         if socket.send(Message::Close(Some(frame))).await.is_err() {
@@ -145,6 +145,8 @@ fn read_error(err: &axum::Error) -> End {
 enum End {
     /// Close with this code.
     Close(CloseCode),
+    /// Close with this code and a reason other than the code's own.
+    CloseWith(CloseCode, CloseReason),
     /// The client closed or the connection broke: nothing more to send.
     Gone,
 }
@@ -210,6 +212,14 @@ async fn serve_session(node: &Arc<Node>, socket: &mut WebSocket) -> End {
             return End::Close(CloseCode::Unauthorized);
         }
     };
+    if node
+        .hub
+        .revocations
+        .is_revoked(&claims.sub, claims.issued_at(), now_secs())
+    {
+        tracing::debug!(user = %claims.sub, "revoked token refused");
+        return End::CloseWith(CloseCode::Unauthorized, CloseReason::TokenRevoked);
+    }
     drop(token);
     let mut session = Session::new(Arc::clone(node), claims);
     let end = match Box::pin(session.start(socket, resume)).await {
@@ -244,22 +254,28 @@ async fn hello(
 
 /// Counts how the connection ended and sends the close frame, if any.
 async fn finish(node: &Node, socket: &mut WebSocket, end: End) {
-    match end {
-        End::Close(code) => {
-            node.metrics.disconnected(Some(code.code()));
-            if code == CloseCode::SlowConsumer {
-                node.metrics.slow_consumer_disconnects.inc();
-            }
-            close(socket, code).await;
+    let (code, reason) = match end {
+        End::Close(code) => (code, CloseReason::Default),
+        End::CloseWith(code, reason) => (code, reason),
+        End::Gone => {
+            node.metrics.disconnected(None);
+            return;
         }
-        End::Gone => node.metrics.disconnected(None),
+    };
+    node.metrics.disconnected(Some(code.code()));
+    if code == CloseCode::SlowConsumer {
+        node.metrics.slow_consumer_disconnects.inc();
     }
+    close(socket, code, reason).await;
 }
 
 /// Where the session stands in one channel.
 struct ChannelState {
     epoch: Arc<str>,
     last: u64,
+    /// Joined through the server API: kept when a refreshed token's patterns no
+    /// longer match it (the backend, not the token, put the session there).
+    granted: bool,
 }
 
 /// Errors of a command, as reply errors.
@@ -337,6 +353,24 @@ struct Session {
     /// Whether a ping went out since the client last sent anything.
     pinged: bool,
     drain_at: Option<Instant>,
+    /// The token's `exp`: the session closes with 4401 "token expired" then, unless a
+    /// `refresh` moved it.
+    expires_at: Instant,
+    /// When to send `expiring`; `None` once sent for the current token.
+    notice_at: Option<Instant>,
+}
+
+/// When a token with expiry `exp` (unix seconds) runs out, and when to announce it,
+/// as instants of the session's clock.
+fn token_timers(exp: u64, notice_ms: u64) -> (Instant, Option<Instant>) {
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    let remaining = exp.saturating_mul(1000).saturating_sub(now_ms);
+    let expires_at = Instant::now() + Duration::from_millis(remaining);
+    let lead = crate::auth::expiry_notice_ms(remaining, notice_ms);
+    (expires_at, Some(expires_at - Duration::from_millis(lead)))
 }
 
 impl Session {
@@ -344,11 +378,16 @@ impl Session {
         let user: Arc<str> = claims.sub.as_str().into();
         let personal: Arc<str> = user_channel(&user).into();
         let now = Instant::now();
+        let (expires_at, notice_at) = token_timers(claims.exp, node.config.token_expiry_notice_ms);
+        let handle = Arc::new(SessionControl::new(node.config.session_queue));
+        handle.set_token_iat(claims.issued_at());
         Self {
             id: node.next_session_id(),
             uuid: uuid::Uuid::new_v4(),
             rate: RateLimit::new(node.config.max_messages_per_sec),
-            handle: Arc::new(SessionControl::new(node.config.session_queue)),
+            handle,
+            expires_at,
+            notice_at,
             node,
             claims,
             user,
@@ -368,6 +407,22 @@ impl Session {
         socket: &mut WebSocket,
         mut resume: BTreeMap<String, StreamPosition>,
     ) -> Result<(), End> {
+        // Registered before the revocation check, never after: see `control`'s race note.
+        self.node
+            .hub
+            .users
+            .register(&self.user, self.id, self.handle.clone());
+        if self
+            .node
+            .hub
+            .revocations
+            .is_revoked(&self.user, self.claims.issued_at(), now_secs())
+        {
+            return Err(End::CloseWith(
+                CloseCode::Unauthorized,
+                CloseReason::TokenRevoked,
+            ));
+        }
         let mut subscriptions = BTreeMap::new();
         let mut errors = BTreeMap::new();
         let mut missed = Vec::new();
@@ -425,6 +480,18 @@ impl Session {
         channel: &str,
         since: Option<StreamPosition>,
     ) -> Result<(SubscribeResult, Vec<Publication>), CommandError> {
+        self.room_for(channel)?;
+        if !self.claims.may_subscribe(channel) {
+            return Err(CommandError(
+                ErrorCode::Forbidden,
+                format!("not allowed to subscribe to {channel}"),
+            ));
+        }
+        self.join(channel, since, false).await
+    }
+
+    /// Whether the session can join `channel`: not in it yet, and under its limit.
+    fn room_for(&self, channel: &str) -> Result<(), CommandError> {
         if self.channels.contains_key(channel) {
             return Err(CommandError(
                 ErrorCode::BadRequest,
@@ -440,12 +507,18 @@ impl Session {
                 ),
             ));
         }
-        if !self.claims.may_subscribe(channel) {
-            return Err(CommandError(
-                ErrorCode::Forbidden,
-                format!("not allowed to subscribe to {channel}"),
-            ));
-        }
+        Ok(())
+    }
+
+    /// Joins a channel the session may be in (checked by the caller): the hub, the
+    /// stream position or recovery, presence. `granted`: joined by the server API.
+    async fn join(
+        &mut self,
+        channel: &str,
+        since: Option<StreamPosition>,
+        granted: bool,
+    ) -> Result<(SubscribeResult, Vec<Publication>), CommandError> {
+        self.room_for(channel)?;
         let node = Arc::clone(&self.node);
         node.hub.join(channel, self.id, self.handle.clone()).await?;
         // Joined first, read the stream second: whatever is published in between
@@ -468,6 +541,7 @@ impl Session {
             ChannelState {
                 epoch: result.epoch.as_str().into(),
                 last: result.offset,
+                granted,
             },
         );
         Ok((result, pubs))
@@ -586,10 +660,10 @@ impl Session {
                             Ok(r) => r?,
                             Err(_) => return Err(End::Close(CloseCode::SlowConsumer)),
                         },
-                        code = control.closed() => return Err(End::Close(code_of(code))),
+                                (code, reason) = control.closed() => return Err(End::CloseWith(code_of(code), reason)),
                     }
                 }
-                code = control.closed() => return Err(End::Close(code_of(code))),
+                (code, reason) = control.closed() => return Err(End::CloseWith(code_of(code), reason)),
                 _ = force.cancelled() => return Err(End::Close(CloseCode::Draining)),
                 _ = drain.cancelled(), if self.drain_at.is_none() => {
                     let spread = self.node.config.drain().mul_f64(0.8);
@@ -604,6 +678,22 @@ impl Session {
                     }
                     if now >= self.last_recv + heartbeat * 2 {
                         return Err(End::Close(CloseCode::Timeout));
+                    }
+                    if now >= self.expires_at {
+                        return Err(End::CloseWith(CloseCode::Unauthorized, CloseReason::TokenExpired));
+                    }
+                    if self.notice_at.is_some_and(|t| now >= t) {
+                        self.notice_at = None;
+                        let in_ms = self.expires_at.saturating_duration_since(now).as_millis() as u64;
+                        let frame = ServerFrame::Expiring(Expiring { in_ms }).to_json();
+                        let notice = async {
+                            self.send(socket, frame).await?;
+                            self.flush(socket).await
+                        };
+                        match timeout(heartbeat, notice).await {
+                            Ok(r) => r?,
+                            Err(_) => return Err(End::Close(CloseCode::SlowConsumer)),
+                        }
                     }
                     // Ping after a heartbeat of silence either way: ours (keeps
                     // intermediaries from timing out) or the client's (it must answer, even
@@ -633,7 +723,10 @@ impl Session {
         if let Some(d) = self.drain_at {
             t = t.min(d);
         }
-        t
+        if let Some(n) = self.notice_at {
+            t = t.min(n);
+        }
+        t.min(self.expires_at)
     }
 
     /// Writes `first` and whatever else is queued (up to a batch), then flushes once.
@@ -672,6 +765,7 @@ impl Session {
                 }
                 Ok(())
             }
+            Outbound::Control(command) => Box::pin(self.control(socket, &command)).await,
             Outbound::Resync(resync) => {
                 let (channel, position) = *resync;
                 let behind = self
@@ -800,10 +894,7 @@ impl Session {
                 let result = self.presence(&channel).await;
                 self.reply(socket, Some(id), result).await
             }
-            ClientCommand::Refresh { .. } => {
-                let err = CommandError(ErrorCode::BadRequest, "refresh: not yet".into());
-                self.reply(socket, Some(id), Err(err)).await
-            }
+            ClientCommand::Refresh { token, .. } => self.refresh(socket, id, &token).await,
             ClientCommand::Pong | ClientCommand::Hello { .. } => Ok(()),
         }
     }
@@ -815,12 +906,120 @@ impl Session {
                 "the personal channel cannot be left".into(),
             ));
         }
-        if let Some((name, _)) = self.channels.remove_entry(channel) {
-            self.node.hub.leave(&name, self.id);
-            self.node.presence.leave(&name, &self.user);
-            self.node.metrics.subscriptions.dec();
-        }
+        self.leave(channel);
         Ok(())
+    }
+
+    /// Leaves a channel; whether the session was in it.
+    fn leave(&mut self, channel: &str) -> bool {
+        match self.channels.remove_entry(channel) {
+            Some((name, _)) => {
+                self.node.hub.leave(&name, self.id);
+                self.node.presence.leave(&name, &self.user);
+                self.node.metrics.subscriptions.dec();
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// `refresh`: swaps the session's token for a fresh one of the same user. A token
+    /// that does not verify leaves the old one in place (the session still ends at the
+    /// old `exp`). The new token's patterns apply at once: channels they no longer
+    /// allow are left, each with an `unsubscribed` frame; server-granted ones stay.
+    async fn refresh(&mut self, socket: &mut WebSocket, id: u64, token: &str) -> Result<(), End> {
+        let claims = match self.node.keys.verifier.verify(token) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::debug!(error = %e, "refresh token refused");
+                let err = CommandError(ErrorCode::Unauthorized, "invalid or expired token".into());
+                return self.reply(socket, Some(id), Err(err)).await;
+            }
+        };
+        if claims.sub != self.claims.sub {
+            let err = CommandError(ErrorCode::Forbidden, "the token is for another user".into());
+            return self.reply(socket, Some(id), Err(err)).await;
+        }
+        if self
+            .node
+            .hub
+            .revocations
+            .is_revoked(&claims.sub, claims.issued_at(), now_secs())
+        {
+            let err = CommandError(ErrorCode::Unauthorized, "token revoked".into());
+            return self.reply(socket, Some(id), Err(err)).await;
+        }
+        let lost: Vec<Arc<str>> = self
+            .channels
+            .iter()
+            .filter(|(name, state)| {
+                !state.granted && ***name != *self.personal && !claims.may_subscribe(name)
+            })
+            .map(|(name, _)| name.clone())
+            .collect();
+        (self.expires_at, self.notice_at) =
+            token_timers(claims.exp, self.node.config.token_expiry_notice_ms);
+        self.handle.set_token_iat(claims.issued_at());
+        self.claims = claims;
+        for channel in &lost {
+            self.leave(channel);
+        }
+        let reply = ServerFrame::Reply(Reply {
+            id: Some(id),
+            result: Some(json!({})),
+            error: None,
+        });
+        self.send(socket, reply.to_json()).await?;
+        for channel in lost {
+            let frame = ServerFrame::Unsubscribed(Unsubscribed {
+                channel: channel.to_string(),
+                reason: "permissions".into(),
+            });
+            self.send(socket, frame.to_json()).await?;
+        }
+        self.flush(socket).await
+    }
+
+    /// A server API command for this session's user: join or leave a channel, and tell
+    /// the client with `subscribed` / `unsubscribed`. (Closes do not come this way: the
+    /// hub asks for them directly.)
+    async fn control(&mut self, socket: &mut WebSocket, command: &UserCommand) -> Result<(), End> {
+        match command {
+            UserCommand::Subscribe { channel } => {
+                if self.channels.contains_key(channel.as_str()) {
+                    return Ok(());
+                }
+                match self.join(channel, None, true).await {
+                    Ok((result, _)) => {
+                        let frame = ServerFrame::Subscribed(Subscribed {
+                            channel: channel.clone(),
+                            offset: result.offset,
+                            epoch: result.epoch,
+                        });
+                        self.send(socket, frame.to_json()).await?;
+                        self.flush(socket).await
+                    }
+                    Err(CommandError(code, message)) => {
+                        // At its subscription limit, or the broker is down: the session
+                        // stays as it is; the API caller sees the user's presence.
+                        tracing::debug!(?code, %message, channel, "server subscribe not applied");
+                        Ok(())
+                    }
+                }
+            }
+            UserCommand::Unsubscribe { channel } => {
+                if **channel == *self.personal || !self.leave(channel) {
+                    return Ok(());
+                }
+                let frame = ServerFrame::Unsubscribed(Unsubscribed {
+                    channel: channel.clone(),
+                    reason: "server".into(),
+                });
+                self.send(socket, frame.to_json()).await?;
+                self.flush(socket).await
+            }
+            UserCommand::Disconnect { .. } | UserCommand::Revoke { .. } => Ok(()),
+        }
     }
 
     async fn publish(&self, channel: &str, data: &str) -> Result<serde_json::Value, CommandError> {
@@ -880,6 +1079,7 @@ impl Session {
     /// Leaves every channel.
     fn cleanup(&mut self) {
         self.handle.end();
+        self.node.hub.users.unregister(&self.user, self.id);
         for (name, _) in self.channels.drain() {
             self.node.hub.leave(&name, self.id);
             self.node.presence.leave(&name, &self.user);

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use herald_server::broker::redis::{connect, RedisBroker};
 use herald_server::broker::{
     Broker, BrokerError, BrokerSettings, NodeInfo, PresenceChange, Publication, PublicationSink,
+    UserCommand,
 };
 use redis_server::{RedisCluster, RedisOptions, RedisServer};
 use tokio::sync::mpsc;
@@ -49,6 +50,7 @@ fn uuid_like() -> String {
 enum Event {
     Publication(String, Publication),
     Resubscribed,
+    UserCommand(String, UserCommand),
 }
 
 /// A sink that forwards everything to the test.
@@ -63,6 +65,13 @@ impl PublicationSink for Recorder {
 
     fn on_resubscribed(&self) {
         let _ = self.0.send(Event::Resubscribed);
+    }
+
+    fn on_user_command(&self, user: &str, command: &UserCommand) -> u64 {
+        let _ = self
+            .0
+            .send(Event::UserCommand(user.to_owned(), command.clone()));
+        1
     }
 }
 
@@ -88,7 +97,7 @@ impl Node {
             let left = deadline.saturating_duration_since(Instant::now());
             match timeout(left, self.events.recv()).await {
                 Ok(Some(Event::Publication(channel, p))) => return (channel, p),
-                Ok(Some(Event::Resubscribed)) => continue,
+                Ok(Some(Event::Resubscribed | Event::UserCommand(..))) => continue,
                 Ok(None) => panic!("sink closed"),
                 Err(_) => panic!("no publication within {WAIT:?}"),
             }
@@ -104,6 +113,7 @@ impl Node {
             match timeout(left, self.events.recv()).await {
                 Ok(Some(Event::Publication(channel, p))) => seen.push((channel, p)),
                 Ok(Some(Event::Resubscribed)) => return seen,
+                Ok(Some(Event::UserCommand(..))) => continue,
                 Ok(None) => panic!("sink closed"),
                 Err(_) => panic!("no on_resubscribed within {WAIT:?}"),
             }
@@ -518,6 +528,63 @@ async fn presence_and_dead_nodes(backend: &Backend<'_>) {
     n3.broker.shutdown().await;
 }
 
+/// A user command sent at one node reaches the sink of every node, and the answer sums
+/// their counts; a revocation is stored, merged and listed.
+async fn user_commands_reach_every_node(backend: &Backend<'_>) {
+    let prefix = prefix("control");
+    let url = backend.url();
+    let mut nodes = Vec::new();
+    for id in ["n1", "n2", "n3"] {
+        nodes.push(Node::start(&url, &prefix, id, settings()).await);
+    }
+    let kick = UserCommand::Disconnect { reconnect: false };
+    let sessions = nodes[0]
+        .broker
+        .user_command("alice", &kick)
+        .await
+        .expect("user command");
+    assert_eq!(sessions, 3, "each of three nodes counted one session");
+    for node in &mut nodes {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match timeout(left, node.events.recv()).await {
+                Ok(Some(Event::UserCommand(user, command))) => {
+                    assert_eq!((user.as_str(), &command), ("alice", &kick));
+                    break;
+                }
+                Ok(Some(_)) => continue,
+                Ok(None) | Err(_) => panic!("no user command within {WAIT:?}"),
+            }
+        }
+    }
+    let now = herald_server::auth::now_secs();
+    let revoke = |before, until| UserCommand::Revoke { before, until };
+    assert_eq!(
+        nodes[1]
+            .broker
+            .user_command("bob", &revoke(now, now + 100))
+            .await
+            .unwrap(),
+        3
+    );
+    // An earlier revocation does not shorten the stored one.
+    nodes[2]
+        .broker
+        .user_command("bob", &revoke(now - 50, now + 10))
+        .await
+        .unwrap();
+    let list = nodes[2].broker.revocations().await.expect("revocations");
+    assert_eq!(list.len(), 1, "{list:?}");
+    assert_eq!(
+        (list[0].user.as_str(), list[0].before, list[0].until),
+        ("bob", now, now + 100)
+    );
+    for node in nodes {
+        node.broker.shutdown().await;
+    }
+}
+
 // ---------------------------------------------------------------------------------
 // One Redis.
 
@@ -525,6 +592,12 @@ async fn presence_and_dead_nodes(backend: &Backend<'_>) {
 async fn single_offsets_without_gaps() {
     let redis = RedisServer::start();
     offsets_without_gaps(&Backend::Single(&redis)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn single_user_commands() {
+    let redis = RedisServer::start();
+    user_commands_reach_every_node(&Backend::Single(&redis)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -624,7 +697,7 @@ async fn unreachable_redis_at_start_then_connects() {
                 assert_eq!((channel.as_str(), p.offset), ("x", 1));
                 break;
             }
-            Some(Event::Resubscribed) => continue,
+            Some(Event::Resubscribed | Event::UserCommand(..)) => continue,
             None => panic!("sink closed"),
         }
     }
@@ -741,6 +814,7 @@ async fn cluster_scenarios() {
     routing_between_nodes(&backend).await;
     presence_and_dead_nodes(&backend).await;
     epoch_changes_when_keys_are_lost(&backend).await;
+    user_commands_reach_every_node(&backend).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

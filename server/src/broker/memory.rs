@@ -16,7 +16,7 @@ use herald_protocol::StreamPosition;
 
 use super::{
     Broker, BrokerError, BrokerSettings, History, NodeInfo, PresenceChange, Publication,
-    PublicationSink, SubscribeAck,
+    PublicationSink, Revocation, SubscribeAck, UserCommand,
 };
 
 const SHARDS: usize = 16;
@@ -78,6 +78,8 @@ struct Shared {
     presence: HashMap<String, ChannelPresence>,
     /// node id → (info, refreshed at)
     nodes: HashMap<String, (NodeInfo, Instant)>,
+    /// user → (before, until), unix seconds
+    revocations: HashMap<String, (u64, u64)>,
 }
 
 /// The in-memory broker. See the module doc.
@@ -149,6 +151,8 @@ impl MemoryBroker {
         shared
             .nodes
             .retain(|_, (_, at)| now.duration_since(*at) <= node_ttl);
+        let unix = crate::auth::now_secs();
+        shared.revocations.retain(|_, (_, until)| *until > unix);
     }
 
     fn live_nodes(shared: &Shared, ttl: Duration, now: Instant) -> HashSet<String> {
@@ -315,6 +319,38 @@ impl Broker for MemoryBroker {
             .collect();
         nodes.sort_by(|a, b| a.id.cmp(&b.id));
         Ok(nodes)
+    }
+
+    async fn user_command(&self, user: &str, command: &UserCommand) -> Result<u64, BrokerError> {
+        if let UserCommand::Revoke { before, until } = command {
+            let mut shared = self.shared();
+            let entry = shared
+                .revocations
+                .entry(user.to_owned())
+                .or_insert((*before, *until));
+            entry.0 = entry.0.max(*before);
+            entry.1 = entry.1.max(*until);
+        }
+        // One node: the command reaches this node's sessions directly.
+        Ok(self
+            .sink
+            .get()
+            .map_or(0, |sink| sink.on_user_command(user, command)))
+    }
+
+    async fn revocations(&self) -> Result<Vec<Revocation>, BrokerError> {
+        let unix = crate::auth::now_secs();
+        Ok(self
+            .shared()
+            .revocations
+            .iter()
+            .filter(|(_, (_, until))| *until > unix)
+            .map(|(user, (before, until))| Revocation {
+                user: user.clone(),
+                before: *before,
+                until: *until,
+            })
+            .collect())
     }
 
     fn is_healthy(&self) -> bool {

@@ -63,6 +63,50 @@ pub struct PresenceChange {
     pub connections: u32,
 }
 
+/// A command of the server API for every session of one user, on every node
+/// (`POST /v1/users/{user}/…`). It travels through the broker to each node's hub, which
+/// applies it to the user's local sessions.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum UserCommand {
+    /// Close every session: with 4401 when `reconnect` (get a new token), else 4410.
+    Disconnect {
+        /// Whether the client may reconnect on its own.
+        reconnect: bool,
+    },
+    /// Join the channel (server-granted: the token's patterns are not asked).
+    Subscribe {
+        /// The channel.
+        channel: String,
+    },
+    /// Leave the channel.
+    Unsubscribe {
+        /// The channel.
+        channel: String,
+    },
+    /// Tokens of the user issued before `before` (unix seconds) are refused from now on;
+    /// sessions holding one are closed with 4401.
+    Revoke {
+        /// Unix seconds.
+        before: u64,
+        /// Unix seconds after which the revocation is forgotten: by then every token it
+        /// refuses has expired (see `auth::TokenVerifier`'s lifetime bound).
+        until: u64,
+    },
+}
+
+/// A revocation as the broker stores it: tokens of `user` issued before `before` are
+/// refused until `until` (both unix seconds).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Revocation {
+    /// The user.
+    pub user: String,
+    /// Tokens issued before this are refused.
+    pub before: u64,
+    /// Kept until then.
+    pub until: u64,
+}
+
 /// Tunables every broker needs; they come from the node's configuration.
 #[derive(Debug, Clone)]
 pub struct BrokerSettings {
@@ -102,6 +146,10 @@ pub trait PublicationSink: Send + Sync + 'static {
     /// The broker's subscriptions were re-established after a connection loss, and
     /// messages may have been missed meanwhile: check the continuity of every channel.
     fn on_resubscribed(&self);
+
+    /// A command for the sessions of `user` on this node. Returns how many local
+    /// sessions it affected. Must not block: it runs on the broker's reader.
+    fn on_user_command(&self, user: &str, command: &UserCommand) -> u64;
 }
 
 /// A future that resolves when a subscription request was applied by the broker.
@@ -160,6 +208,16 @@ pub trait Broker: Send + Sync + 'static {
 
     /// Live nodes.
     async fn nodes(&self) -> Result<Vec<NodeInfo>, BrokerError>;
+
+    /// Sends `command` to the sessions of `user` on every live node and returns how many
+    /// sessions it affected in total. A [`UserCommand::Revoke`] is stored first, so that
+    /// nodes refuse the revoked tokens at hello too. Nodes that do not answer within a
+    /// short time are not counted.
+    async fn user_command(&self, user: &str, command: &UserCommand) -> Result<u64, BrokerError>;
+
+    /// Every stored revocation that is still in force (a node loads them at start and
+    /// after a broker reconnect, when it may have missed a command).
+    async fn revocations(&self) -> Result<Vec<Revocation>, BrokerError>;
 
     /// Whether the broker is connected and delivering; `/readyz` reports it.
     fn is_healthy(&self) -> bool;

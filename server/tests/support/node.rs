@@ -167,6 +167,7 @@ pub fn token(user: &str, channels: &[&str], publish: &[&str]) -> String {
         sub: user.into(),
         exp: now_secs() + 3600,
         nbf: None,
+        iat: None,
         channels: Some(channels.iter().map(|s| s.to_string()).collect()),
         publish: Some(publish.iter().map(|s| s.to_string()).collect()),
     })

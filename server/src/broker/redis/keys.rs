@@ -10,6 +10,9 @@
 //! | `P{C}:c` | pub/sub channel | publications of `C` (sharded pub/sub in a cluster) |
 //! | `Ppresence:{C}` | hash | `<node>\|<user>` = that user's connections to `C` on that node |
 //! | `Pnodes` | hash | node id = `<heartbeat ms>\|<NodeInfo JSON>` |
+//! | `P{#control}:c` | pub/sub channel | server API user commands, to every node (JSON) |
+//! | `Pcontrol-reply:<id>` | hash | node id = sessions a user command affected there; expires in 10 s |
+//! | `Prevocations` | hash | user = `<before>\|<until>`; expires with the last revocation |
 //! | `Pprobe:<node>:{T}` | pub/sub channel | liveness probes of one node, one per Redis shard |
 //!
 //! The hash tag `{C}` puts every key of a channel and its sharded pub/sub channel in
@@ -95,6 +98,8 @@ pub(crate) fn parse_url(url: &str) -> Result<(Config, Topology), BadUrl> {
 #[derive(Debug, Clone)]
 pub(crate) struct Keys {
     prefix: String,
+    /// This node's id, as it answers user commands.
+    node_id: String,
     /// `P` + `probe:` + node id + `:`, what every probe channel of this node starts with.
     probe_prefix: String,
 }
@@ -108,8 +113,14 @@ impl Keys {
         let probe_prefix = format!("{prefix}probe:{}:", clean(node_id));
         Self {
             prefix,
+            node_id: node_id.to_owned(),
             probe_prefix,
         }
+    }
+
+    /// This node's id.
+    pub(crate) fn node_id(&self) -> &str {
+        &self.node_id
     }
 
     /// The channel's meta hash (epoch and offset).
@@ -137,6 +148,16 @@ impl Keys {
         format!("{}nodes", self.prefix)
     }
 
+    /// The revocations hash: user = `<before>|<until>` (unix seconds).
+    pub(crate) fn revocations(&self) -> String {
+        format!("{}revocations", self.prefix)
+    }
+
+    /// The hash where nodes answer user command `id` (node id = sessions affected).
+    pub(crate) fn control_reply(&self, id: &str) -> String {
+        format!("{}control-reply:{id}", self.prefix)
+    }
+
     /// The herald channel of a pub/sub channel name, if it is one of ours.
     pub(crate) fn channel_of<'a>(&self, pubsub: &'a str) -> Option<&'a str> {
         pubsub
@@ -155,6 +176,10 @@ impl Keys {
         pubsub.starts_with(self.probe_prefix.as_str())
     }
 }
+
+/// The internal channel that carries server API user commands to every node. `#` is
+/// not allowed in channel names, so no client channel can collide with it.
+pub(crate) const CONTROL: &str = "#control";
 
 /// The field of a presence hash for `user` on `node`.
 pub(crate) fn presence_field(node: &str, user: &str) -> String {

@@ -38,7 +38,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use fred::clients::Client;
 use fred::error::{Error as FredError, ErrorKind};
-use fred::interfaces::{ClientLike, EventInterface, HashesInterface, KeysInterface};
+use fred::interfaces::{
+    ClientLike, EventInterface, HashesInterface, KeysInterface, PubsubInterface,
+};
 use fred::types::config::{Config, ReconnectPolicy, TcpConfig, UnresponsiveConfig};
 use fred::types::{Builder, ClusterStateChange, Message, Value};
 use futures_util::future::try_join_all;
@@ -49,7 +51,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{
     Broker, BrokerError, BrokerSettings, History, NodeInfo, PresenceChange, Publication,
-    PublicationSink, SubscribeAck,
+    PublicationSink, Revocation, SubscribeAck, UserCommand,
 };
 use keys::{Keys, Topology};
 use probe::ProbeState;
@@ -63,6 +65,10 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// A connection with a command unanswered for this long is dropped and reconnected
 /// (catches a Redis that is stopped but whose sockets stay open).
 const UNRESPONSIVE_AFTER: Duration = Duration::from_secs(4);
+/// How long a user command waits for the other nodes' answers.
+const CONTROL_REPLY_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long the answers of a user command are kept in Redis.
+const CONTROL_REPLY_TTL: Duration = Duration::from_secs(10);
 /// Reconnect backoff: from 100 ms doubling up to 2 s, forever, with jitter.
 const RECONNECT_MIN_MS: u32 = 100;
 const RECONNECT_MAX_MS: u32 = 2_000;
@@ -245,6 +251,13 @@ pub async fn connect(
         )),
         tokio::spawn(probe::run(inner.clone())),
     ];
+    // Every node listens to the server API's user commands for as long as it runs; the
+    // manager keeps the subscription across reconnects like any other.
+    let (ack, _) = oneshot::channel();
+    let _ = inner.requests.send(Request::Subscribe {
+        channel: keys::CONTROL.to_owned(),
+        ack,
+    });
     // The connection tasks run until `quit`; their handles are not needed.
     drop(inner.client.connect());
     drop(inner.sub.connect());
@@ -355,7 +368,7 @@ async fn read_publications(inner: Arc<Inner>, mut messages: broadcast::Receiver<
     }
 }
 
-fn dispatch(inner: &Inner, message: &Message) {
+fn dispatch(inner: &Arc<Inner>, message: &Message) {
     let name: &str = &message.channel;
     let Some(text) = message.value.as_str() else {
         tracing::warn!(channel = name, "redis message without text payload");
@@ -370,6 +383,10 @@ fn dispatch(inner: &Inner, message: &Message) {
     let Some(channel) = inner.keys.channel_of(name) else {
         return;
     };
+    if channel == keys::CONTROL {
+        on_control(inner, &text);
+        return;
+    }
     let Some(payload) = keys::parse_payload(&text) else {
         tracing::warn!(channel, "malformed publication payload from redis");
         return;
@@ -384,6 +401,45 @@ fn dispatch(inner: &Inner, message: &Message) {
             },
         );
     }
+}
+
+/// A user command as it travels over the control channel.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct ControlMessage {
+    /// Names the reply hash.
+    id: String,
+    user: String,
+    command: UserCommand,
+}
+
+/// Applies a user command from the control channel to this node's sessions, then
+/// answers with the count (in a task: the reader must not wait on Redis).
+fn on_control(inner: &Arc<Inner>, text: &str) {
+    let message: ControlMessage = match serde_json::from_str(text) {
+        Ok(m) => m,
+        Err(e) => {
+            tracing::warn!(error = %e, "malformed user command from redis");
+            return;
+        }
+    };
+    let Some(sink) = inner.sink.get() else { return };
+    let sessions = sink.on_user_command(&message.user, &message.command);
+    let inner = Arc::clone(inner);
+    tokio::spawn(async move {
+        let Ok(client) = inner.ready() else { return };
+        let key = inner.keys.control_reply(&message.id);
+        let reply = async {
+            client
+                .hset::<Value, _, _>(key.as_str(), (inner.keys.node_id(), sessions.to_string()))
+                .await?;
+            client
+                .pexpire::<Value, _>(key.as_str(), CONTROL_REPLY_TTL.as_millis() as i64, None)
+                .await
+        };
+        if let Err(e) = reply.await {
+            tracing::debug!(error = %e, "could not answer a user command");
+        }
+    });
 }
 
 /// Reads `{offset, epoch}` from the front of a script's answer.
@@ -659,6 +715,96 @@ impl Broker for RedisBroker {
             .collect();
         nodes.sort_by(|a, b| a.id.cmp(&b.id));
         Ok(nodes)
+    }
+
+    async fn user_command(&self, user: &str, command: &UserCommand) -> Result<u64, BrokerError> {
+        let inner = &self.inner;
+        let client = inner.ready()?;
+        if let UserCommand::Revoke { before, until } = command {
+            let ttl_ms = until
+                .saturating_sub(crate::auth::now_secs())
+                .max(1)
+                .saturating_mul(1000);
+            let args = vec![
+                user.to_owned(),
+                before.to_string(),
+                until.to_string(),
+                ttl_ms.to_string(),
+            ];
+            scripts::run::<Value>(
+                client,
+                &inner.scripts.revoke,
+                vec![inner.keys.revocations()],
+                args,
+            )
+            .await
+            .map_err(broker_error)?;
+        }
+        let id = uuid::Uuid::new_v4().simple().to_string();
+        let message = ControlMessage {
+            id: id.clone(),
+            user: user.to_owned(),
+            command: command.clone(),
+        };
+        let payload = serde_json::to_string(&message)
+            .map_err(|e| BrokerError::Internal(format!("user command: {e}")))?;
+        let channel = inner.keys.pubsub(keys::CONTROL);
+        // The answer counts the subscriber connections that received it: one per node.
+        let receivers: i64 = match inner.topology {
+            Topology::Single => client.publish(channel, payload).await,
+            Topology::Cluster => client.spublish(channel, payload).await,
+        }
+        .map_err(broker_error)?;
+        let key = inner.keys.control_reply(&id);
+        let deadline = tokio::time::Instant::now() + CONTROL_REPLY_TIMEOUT;
+        let mut wait = Duration::from_millis(2);
+        let answers: HashMap<String, String> = loop {
+            let answers: HashMap<String, String> =
+                client.hgetall(key.as_str()).await.map_err(broker_error)?;
+            if answers.len() as i64 >= receivers || tokio::time::Instant::now() >= deadline {
+                if (answers.len() as i64) < receivers {
+                    tracing::warn!(
+                        nodes = receivers,
+                        answered = answers.len(),
+                        "some nodes did not answer a user command in time; not counted"
+                    );
+                }
+                break answers;
+            }
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(Duration::from_millis(50));
+        };
+        let _ = client.del::<Value, _>(key.as_str()).await;
+        Ok(answers.values().filter_map(|v| v.parse::<u64>().ok()).sum())
+    }
+
+    async fn revocations(&self) -> Result<Vec<Revocation>, BrokerError> {
+        let inner = &self.inner;
+        let client = inner.ready()?;
+        let key = inner.keys.revocations();
+        let entries: HashMap<String, String> =
+            client.hgetall(key.as_str()).await.map_err(broker_error)?;
+        let now = crate::auth::now_secs();
+        let mut list = Vec::new();
+        let mut stale = Vec::new();
+        for (user, value) in entries {
+            let parsed = value
+                .split_once('|')
+                .and_then(|(b, u)| Some((b.parse::<u64>().ok()?, u.parse::<u64>().ok()?)));
+            match parsed {
+                Some((before, until)) if until > now => list.push(Revocation {
+                    user,
+                    before,
+                    until,
+                }),
+                _ => stale.push(user),
+            }
+        }
+        if !stale.is_empty() {
+            // Over or unreadable: forgotten; the answer is right without the cleanup.
+            let _ = client.hdel::<Value, _, _>(key.as_str(), stale).await;
+        }
+        Ok(list)
     }
 
     fn is_healthy(&self) -> bool {

@@ -24,6 +24,8 @@ pub(crate) struct Scripts {
     pub register_node: Script,
     /// Live registry entries; drops stale ones.
     pub nodes: Script,
+    /// Records a revocation.
+    pub revoke: Script,
 }
 
 impl Scripts {
@@ -35,6 +37,7 @@ impl Scripts {
             presence_update: Script::from_lua(include_str!("presence_update.lua")),
             register_node: Script::from_lua(include_str!("register_node.lua")),
             nodes: Script::from_lua(include_str!("nodes.lua")),
+            revoke: Script::from_lua(include_str!("revoke.lua")),
         }
     }
 }
