@@ -321,12 +321,15 @@ async fn user_presence(
     Path(user): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     validate_user(&user).map_err(|e| ApiError::bad_request(format!("user id {e}")))?;
-    let users = node.broker.presence(&user_channel(&user)).await?;
-    let connections = users.get(&user).copied().unwrap_or(0);
+    // Per node (an addition for the dashboard): `connections` is their sum.
+    let mut users = node.broker.presence_by_node(&user_channel(&user)).await?;
+    let nodes = users.remove(&user).unwrap_or_default();
+    let connections = nodes.values().fold(0u32, |sum, n| sum.saturating_add(*n));
     Ok(Json(json!({
         "user": user,
         "online": connections > 0,
         "connections": connections,
+        "nodes": nodes,
     })))
 }
 

@@ -305,6 +305,14 @@ impl Hub {
         }
     }
 
+    /// Whether any local session is in `channel`.
+    fn has_sessions(&self, channel: &str) -> bool {
+        self.shard(channel)
+            .channels
+            .get(channel)
+            .is_some_and(|e| !e.sessions.is_empty())
+    }
+
     /// Whether session `id` is in `channel` (or joining it).
     fn is_member(&self, channel: &str, id: SessionId) -> bool {
         self.shard(channel)
@@ -666,13 +674,26 @@ impl Hub {
     }
 
     /// Checks one channel against the broker's position after a broker reconnect.
+    ///
+    /// The read is retried until it succeeds, for as long as the channel has local
+    /// sessions: after a Redis restart the subscriber connection may be back before the
+    /// command connection, and a check given up on would leave a missed publication
+    /// undelivered until the channel's next message, which for a personal channel may
+    /// never come.
     async fn check_continuity(self: Arc<Self>, channel: Arc<str>) {
-        let position = match self.broker().position(&channel).await {
-            Ok(p) => p,
-            Err(e) => {
-                tracing::warn!(channel = %channel, error = %e, "continuity check failed");
-                self.metrics.broker_errors.inc();
-                return;
+        let mut delay = Duration::from_millis(50);
+        let position = loop {
+            match self.broker().position(&channel).await {
+                Ok(p) => break p,
+                Err(e) => {
+                    self.metrics.broker_errors.inc();
+                    if !self.has_sessions(&channel) {
+                        return; // nobody left to deliver to
+                    }
+                    tracing::debug!(channel = %channel, error = %e, "continuity check: broker unavailable; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(1));
+                }
             }
         };
         let mut shard = self.shard(&channel);

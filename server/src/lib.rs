@@ -14,7 +14,8 @@
 //! - [`node`]: the state shared by all of the above, and connection admission;
 //! - [`listener`]: accepting connections and serving HTTP on them, with timeouts;
 //! - [`metrics`]: Prometheus metrics;
-//! - [`web`]: the browser client (`/herald.js`) and the demo page (`/`), embedded.
+//! - [`web`]: the browser client (`/herald.js`), the demo page (`/`) and the cluster
+//!   dashboard (`/admin`), embedded.
 //!
 //! [`run`] serves one node on a listener until a shutdown future resolves, then drains.
 

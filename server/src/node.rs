@@ -11,10 +11,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::Keys;
-use crate::broker::{Broker, NodeInfo};
+use crate::broker::{Broker, NodeInfo, NodeStats};
 use crate::config::Config;
 use crate::hub::Hub;
-use crate::metrics::Metrics;
+use crate::metrics::{self, Metrics};
 use crate::presence::Presence;
 
 /// Everything shared by the node's HTTP handlers and WebSocket sessions.
@@ -107,6 +107,26 @@ impl Node {
             url: self.public_url.clone(),
             connections: self.connections() as u64,
             draining: self.is_draining(),
+            stats: self.stats(),
+        }
+    }
+
+    /// This node's load figures, for its registry entry and the dashboard. Reads
+    /// `/proc` (and counts every open descriptor), so call it off the async workers.
+    pub fn stats(&self) -> NodeStats {
+        let gauge = |g: &prometheus_client::metrics::gauge::Gauge| g.get().max(0) as u64;
+        let m = &self.metrics;
+        NodeStats {
+            sampled_at_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
+            subscriptions: gauge(&m.subscriptions),
+            channels: gauge(&m.broker_channels),
+            rss_bytes: metrics::resident_memory_bytes().map_or(0, |b| b.max(0) as u64),
+            cpu_seconds: metrics::cpu_seconds().unwrap_or(0.0),
+            open_fds: metrics::open_fds().unwrap_or(0),
+            messages_published_total: m.messages_published.get(),
+            messages_delivered_total: m.messages_delivered.get(),
         }
     }
 

@@ -4,14 +4,29 @@
 //! node TTL; a node that stops refreshing drops out of the registry, and so out of
 //! `/v1/nodes`, `/v1/connect` and presence, within the TTL. A draining node removes its
 //! entry at once and stops refreshing.
+//!
+//! The entry also carries the node's load figures ([`crate::broker::NodeStats`]) for the
+//! dashboard, so it is refreshed at least every [`STATS_EVERY`]: the dashboard polls
+//! every 2 s and its figures are then at most a second old.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::broker::NodeInfo;
+use crate::broker::{BrokerError, NodeInfo};
 use crate::node::Node;
+
+/// Longest time between two heartbeats: how stale `/v1/nodes` figures may be. One small
+/// Redis script call per node per second.
+pub const STATS_EVERY: Duration = Duration::from_secs(1);
+
+/// Time between two heartbeats: four per node TTL, so that a live node never looks
+/// dead, but at least every [`STATS_EVERY`] for fresh load figures, and at most four a
+/// second.
+pub fn heartbeat_period(node_ttl: Duration) -> Duration {
+    (node_ttl / 4).clamp(Duration::from_millis(250), STATS_EVERY)
+}
 
 /// The live node with the fewest connections that is not draining.
 pub fn least_loaded(nodes: &[NodeInfo]) -> Option<&NodeInfo> {
@@ -26,14 +41,36 @@ pub fn least_loaded(nodes: &[NodeInfo]) -> Option<&NodeInfo> {
 /// this node's presence is written again in full, since the broker may have dropped it
 /// while the node looked dead.
 pub async fn heartbeat(node: Arc<Node>, stop: CancellationToken) {
-    let every = (node.config.broker_settings().node_ttl / 4).max(Duration::from_millis(250));
+    let every = heartbeat_period(node.config.broker_settings().node_ttl);
     let retry = Duration::from_millis(200);
     let mut failing = false;
+    let mut first = true;
     loop {
         if node.is_draining() {
             return;
         }
-        let next = match node.broker.register_node(&node.info()).await {
+        let info = if std::mem::take(&mut first) {
+            // At start the node is cheap to read and should join the registry at once,
+            // as soon as it can be ready, without waiting for a blocking thread.
+            Ok(node.info())
+        } else {
+            // Reading the load figures walks /proc (every open descriptor): not on a worker.
+            tokio::task::spawn_blocking({
+                let node = Arc::clone(&node);
+                move || node.info()
+            })
+            .await
+            .map_err(|e| BrokerError::Internal(format!("reading the node's figures: {e}")))
+        };
+        if node.is_draining() {
+            // Drain began meanwhile and removed the entry: don't write it back.
+            return;
+        }
+        let registered = match info {
+            Ok(info) => node.broker.register_node(&info).await,
+            Err(e) => Err(e),
+        };
+        let next = match registered {
             Ok(()) => {
                 if failing {
                     node.presence.flush(true).await;
@@ -66,7 +103,17 @@ mod tests {
             url: format!("ws://{id}/ws"),
             connections,
             draining,
+            stats: Default::default(),
         }
+    }
+
+    #[test]
+    fn heartbeat_every_quarter_ttl_within_bounds() {
+        let ms = Duration::from_millis;
+        assert_eq!(heartbeat_period(Duration::from_secs(10)), STATS_EVERY);
+        assert_eq!(heartbeat_period(Duration::from_secs(3)), ms(750));
+        assert_eq!(heartbeat_period(Duration::from_secs(1)), ms(250));
+        assert_eq!(heartbeat_period(ms(100)), ms(250));
     }
 
     #[test]

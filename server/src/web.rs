@@ -1,12 +1,17 @@
 //! The browser side every node serves: the client library (`/herald.js`, its types at
-//! `/herald.d.ts`) and the demo page (`/`, `/demo.js`, `/demo.css`).
+//! `/herald.d.ts`), the demo page (`/`, `/demo.js`, `/demo.css`) and the cluster
+//! dashboard (`/admin`, `/admin.js`, `/admin.css`).
 //!
 //! The files live in the repository's `web/` folder and are compiled into the binary
 //! (`include_str!`), so a node needs nothing on disk. Each answer says `no-cache` (the
 //! browser revalidates with the ETag, so a new release is picked up at once) and
 //! `nosniff`; the demo page gets a strict Content-Security-Policy: only this origin's
 //! scripts and styles, no inline code, and WebSocket connections to any host, because the
-//! demo may be sent to another node of the cluster by `/v1/connect`.
+//! demo may be sent to another node of the cluster by `/v1/connect`. The dashboard's
+//! policy is stricter still: it only ever talks to its own node's API.
+//!
+//! The dashboard page itself is public: it is inert without the API key, which the
+//! operator types in and every API call then carries.
 
 use std::sync::{Arc, LazyLock};
 
@@ -26,53 +31,79 @@ pub const DEMO_CSP: &str = "default-src 'none'; script-src 'self'; style-src 'se
      img-src 'self' data:; connect-src 'self' ws: wss:; base-uri 'none'; \
      form-action 'none'; frame-ancestors 'none'";
 
+/// The dashboard's policy: its scripts, styles and API calls stay on this origin.
+pub const ADMIN_CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; \
+     img-src 'self' data:; connect-src 'self'; base-uri 'none'; form-action 'none'; \
+     frame-ancestors 'none'";
+
 /// One embedded file: where it is served, its body and content type.
 struct Asset {
     path: &'static str,
     body: &'static str,
     content_type: &'static str,
-    /// The HTML page: gets the Content-Security-Policy.
-    page: bool,
+    /// An HTML page's Content-Security-Policy (and its other page headers).
+    csp: Option<&'static str>,
     /// Importable from other origins (the client library and its types).
     shared: bool,
 }
 
 /// Every file this module serves.
-static ASSETS: [Asset; 5] = [
+static ASSETS: [Asset; 8] = [
     Asset {
         path: "/",
         body: include_str!("../../web/index.html"),
         content_type: "text/html; charset=utf-8",
-        page: true,
+        csp: Some(DEMO_CSP),
         shared: false,
     },
     Asset {
         path: "/demo.js",
         body: include_str!("../../web/demo.js"),
         content_type: "text/javascript; charset=utf-8",
-        page: false,
+        csp: None,
         shared: false,
     },
     Asset {
         path: "/demo.css",
         body: include_str!("../../web/demo.css"),
         content_type: "text/css; charset=utf-8",
-        page: false,
+        csp: None,
         shared: false,
     },
     Asset {
         path: "/herald.js",
         body: include_str!("../../web/herald.js"),
         content_type: "text/javascript; charset=utf-8",
-        page: false,
+        csp: None,
         shared: true,
     },
     Asset {
         path: "/herald.d.ts",
         body: include_str!("../../web/herald.d.ts"),
         content_type: "application/typescript; charset=utf-8",
-        page: false,
+        csp: None,
         shared: true,
+    },
+    Asset {
+        path: "/admin",
+        body: include_str!("../../web/admin.html"),
+        content_type: "text/html; charset=utf-8",
+        csp: Some(ADMIN_CSP),
+        shared: false,
+    },
+    Asset {
+        path: "/admin.js",
+        body: include_str!("../../web/admin.js"),
+        content_type: "text/javascript; charset=utf-8",
+        csp: None,
+        shared: false,
+    },
+    Asset {
+        path: "/admin.css",
+        body: include_str!("../../web/admin.css"),
+        content_type: "text/css; charset=utf-8",
+        csp: None,
+        shared: false,
     },
 ];
 
@@ -114,10 +145,10 @@ fn serve(index: usize, request: &HeaderMap) -> Response {
         HeaderValue::from_static("nosniff"),
     );
     headers.insert(header::ETAG, etag.clone());
-    if asset.page {
+    if let Some(csp) = asset.csp {
         headers.insert(
             header::CONTENT_SECURITY_POLICY,
-            HeaderValue::from_static(DEMO_CSP),
+            HeaderValue::from_static(csp),
         );
         headers.insert(
             header::REFERRER_POLICY,

@@ -324,7 +324,7 @@ async fn user_and_channel_presence() {
     assert_eq!(status, 200, "{body}");
     assert_eq!(
         body,
-        json!({"user": "alice", "online": false, "connections": 0})
+        json!({"user": "alice", "online": false, "connections": 0, "nodes": {}})
     );
     let (status, body) = n.get("/v1/channels/room:1/presence").await;
     assert_eq!(status, 200, "{body}");
@@ -342,7 +342,9 @@ async fn user_and_channel_presence() {
 
     eventually("alice online with 2 connections", || async {
         let (_, body) = n.get("/v1/users/alice/presence").await;
-        (body == json!({"user": "alice", "online": true, "connections": 2})).then_some(())
+        // `nodes`: both sessions on this (random-id) node.
+        let nodes: Vec<&serde_json::Value> = body["nodes"].as_object()?.values().collect();
+        (body["online"] == true && body["connections"] == 2 && nodes == [&json!(2)]).then_some(())
     })
     .await;
     eventually("room:1 has alice and bob", || async {

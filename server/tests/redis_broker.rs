@@ -158,6 +158,7 @@ fn info(id: &str) -> NodeInfo {
         url: format!("ws://{id}/ws"),
         connections: 0,
         draining: false,
+        stats: Default::default(),
     }
 }
 
@@ -476,6 +477,17 @@ async fn presence_and_dead_nodes(backend: &Backend<'_>) {
         n2.broker.presence("lobby").await.unwrap(),
         BTreeMap::from([("carol".into(), 1)])
     );
+    // The same, per node (the user presence API's `nodes`).
+    assert_eq!(
+        n2.broker.presence_by_node("room").await.unwrap(),
+        BTreeMap::from([
+            (
+                "alice".into(),
+                BTreeMap::from([("n1".into(), 2), ("n2".into(), 1)])
+            ),
+            ("bob".into(), BTreeMap::from([("n1".into(), 1)])),
+        ])
+    );
 
     n1.broker
         .presence_update("n1", &[change("room", "alice", 0)])
@@ -491,6 +503,10 @@ async fn presence_and_dead_nodes(backend: &Backend<'_>) {
     n2.broker.unregister_node("n2").await.unwrap();
     let users = n1.broker.presence("room").await.unwrap();
     assert_eq!(users, BTreeMap::from([("bob".into(), 1)]));
+    assert_eq!(
+        n1.broker.presence_by_node("room").await.unwrap(),
+        BTreeMap::from([("bob".into(), BTreeMap::from([("n1".into(), 1)]))])
+    );
     assert!(n1.broker.presence("lobby").await.unwrap().is_empty());
     let key = format!("{prefix}presence:{{room}}");
     let fields = match backend {
@@ -638,11 +654,14 @@ async fn registry_drops_nodes_that_stop_refreshing() {
     let ids = |nodes: Vec<NodeInfo>| nodes.into_iter().map(|n| n.id).collect::<Vec<_>>();
     assert_eq!(ids(b.nodes().await.unwrap()), vec!["n1", "n2"]);
 
-    // Re-registering updates the entry.
+    // Re-registering updates the entry, load figures included.
     let mut busy = info("n1");
     busy.connections = 7;
+    busy.stats.subscriptions = 9;
+    busy.stats.cpu_seconds = 1.25;
+    busy.stats.messages_delivered_total = 42;
     b.register_node(&busy).await.unwrap();
-    assert_eq!(b.nodes().await.unwrap()[0].connections, 7);
+    assert_eq!(b.nodes().await.unwrap()[0], busy);
 
     // n1 keeps its heartbeat, n2 stops: n2 drops out after node_ttl.
     let deadline = Instant::now() + WAIT;

@@ -15,8 +15,8 @@ use async_trait::async_trait;
 use herald_protocol::StreamPosition;
 
 use super::{
-    Broker, BrokerError, BrokerSettings, History, NodeInfo, PresenceChange, Publication,
-    PublicationSink, Revocation, SubscribeAck, UserCommand,
+    Broker, BrokerError, BrokerSettings, History, NodeInfo, NodePresence, PresenceChange,
+    Publication, PublicationSink, Revocation, SubscribeAck, UserCommand,
 };
 
 const SHARDS: usize = 16;
@@ -296,6 +296,25 @@ impl Broker for MemoryBroker {
         Ok(users)
     }
 
+    async fn presence_by_node(&self, channel: &str) -> Result<NodePresence, BrokerError> {
+        let now = Instant::now();
+        let shared = self.shared();
+        let live = Self::live_nodes(&shared, self.settings.node_ttl, now);
+        let mut users = NodePresence::new();
+        for ((node, user), (count, at)) in shared.presence.get(channel).into_iter().flatten() {
+            if *count > 0
+                && live.contains(node)
+                && now.duration_since(*at) <= self.settings.presence_ttl
+            {
+                users
+                    .entry(user.clone())
+                    .or_default()
+                    .insert(node.clone(), *count);
+            }
+        }
+        Ok(users)
+    }
+
     async fn register_node(&self, info: &NodeInfo) -> Result<(), BrokerError> {
         self.shared()
             .nodes
@@ -401,6 +420,7 @@ mod tests {
             url: "ws://x/ws".into(),
             connections: 1,
             draining: false,
+            stats: Default::default(),
         };
         b.register_node(&info).await.unwrap();
         let change = |user: &str, connections| PresenceChange {
@@ -417,6 +437,9 @@ mod tests {
         let users = b.presence("room").await.unwrap();
         assert_eq!(users.len(), 2, "n2 is not a live node: {users:?}");
         assert_eq!(users["alice"], 2);
+        let by_node = b.presence_by_node("room").await.unwrap();
+        assert_eq!(by_node.len(), 2, "n2 is not a live node: {by_node:?}");
+        assert_eq!(by_node["alice"], BTreeMap::from([("n1".to_owned(), 2)]));
         b.presence_update("n1", &[change("alice", 0)])
             .await
             .unwrap();

@@ -50,8 +50,8 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    Broker, BrokerError, BrokerSettings, History, NodeInfo, PresenceChange, Publication,
-    PublicationSink, Revocation, SubscribeAck, UserCommand,
+    Broker, BrokerError, BrokerSettings, History, NodeInfo, NodePresence, PresenceChange,
+    Publication, PublicationSink, Revocation, SubscribeAck, UserCommand,
 };
 use keys::{Keys, Topology};
 use probe::ProbeState;
@@ -661,6 +661,32 @@ impl Broker for RedisBroker {
             // without it, so a failure only leaves the cleanup for the next read.
             if let Err(e) = client.hdel::<Value, _, _>(key.as_str(), dead).await {
                 tracing::debug!(error = %e, channel, "could not remove presence of dead nodes");
+            }
+        }
+        Ok(users)
+    }
+
+    async fn presence_by_node(&self, channel: &str) -> Result<NodePresence, BrokerError> {
+        // The same hash as `presence`, not summed over nodes. Entries of dead nodes are
+        // skipped; removing them is left to `presence`, which runs far more often.
+        let inner = &self.inner;
+        let live: HashSet<String> = self.nodes().await?.into_iter().map(|n| n.id).collect();
+        let client = inner.ready()?;
+        let entries: HashMap<String, String> = client
+            .hgetall(inner.keys.presence(channel).as_str())
+            .await
+            .map_err(broker_error)?;
+        let mut users = NodePresence::new();
+        for (field, count) in entries {
+            let count: u32 = count.parse().unwrap_or(0);
+            match keys::split_presence_field(&field) {
+                Some((node, user)) if count > 0 && live.contains(node) => {
+                    users
+                        .entry(user.to_owned())
+                        .or_default()
+                        .insert(node.to_owned(), count);
+                }
+                _ => {}
             }
         }
         Ok(users)
