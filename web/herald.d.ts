@@ -1,4 +1,4 @@
-// Types of herald.js, the browser client of Herald (protocol v1).
+// Types of herald.js, the browser client of Herald (protocol v1, with the v1.1 additions).
 // Served by every node at /herald.d.ts; the guide is docs/client-browser.md.
 
 /** A position in a channel's stream: the last offset seen, in an epoch. */
@@ -61,6 +61,8 @@ export type HeraldErrorCode =
   | "closed"
   | "token"
   | "connect"
+  | "protocol"
+  | "unsubscribed"
   | `close_${number}`;
 
 /** An error with the protocol's (or the client's) error code. */
@@ -98,7 +100,12 @@ export interface HeraldOptions {
   api?: string | string[];
   /** A client token (JWT). Without `getToken`, a 4401 close stops the client. */
   token?: string;
-  /** Returns a fresh token; called before the first connection and after each 4401. */
+  /**
+   * Returns a fresh token; called before the first connection, after each 4401, and when
+   * the node says the session's token is `expiring` (the client then sends `refresh` in
+   * the open session, retrying shortly until the token's expiry). It should return a
+   * new token each time: returning the expiring one again counts as a failed refresh.
+   */
   getToken?: () => string | Promise<string>;
   /** Positions to continue from (e.g. saved from {@link HeraldClient.positions}). */
   resume?: Record<string, Position>;
@@ -124,14 +131,32 @@ export interface HeraldEvents {
   state: HeraldState;
   /** Each welcome: a (re)connection is up. */
   welcome: Welcome;
-  /** A subscription confirmed: at subscribe, and again at every resume. */
-  subscribed: SubscribeResult & { channel: string };
+  /**
+   * A subscription confirmed: at subscribe, again at every resume, and when the server
+   * added a channel to the session (`byServer: true`; messages after `offset` follow).
+   */
+  subscribed: SubscribeResult & { channel: string; byServer?: boolean };
+  /**
+   * The server removed a channel from the session: `reason` "server" (server API) or
+   * "permissions" (a refreshed token no longer allows it). The client no longer follows it.
+   */
+  unsubscribed: { channel: string; reason: string };
+  /** The token was refreshed in the open session (after an `expiring` frame). */
+  refreshed: Record<string, never>;
+  /**
+   * The backend removed the user (close 4410): the client stopped for good (state
+   * "closed") and does not reconnect. Create a new client when the user may come back.
+   */
+  kicked: { code: 4410; reason: string };
   /** The connection dropped; the client retries unless `code` stops it. */
   disconnect: { code: number | null; reason: string };
   /**
    * Something went wrong. `fatal` errors stop the client (state "closed": 4400, 4403,
    * 1009, or 4401 without getToken); others report a channel that could not be resumed,
-   * a failing getToken or an unreachable `/v1/connect`, while the client keeps trying.
+   * a failing getToken, a token refresh that failed (code "token"; the client reconnects
+   * with a new token when the node closes 4401 at expiry) or an unreachable
+   * `/v1/connect`, while the client keeps trying. A kick (4410) is reported as "kicked",
+   * not here.
    */
   error: HeraldError;
 }

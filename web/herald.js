@@ -12,12 +12,28 @@
 //   resume) as a "resync" event, so the application reloads that channel's state;
 // - reconnects with exponential backoff and full jitter, obeying the close codes;
 // - answers `ping` with `pong` and reconnects when the node falls silent for
-//   2 × heartbeat_ms (a half-open TCP connection never reports itself).
+//   2 × heartbeat_ms (a half-open TCP connection never reports itself);
+// - (v1.1) refreshes the token in the open session when the node says `expiring`,
+//   follows channels the server adds or removes (`subscribed` / `unsubscribed`), and
+//   stops for good on 4410 (kicked);
+// - skips any frame it does not understand or that has the wrong shape, so nothing a
+//   node sends can break or wedge it.
 
 /** Close codes after which reconnecting cannot help: stop and report. */
 const FATAL_CLOSE = new Set([1009, 4400, 4403]);
 const CLOSE_UNAUTHORIZED = 4401;
+/** The backend removed the user: stop, and never reconnect on our own. */
+const CLOSE_KICKED = 4410;
 const CLOSE_DRAINING = 4503;
+/** Durations taken from frames are capped (setTimeout misbehaves above 2^31 - 1 ms). */
+const MAX_TIMER_MS = 2 ** 31 - 1;
+/** heartbeat_ms above this (12 h) is taken as this. */
+const MAX_HEARTBEAT_MS = 12 * 3600 * 1000;
+/** Token refresh retries: the first waits ~250 ms, doubling up to 5 s, until the deadline. */
+const REFRESH_RETRY_MIN_MS = 250;
+const REFRESH_RETRY_MAX_MS = 5_000;
+/** A channel name as the protocol allows it (what a node would accept in `resume`). */
+const CHANNEL_RE = /^[A-Za-z0-9_.:@=-]{1,256}$/;
 /** How long a URL that failed (or is draining) is avoided when there is a choice. */
 const AVOID_MS = 10_000;
 /**
@@ -32,7 +48,9 @@ const STABLE_MS = 5_000;
  * or one of the client's own: `disconnected` (the connection dropped before the reply
  * came, so a publish may or may not have happened), `timeout`, `closed` (the client was
  * closed), `close_<code>` (the server closed the connection with a code that stops the
- * client), `token` (getToken failed), `connect` (no node found).
+ * client; `close_4410` when kicked), `token` (getToken failed), `connect` (no node found),
+ * `protocol` (the node's reply had the wrong shape), `unsubscribed` (the server removed
+ * the channel before it was confirmed).
  */
 export class HeraldError extends Error {
   /**
@@ -121,6 +139,8 @@ export class HeraldClient {
     this._started = false;
     this._connectWaiters = [];
     this._generation = 0;
+    /** Token refresh of the current socket: {ws, deadline, failures, timer, running}. */
+    this._refresh = null;
     this._onOnline = () => {
       if (this._state === "disconnected" && this._started) this._retryNow();
     };
@@ -345,12 +365,14 @@ export class HeraldClient {
     ws.onmessage = (ev) => {
       if (this._ws !== ws) return;
       this._lastFrameAt = Date.now();
+      if (typeof ev.data !== "string") return; // binary: not a protocol frame
       let frame;
       try {
         frame = JSON.parse(ev.data);
       } catch {
         return;
       }
+      if (frame === null || typeof frame !== "object" || Array.isArray(frame)) return;
       this._frame(frame);
     };
     ws.onclose = (ev) => {
@@ -427,7 +449,7 @@ export class HeraldClient {
 
   _armWatchdog(ms) {
     clearTimeout(this._watchdog);
-    this._watchdog = setTimeout(() => this._checkWatchdog(), ms);
+    this._watchdog = setTimeout(() => this._checkWatchdog(), Math.min(ms, MAX_TIMER_MS));
   }
 
   /** No frame for too long (hello unanswered, or 2 × heartbeat_ms): the link is dead. */
@@ -461,9 +483,16 @@ export class HeraldClient {
       case "resync":
         return this._onResync(frame);
       case "reconnect":
-        // The node drains; it closes with 4503 next. Its after_ms is our jitter.
-        this._reconnectAfter = Number(frame.after_ms) || 0;
+        // The node drains; it closes with 4503 next. Its after_ms is our jitter
+        // (capped: a bogus huge value must not park the client).
+        this._reconnectAfter = clampMs(frame.after_ms, this._backoffMax);
         return;
+      case "expiring":
+        return this._onExpiring(frame);
+      case "subscribed":
+        return this._onServerSubscribed(frame);
+      case "unsubscribed":
+        return this._onServerUnsubscribed(frame);
       default:
         // Frames this version does not know are ignored (forward compatibility).
         return;
@@ -471,6 +500,17 @@ export class HeraldClient {
   }
 
   _onWelcome(w) {
+    // One welcome per socket; one of the wrong shape is ignored, and the connect
+    // watchdog replaces the socket if no proper one comes.
+    if (this._welcome != null) return;
+    if (
+      typeof w.user !== "string" ||
+      typeof w.session !== "string" ||
+      w.subscriptions === null ||
+      typeof w.subscriptions !== "object"
+    ) {
+      return;
+    }
     if (this._user != null && w.user !== this._user) {
       // Another user's token: the old personal channel is not ours any more.
       this._subs.delete(`user:${this._user}`);
@@ -483,25 +523,31 @@ export class HeraldClient {
     const resumed = this._helloResume ?? {};
     const personal = `user:${w.user}`;
     if (!this._subs.has(personal)) this._subs.set(personal, newSub(null));
-    for (const [channel, result] of Object.entries(w.subscriptions ?? {})) {
+    const confirmed = new Set();
+    for (const [channel, result] of Object.entries(w.subscriptions)) {
       const sub = this._subs.get(channel);
-      if (sub) this._applyResult(channel, sub, result, resumed[channel] ?? null);
+      if (!sub || !isPosition(result)) continue;
+      confirmed.add(channel);
+      this._applyResult(channel, sub, result, resumed[channel] ?? null);
     }
-    for (const [channel, err] of Object.entries(w.errors ?? {})) {
+    const errors = w.errors !== null && typeof w.errors === "object" ? w.errors : {};
+    for (const [channel, err] of Object.entries(errors)) {
       const sub = this._subs.get(channel);
       if (!sub) continue;
       this._subs.delete(channel);
-      const e = new HeraldError(err.code ?? "internal", err.message ?? "", { channel });
+      const e = new HeraldError(String(err?.code ?? "internal"), String(err?.message ?? ""), {
+        channel,
+      });
       if (sub.waiters.length > 0) settle(sub.waiters, e);
       else this._emit("error", e);
     }
     const hb = Number(w.heartbeat_ms);
-    this._heartbeatMs = Number.isFinite(hb) && hb > 0 ? hb : 25_000;
+    this._heartbeatMs = Number.isFinite(hb) && hb > 0 ? Math.min(hb, MAX_HEARTBEAT_MS) : 25_000;
     this._armWatchdog(2 * this._heartbeatMs);
     this._setState("connected");
     this._emit("welcome", w);
     for (const [channel, sub] of this._subs) {
-      if (!(channel in (w.subscriptions ?? {}))) this._sendSubscribe(channel, sub);
+      if (!confirmed.has(channel)) this._sendSubscribe(channel, sub);
     }
     const waiting = this._queue;
     this._queue = [];
@@ -541,7 +587,16 @@ export class HeraldClient {
     this._send({
       frame,
       resolve: (result) => {
-        if (this._subs.get(channel) === sub) this._applyResult(channel, sub, result, since);
+        if (this._subs.get(channel) !== sub) return;
+        if (isPosition(result)) {
+          this._applyResult(channel, sub, result, since);
+          return;
+        }
+        // A reply of the wrong shape: forget the channel rather than guess a position.
+        this._subs.delete(channel);
+        const e = new HeraldError("protocol", "malformed subscribe reply", { channel });
+        if (sub.waiters.length > 0) settle(sub.waiters, e);
+        else this._emit("error", e);
       },
       reject: (e) => {
         if (e.code === "disconnected") return; // resubscribed on the next connection
@@ -555,6 +610,7 @@ export class HeraldClient {
   }
 
   _onMessage(m) {
+    if (!isPosition(m)) return; // wrong shape (or an offset beyond 2^53): skipped
     const sub = this._subs.get(m.channel);
     if (!sub) return; // left meanwhile
     if (sub.epoch === m.epoch && sub.offset != null && m.offset <= sub.offset) return;
@@ -564,6 +620,7 @@ export class HeraldClient {
   }
 
   _onResync(r) {
+    if (!isPosition(r)) return;
     const sub = this._subs.get(r.channel);
     if (!sub) return;
     sub.offset = r.offset;
@@ -577,10 +634,134 @@ export class HeraldClient {
     this._pending.delete(r.id);
     clearTimeout(cmd.timer);
     if (r.error) {
-      cmd.reject(new HeraldError(r.error.code ?? "internal", r.error.message ?? ""));
+      cmd.reject(new HeraldError(String(r.error.code ?? "internal"), String(r.error.message ?? "")));
     } else {
-      cmd.resolve(r.result ?? {});
+      const result = r.result;
+      cmd.resolve(result !== null && typeof result === "object" ? result : {});
     }
+  }
+
+  // ---- v1.1: token refresh, server-side subscriptions ----------------------------------
+
+  /**
+   * The token expires in `in_ms`: get a fresh one from getToken and send `refresh`,
+   * retrying with a short backoff until the deadline. Runs beside message delivery (the
+   * event loop keeps dispatching frames while getToken is pending). Without getToken
+   * there is nothing to refresh: at the deadline the node closes 4401 and the client stops.
+   */
+  _onExpiring(f) {
+    const inMs = Number(f.in_ms);
+    if (!this._getToken || !Number.isFinite(inMs) || inMs < 0) return;
+    const deadline = Date.now() + Math.min(inMs, MAX_TIMER_MS);
+    const r = this._refresh;
+    if (r && r.ws === this._ws) {
+      r.deadline = deadline; // one refresh at a time; it now has until the new deadline
+      if (r.running || r.timer != null) return;
+    }
+    this._stopRefresh();
+    this._refresh = { ws: this._ws, deadline, failures: 0, timer: null, running: false };
+    this._refreshNow();
+  }
+
+  async _refreshNow() {
+    const r = this._refresh;
+    if (!r || r.ws !== this._ws || this._state !== "connected") return;
+    r.timer = null;
+    r.running = true;
+    let why;
+    try {
+      const token = await this._getToken();
+      if (this._refresh !== r || r.ws !== this._ws) return;
+      if (typeof token !== "string" || token === "") throw new Error("getToken returned no token");
+      // A cached token that is the one expiring is no refresh: try again shortly.
+      if (token === this._token) throw new Error("getToken returned the expiring token");
+      await this._refreshWith(token);
+      if (this._refresh !== r) return;
+      this._token = token; // the next hello uses it too
+      this._refresh = null;
+      this._emit("refreshed", {});
+      return;
+    } catch (e) {
+      why = e;
+    }
+    if (this._refresh !== r || r.ws !== this._ws) return;
+    r.running = false;
+    // Another user's token: asking again gives the same answer. At the deadline the node
+    // closes 4401 and the reconnect path asks getToken for whatever it has then.
+    if (why instanceof HeraldError && why.code === "forbidden") {
+      this._refresh = null;
+      this._emit("error", new HeraldError("token", `token refresh refused: ${why.message}`));
+      return;
+    }
+    if (why instanceof HeraldError && (why.code === "disconnected" || why.code === "closed")) {
+      return; // the socket is gone; the next hello has a token anyway
+    }
+    const cap = Math.min(REFRESH_RETRY_MAX_MS, REFRESH_RETRY_MIN_MS * 2 ** Math.min(r.failures, 10));
+    r.failures++;
+    const delay = cap / 2 + (Math.random() * cap) / 2;
+    if (Date.now() + delay >= r.deadline) {
+      this._refresh = null;
+      this._emit(
+        "error",
+        new HeraldError("token", `token refresh failed: ${why?.message ?? why}; reconnecting at expiry`),
+      );
+      return;
+    }
+    r.timer = setTimeout(() => this._refreshNow(), delay);
+  }
+
+  /** Sends `refresh` on the current socket; resolves on `{}`, rejects with the node's error. */
+  _refreshWith(token) {
+    return new Promise((resolve, reject) => {
+      const cmd = { frame: { type: "refresh", token }, resolve, reject, durable: false };
+      cmd.timer = setTimeout(() => {
+        for (const [id, c] of this._pending) if (c === cmd) this._pending.delete(id);
+        reject(new HeraldError("timeout", "no reply to refresh in time"));
+      }, this._requestTimeout);
+      this._send(cmd);
+    });
+  }
+
+  _stopRefresh() {
+    if (this._refresh) clearTimeout(this._refresh.timer);
+    this._refresh = null;
+  }
+
+  /**
+   * The server added a channel (server API): follow it from the given position, like a
+   * subscription of our own (deduplicated, resumed after a reconnect).
+   */
+  _onServerSubscribed(f) {
+    if (!isPosition(f) || !CHANNEL_RE.test(f.channel)) return;
+    let sub = this._subs.get(f.channel);
+    if (!sub) {
+      sub = newSub(null);
+      this._subs.set(f.channel, sub);
+    }
+    if (sub.epoch == null) {
+      sub.offset = f.offset;
+      sub.epoch = f.epoch;
+    }
+    sub.confirmed = true;
+    const result = { offset: f.offset, epoch: f.epoch, recovered: false };
+    settle(sub.waiters, null, result);
+    this._emit("subscribed", { channel: f.channel, ...result, byServer: true });
+  }
+
+  /** The server removed a channel (server API, or a refreshed token no longer allows it). */
+  _onServerUnsubscribed(f) {
+    if (typeof f.channel !== "string") return;
+    const sub = this._subs.get(f.channel);
+    if (!sub) return;
+    this._subs.delete(f.channel);
+    const reason = typeof f.reason === "string" ? f.reason : "";
+    settle(
+      sub.waiters,
+      new HeraldError("unsubscribed", `the server removed ${f.channel} (${reason})`, {
+        channel: f.channel,
+      }),
+    );
+    this._emit("unsubscribed", { channel: f.channel, reason });
   }
 
   /** A command that resolves with its reply, waiting for a connection if needed. */
@@ -618,6 +799,7 @@ export class HeraldClient {
   _lost(code, reason) {
     const ws = this._ws;
     this._ws = null;
+    this._stopRefresh();
     if (ws) ws.onopen = ws.onmessage = ws.onclose = ws.onerror = null;
     clearTimeout(this._watchdog);
     const hadWelcome = this._welcome != null;
@@ -631,6 +813,14 @@ export class HeraldClient {
       cmd.reject(new HeraldError("disconnected", "the connection dropped before the reply"));
     }
 
+    if (code === CLOSE_KICKED) {
+      // Not an error of the client: the backend removed the user. Stop for good.
+      this._shutdown(
+        new HeraldError("close_4410", closeText(code, reason), { closeCode: code, fatal: true }),
+        { event: "kicked", value: { code, reason: reason ?? "" } },
+      );
+      return;
+    }
     if (code != null && FATAL_CLOSE.has(code)) {
       this._shutdown(
         new HeraldError(`close_${code}`, closeText(code, reason), { closeCode: code, fatal: true }),
@@ -679,8 +869,13 @@ export class HeraldClient {
     this._schedule(0);
   }
 
-  _shutdown(error) {
+  /**
+   * Stops for good. `error` rejects what waits and is emitted as "error", unless `instead`
+   * names another event to emit (4410 emits "kicked").
+   */
+  _shutdown(error, instead = null) {
     this._generation++;
+    this._stopRefresh();
     clearTimeout(this._timer);
     clearTimeout(this._watchdog);
     globalThis.removeEventListener?.("online", this._onOnline);
@@ -705,7 +900,8 @@ export class HeraldClient {
     for (const sub of this._subs.values()) settle(sub.waiters, closed);
     settle(this._connectWaiters, closed);
     this._setState("closed");
-    if (error) this._emit("error", error);
+    if (instead) this._emit(instead.event, instead.value);
+    else if (error) this._emit("error", error);
   }
 }
 
@@ -717,6 +913,24 @@ function newSub(pos) {
     confirmed: false,
     waiters: [],
   };
+}
+
+/** Whether `v` carries a usable `{offset, epoch}` (offsets beyond 2^53 are not). */
+function isPosition(v) {
+  return (
+    v !== null &&
+    typeof v === "object" &&
+    Number.isSafeInteger(v.offset) &&
+    v.offset >= 0 &&
+    typeof v.epoch === "string" &&
+    (v.channel === undefined || typeof v.channel === "string")
+  );
+}
+
+/** A duration from a frame, as a number of ms within [0, max]. */
+function clampMs(v, max) {
+  const n = Number(v);
+  return Number.isFinite(n) && n > 0 ? Math.min(n, max) : 0;
 }
 
 /** Settles and empties a waiter list: rejects with `error`, or resolves with `value`. */
@@ -734,6 +948,7 @@ function closeText(code, reason) {
     4400: "the node refused a frame as malformed",
     4401: "the token was refused",
     4403: "forbidden (origin not allowed)",
+    4410: "kicked: the backend removed the user",
   }[code];
   return `connection closed with ${code}${what ? ` (${what})` : ""}${reason ? `: ${reason}` : ""}`;
 }

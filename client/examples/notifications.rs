@@ -127,10 +127,11 @@ async fn main() -> anyhow::Result<()> {
                     println!("connected to {} as {} ({})", c.node, c.user, c.url)
                 }
                 Some(Event::Subscribed(s)) => println!(
-                    "following {} at #{}{}",
+                    "following {} at #{}{}{}",
                     s.channel,
                     s.position.offset,
-                    if s.recovered { " (recovered)" } else { "" }
+                    if s.recovered { " (recovered)" } else { "" },
+                    if s.by_server { " (added by the server)" } else { "" }
                 ),
                 Some(Event::Resync(r)) => {
                     println!("lost continuity on {}: reload it ({:?})", r.channel, r.cause)
@@ -140,6 +141,9 @@ async fn main() -> anyhow::Result<()> {
                 }
                 Some(Event::SubscribeFailed { channel, error }) => {
                     println!("cannot follow {channel}: {}", error.message)
+                }
+                Some(Event::Unsubscribed { channel, reason }) => {
+                    println!("no longer following {channel} ({reason})")
                 }
                 Some(Event::Stopped(reason)) => {
                     println!("stopped: {reason:?}");

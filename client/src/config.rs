@@ -36,7 +36,7 @@ pub enum Endpoint {
 pub(crate) enum TokenSource {
     /// One token for the client's life; a 4401 stops the client.
     Static(String),
-    /// Asked at the first connect and again after every 4401.
+    /// Asked at the first connect, after every 4401, and on `expiring` (refresh).
     Provider(Arc<dyn Fn() -> TokenFuture + Send + Sync>),
 }
 
@@ -113,16 +113,19 @@ impl ClientBuilder {
     }
 
     /// Uses one fixed token. If the server refuses it (4401), the client stops with
-    /// [`StopReason::Unauthorized`](crate::StopReason::Unauthorized).
+    /// [`StopReason::Unauthorized`](crate::StopReason::Unauthorized). It cannot be
+    /// refreshed, so a session ends at the token's `exp` (v1.1 servers close it then).
     pub fn token(mut self, token: impl Into<String>) -> Self {
         self.token = Some(TokenSource::Static(token.into()));
         self
     }
 
-    /// Gets tokens from a callback: once before the first connect, and again each time
-    /// the server refuses the current token (4401, for example after it expired).
-    /// Between those, reconnects reuse the last token. A callback error counts as a
-    /// failed attempt: the client backs off and asks again.
+    /// Gets tokens from a callback: once before the first connect, again each time the
+    /// server refuses the current token (4401, for example after it expired), and when
+    /// the server says the session's token is `expiring` (the client then refreshes the
+    /// open session with it; return a new token each time). Between those, reconnects
+    /// reuse the last token. A callback error counts as a failed attempt: the client
+    /// backs off and asks again (or, for a refresh, retries shortly until the expiry).
     pub fn token_provider<F, Fut, E>(mut self, provider: F) -> Self
     where
         F: Fn() -> Fut + Send + Sync + 'static,

@@ -13,12 +13,22 @@
 //! |---|---|
 //! | 4503 draining after `reconnect` | reconnect after the server's `after_ms`, to another node, no backoff |
 //! | 4503 without `reconnect` | back off (a jitter of up to 250 ms after a stable session), reconnect |
-//! | 4401 unauthorized | ask the token callback again, back off, reconnect; with a fixed token: stop |
+//! | 4401 unauthorized (also "token expired") | ask the token callback again, back off, reconnect; with a fixed token: stop |
+//! | 4410 kicked | stop ([`StopReason::Kicked`]) |
 //! | 4400, 4403, 1009 | stop ([`StopReason::Rejected`]) |
 //! | 4408, 4429, 4509, anything else, a broken connection, a silent one | back off, reconnect, resume |
+//!
+//! Within a session, `expiring` starts a token refresh ([`Refresh`]): the callback runs
+//! as a future polled by the session loop next to the socket, so messages keep flowing
+//! while it runs, and its `refresh` command is answered like any other.
+//!
+//! Nothing the server sends can stop or wedge the task: frames that do not parse are
+//! skipped (a `reply` among them still settles its command, with [`Error::Protocol`]),
+//! and durations taken from frames (`heartbeat_ms`, `after_ms`, `in_ms`) are capped.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -42,12 +52,13 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use crate::backoff::{jitter, Backoff};
 use crate::client::{Client, Events};
-use crate::config::{Config, TokenSource};
+use crate::config::{check_channel, Config, TokenSource};
 use crate::endpoints::Endpoints;
 use crate::error::Error;
 use crate::event::{
     Connected, DisconnectReason, Disconnected, Event, Message, State, StopReason, Subscription,
 };
+use crate::refresh::{Refresh, Stage};
 use crate::tracker::{Tracker, Verdict};
 
 /// The one-shot channel a command's answer goes back on.
@@ -57,6 +68,14 @@ type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 /// The least delay before a subscribe refused for a passing reason is tried again.
 const RETRY_MIN: Duration = Duration::from_millis(500);
+
+/// The longest heartbeat silence the watchdog accepts; `heartbeat_ms` is the server's
+/// word, and a huge one must neither overflow an `Instant` nor disable the watchdog for
+/// good.
+const MAX_SILENCE: Duration = Duration::from_secs(86_400);
+
+/// A token callback running for a refresh, bounded by the connect timeout.
+type Fetch = Pin<Box<dyn Future<Output = Result<String, String>> + Send>>;
 
 /// A request from a [`Client`] handle.
 pub(crate) enum Command {
@@ -159,6 +178,8 @@ enum Pending {
     Unsubscribe(Reply<()>),
     Publish(Reply<StreamPosition>),
     Presence(String, Reply<BTreeMap<String, u64>>),
+    /// A `refresh` with this new token.
+    Refresh(String),
     /// Sent by the task itself; nobody waits.
     Ignore,
 }
@@ -179,6 +200,10 @@ struct Session {
     retry_at: Option<Instant>,
     /// `after_ms` of a `reconnect` frame: a planned close follows.
     reconnect_after: Option<Duration>,
+    /// The token refresh after `expiring`.
+    refresh: Refresh,
+    /// The token callback of a refresh, while it runs.
+    fetch: Option<Fetch>,
 }
 
 impl Session {
@@ -330,8 +355,14 @@ impl Driver {
             _ => return Next::Retry(self.backoff.next_delay()),
         };
         match (CloseCode::from_code(code), after) {
-            // A drain: the server already spread its clients over `after_ms`.
-            (Some(CloseCode::Draining), Some(after)) => Next::Retry(after),
+            // A drain: the server already spread its clients over `after_ms` (capped:
+            // a bogus huge value must not park the client for good).
+            (Some(CloseCode::Draining), Some(after)) => {
+                Next::Retry(after.min(self.config.backoff_max))
+            }
+            (Some(CloseCode::Kicked), _) => Next::Stop(StopReason::Kicked {
+                reason: reason.clone(),
+            }),
             (Some(CloseCode::Unauthorized), _) => match self.config.token {
                 TokenSource::Static(_) => Next::Stop(StopReason::Unauthorized),
                 TokenSource::Provider(_) => {
@@ -427,6 +458,8 @@ impl Driver {
             retry: Vec::new(),
             retry_at: None,
             reconnect_after: None,
+            refresh: Refresh::default(),
+            fetch: None,
         };
         let end = match self.start_session(&mut session, welcome, url).await {
             Ok(heartbeat) => self.session_loop(&mut session, heartbeat).await,
@@ -510,14 +543,15 @@ impl Driver {
         // Any frame proves the connection alive; none for twice the heartbeat means it
         // is dead even if TCP has not noticed (a hung node, a dropped route).
         let silence = if heartbeat.is_zero() {
-            Duration::from_secs(86_400)
+            MAX_SILENCE
         } else {
-            heartbeat * 2
+            heartbeat.saturating_mul(2).min(MAX_SILENCE)
         };
         let watchdog = tokio::time::sleep(silence);
         tokio::pin!(watchdog);
         loop {
             let retry_at = session.retry_at;
+            let refresh_at = session.refresh.wake_at();
             // Commands first: they are few, and a busy socket must not starve them.
             let step = tokio::select! {
                 biased;
@@ -553,6 +587,16 @@ impl Driver {
                 }
                 () = tokio::time::sleep_until(retry_at.unwrap_or_else(Instant::now)),
                     if retry_at.is_some() => self.retry_subscribes(session).await,
+                token = async { session.fetch.as_mut().expect("guarded").await },
+                    if session.fetch.is_some() => {
+                    session.fetch = None;
+                    self.send_refresh(session, token).await
+                }
+                () = tokio::time::sleep_until(refresh_at.unwrap_or_else(Instant::now)),
+                    if refresh_at.is_some() => {
+                    self.refresh_due(session);
+                    Ok(())
+                }
             };
             if let Err(end) = step {
                 return end;
@@ -576,6 +620,7 @@ impl Driver {
             Err(e) => {
                 // Newer servers may add frame types: skip what this client does not know.
                 tracing::debug!(error = %e, "unknown server frame skipped");
+                self.malformed_reply(session, text, &e).await;
                 return Ok(());
             }
         };
@@ -610,13 +655,156 @@ impl Driver {
                 }
             }
             ServerFrame::Welcome(_) => tracing::debug!("second welcome ignored"),
-            ServerFrame::Expiring(_)
-            | ServerFrame::Subscribed(_)
-            | ServerFrame::Unsubscribed(_) => {
-                tracing::debug!("v1.1 frame not handled yet")
+            ServerFrame::Expiring(e) => self.expiring(session, e.in_ms),
+            ServerFrame::Subscribed(s) => {
+                // A name the server would refuse in the next `hello` (4400 there) is
+                // never followed.
+                if check_channel(&s.channel).is_err() {
+                    tracing::debug!(channel = %s.channel, "subscribed frame with a bad channel name skipped");
+                    return Ok(());
+                }
+                tracing::info!(channel = %s.channel, offset = s.offset, "subscribed by the server");
+                let subscription = self
+                    .tracker
+                    .subscribed_by_server(&s.channel, s.offset, &s.epoch);
+                self.emit(Event::Subscribed(subscription)).await;
+            }
+            ServerFrame::Unsubscribed(u) => {
+                if !self.tracker.remove(&u.channel) {
+                    tracing::debug!(channel = %u.channel, "unsubscribed from a channel not followed");
+                    return Ok(());
+                }
+                tracing::info!(channel = %u.channel, reason = %u.reason, "unsubscribed by the server");
+                // A `subscribe` of the application still waiting for this channel
+                // will not be confirmed any more.
+                for waiter in self.subscribers.remove(&u.channel).unwrap_or_default() {
+                    let _ = waiter.send(Err(Error::Cancelled(u.channel.clone())));
+                }
+                self.emit(Event::Unsubscribed {
+                    channel: u.channel,
+                    reason: u.reason,
+                })
+                .await;
             }
         }
         Ok(())
+    }
+
+    /// A frame that did not parse may still be the reply to a command in flight (an
+    /// error code this client does not know, a result of another shape): settle that
+    /// command now rather than let it wait for its timeout.
+    async fn malformed_reply(&mut self, session: &mut Session, text: &str, e: &serde_json::Error) {
+        #[derive(Deserialize)]
+        struct Loose {
+            #[serde(rename = "type")]
+            kind: serde_json::Value,
+            #[serde(default)]
+            id: serde_json::Value,
+        }
+        let Ok(loose) = serde_json::from_str::<Loose>(text) else {
+            return;
+        };
+        let Some(id) = loose.id.as_u64().filter(|_| loose.kind == "reply") else {
+            return;
+        };
+        let Some(pending) = session.pending.remove(&id) else {
+            return;
+        };
+        tracing::warn!(id, error = %e, "malformed reply");
+        let error = Error::Protocol(format!("malformed reply: {e}"));
+        match pending {
+            Pending::Subscribe(channel) => self.answer_subscribers(&channel, Err(error)),
+            Pending::Unsubscribe(reply) => drop(reply.send(Err(error))),
+            Pending::Publish(reply) => drop(reply.send(Err(error))),
+            Pending::Presence(_, reply) => drop(reply.send(Err(error))),
+            Pending::Refresh(_) => self.refresh_failed(session, "malformed reply"),
+            Pending::Ignore => {}
+        }
+    }
+
+    /// `expiring`: start a refresh through the token callback (a fixed token cannot be
+    /// refreshed: the session ends with 4401 at the token's `exp`).
+    fn expiring(&mut self, session: &mut Session, in_ms: u64) {
+        match self.config.token {
+            TokenSource::Static(_) => {
+                tracing::info!(in_ms, "token expiring; a fixed token cannot be refreshed");
+            }
+            TokenSource::Provider(_) => {
+                tracing::debug!(in_ms, "token expiring; refreshing");
+                session.refresh.expiring(Instant::now(), in_ms);
+            }
+        }
+    }
+
+    /// The refresh timer fired: ask the callback, or give up on a reply that never came.
+    fn refresh_due(&mut self, session: &mut Session) {
+        match session.refresh.stage() {
+            Stage::Wait(_) => {
+                let TokenSource::Provider(provider) = &self.config.token else {
+                    session.refresh.give_up();
+                    return;
+                };
+                let timeout = self.config.connect_timeout;
+                let token = provider();
+                session.fetch = Some(Box::pin(async move {
+                    match tokio::time::timeout(timeout, token).await {
+                        Err(_) => Err(format!("no token within {timeout:?}")),
+                        Ok(Err(e)) => Err(e.to_string()),
+                        Ok(Ok(token)) => Ok(token),
+                    }
+                }));
+                session.refresh.fetching();
+            }
+            Stage::Sent { id, .. } => {
+                session.pending.remove(&id);
+                self.refresh_failed(session, "no reply in time");
+            }
+            Stage::Fetching | Stage::Idle => {}
+        }
+    }
+
+    /// The callback answered: send `refresh` with the new token.
+    async fn send_refresh(
+        &mut self,
+        session: &mut Session,
+        token: Result<String, String>,
+    ) -> Result<(), End> {
+        let token = match token {
+            Ok(token) if token.is_empty() => {
+                self.refresh_failed(session, "the token callback returned an empty token");
+                return Ok(());
+            }
+            // The callback may cache tokens; the one about to expire is no refresh.
+            Ok(token) if self.token.as_deref() == Some(token.as_str()) => {
+                self.refresh_failed(session, "the token callback returned the expiring token");
+                return Ok(());
+            }
+            Ok(token) => token,
+            Err(e) => {
+                self.refresh_failed(session, &format!("token callback failed: {e}"));
+                return Ok(());
+            }
+        };
+        let id = self.next_id;
+        session
+            .refresh
+            .sent(id, Instant::now(), self.config.request_timeout);
+        let pending = Pending::Refresh(token.clone());
+        self.send(session, pending, |id| ClientCommand::Refresh { id, token })
+            .await
+    }
+
+    fn refresh_failed(&mut self, session: &mut Session, why: &str) {
+        match session.refresh.failed(Instant::now()) {
+            Some(next) => {
+                let retry_in = next.saturating_duration_since(Instant::now());
+                tracing::warn!(why, ?retry_in, "token refresh failed; retrying");
+            }
+            None => tracing::warn!(
+                why,
+                "token refresh failed; the session ends when the token expires (4401) and the client reconnects with a new token"
+            ),
+        }
     }
 
     async fn on_reply(&mut self, session: &mut Session, reply: ReplyFrame) {
@@ -653,6 +841,30 @@ impl Driver {
                     .and_then(parse::<Users>)
                     .map(|u| u.users);
                 let _ = reply.send(users);
+            }
+            Pending::Refresh(token) => {
+                if !reply.id.is_some_and(|id| session.refresh.is_pending(id)) {
+                    return; // an older refresh, given up already
+                }
+                match outcome {
+                    Ok(_) => {
+                        tracing::info!("token refreshed");
+                        session.refresh.succeeded();
+                        // The next `hello` uses it too.
+                        self.token = Some(token);
+                    }
+                    // A token of another user: asking again gives the same answer.
+                    // At `exp` the session ends (4401) and the reconnect path asks the
+                    // callback for whatever token it has then.
+                    Err(error) if error.code == ErrorCode::Forbidden => {
+                        tracing::warn!(error = %error.message, "token refresh refused (another user's token); not retrying");
+                        session.refresh.give_up();
+                    }
+                    Err(error) => {
+                        let why = format!("{}: {}", error.code.as_str(), error.message);
+                        self.refresh_failed(session, &why);
+                    }
+                }
             }
             Pending::Ignore => {}
         }
@@ -790,7 +1002,8 @@ impl Driver {
         for (_, p) in pending {
             match p {
                 // The channel is still followed: the next hello resumes it and answers.
-                Pending::Subscribe(_) | Pending::Ignore => {}
+                // A refresh ends with its session (the next hello has a token anyway).
+                Pending::Subscribe(_) | Pending::Ignore | Pending::Refresh(_) => {}
                 // The next hello will not include it: done.
                 Pending::Unsubscribe(reply) => {
                     let _ = reply.send(Ok(()));

@@ -32,8 +32,9 @@ pub enum Error {
     /// `subscribe` to a channel the client already follows (or is subscribing to).
     #[error("already subscribed to {0}")]
     AlreadySubscribed(String),
-    /// `unsubscribe` was called before the server confirmed this `subscribe`.
-    #[error("subscription to {0} cancelled by unsubscribe")]
+    /// `unsubscribe` was called before the server confirmed this `subscribe`, or the
+    /// server removed the channel meanwhile (an `unsubscribed` frame).
+    #[error("subscription to {0} cancelled before it was confirmed")]
     Cancelled(String),
     /// The channel name is not valid (checked locally, before anything is sent).
     #[error("invalid channel name {channel:?}: {reason}")]

@@ -18,8 +18,19 @@ pub enum Event {
     /// after `retry_in`, unless an [`Event::Stopped`] follows.
     Disconnected(Disconnected),
     /// A channel is live on the current session (after `subscribe`, or at every
-    /// `welcome` for each remembered channel, the personal channel included).
+    /// `welcome` for each remembered channel, the personal channel included, or when
+    /// the server added it: a `subscribed` frame, [`Subscription::by_server`]).
     Subscribed(Subscription),
+    /// The server removed a channel from the session (a `unsubscribed` frame: the
+    /// server API, or a refreshed token that no longer allows it). The client no longer
+    /// follows it.
+    Unsubscribed {
+        /// The channel.
+        channel: String,
+        /// The server's reason: `server` (the server API) or `permissions` (the
+        /// refreshed token no longer allows the channel); other values may come.
+        reason: String,
+    },
     /// The server refused a remembered channel (at `welcome` or in a `subscribe`
     /// reply); the client no longer follows it.
     SubscribeFailed {
@@ -78,6 +89,12 @@ pub struct Subscription {
     /// Whether every message after that position is delivered. `resumed && !recovered`
     /// means messages were lost to this client; an [`Event::Resync`] says so too.
     pub recovered: bool,
+    /// Whether the server added the channel to the session (`POST
+    /// /v1/users/{user}/subscribe`) rather than this client's `subscribe` or resume.
+    /// Messages after `position` follow. Such a channel is then followed like any
+    /// other: resumed after a reconnect, where the token decides whether it is still
+    /// allowed ([`Event::SubscribeFailed`] if not).
+    pub by_server: bool,
 }
 
 /// Details of [`Event::Connected`].
@@ -170,6 +187,13 @@ pub enum StopReason {
     },
     /// The server refused the token (4401) and no token callback can give a new one.
     Unauthorized,
+    /// The backend removed the user (close 4410, `POST /v1/users/{user}/disconnect`
+    /// with `"reconnect": false`): the client must not reconnect on its own. Start a
+    /// new client when the application decides the user may come back.
+    Kicked {
+        /// The close reason text (`kicked`).
+        reason: String,
+    },
 }
 
 /// The connection state, as [`Client::state`](crate::Client::state) reports it.

@@ -33,7 +33,14 @@
 //! - **Reconnecting.** Exponential backoff with full jitter (250 ms doubling up to 30 s by
 //!   default). Close codes are honoured: 4503 (draining) reconnects at once after the
 //!   server's jitter; 4401 asks the token callback for a new token; 4400, 4403 and 1009
-//!   stop the client ([`Event::Stopped`]); 4408, 4429, 4509 back off and resume.
+//!   stop the client ([`Event::Stopped`]), and so does 4410 (kicked:
+//!   [`StopReason::Kicked`]); 4408, 4429, 4509 back off and resume.
+//! - **Token refresh.** When the server says `expiring`, a client with a token callback
+//!   gets a fresh token and sends `refresh` in the open session, retrying shortly until
+//!   the token's expiry; messages keep flowing meanwhile.
+//! - **Server-side channels.** Channels the server adds (`subscribed`) are followed
+//!   like the client's own ([`Subscription::by_server`]); removed ones (`unsubscribed`)
+//!   are forgotten ([`Event::Unsubscribed`]).
 //! - **Resuming.** The client remembers every followed channel, the personal
 //!   `user:<sub>` channel included, with the position of the last message it delivered,
 //!   and sends them as `resume` in each `hello`. Messages at or below that position in
@@ -58,6 +65,7 @@
 //! - `connection`: the task that owns the socket and the reconnect policy;
 //! - `endpoints`: choosing the next node (rotation, `/v1/connect`);
 //! - `backoff`: exponential backoff with full jitter;
+//! - `refresh`: when to ask for a fresh token after `expiring`, and when to give up;
 //! - `tracker`: followed channels, positions, the duplicate filter;
 //! - [`event`] and [`error`]: what the application receives.
 
@@ -69,6 +77,7 @@ mod backoff;
 mod client;
 mod connection;
 mod endpoints;
+mod refresh;
 mod tracker;
 
 pub use client::{Client, Events};

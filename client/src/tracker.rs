@@ -133,8 +133,33 @@ impl Tracker {
             position: current,
             resumed,
             recovered,
+            by_server: false,
         };
         Some((subscription, resync))
+    }
+
+    /// Applies a server `subscribed` frame: follows the channel from `offset` (messages
+    /// after it follow), unless it is followed already with a position, which then stays
+    /// (the duplicate filter and the gap check go on from it). Returns the subscription
+    /// to report.
+    pub(crate) fn subscribed_by_server(
+        &mut self,
+        channel: &str,
+        offset: u64,
+        epoch: &str,
+    ) -> Subscription {
+        let current = StreamPosition::new(offset, epoch);
+        let slot = self.channels.entry(channel.to_owned()).or_default();
+        if slot.is_none() {
+            *slot = Some(current.clone());
+        }
+        Subscription {
+            channel: channel.to_owned(),
+            position: current,
+            resumed: false,
+            recovered: false,
+            by_server: true,
+        }
     }
 
     /// Decides about a message and, when it is delivered, records its position.
@@ -144,7 +169,11 @@ impl Tracker {
         };
         let verdict = match slot {
             Some(last) if last.epoch == epoch && offset <= last.offset => return Verdict::Drop,
-            Some(last) if last.epoch == epoch && offset == last.offset + 1 => Verdict::Deliver,
+            // `checked_add`: an offset of u64::MAX from a misbehaving server must not
+            // overflow.
+            Some(last) if last.epoch == epoch && Some(offset) == last.offset.checked_add(1) => {
+                Verdict::Deliver
+            }
             Some(_) => Verdict::DeliverAfterGap(Resync {
                 channel: channel.to_owned(),
                 position: StreamPosition::new(offset.saturating_sub(1), epoch),
@@ -267,6 +296,36 @@ mod tests {
         assert_eq!(r.cause, ResyncCause::Server);
         assert_eq!(t.message("a", 40, "e2"), Verdict::Drop);
         assert_eq!(t.message("a", 41, "e2"), Verdict::Deliver);
+    }
+
+    #[test]
+    fn a_server_subscribe_follows_from_the_given_offset() {
+        let mut t = Tracker::default();
+        let sub = t.subscribed_by_server("room:9", 4, "e");
+        assert!(sub.by_server && !sub.resumed);
+        assert_eq!(t.message("room:9", 4, "e"), Verdict::Drop);
+        assert_eq!(t.message("room:9", 5, "e"), Verdict::Deliver);
+        assert_eq!(t.resume()["room:9"], StreamPosition::new(5, "e"));
+        // Already followed with a position: the position stays.
+        t.subscribed_by_server("room:9", 2, "e");
+        assert_eq!(t.message("room:9", 5, "e"), Verdict::Drop);
+        assert_eq!(t.message("room:9", 6, "e"), Verdict::Deliver);
+        // Followed but not confirmed yet (a subscribe in flight): the server's position.
+        t.add("room:10", None);
+        t.subscribed_by_server("room:10", 7, "e");
+        assert_eq!(t.message("room:10", 8, "e"), Verdict::Deliver);
+    }
+
+    #[test]
+    fn extreme_offsets_do_not_overflow() {
+        let mut t = Tracker::default();
+        t.add("a", Some(StreamPosition::new(u64::MAX - 1, "e")));
+        assert_eq!(t.message("a", u64::MAX, "e"), Verdict::Deliver);
+        assert_eq!(t.message("a", u64::MAX, "e"), Verdict::Drop);
+        assert!(matches!(
+            t.message("a", 0, "f"),
+            Verdict::DeliverAfterGap(_)
+        ));
     }
 
     #[test]

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use herald_testkit::process::NodeProcess;
 use herald_testkit::redis::RedisServer;
-use herald_testkit::{token, API_KEY};
+use herald_testkit::{token, API_KEY, SECRET};
 use serde_json::json;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::Command;
@@ -93,6 +93,8 @@ async fn herald_js_and_demo_page_in_chromium() {
     std::fs::create_dir_all(&artifacts).expect("artifacts dir");
     let config = json!({
         "apiKey": API_KEY,
+        // Scenario 6 signs short-lived tokens itself.
+        "secret": SECRET,
         "historySize": history.parse::<u64>().unwrap(),
         "nodes": nodes.iter().map(|n| json!({"id": n.id, "http": n.http()})).collect::<Vec<_>>(),
         "plain": {

@@ -8,6 +8,7 @@
 
 import { createInterface } from "node:readline";
 import { readFileSync } from "node:fs";
+import { createHmac } from "node:crypto";
 import { fileURLToPath } from "node:url";
 import assert from "node:assert/strict";
 import { chromium } from "playwright-core";
@@ -560,6 +561,66 @@ async function heartbeatAndToken(browser) {
   ]);
 }
 
+// ---- scenario 5: frames no real node sends (a fake socket in the page) --------------------
+
+async function fakeFrames(page) {
+  say("scenario 5: odd and hostile frames, v1.1 frames, refresh, kicked (fake socket)");
+  const out = await within(page.evaluate(() => H.fakeChecks()), "the fake-socket checks");
+  say(`fake socket: ${out.odd} odd frames skipped, delivery went on`);
+}
+
+// ---- scenario 6: token refresh and kicks on a real node ------------------------------------
+
+/** An HS256 token signed with the nodes' secret (the page cannot sign: it gets these). */
+function mintToken(user, ttlSecs) {
+  const b64 = (v) => Buffer.from(JSON.stringify(v)).toString("base64url");
+  const head = b64({ alg: "HS256", typ: "JWT" });
+  const exp = Math.floor(Date.now() / 1000) + ttlSecs;
+  const body = b64({ sub: user, exp, channels: ["*"], publish: ["*"] });
+  const sig = createHmac("sha256", config.secret).update(`${head}.${body}`).digest("base64url");
+  return `${head}.${body}.${sig}`;
+}
+
+async function refreshAndKick(page) {
+  say("scenario 6: 4 s tokens refreshed in one session; disconnect 4401 and kick 4410 via the API");
+  const node = nodes[1];
+  await page.exposeFunction("mintToken", mintToken);
+  await within(
+    page.evaluate(async (url) => {
+      const getToken = () => globalThis.mintToken("rita", 4);
+      await H.make("rita", { url, getToken, backoffMaxMs: 500 }).connect();
+    }, `ws://${new URL(node.http).host}/ws`),
+    "rita connects",
+  );
+  // Pushes while the session outlives two tokens (each refreshed at half its life).
+  let pushed = 0;
+  const deadline = Date.now() + WAIT;
+  while ((await page.evaluate(() => H.report("rita").refreshed)) < 2) {
+    assert.ok(Date.now() < deadline, "timed out waiting for two refreshes");
+    await publish("user:rita", { n: pushed++ });
+    await sleep(200);
+  }
+  const end = await latest("user:rita");
+  await waitLast(page, "rita", "user:rita", end.offset);
+  let rita = await page.evaluate(() => H.report("rita"));
+  assertExact(rita, "user:rita", 1, end.offset);
+  assert.equal(rita.nodes.length, 1, "one session across the token expiries");
+  assert.deepEqual(rita.disconnects, [], "no disconnect");
+  say(`rita: ${rita.refreshed} refreshes, ${pushed} messages, one session`);
+
+  assert.equal((await api(node, "POST", "/v1/users/rita/disconnect", { reconnect: true })).sessions, 1);
+  await waitIn(page, () => H.report("rita").nodes.length === 2, null, "rita back after 4401");
+  assert.equal(await page.evaluate(() => H.client("rita").state), "connected");
+  assert.equal((await api(node, "POST", "/v1/users/rita/disconnect", { reconnect: false })).sessions, 1);
+  await waitIn(page, () => H.client("rita").state === "closed", null, "rita stopped by the kick");
+  await sleep(500); // a reconnect would be under way by now (backoff ≤ 500 ms)
+  rita = await page.evaluate(() => H.report("rita"));
+  assert.deepEqual(rita.disconnects, [4401], "4401, then the kick (no disconnect event)");
+  assert.deepEqual(rita.kicked.map((k) => k.code), [4410]);
+  assert.equal(rita.nodes.length, 2, "no reconnect after the kick");
+  assert.deepEqual(rita.errors.filter((e) => e.fatal), [], "a kick is not an error");
+}
+
 // ---- main ------------------------------------------------------------------------------
 
 async function main() {
@@ -585,8 +646,10 @@ async function main() {
   try {
     say(`chromium ${browser.version()}`);
     const page = await nodeFailures(browser);
+    await fakeFrames(page);
     await demo(browser);
     await lossReported(page);
+    await refreshAndKick(page);
     await heartbeatAndToken(browser);
   } finally {
     await browser.close();

@@ -39,6 +39,8 @@ pub struct Record {
     pub disconnected: Vec<Disconnected>,
     pub subscribed: Vec<Subscription>,
     pub failed: Vec<(String, ErrorBody)>,
+    /// `Event::Unsubscribed`: (channel, reason).
+    pub unsubscribed: Vec<(String, String)>,
     pub stopped: Option<StopReason>,
     pub ended: bool,
 }
@@ -90,6 +92,9 @@ impl Recorder {
                         Event::Subscribed(x) => rec.subscribed.push(x),
                         Event::SubscribeFailed { channel, error } => {
                             rec.failed.push((channel, error))
+                        }
+                        Event::Unsubscribed { channel, reason } => {
+                            rec.unsubscribed.push((channel, reason))
                         }
                         Event::Stopped(x) => rec.stopped = Some(x),
                     }
