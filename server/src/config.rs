@@ -27,6 +27,8 @@ pub struct Config {
 
     /// Unset: single node with the in-memory broker. `redis://host:port[/db]`: one Redis.
     /// `redis-cluster://host:port[,host:port…]`: Redis Cluster with sharded pub/sub.
+    /// `redis-sentinel://host:port[,host:port…]/service-name`: a primary with replicas
+    /// behind Redis Sentinel (the hosts are the sentinels); the node follows a failover.
     #[arg(long, env = "HERALD_REDIS_URL")]
     pub redis_url: Option<String>,
 
@@ -167,6 +169,17 @@ pub struct Config {
     #[arg(long, env = "HERALD_REDIS_SUBSCRIBER_BUFFER", default_value_t = 16_384)]
     pub redis_subscriber_buffer: usize,
 
+    /// Replicas that must acknowledge a publish (Redis `WAIT`) before the API answers
+    /// 200; 0: no wait. When fewer acknowledge within `HERALD_REDIS_WAIT_TIMEOUT_MS`,
+    /// the publish answers 503 `unavailable` (the message may still have been delivered).
+    #[arg(long, env = "HERALD_REDIS_WAIT_REPLICAS", default_value_t = 0)]
+    pub redis_wait_replicas: u32,
+
+    /// Milliseconds a publish waits for `HERALD_REDIS_WAIT_REPLICAS` replicas (at most
+    /// 1500: Redis commands time out after 2 s).
+    #[arg(long, env = "HERALD_REDIS_WAIT_TIMEOUT_MS", default_value_t = 500)]
+    pub redis_wait_timeout_ms: u64,
+
     /// Seconds after which a silent node is dropped from the registry and presence.
     #[arg(long, env = "HERALD_NODE_TTL_SECS", default_value_t = 10)]
     pub node_ttl_secs: u64,
@@ -175,6 +188,9 @@ pub struct Config {
     #[arg(long, env = "HERALD_LOG_FORMAT", default_value = "text")]
     pub log_format: String,
 }
+
+/// The longest `WAIT` a publish may do: it must end well before the command timeout.
+const MAX_WAIT_TIMEOUT_MS: u64 = 1_500;
 
 impl Default for Config {
     /// The documented defaults, without reading the environment (for tests and embedding).
@@ -224,6 +240,10 @@ impl Config {
             // refreshing cheap (one PEXPIRE per channel every TTL/3).
             presence_ttl: node_ttl.saturating_mul(PRESENCE_TTL_FACTOR),
             subscriber_buffer: self.redis_subscriber_buffer.max(1),
+            wait_replicas: self.redis_wait_replicas,
+            wait_timeout: Duration::from_millis(
+                self.redis_wait_timeout_ms.clamp(1, MAX_WAIT_TIMEOUT_MS),
+            ),
         }
     }
 }
