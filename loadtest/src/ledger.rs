@@ -5,6 +5,15 @@
 //! an offset seen twice is a duplicate, an offset below the highest one seen is
 //! reordered. After the drain period, lost = accepted offsets a connection never saw.
 //! Offsets are small dense integers (1, 2, 3 … per channel), so bitsets hold them.
+//!
+//! Offsets count per epoch: when a channel starts a new epoch (Redis lost its data, or
+//! a Sentinel failover), offsets start again at 1. So accepted offsets are kept per
+//! epoch ([`AcceptedByEpoch`]), and a connection that a `resync` (or `recovered:
+//! false`) moved to a new epoch keeps what it saw of the old one apart. Accepted
+//! messages of an epoch the connection was told to leave, and never got, are counted
+//! as `resynced_away`: the client knows it must reload, so they are not silent losses.
+
+use std::collections::BTreeMap;
 
 /// A growable set of offsets.
 #[derive(Debug, Default, Clone)]
@@ -54,8 +63,11 @@ impl BitSet {
     }
 }
 
-/// The offsets the publish API accepted for one channel.
+/// The offsets the publish API accepted for one channel (in one epoch).
 pub type Accepted = BitSet;
+
+/// The offsets the publish API accepted for one channel, per epoch.
+pub type AcceptedByEpoch = BTreeMap<String, Accepted>;
 
 /// What one connection saw of one channel, across its reconnects.
 #[derive(Debug, Default)]
@@ -76,6 +88,8 @@ pub struct Seen {
     pub not_recovered: u64,
     /// Messages of another epoch than the one this connection started in.
     pub foreign_epoch: u64,
+    /// Offsets received in epochs a `resync` / `recovered: false` moved it away from.
+    pub past: Vec<(String, BitSet)>,
 }
 
 impl Seen {
@@ -104,17 +118,39 @@ impl Seen {
         } else if !recovered {
             self.not_recovered += 1;
             if self.epoch != epoch {
-                self.epoch = epoch.to_owned();
+                self.leave_epoch(epoch);
+                self.last = offset;
+            } else {
+                self.last = self.last.max(offset);
             }
-            self.last = self.last.max(offset);
         }
     }
 
     /// Records a `resync`: continue from the server's position.
     pub fn resync(&mut self, offset: u64, epoch: &str) {
         self.resyncs += 1;
-        self.epoch = epoch.to_owned();
+        if self.epoch != epoch {
+            self.leave_epoch(epoch);
+        }
         self.last = offset;
+    }
+
+    /// Keeps what was seen of the current epoch apart and starts `epoch`.
+    fn leave_epoch(&mut self, epoch: &str) {
+        let old = std::mem::replace(&mut self.epoch, epoch.to_owned());
+        let offsets = std::mem::take(&mut self.offsets);
+        self.past.push((old, offsets));
+    }
+
+    /// The offsets seen in `epoch`, and whether the connection was told to leave it.
+    fn seen_in(&self, epoch: &str) -> (Option<&BitSet>, bool) {
+        if self.epoch == epoch {
+            return (Some(&self.offsets), false);
+        }
+        match self.past.iter().find(|(e, _)| e == epoch) {
+            Some((_, offsets)) => (Some(offsets), true),
+            None => (None, false),
+        }
     }
 }
 
@@ -135,15 +171,32 @@ pub struct Totals {
     pub not_recovered: u64,
     /// Deliveries of offsets the API never confirmed (the publish answer was lost).
     pub unacknowledged: u64,
+    /// Accepted messages of an epoch the connection was told to leave (`resync`,
+    /// `recovered: false`) and never got: announced, not silent.
+    pub resynced_away: u64,
 }
 
 impl Totals {
     /// Adds one connection's view of a channel whose accepted offsets are `accepted`.
-    pub fn add(&mut self, seen: &Seen, accepted: &Accepted) {
-        let missing = accepted.count_missing_from(&seen.offsets);
-        self.lost += missing;
-        self.delivered += accepted.len() - missing;
-        self.unacknowledged += seen.offsets.count_missing_from(accepted);
+    pub fn add(&mut self, seen: &Seen, accepted: &AcceptedByEpoch) {
+        let empty = BitSet::default();
+        for (epoch, accepted) in accepted {
+            let (offsets, left) = seen.seen_in(epoch);
+            let offsets = offsets.unwrap_or(&empty);
+            let missing = accepted.count_missing_from(offsets);
+            if left {
+                self.resynced_away += missing;
+            } else {
+                self.lost += missing;
+            }
+            self.delivered += accepted.len() - missing;
+        }
+        for (epoch, offsets) in std::iter::once((&seen.epoch, &seen.offsets))
+            .chain(seen.past.iter().map(|(e, o)| (e, o)))
+        {
+            let accepted = accepted.get(epoch).unwrap_or(&empty);
+            self.unacknowledged += offsets.count_missing_from(accepted);
+        }
         self.duplicates += seen.duplicates;
         self.reordered += seen.reordered;
         self.resyncs += seen.resyncs;
@@ -169,12 +222,39 @@ mod tests {
         assert!(seen.deliver(2, "e"));
         assert!(seen.deliver(6, "e"));
         let mut t = Totals::default();
-        t.add(&seen, &accepted);
+        t.add(&seen, &AcceptedByEpoch::from([("e".to_owned(), accepted)]));
         assert_eq!(t.delivered, 3);
         assert_eq!(t.lost, 2);
         assert_eq!(t.duplicates, 1);
         assert_eq!(t.reordered, 1);
         assert_eq!(t.unacknowledged, 1);
+    }
+
+    #[test]
+    fn a_new_epoch_after_a_resync_is_counted_apart() {
+        let mut old = Accepted::default();
+        let mut new = Accepted::default();
+        for o in 1..=4 {
+            old.insert(o);
+        }
+        for o in 1..=2 {
+            new.insert(o);
+        }
+        let mut seen = Seen::default();
+        seen.welcome(0, "a", false);
+        assert!(seen.deliver(1, "a"));
+        assert!(seen.deliver(2, "a"));
+        // Offsets 3 and 4 of `a` were lost with the failover; the server says so.
+        seen.resync(0, "b");
+        assert!(seen.deliver(1, "b"));
+        assert!(seen.deliver(2, "b"));
+        let mut t = Totals::default();
+        t.add(
+            &seen,
+            &AcceptedByEpoch::from([("a".to_owned(), old), ("b".to_owned(), new)]),
+        );
+        assert_eq!((t.delivered, t.lost, t.duplicates), (4, 0, 0));
+        assert_eq!((t.resynced_away, t.resyncs, t.unacknowledged), (2, 1, 0));
     }
 
     #[test]
