@@ -90,6 +90,9 @@ pub struct Seen {
     pub foreign_epoch: u64,
     /// Offsets received in epochs a `resync` / `recovered: false` moved it away from.
     pub past: Vec<(String, BitSet)>,
+    /// The highest position in the current epoch a `resync` / `recovered: false` put
+    /// the connection at: offsets up to it that it never got were announced.
+    pub told_upto: u64,
 }
 
 impl Seen {
@@ -123,6 +126,7 @@ impl Seen {
             } else {
                 self.last = self.last.max(offset);
             }
+            self.told_upto = self.told_upto.max(offset);
         }
     }
 
@@ -133,6 +137,7 @@ impl Seen {
             self.leave_epoch(epoch);
         }
         self.last = offset;
+        self.told_upto = self.told_upto.max(offset);
     }
 
     /// Keeps what was seen of the current epoch apart and starts `epoch`.
@@ -140,16 +145,18 @@ impl Seen {
         let old = std::mem::replace(&mut self.epoch, epoch.to_owned());
         let offsets = std::mem::take(&mut self.offsets);
         self.past.push((old, offsets));
+        self.told_upto = 0;
     }
 
-    /// The offsets seen in `epoch`, and whether the connection was told to leave it.
-    fn seen_in(&self, epoch: &str) -> (Option<&BitSet>, bool) {
+    /// The offsets seen in `epoch`, and up to which offset the connection was told it
+    /// would not get them (every offset of an epoch it was told to leave).
+    fn seen_in(&self, epoch: &str) -> (Option<&BitSet>, u64) {
         if self.epoch == epoch {
-            return (Some(&self.offsets), false);
+            return (Some(&self.offsets), self.told_upto);
         }
         match self.past.iter().find(|(e, _)| e == epoch) {
-            Some((_, offsets)) => (Some(offsets), true),
-            None => (None, false),
+            Some((_, offsets)) => (Some(offsets), u64::MAX),
+            None => (None, 0),
         }
     }
 }
@@ -181,14 +188,16 @@ impl Totals {
     pub fn add(&mut self, seen: &Seen, accepted: &AcceptedByEpoch) {
         let empty = BitSet::default();
         for (epoch, accepted) in accepted {
-            let (offsets, left) = seen.seen_in(epoch);
+            let (offsets, told_upto) = seen.seen_in(epoch);
             let offsets = offsets.unwrap_or(&empty);
             let missing = accepted.count_missing_from(offsets);
-            if left {
-                self.resynced_away += missing;
-            } else {
-                self.lost += missing;
-            }
+            let announced = accepted
+                .iter()
+                .take_while(|o| *o <= told_upto)
+                .filter(|o| !offsets.contains(*o))
+                .count() as u64;
+            self.resynced_away += announced;
+            self.lost += missing - announced;
             self.delivered += accepted.len() - missing;
         }
         for (epoch, offsets) in std::iter::once((&seen.epoch, &seen.offsets))
@@ -244,17 +253,17 @@ mod tests {
         seen.welcome(0, "a", false);
         assert!(seen.deliver(1, "a"));
         assert!(seen.deliver(2, "a"));
-        // Offsets 3 and 4 of `a` were lost with the failover; the server says so.
-        seen.resync(0, "b");
-        assert!(seen.deliver(1, "b"));
+        // Offsets 3 and 4 of `a` were lost with the failover, and `b` 1 went by before
+        // the resync; the server says so.
+        seen.resync(1, "b");
         assert!(seen.deliver(2, "b"));
         let mut t = Totals::default();
         t.add(
             &seen,
             &AcceptedByEpoch::from([("a".to_owned(), old), ("b".to_owned(), new)]),
         );
-        assert_eq!((t.delivered, t.lost, t.duplicates), (4, 0, 0));
-        assert_eq!((t.resynced_away, t.resyncs, t.unacknowledged), (2, 1, 0));
+        assert_eq!((t.delivered, t.lost, t.duplicates), (3, 0, 0));
+        assert_eq!((t.resynced_away, t.resyncs, t.unacknowledged), (3, 1, 0));
     }
 
     #[test]
