@@ -279,4 +279,17 @@ mod tests {
         assert_eq!(c.allowed_origins.unwrap().len(), 2);
         assert!(c.dev);
     }
+
+    #[test]
+    fn redis_wait_timeout_is_bounded_by_the_command_timeout() {
+        let mut c = Config::default();
+        assert_eq!(c.broker_settings().wait_replicas, 0);
+        c.redis_wait_timeout_ms = 60_000;
+        assert_eq!(
+            c.broker_settings().wait_timeout,
+            Duration::from_millis(MAX_WAIT_TIMEOUT_MS)
+        );
+        c.redis_wait_timeout_ms = 0;
+        assert_eq!(c.broker_settings().wait_timeout, Duration::from_millis(1));
+    }
 }

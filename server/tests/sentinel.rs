@@ -128,6 +128,55 @@ fn scripts_start_a_new_epoch_when_the_replication_id_changes() {
     assert_eq!(publish(&replica, "c", "{}", "N", "1"), (2, "M".to_owned()));
 }
 
+/// `HERALD_REDIS_WAIT_REPLICAS=1` on a Redis without a replica: the publish is
+/// answered 503 `unavailable` once the wait times out (not after the 2 s command
+/// timeout); with a replica attached the same publish is answered 200.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_no_replica_acknowledged_answers_503() {
+    let primary = RedisServer::start();
+    let prefix = format!("h{}:wait:", std::process::id());
+    let url = primary.url();
+    let node = NodeProcess::start(
+        "wait0",
+        &[
+            ("HERALD_REDIS_URL", url.as_str()),
+            ("HERALD_REDIS_PREFIX", prefix.as_str()),
+            ("HERALD_REDIS_WAIT_REPLICAS", "1"),
+            ("HERALD_REDIS_WAIT_TIMEOUT_MS", "300"),
+        ],
+    );
+    node.wait_ready(Duration::from_secs(15)).await;
+    let client = reqwest::Client::new();
+    let body = json!({"channel": "room:w", "data": {"n": 1}});
+    let started = Instant::now();
+    let (status, answer) = node::publish_to(&client, &node.http(), body.clone()).await;
+    let took = started.elapsed();
+    assert_eq!(status, 503, "{answer}");
+    assert_eq!(answer["error"]["code"], "unavailable", "{answer}");
+    assert!(
+        answer.to_string().contains("0 of 1 redis replicas"),
+        "{answer}"
+    );
+    assert!(took < Duration::from_millis(1_900), "took {took:?}");
+
+    let replica = RedisServer::start();
+    let port = primary.port().to_string();
+    assert_eq!(replica.cli(&["replicaof", "127.0.0.1", &port]), "OK");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let (status, answer) = node::publish_to(&client, &node.http(), body.clone()).await;
+        if status == 200 {
+            break;
+        }
+        assert_eq!(status, 503, "{answer}");
+        assert!(
+            Instant::now() < deadline,
+            "publishes never acknowledged: {answer}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Accepted publishes per channel: (epoch, offset).
 type Accepted = Arc<Mutex<BTreeMap<String, Vec<(String, u64)>>>>;
 
