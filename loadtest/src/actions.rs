@@ -1,4 +1,5 @@
-//! Timed actions of `chaos`: `--action "at=5s kill node=2"` (kill, drain, restart a node)
+//! Timed actions of `chaos`: `--action "at=5s kill node=2"` (kill, drain, restart a node),
+//! `--action "at=5s failover-redis"` (kill the Redis primary of `--redis sentinel`)
 //! and `--exec "at=5s cmd=…"` (any shell command, for clusters run by something else:
 //! `scripts/dev-cluster`, systemd, an orchestrator).
 //!
@@ -26,6 +27,9 @@ pub enum Step {
     Restart(usize),
     /// Run a shell command.
     Exec(String),
+    /// SIGKILL the Redis primary of a spawned Sentinel topology; the sentinels promote
+    /// the replica.
+    FailoverRedis,
 }
 
 /// A step at a time since the start of publishing.
@@ -70,7 +74,8 @@ pub fn parse_duration(s: &str) -> anyhow::Result<Duration> {
     Ok(Duration::from_secs_f64(v * scale))
 }
 
-/// Parses `at=5s kill|drain|restart node=2` (nodes count from 1).
+/// Parses `at=5s kill|drain|restart node=2` (nodes count from 1) or
+/// `at=5s failover-redis`.
 pub fn parse_action(text: &str) -> anyhow::Result<Action> {
     let mut at = None;
     let mut verb = None;
@@ -90,12 +95,24 @@ pub fn parse_action(text: &str) -> anyhow::Result<Action> {
         }
     }
     let at = at.ok_or_else(|| anyhow!("action {text:?} needs at=TIME"))?;
+    if verb == Some("failover-redis") {
+        if node.is_some() {
+            bail!("action {text:?}: failover-redis takes no node=");
+        }
+        return Ok(Action {
+            at,
+            step: Step::FailoverRedis,
+            text: text.to_owned(),
+        });
+    }
     let node = node.ok_or_else(|| anyhow!("action {text:?} needs node=N"))?;
     let step = match verb {
         Some("kill") => Step::Kill(node),
         Some("drain") => Step::Drain(node),
         Some("restart") => Step::Restart(node),
-        other => bail!("action {text:?}: unknown verb {other:?} (kill, drain, restart)"),
+        other => {
+            bail!("action {text:?}: unknown verb {other:?} (kill, drain, restart, failover-redis)")
+        }
     };
     Ok(Action {
         at,
@@ -137,6 +154,19 @@ impl Target {
             let node = match a.step {
                 Step::Kill(i) | Step::Drain(i) | Step::Restart(i) => i,
                 Step::Exec(_) => continue,
+                Step::FailoverRedis => {
+                    let sentinel = self
+                        .cluster
+                        .as_ref()
+                        .is_some_and(|c| c.lock().is_ok_and(|c| c.has_sentinel()));
+                    if !sentinel {
+                        bail!(
+                            "{:?}: failover-redis needs --spawn-cluster with --redis sentinel",
+                            a.text
+                        );
+                    }
+                    continue;
+                }
             };
             if node >= self.nodes.len() {
                 bail!("{:?}: there are only {} nodes", a.text, self.nodes.len());
@@ -187,13 +217,14 @@ impl Target {
                 let shared = Arc::clone(cluster);
                 let step2 = step.clone();
                 // Restart may wait for a draining process: keep it off the runtime.
-                tokio::task::spawn_blocking(move || {
+                let detail = tokio::task::spawn_blocking(move || {
                     let mut c = shared.lock().expect("cluster lock");
                     match step2 {
-                        Step::Kill(i) => c.kill(i),
-                        Step::Drain(i) => c.drain(i),
-                        Step::Restart(i) => c.restart(i),
-                        Step::Exec(_) => Ok(()),
+                        Step::Kill(i) => c.kill(i).map(|()| String::new()),
+                        Step::Drain(i) => c.drain(i).map(|()| String::new()),
+                        Step::Restart(i) => c.restart(i).map(|()| String::new()),
+                        Step::FailoverRedis => c.failover_redis(),
+                        Step::Exec(_) => Ok(String::new()),
                     }
                 })
                 .await??;
@@ -201,11 +232,12 @@ impl Target {
                     let api = cluster.lock().expect("cluster lock").apis()[*i].clone();
                     cluster::wait_ready(&api).await?;
                 }
-                Ok(String::new())
+                Ok(detail)
             }
             (Step::Kill(i), None) => self.signal(*i, "KILL"),
             (Step::Drain(i), None) => self.signal(*i, "TERM"),
             (Step::Restart(_), None) => bail!("restart needs --spawn-cluster"),
+            (Step::FailoverRedis, None) => bail!("failover-redis needs --spawn-cluster"),
         }
     }
 
@@ -280,6 +312,11 @@ mod tests {
         assert!(parse_action("at=5s explode node=1").is_err());
         assert!(parse_action("at=5s kill node=0").is_err());
         assert!(parse_action("kill node=1").is_err());
+        assert_eq!(
+            parse_action("at=2s failover-redis").unwrap().step,
+            Step::FailoverRedis
+        );
+        assert!(parse_action("at=2s failover-redis node=1").is_err());
         let e = parse_exec("at=1.5s cmd=kill -9 $(cat /tmp/x.pid)").unwrap();
         assert_eq!(e.at, Duration::from_millis(1500));
         assert_eq!(e.step, Step::Exec("kill -9 $(cat /tmp/x.pid)".into()));

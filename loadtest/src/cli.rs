@@ -84,6 +84,10 @@ pub struct Common {
     /// The redis-server binary for `--spawn-cluster`.
     #[arg(long, default_value = "redis-server")]
     pub redis_server: String,
+    /// The Redis of `--spawn-cluster`: `single` (one redis-server) or `sentinel` (a
+    /// primary, a replica and three sentinels; enables the `failover-redis` action).
+    #[arg(long, default_value = "single", value_parser = ["single", "sentinel"])]
+    pub redis: String,
     /// Drain window of spawned nodes (`HERALD_DRAIN_MS`), ms.
     #[arg(long, default_value_t = 2000)]
     pub node_drain_ms: u64,

@@ -2,6 +2,10 @@
 //! nodes on free loopback ports, so that `chaos` can kill, drain and restart nodes by
 //! index. Everything it started is killed when the run ends (on drop).
 //!
+//! With `--redis sentinel` the Redis is a Sentinel topology instead (herald_testkit's
+//! [`RedisSentinel`]: a primary, a replica, three sentinels) and the nodes use a
+//! `redis-sentinel://` URL, so that `failover-redis` can kill the primary.
+//!
 //! Nodes inherit this process's environment, so any `HERALD_*` tuning set in the shell
 //! applies to them; the listen address, Redis URL, keys and node id are set here.
 
@@ -11,7 +15,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
+use anyhow::{anyhow, bail, Context};
+use herald_testkit::sentinel::RedisSentinel;
 
 /// A node process started by the load generator.
 struct SpawnedNode {
@@ -25,6 +30,8 @@ pub struct Cluster {
     dir: PathBuf,
     bin: PathBuf,
     redis: Option<Child>,
+    /// The Sentinel topology, with `--redis sentinel` (instead of `redis`).
+    sentinel: Option<RedisSentinel>,
     nodes: Vec<SpawnedNode>,
 }
 
@@ -42,6 +49,8 @@ pub struct ClusterOptions<'a> {
     pub api_key: &'a str,
     /// The nodes' drain window (`HERALD_DRAIN_MS`).
     pub drain_ms: u64,
+    /// Start a Sentinel topology instead of one redis-server.
+    pub sentinel: bool,
 }
 
 fn free_port() -> anyhow::Result<u16> {
@@ -65,43 +74,25 @@ impl Cluster {
     pub async fn start(o: ClusterOptions<'_>) -> anyhow::Result<Cluster> {
         let dir = std::env::temp_dir().join(format!("herald-loadtest-{}", std::process::id()));
         std::fs::create_dir_all(&dir)?;
-        let redis_port = free_port()?;
-        let redis = Command::new(o.redis_server)
-            .args([
-                "--port",
-                &redis_port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-            ])
-            .args([
-                "--appendonly",
-                "no",
-                "--protected-mode",
-                "no",
-                "--logfile",
-                "redis.log",
-            ])
-            .current_dir(&dir)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .with_context(|| format!("start {}", o.redis_server))?;
+        let (redis, sentinel, redis_url) = if o.sentinel {
+            // The testkit helper blocks (process starts, redis-cli) and panics on
+            // failure: off the runtime, with the panic turned into an error.
+            let topology = tokio::task::spawn_blocking(RedisSentinel::start)
+                .await
+                .map_err(|e| anyhow!("could not start the Sentinel topology: {e}"))?;
+            let url = topology.url();
+            (None, Some(topology), url)
+        } else {
+            let (redis, port) = start_redis(o.redis_server, &dir).await?;
+            (Some(redis), None, format!("redis://127.0.0.1:{port}"))
+        };
         let mut cluster = Cluster {
             dir,
             bin: o.herald_bin.to_owned(),
-            redis: Some(redis),
+            redis,
+            sentinel,
             nodes: Vec::new(),
         };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !redis_ping(redis_port) {
-            if Instant::now() > deadline {
-                bail!("redis-server did not answer PING on port {redis_port}");
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
         for i in 0..o.nodes {
             let port = free_port()?;
             let env = vec![
@@ -111,10 +102,7 @@ impl Cluster {
                     "HERALD_PUBLIC_URL".into(),
                     format!("ws://127.0.0.1:{port}/ws"),
                 ),
-                (
-                    "HERALD_REDIS_URL".into(),
-                    format!("redis://127.0.0.1:{redis_port}"),
-                ),
+                ("HERALD_REDIS_URL".into(), redis_url.clone()),
                 ("HERALD_JWT_SECRET".into(), o.jwt_secret.into()),
                 ("HERALD_API_KEY".into(), o.api_key.into()),
                 ("HERALD_DRAIN_MS".into(), o.drain_ms.to_string()),
@@ -135,6 +123,38 @@ impl Cluster {
             cluster.wait_ready(i).await?;
         }
         Ok(cluster)
+    }
+
+    /// Whether the Redis is a Sentinel topology (`failover-redis` works).
+    pub fn has_sentinel(&self) -> bool {
+        self.sentinel.is_some()
+    }
+
+    /// Kills the Redis primary (SIGKILL), waits until the sentinels promoted the
+    /// replica, and starts the killed server again (empty; the sentinels make it the
+    /// new replica). Returns what happened, with the time to promotion.
+    pub fn failover_redis(&mut self) -> anyhow::Result<String> {
+        let topology = self
+            .sentinel
+            .as_mut()
+            .ok_or_else(|| anyhow!("failover-redis needs --redis sentinel"))?;
+        let started = Instant::now();
+        // The testkit helpers panic when a wait runs out: turned into an error here.
+        let (old, promoted, took) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let old = topology.kill_primary();
+            let promoted = topology.wait_promoted(old, Duration::from_secs(30));
+            let took = started.elapsed();
+            topology.servers[old].restart();
+            (old, promoted, took)
+        }))
+        .map_err(|_| anyhow!("the Redis failover did not complete within 30 s"))?;
+        let _ = old;
+        Ok(format!(
+            "primary killed, replica on port {} promoted after {} ms; the old primary \
+             restarted as a replica",
+            topology.servers[promoted].port(),
+            took.as_millis()
+        ))
     }
 
     fn spawn(&mut self, i: usize) -> anyhow::Result<()> {
@@ -226,6 +246,42 @@ impl Cluster {
             .get_mut(i)
             .with_context(|| format!("no node {} (the cluster has {n})", i + 1))
     }
+}
+
+/// Starts one redis-server without persistence in `dir`; returns it and its port.
+async fn start_redis(bin: &str, dir: &Path) -> anyhow::Result<(Child, u16)> {
+    let redis_port = free_port()?;
+    let redis = Command::new(bin)
+        .args([
+            "--port",
+            &redis_port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+        ])
+        .args([
+            "--appendonly",
+            "no",
+            "--protected-mode",
+            "no",
+            "--logfile",
+            "redis.log",
+        ])
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .with_context(|| format!("start {bin}"))?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !redis_ping(redis_port) {
+        if Instant::now() > deadline {
+            bail!("redis-server did not answer PING on port {redis_port}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok((redis, redis_port))
 }
 
 /// Waits (up to 30 s) until `api` answers `/readyz` with 200.

@@ -5,6 +5,15 @@
 //! an offset seen twice is a duplicate, an offset below the highest one seen is
 //! reordered. After the drain period, lost = accepted offsets a connection never saw.
 //! Offsets are small dense integers (1, 2, 3 … per channel), so bitsets hold them.
+//!
+//! Offsets count per epoch: when a channel starts a new epoch (Redis lost its data, or
+//! a Sentinel failover), offsets start again at 1. So accepted offsets are kept per
+//! epoch ([`AcceptedByEpoch`]), and a connection that a `resync` (or `recovered:
+//! false`) moved to a new epoch keeps what it saw of the old one apart. Accepted
+//! messages of an epoch the connection was told to leave, and never got, are counted
+//! as `resynced_away`: the client knows it must reload, so they are not silent losses.
+
+use std::collections::BTreeMap;
 
 /// A growable set of offsets.
 #[derive(Debug, Default, Clone)]
@@ -54,8 +63,11 @@ impl BitSet {
     }
 }
 
-/// The offsets the publish API accepted for one channel.
+/// The offsets the publish API accepted for one channel (in one epoch).
 pub type Accepted = BitSet;
+
+/// The offsets the publish API accepted for one channel, per epoch.
+pub type AcceptedByEpoch = BTreeMap<String, Accepted>;
 
 /// What one connection saw of one channel, across its reconnects.
 #[derive(Debug, Default)]
@@ -76,6 +88,11 @@ pub struct Seen {
     pub not_recovered: u64,
     /// Messages of another epoch than the one this connection started in.
     pub foreign_epoch: u64,
+    /// Offsets received in epochs a `resync` / `recovered: false` moved it away from.
+    pub past: Vec<(String, BitSet)>,
+    /// The highest position in the current epoch a `resync` / `recovered: false` put
+    /// the connection at: offsets up to it that it never got were announced.
+    pub told_upto: u64,
 }
 
 impl Seen {
@@ -104,17 +121,43 @@ impl Seen {
         } else if !recovered {
             self.not_recovered += 1;
             if self.epoch != epoch {
-                self.epoch = epoch.to_owned();
+                self.leave_epoch(epoch);
+                self.last = offset;
+            } else {
+                self.last = self.last.max(offset);
             }
-            self.last = self.last.max(offset);
+            self.told_upto = self.told_upto.max(offset);
         }
     }
 
     /// Records a `resync`: continue from the server's position.
     pub fn resync(&mut self, offset: u64, epoch: &str) {
         self.resyncs += 1;
-        self.epoch = epoch.to_owned();
+        if self.epoch != epoch {
+            self.leave_epoch(epoch);
+        }
         self.last = offset;
+        self.told_upto = self.told_upto.max(offset);
+    }
+
+    /// Keeps what was seen of the current epoch apart and starts `epoch`.
+    fn leave_epoch(&mut self, epoch: &str) {
+        let old = std::mem::replace(&mut self.epoch, epoch.to_owned());
+        let offsets = std::mem::take(&mut self.offsets);
+        self.past.push((old, offsets));
+        self.told_upto = 0;
+    }
+
+    /// The offsets seen in `epoch`, and up to which offset the connection was told it
+    /// would not get them (every offset of an epoch it was told to leave).
+    fn seen_in(&self, epoch: &str) -> (Option<&BitSet>, u64) {
+        if self.epoch == epoch {
+            return (Some(&self.offsets), self.told_upto);
+        }
+        match self.past.iter().find(|(e, _)| e == epoch) {
+            Some((_, offsets)) => (Some(offsets), u64::MAX),
+            None => (None, 0),
+        }
     }
 }
 
@@ -135,15 +178,34 @@ pub struct Totals {
     pub not_recovered: u64,
     /// Deliveries of offsets the API never confirmed (the publish answer was lost).
     pub unacknowledged: u64,
+    /// Accepted messages of an epoch the connection was told to leave (`resync`,
+    /// `recovered: false`) and never got: announced, not silent.
+    pub resynced_away: u64,
 }
 
 impl Totals {
     /// Adds one connection's view of a channel whose accepted offsets are `accepted`.
-    pub fn add(&mut self, seen: &Seen, accepted: &Accepted) {
-        let missing = accepted.count_missing_from(&seen.offsets);
-        self.lost += missing;
-        self.delivered += accepted.len() - missing;
-        self.unacknowledged += seen.offsets.count_missing_from(accepted);
+    pub fn add(&mut self, seen: &Seen, accepted: &AcceptedByEpoch) {
+        let empty = BitSet::default();
+        for (epoch, accepted) in accepted {
+            let (offsets, told_upto) = seen.seen_in(epoch);
+            let offsets = offsets.unwrap_or(&empty);
+            let missing = accepted.count_missing_from(offsets);
+            let announced = accepted
+                .iter()
+                .take_while(|o| *o <= told_upto)
+                .filter(|o| !offsets.contains(*o))
+                .count() as u64;
+            self.resynced_away += announced;
+            self.lost += missing - announced;
+            self.delivered += accepted.len() - missing;
+        }
+        for (epoch, offsets) in std::iter::once((&seen.epoch, &seen.offsets))
+            .chain(seen.past.iter().map(|(e, o)| (e, o)))
+        {
+            let accepted = accepted.get(epoch).unwrap_or(&empty);
+            self.unacknowledged += offsets.count_missing_from(accepted);
+        }
         self.duplicates += seen.duplicates;
         self.reordered += seen.reordered;
         self.resyncs += seen.resyncs;
@@ -169,12 +231,39 @@ mod tests {
         assert!(seen.deliver(2, "e"));
         assert!(seen.deliver(6, "e"));
         let mut t = Totals::default();
-        t.add(&seen, &accepted);
+        t.add(&seen, &AcceptedByEpoch::from([("e".to_owned(), accepted)]));
         assert_eq!(t.delivered, 3);
         assert_eq!(t.lost, 2);
         assert_eq!(t.duplicates, 1);
         assert_eq!(t.reordered, 1);
         assert_eq!(t.unacknowledged, 1);
+    }
+
+    #[test]
+    fn a_new_epoch_after_a_resync_is_counted_apart() {
+        let mut old = Accepted::default();
+        let mut new = Accepted::default();
+        for o in 1..=4 {
+            old.insert(o);
+        }
+        for o in 1..=2 {
+            new.insert(o);
+        }
+        let mut seen = Seen::default();
+        seen.welcome(0, "a", false);
+        assert!(seen.deliver(1, "a"));
+        assert!(seen.deliver(2, "a"));
+        // Offsets 3 and 4 of `a` were lost with the failover, and `b` 1 went by before
+        // the resync; the server says so.
+        seen.resync(1, "b");
+        assert!(seen.deliver(2, "b"));
+        let mut t = Totals::default();
+        t.add(
+            &seen,
+            &AcceptedByEpoch::from([("a".to_owned(), old), ("b".to_owned(), new)]),
+        );
+        assert_eq!((t.delivered, t.lost, t.duplicates), (3, 0, 0));
+        assert_eq!((t.resynced_away, t.resyncs, t.unacknowledged), (3, 1, 0));
     }
 
     #[test]

@@ -17,10 +17,13 @@ pub struct Publisher {
 }
 
 /// The API's answer to a publish.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 pub struct Published {
     /// The message's offset.
     pub offset: u64,
+    /// The channel's epoch the offset belongs to.
+    #[serde(default)]
+    pub epoch: String,
 }
 
 impl Publisher {

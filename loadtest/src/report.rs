@@ -38,6 +38,11 @@ pub struct Report {
     pub resyncs: u64,
     /// Resumes answered `recovered: false`.
     pub not_recovered: u64,
+    /// Accepted messages a connection never got because a `resync` / `recovered:
+    /// false` moved it to a new epoch (a Redis failover or data loss): announced to the
+    /// client, so not counted as lost (`push`, `chaos`).
+    #[serde(default)]
+    pub resynced_away: u64,
     /// Deliveries of offsets whose publish call did not return an answer (not counted
     /// as sent; they are not duplicates either).
     pub unacknowledged: u64,
@@ -159,8 +164,8 @@ impl Report {
                 self.sent, self.delivered, self.lost, self.duplicates, self.reordered, self.resyncs, self.not_recovered
             );
             s += &format!(
-                "publish errors {}   unacknowledged deliveries {}\n",
-                self.publish_errors, self.unacknowledged
+                "publish errors {}   unacknowledged deliveries {}   resynced away {}\n",
+                self.publish_errors, self.unacknowledged, self.resynced_away
             );
         }
         let what = if self.scenario == "connections" {

@@ -90,6 +90,7 @@ impl Setup {
                 jwt_secret: &secret,
                 api_key: &key,
                 drain_ms: c.node_drain_ms,
+                sentinel: c.redis == "sentinel",
             })
             .await?;
             if c.url.is_empty() {

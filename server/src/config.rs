@@ -28,6 +28,8 @@ pub struct Config {
 
     /// Unset: single node with the in-memory broker. `redis://host:port[/db]`: one Redis.
     /// `redis-cluster://host:port[,host:port…]`: Redis Cluster with sharded pub/sub.
+    /// `redis-sentinel://host:port[,host:port…]/service-name`: a primary with replicas
+    /// behind Redis Sentinel (the hosts are the sentinels); the node follows a failover.
     #[arg(long, env = "HERALD_REDIS_URL")]
     pub redis_url: Option<String>,
 
@@ -179,6 +181,17 @@ pub struct Config {
     #[arg(long, env = "HERALD_REDIS_SUBSCRIBER_BUFFER", default_value_t = 16_384)]
     pub redis_subscriber_buffer: usize,
 
+    /// Replicas that must acknowledge a publish (Redis `WAIT`) before the API answers
+    /// 200; 0: no wait. When fewer acknowledge within `HERALD_REDIS_WAIT_TIMEOUT_MS`,
+    /// the publish answers 503 `unavailable` (the message may still have been delivered).
+    #[arg(long, env = "HERALD_REDIS_WAIT_REPLICAS", default_value_t = 0)]
+    pub redis_wait_replicas: u32,
+
+    /// Milliseconds a publish waits for `HERALD_REDIS_WAIT_REPLICAS` replicas (at most
+    /// 1500: Redis commands time out after 2 s).
+    #[arg(long, env = "HERALD_REDIS_WAIT_TIMEOUT_MS", default_value_t = 500)]
+    pub redis_wait_timeout_ms: u64,
+
     /// Seconds after which a silent node is dropped from the registry and presence.
     #[arg(long, env = "HERALD_NODE_TTL_SECS", default_value_t = 10)]
     pub node_ttl_secs: u64,
@@ -212,6 +225,9 @@ pub fn parse_switch(value: &str) -> Result<bool, String> {
         ))
     }
 }
+
+/// The longest `WAIT` a publish may do: it must end well before the command timeout.
+const MAX_WAIT_TIMEOUT_MS: u64 = 1_500;
 
 impl Default for Config {
     /// The documented defaults, without reading the environment (for tests and embedding).
@@ -261,6 +277,10 @@ impl Config {
             // refreshing cheap (one PEXPIRE per channel every TTL/3).
             presence_ttl: node_ttl.saturating_mul(PRESENCE_TTL_FACTOR),
             subscriber_buffer: self.redis_subscriber_buffer.max(1),
+            wait_replicas: self.redis_wait_replicas,
+            wait_timeout: Duration::from_millis(
+                self.redis_wait_timeout_ms.clamp(1, MAX_WAIT_TIMEOUT_MS),
+            ),
         }
     }
 }
@@ -322,5 +342,18 @@ mod tests {
         assert_eq!(c.listen.port(), 9000);
         assert_eq!(c.allowed_origins.unwrap().len(), 2);
         assert!(c.dev);
+    }
+
+    #[test]
+    fn redis_wait_timeout_is_bounded_by_the_command_timeout() {
+        let mut c = Config::default();
+        assert_eq!(c.broker_settings().wait_replicas, 0);
+        c.redis_wait_timeout_ms = 60_000;
+        assert_eq!(
+            c.broker_settings().wait_timeout,
+            Duration::from_millis(MAX_WAIT_TIMEOUT_MS)
+        );
+        c.redis_wait_timeout_ms = 0;
+        assert_eq!(c.broker_settings().wait_timeout, Duration::from_millis(1));
     }
 }

@@ -22,7 +22,7 @@ use std::time::Duration;
 use haproxy::workspace;
 use herald_server::config::parse_switch;
 use herald_testkit::process::{free_port, start_refused, NodeProcess};
-use serde_json::Value;
+use serde_json::{json, Value};
 
 /// Runs a program in the workspace with `env` and no other HERALD_ variable (nor
 /// RUST_LOG) of the test's own environment.
@@ -168,7 +168,12 @@ fn assert_agree(env: &[(&str, &str)]) {
     let compose = compose_config(env);
     let services = compose["services"].as_object().expect("services");
     let plan = dev_cluster_plan(env);
-    let names: BTreeSet<&str> = services.keys().map(String::as_str).collect();
+    // Services of a profile (`sentinel`) only run when it is asked for.
+    let names: BTreeSet<&str> = services
+        .iter()
+        .filter(|(_, s)| s.get("profiles").is_none())
+        .map(|(n, _)| n.as_str())
+        .collect();
     assert_eq!(
         names,
         plan.keys().map(String::as_str).collect(),
@@ -318,6 +323,67 @@ fn compose_and_dev_cluster_follow_the_same_overrides() {
         ("HERALD_NODE3_PORT", "18083"),
         ("HERALD_REDIS_PORT", "16390"),
     ]);
+}
+
+/// The `sentinel` profile of compose and `HERALD_REDIS=sentinel scripts/dev-cluster`
+/// run the same Sentinel topology: the Redis as first primary, a replica of it, three
+/// sentinels watching service `herald` with quorum 2; and the node URL the compose file
+/// documents names exactly those sentinels.
+#[test]
+fn compose_sentinel_profile_and_dev_cluster_sentinel_mode_agree() {
+    let url = "redis-sentinel://sentinel1:26379,sentinel2:26379,sentinel3:26379/herald";
+    let compose = compose_config(&[("HERALD_COMPOSE_REDIS_URL", url)]);
+    let services = compose["services"].as_object().expect("services");
+    let plan = dev_cluster_plan(&[("HERALD_REDIS", "sentinel")]);
+    let names: BTreeSet<&str> = services.keys().map(String::as_str).collect();
+    assert_eq!(
+        names,
+        plan.keys().map(String::as_str).collect(),
+        "compose --profile sentinel and dev-cluster sentinel mode run different services"
+    );
+    let profiled: BTreeSet<&str> = services
+        .iter()
+        .filter(|(_, s)| s["profiles"] == json!(["sentinel"]))
+        .map(|(n, _)| n.as_str())
+        .collect();
+    assert_eq!(
+        profiled,
+        BTreeSet::from(["redis-replica", "sentinel1", "sentinel2", "sentinel3"]),
+        "only the Sentinel services belong to the profile"
+    );
+    let replica = services["redis-replica"]["command"].to_string();
+    assert!(
+        replica.contains(r#""--replicaof","redis","6379""#),
+        "{replica}"
+    );
+    assert_eq!(
+        plan["redis-replica"]["replicaof"],
+        format!("127.0.0.1 {}", plan["redis"]["port"])
+    );
+    for s in ["sentinel1", "sentinel2", "sentinel3"] {
+        let command = services[s]["command"].to_string();
+        assert!(
+            command.contains("sentinel monitor herald redis 6379 2"),
+            "{command}"
+        );
+        assert!(command.contains("port 26379"), "{command}");
+        assert!(url.contains(&format!("{s}:26379")));
+        assert_eq!(
+            plan[s]["monitor"],
+            format!("herald 127.0.0.1 {} 2", plan["redis"]["port"])
+        );
+    }
+    for node in ["node1", "node2", "node3"] {
+        assert_eq!(env_of(&services[node])["HERALD_REDIS_URL"], url);
+        let ports: Vec<String> = ["sentinel1", "sentinel2", "sentinel3"]
+            .iter()
+            .map(|s| format!("127.0.0.1:{}", plan[*s]["port"]))
+            .collect();
+        assert_eq!(
+            plan_env(&plan[node])["HERALD_REDIS_URL"],
+            format!("redis-sentinel://{}/herald", ports.join(","))
+        );
+    }
 }
 
 fn haproxy_check(kind: &str, env: &[(&str, &str)]) {

@@ -29,6 +29,8 @@ fn settings() -> BrokerSettings {
         node_ttl: Duration::from_secs(10),
         presence_ttl: Duration::from_secs(10),
         subscriber_buffer: 16_384,
+        wait_replicas: 0,
+        wait_timeout: Duration::from_millis(500),
     }
 }
 

@@ -1,6 +1,7 @@
 //! Real components for Herald's tests, shared by every crate of the workspace:
 //!
 //! - [`redis`]: `redis-server` processes and a local Redis Cluster on free ports;
+//! - [`sentinel`]: a primary, a replica and three sentinels, for failover tests;
 //! - [`process`]: the real `herald` binary as a child process (SIGKILL, SIGTERM, restart);
 //! - [`proxy`]: a TCP fault proxy that cuts, black-holes and restores connections;
 //! - [`SECRET`], [`API_KEY`] and [`token`]: the keys every test node shares;
@@ -11,6 +12,7 @@
 pub mod process;
 pub mod proxy;
 pub mod redis;
+pub mod sentinel;
 
 use std::time::{SystemTime, UNIX_EPOCH};
 

@@ -18,8 +18,8 @@ use crate::actions::{self, Action};
 use crate::cli::PushArgs;
 use crate::client::{now_us, Counters, Handler, Payload, SessionOptions};
 use crate::latency::{Latency, Percentiles};
-use crate::ledger::{Accepted, Seen, Totals};
-use crate::publish::{self, Publisher};
+use crate::ledger::{AcceptedByEpoch, Seen, Totals};
+use crate::publish::{self, Published, Publisher};
 use crate::report::{ReconnectStats, Report};
 use crate::scenario::{connect_all, settings};
 use crate::setup::Setup;
@@ -29,7 +29,7 @@ use crate::token::Signer;
 #[derive(Default)]
 struct Book {
     seen: Seen,
-    accepted: Accepted,
+    accepted: AcceptedByEpoch,
 }
 
 /// The shared state of a push run; the connection tasks write into it.
@@ -216,26 +216,27 @@ pub async fn run(args: &PushArgs, actions: Vec<Action>, scenario: &str) -> anyho
                         publish::to_user(&state.users[user], &Payload::json(now_us(), seq))
                     })
                     .collect();
-                let outcomes: Vec<Result<u64, String>> = if batch == 1 {
+                let outcomes: Vec<Result<Published, String>> = if batch == 1 {
                     vec![publisher
                         .publish(node, bodies.into_iter().next().expect("one body"))
                         .await
-                        .map(|p| p.offset)
                         .map_err(|e| format!("{e:#}"))]
                 } else {
                     match publisher.publish_batch(node, &bodies).await {
-                        Ok(results) => results.into_iter().map(|r| r.map(|p| p.offset)).collect(),
+                        Ok(results) => results,
                         Err(e) => vec![Err(format!("{e:#}")); batch],
                     }
                 };
                 for (&user, outcome) in users.iter().zip(outcomes) {
                     match outcome {
-                        Ok(offset) => {
+                        Ok(published) => {
                             state.books[user]
                                 .lock()
                                 .expect("book lock")
                                 .accepted
-                                .insert(offset);
+                                .entry(published.epoch)
+                                .or_default()
+                                .insert(published.offset);
                             sent.fetch_add(1, Ordering::Relaxed);
                         }
                         Err(e) => {
@@ -302,6 +303,7 @@ pub async fn run(args: &PushArgs, actions: Vec<Action>, scenario: &str) -> anyho
         duration_s: window,
         resyncs: totals.resyncs,
         not_recovered: totals.not_recovered,
+        resynced_away: totals.resynced_away,
         unacknowledged: totals.unacknowledged,
         publish_errors: errors.load(Ordering::Relaxed),
         connect_failures: counters.failed.load(Ordering::Relaxed),

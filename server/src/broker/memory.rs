@@ -391,6 +391,8 @@ mod tests {
             node_ttl: Duration::from_secs(10),
             presence_ttl: Duration::from_secs(10),
             subscriber_buffer: 16,
+            wait_replicas: 0,
+            wait_timeout: Duration::from_millis(500),
         }
     }
 

@@ -156,6 +156,11 @@ pub struct BrokerSettings {
     /// Publications the Redis subscriber connection may hold for the reader before it
     /// drops the oldest (a lag, repaired from history). Unused by the memory broker.
     pub subscriber_buffer: usize,
+    /// Replicas that must acknowledge a publish (Redis `WAIT`) before it counts as done;
+    /// 0: none. Unused by the memory broker.
+    pub wait_replicas: u32,
+    /// How long a publish waits for `wait_replicas`.
+    pub wait_timeout: Duration,
 }
 
 /// Failures of the broker.

@@ -7,12 +7,19 @@
 -- ARGV[3]  first stream id to return: `<since + 1>-0`
 -- ARGV[4]  max messages to return
 -- ARGV[5]  history ttl in ms
+-- ARGV[6]  '1': check the primary's replication id (Sentinel mode), '' otherwise
 --
 -- Returns {offset, epoch, id1, data1, id2, data2, ...}, oldest first. With a limit of 0
 -- it is the position read: {offset, epoch}. Reading keeps the epoch alive for another
 -- meta ttl, so an idle channel with subscribers keeps its epoch.
 local meta, stream = KEYS[1], KEYS[2]
 local epoch = redis.call('HGET', meta, 'e')
+-- Sentinel mode: a channel last written under another replication id starts a new
+-- epoch, exactly as in publish.lua (see keys.rs).
+local replid = ARGV[6] == '1' and string.match(redis.call('INFO', 'replication'), 'master_replid:(%x+)') or nil
+if replid and epoch and redis.call('HGET', meta, 'r') ~= replid then
+  epoch = nil
+end
 local offset = 0
 if not epoch then
   epoch = ARGV[1]
@@ -20,6 +27,9 @@ if not epoch then
   redis.call('HSET', meta, 'e', epoch, 'o', 0)
 else
   offset = tonumber(redis.call('HGET', meta, 'o') or '0')
+end
+if replid and redis.call('EXISTS', meta) == 1 then
+  redis.call('HSET', meta, 'r', replid)
 end
 redis.call('PEXPIRE', meta, ARGV[2])
 local out = {offset, epoch}

@@ -26,7 +26,7 @@
 
 use std::fmt;
 
-use fred::types::config::{Config, ServerConfig};
+use fred::types::config::{Config, Server, ServerConfig};
 
 /// Where the broker's Redis is, parsed from the configured URL.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -35,6 +35,44 @@ pub(crate) enum Topology {
     Single,
     /// Redis Cluster (`redis-cluster://host:port[,host:port…]`): sharded pub/sub.
     Cluster,
+    /// A primary with replicas found through Redis Sentinel
+    /// (`redis-sentinel://host:port[,host:port…]/service-name`): classic pub/sub on the
+    /// current primary, which fred finds again after a failover. The scripts check the
+    /// primary's replication id, see [`SENTINEL_FLAG`].
+    Sentinel,
+}
+
+/// The scripts' "check the replication id" argument: `1` in Sentinel mode, empty
+/// otherwise.
+///
+/// Replication is asynchronous, so a promoted replica may lack the last writes of the
+/// old primary: offsets that clients already saw may be handed out again, for other
+/// messages. A promoted replica always gets a new replication id (`master_replid`), so
+/// with this flag the publish and history scripts read the current id (`INFO
+/// replication`, inside the script, so it is always the id of the Redis that runs it)
+/// and store it in the channel's meta hash (field `r`). A channel last written under
+/// another id starts a new epoch: its history is dropped and offsets restart at 1, and
+/// the hub sends `resync` / `recovered: false` to clients at the old epoch. Only in
+/// Sentinel mode: a single Redis restarted from its AOF also gets a new id, and keeps
+/// its epochs (its data is what it wrote).
+pub(crate) const SENTINEL_FLAG: &str = "1";
+
+impl Topology {
+    /// The scripts' replication id argument for this topology, see [`SENTINEL_FLAG`].
+    pub(crate) fn replid_flag(&self) -> &'static str {
+        match self {
+            Topology::Sentinel => SENTINEL_FLAG,
+            Topology::Single | Topology::Cluster => "",
+        }
+    }
+
+    /// The command that publishes to a channel: sharded in a cluster.
+    pub(crate) fn publish_command(&self) -> &'static str {
+        match self {
+            Topology::Single | Topology::Sentinel => "PUBLISH",
+            Topology::Cluster => "SPUBLISH",
+        }
+    }
 }
 
 /// A `HERALD_REDIS_URL` that cannot be used.
@@ -47,50 +85,103 @@ impl fmt::Display for BadUrl {
     }
 }
 
-/// Parses `redis://host:port[/db]` or `redis-cluster://host:port[,host:port…]` into a
-/// fred config. fred's own cluster URL syntax lists extra nodes as `?node=`; ours is a
-/// comma list, so the cluster form is parsed here.
+/// Parses `redis://host:port[/db]`, `redis-cluster://host:port[,host:port…]` or
+/// `redis-sentinel://host:port[,host:port…]/service-name[/db]` into a fred config.
+/// fred's own URL syntax lists extra nodes as `?node=` and the service as a query
+/// parameter; ours is a comma list and a path, so those forms are parsed here. Both take
+/// `user:password@` or `password@` before the hosts, like `redis://`; in Sentinel mode
+/// the sentinels are authenticated with the same credentials as the Redis servers.
 pub(crate) fn parse_url(url: &str) -> Result<(Config, Topology), BadUrl> {
     if let Some(rest) = url.strip_prefix("redis-cluster://") {
-        let (auth, hosts) = match rest.rsplit_once('@') {
-            Some((auth, hosts)) => (Some(auth), hosts),
-            None => (None, rest),
-        };
-        let hosts = hosts.trim_end_matches('/');
-        let mut servers = Vec::new();
-        for host in hosts.split(',') {
-            let (name, port) = host
-                .rsplit_once(':')
-                .ok_or_else(|| BadUrl(format!("cluster node `{host}` needs host:port")))?;
-            let port: u16 = port
-                .parse()
-                .map_err(|_| BadUrl(format!("bad port in cluster node `{host}`")))?;
-            let name = name.trim_start_matches('[').trim_end_matches(']');
-            if name.is_empty() {
-                return Err(BadUrl(format!("cluster node `{host}` needs a host")));
-            }
-            servers.push((name.to_owned(), port));
-        }
+        let (auth, hosts) = split_auth(rest);
+        let servers = parse_hosts(hosts.trim_end_matches('/'), "cluster node")?;
         let mut config = Config {
             server: ServerConfig::new_clustered(servers),
             ..Config::default()
         };
-        if let Some(auth) = auth {
-            let (user, pass) = match auth.split_once(':') {
-                Some((user, pass)) => (Some(user.to_owned()).filter(|u| !u.is_empty()), pass),
-                None => (None, auth),
-            };
-            config.username = user;
-            config.password = Some(pass.to_owned());
-        }
+        apply_auth(&mut config, auth);
         Ok((config, Topology::Cluster))
+    } else if let Some(rest) = url.strip_prefix("redis-sentinel://") {
+        let (auth, rest) = split_auth(rest);
+        let (hosts, path) = rest
+            .split_once('/')
+            .ok_or_else(|| BadUrl("a sentinel URL needs /service-name after the hosts".into()))?;
+        let (service, database) = match path.trim_end_matches('/').split_once('/') {
+            Some((service, db)) => {
+                let db: u8 = db
+                    .parse()
+                    .map_err(|_| BadUrl(format!("bad database `{db}` in sentinel URL")))?;
+                (service, Some(db))
+            }
+            None => (path.trim_end_matches('/'), None),
+        };
+        if service.is_empty() {
+            return Err(BadUrl(
+                "a sentinel URL needs /service-name after the hosts".into(),
+            ));
+        }
+        let servers = parse_hosts(hosts, "sentinel")?;
+        let mut config = Config {
+            server: ServerConfig::Sentinel {
+                hosts: servers
+                    .into_iter()
+                    .map(|(h, p)| Server::new(h, p))
+                    .collect(),
+                service_name: service.to_owned(),
+            },
+            database,
+            ..Config::default()
+        };
+        apply_auth(&mut config, auth);
+        Ok((config, Topology::Sentinel))
     } else if url.starts_with("redis://") {
         let config = Config::from_url_centralized(url).map_err(|e| BadUrl(e.to_string()))?;
         Ok((config, Topology::Single))
     } else {
         Err(BadUrl(
-            "expected redis://host:port[/db] or redis-cluster://host:port[,host:port…]".into(),
+            "expected redis://host:port[/db], redis-cluster://host:port[,host:port…] or \
+             redis-sentinel://host:port[,host:port…]/service-name"
+                .into(),
         ))
+    }
+}
+
+/// Splits `[auth@]rest` at the last `@` (a password may contain `@`).
+fn split_auth(rest: &str) -> (Option<&str>, &str) {
+    match rest.rsplit_once('@') {
+        Some((auth, hosts)) => (Some(auth), hosts),
+        None => (None, rest),
+    }
+}
+
+/// Parses `host:port[,host:port…]`; `what` names a host in errors.
+fn parse_hosts(hosts: &str, what: &str) -> Result<Vec<(String, u16)>, BadUrl> {
+    let mut servers = Vec::new();
+    for host in hosts.split(',') {
+        let (name, port) = host
+            .rsplit_once(':')
+            .ok_or_else(|| BadUrl(format!("{what} `{host}` needs host:port")))?;
+        let port: u16 = port
+            .parse()
+            .map_err(|_| BadUrl(format!("bad port in {what} `{host}`")))?;
+        let name = name.trim_start_matches('[').trim_end_matches(']');
+        if name.is_empty() {
+            return Err(BadUrl(format!("{what} `{host}` needs a host")));
+        }
+        servers.push((name.to_owned(), port));
+    }
+    Ok(servers)
+}
+
+/// Sets `user:password` or `password` credentials.
+fn apply_auth(config: &mut Config, auth: Option<&str>) {
+    if let Some(auth) = auth {
+        let (user, pass) = match auth.split_once(':') {
+            Some((user, pass)) => (Some(user.to_owned()).filter(|u| !u.is_empty()), pass),
+            None => (None, auth),
+        };
+        config.username = user;
+        config.password = Some(pass.to_owned());
     }
 }
 
@@ -278,6 +369,34 @@ mod tests {
         assert_eq!(t, Topology::Cluster);
         assert_eq!(c.server.hosts().len(), 2);
         assert!(parse_url("redis-cluster://127.0.0.1").is_err());
+        let (c, t) =
+            parse_url("redis-sentinel://:s3cr@t@127.0.0.1:26379,[::1]:26380/mymaster").unwrap();
+        assert_eq!(t, Topology::Sentinel);
+        assert_eq!(c.password.as_deref(), Some("s3cr@t"));
+        assert_eq!(c.username, None);
+        match &c.server {
+            ServerConfig::Sentinel {
+                hosts,
+                service_name,
+            } => {
+                assert_eq!(service_name, "mymaster");
+                assert_eq!(hosts.len(), 2);
+                assert_eq!(hosts[1].port, 26380);
+            }
+            other => panic!("not a sentinel config: {other:?}"),
+        }
+        let (c, _) = parse_url("redis-sentinel://u:p@h:1/svc/3/").unwrap();
+        assert_eq!((c.username.as_deref(), c.database), (Some("u"), Some(3)));
+        for bad in [
+            "redis-sentinel://h:1",
+            "redis-sentinel://h:1/",
+            "redis-sentinel://h/svc",
+            "redis-sentinel://h:x/svc",
+            "redis-sentinel://:1/svc",
+            "redis-sentinel://h:1/svc/db",
+        ] {
+            assert!(parse_url(bad).is_err(), "{bad}");
+        }
         assert!(parse_url("http://x").is_err());
         assert!(parse_url("redis://").is_err());
     }

@@ -39,7 +39,7 @@ use async_trait::async_trait;
 use fred::clients::Client;
 use fred::error::{Error as FredError, ErrorKind};
 use fred::interfaces::{
-    ClientLike, EventInterface, HashesInterface, KeysInterface, PubsubInterface,
+    ClientLike, EventInterface, HashesInterface, KeysInterface, PubsubInterface, ServerInterface,
 };
 use fred::types::config::{Config, ReconnectPolicy, TcpConfig, UnresponsiveConfig};
 use fred::types::{Builder, ClusterStateChange, Message, Value};
@@ -88,6 +88,9 @@ struct Inner {
     client: Client,
     /// Only (un)subscribes, and receives publications.
     sub: Client,
+    /// Runs the publish script and `WAIT` when publishes wait for replicas
+    /// (`wait_replicas` > 0): `WAIT` blocks its connection, so it gets its own.
+    publisher: Option<Client>,
     scripts: Scripts,
     /// The subscription manager's queue.
     requests: mpsc::UnboundedSender<Request>,
@@ -112,6 +115,15 @@ impl Inner {
             Ok(&self.client)
         } else {
             Err(BrokerError::Unavailable("not connected to Redis".into()))
+        }
+    }
+
+    /// The client that publishes, checked like [`Inner::ready`].
+    fn publisher(&self) -> Result<&Client, BrokerError> {
+        match &self.publisher {
+            Some(p) if p.is_connected() && !self.cancel.is_cancelled() => Ok(p),
+            Some(_) => Err(BrokerError::Unavailable("not connected to Redis".into())),
+            None => self.ready(),
         }
     }
 
@@ -216,8 +228,16 @@ pub async fn connect(
     // the reader (fred's default is 32 and it drops the oldest on lag). The reader only
     // decodes and hands off, so this absorbs scheduling hiccups, not sustained overload;
     // a lag is still detected and handled as possible loss.
-    let sub = build_client(config, Some(settings.subscriber_buffer.max(1)))
+    let sub = build_client(config.clone(), Some(settings.subscriber_buffer.max(1)))
         .map_err(|e| BrokerError::Internal(format!("bad Redis config: {e}")))?;
+    let publisher = if settings.wait_replicas > 0 {
+        Some(
+            build_client(config.clone(), None)
+                .map_err(|e| BrokerError::Internal(format!("bad Redis config: {e}")))?,
+        )
+    } else {
+        None
+    };
     let keys = Keys::new(prefix, node_id);
     let (requests, requests_rx) = mpsc::unbounded_channel();
     let inner = Arc::new(Inner {
@@ -226,6 +246,7 @@ pub async fn connect(
         topology,
         client,
         sub,
+        publisher,
         scripts: Scripts::new(),
         requests,
         sink: OnceLock::new(),
@@ -261,6 +282,9 @@ pub async fn connect(
     // The connection tasks run until `quit`; their handles are not needed.
     drop(inner.client.connect());
     drop(inner.sub.connect());
+    if let Some(publisher) = &inner.publisher {
+        drop(publisher.connect());
+    }
     tracing::info!(
         kind = url_kind(&inner.topology),
         prefix,
@@ -277,6 +301,7 @@ fn url_kind(topology: &Topology) -> &'static str {
     match topology {
         Topology::Single => "redis",
         Topology::Cluster => "redis-cluster",
+        Topology::Sentinel => "redis-sentinel",
     }
 }
 
@@ -442,6 +467,38 @@ fn on_control(inner: &Arc<Inner>, text: &str) {
     });
 }
 
+/// Waits until `wait_replicas` replicas have every write made so far on the publisher
+/// connection, the publish just made included (Redis `WAIT`; it cannot run inside a
+/// script). A reconnect since the script ran means the `WAIT` would cover another
+/// connection's writes, so it counts as not acknowledged.
+async fn wait_replicas(
+    inner: &Inner,
+    client: &Client,
+    mut reconnects: broadcast::Receiver<fred::types::config::Server>,
+) -> Result<(), BrokerError> {
+    let want = inner.settings.wait_replicas;
+    let timeout = inner.settings.wait_timeout.as_millis().max(1) as i64;
+    let acked: i64 = client
+        .wait(i64::from(want), timeout)
+        .await
+        .map_err(broker_error)?;
+    let reconnected = !matches!(
+        reconnects.try_recv(),
+        Err(broadcast::error::TryRecvError::Empty)
+    );
+    if reconnected {
+        return Err(BrokerError::Unavailable(
+            "redis reconnected before replicas acknowledged the publish".into(),
+        ));
+    }
+    if acked < i64::from(want) {
+        return Err(BrokerError::Unavailable(format!(
+            "{acked} of {want} redis replicas acknowledged the publish in time"
+        )));
+    }
+    Ok(())
+}
+
 /// Reads `{offset, epoch}` from the front of a script's answer.
 fn parse_position(values: &[Value]) -> Result<StreamPosition, BrokerError> {
     let bad = || BrokerError::Internal("unexpected script answer".into());
@@ -464,7 +521,10 @@ impl RedisBroker {
         for task in tasks {
             let _ = tokio::time::timeout(Duration::from_secs(2), task).await;
         }
-        for client in [&self.inner.sub, &self.inner.client] {
+        for client in [&self.inner.sub, &self.inner.client]
+            .into_iter()
+            .chain(&self.inner.publisher)
+        {
             let _ = tokio::time::timeout(Duration::from_secs(2), client.quit()).await;
         }
     }
@@ -480,9 +540,13 @@ impl Drop for RedisBroker {
         self.inner.cancel.cancel();
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             let (client, sub) = (self.inner.client.clone(), self.inner.sub.clone());
+            let publisher = self.inner.publisher.clone();
             runtime.spawn(async move {
                 let _ = tokio::time::timeout(Duration::from_secs(2), sub.quit()).await;
                 let _ = tokio::time::timeout(Duration::from_secs(2), client.quit()).await;
+                if let Some(publisher) = publisher {
+                    let _ = tokio::time::timeout(Duration::from_secs(2), publisher.quit()).await;
+                }
             });
         }
     }
@@ -498,11 +562,10 @@ impl Broker for RedisBroker {
 
     async fn publish(&self, channel: &str, data: &str) -> Result<StreamPosition, BrokerError> {
         let inner = &self.inner;
-        let client = inner.ready()?;
-        let command = match inner.topology {
-            Topology::Single => "PUBLISH",
-            Topology::Cluster => "SPUBLISH",
-        };
+        let client = inner.publisher()?;
+        // Subscribed before the script runs: any reconnect from here on shows up in it.
+        let reconnects = inner.publisher.as_ref().map(|p| p.reconnect_rx());
+        let command = inner.topology.publish_command();
         let args = vec![
             inner.keys.pubsub(channel),
             data.to_owned(),
@@ -511,6 +574,7 @@ impl Broker for RedisBroker {
             millis(inner.settings.history_ttl),
             millis(inner.settings.meta_ttl),
             command.to_owned(),
+            inner.topology.replid_flag().to_owned(),
         ];
         let answer: Vec<Value> = scripts::run(
             client,
@@ -520,7 +584,11 @@ impl Broker for RedisBroker {
         )
         .await
         .map_err(broker_error)?;
-        parse_position(&answer)
+        let position = parse_position(&answer)?;
+        if let Some(reconnects) = reconnects {
+            wait_replicas(inner, client, reconnects).await?;
+        }
+        Ok(position)
     }
 
     fn subscribe(&self, channel: &str) -> SubscribeAck {
@@ -558,6 +626,7 @@ impl Broker for RedisBroker {
             format!("{}-0", since.saturating_add(1)),
             limit.min(inner.settings.history_size).to_string(),
             millis(inner.settings.history_ttl),
+            inner.topology.replid_flag().to_owned(),
         ];
         let answer: Vec<Value> = scripts::run(
             client,
@@ -777,7 +846,7 @@ impl Broker for RedisBroker {
         let channel = inner.keys.pubsub(keys::CONTROL);
         // The answer counts the subscriber connections that received it: one per node.
         let receivers: i64 = match inner.topology {
-            Topology::Single => client.publish(channel, payload).await,
+            Topology::Single | Topology::Sentinel => client.publish(channel, payload).await,
             Topology::Cluster => client.spublish(channel, payload).await,
         }
         .map_err(broker_error)?;

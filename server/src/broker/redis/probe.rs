@@ -61,7 +61,7 @@ pub(crate) fn arrived(inner: &Inner, channel: &str, seq: u64) {
 /// The probe channels this node should subscribe to now.
 fn probe_channels(inner: &Inner) -> Vec<String> {
     match inner.topology {
-        Topology::Single => vec![inner.keys.probe("0")],
+        Topology::Single | Topology::Sentinel => vec![inner.keys.probe("0")],
         Topology::Cluster => {
             let Some(state) = inner.sub.cached_cluster_state() else {
                 return Vec::new();
@@ -157,7 +157,7 @@ pub(crate) async fn run(inner: Arc<Inner>) {
                 .entry(channel.clone())
                 .or_insert((seq, Instant::now()));
             let sent = match inner.topology {
-                Topology::Single => {
+                Topology::Single | Topology::Sentinel => {
                     inner
                         .client
                         .publish::<Value, _, _>(channel.as_str(), seq.to_string())

@@ -9,6 +9,7 @@
 -- ARGV[5]  history ttl in ms
 -- ARGV[6]  meta ttl in ms
 -- ARGV[7]  'PUBLISH' or 'SPUBLISH'
+-- ARGV[8]  '1': check the primary's replication id (Sentinel mode), '' otherwise
 --
 -- Returns {offset, epoch}. Publishes `<offset>:<epoch>:<data>`.
 --
@@ -16,6 +17,13 @@
 -- history age by the same clock.
 local meta, stream = KEYS[1], KEYS[2]
 local epoch = redis.call('HGET', meta, 'e')
+-- Sentinel mode: a channel last written under another replication id (field `r`) was
+-- written on a primary that is gone; this Redis may lack its last writes, so offsets
+-- seen by clients could be handed out again. Start a new epoch (see keys.rs).
+local replid = ARGV[8] == '1' and string.match(redis.call('INFO', 'replication'), 'master_replid:(%x+)') or nil
+if replid and epoch and redis.call('HGET', meta, 'r') ~= replid then
+  epoch = nil
+end
 if not epoch then
   -- The channel is new or its metadata was lost: start a new epoch, and drop any
   -- history left from the old one (its ids would collide with the new offsets).
@@ -57,6 +65,9 @@ if size > 0 and ttl > 0 then
   redis.call('PEXPIRE', stream, ttl)
 else
   redis.call('DEL', stream)
+end
+if replid then
+  redis.call('HSET', meta, 'r', replid)
 end
 redis.call('PEXPIRE', meta, ARGV[6])
 local payload = string.format('%d', offset) .. ':' .. epoch .. ':' .. ARGV[2]

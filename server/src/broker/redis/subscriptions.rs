@@ -248,7 +248,7 @@ impl Manager {
             return Vec::new();
         }
         match self.inner.topology {
-            Topology::Single => {
+            Topology::Single | Topology::Sentinel => {
                 for chunk in names.chunks(SUBSCRIBE_CHUNK) {
                     if let Err(e) = sub.subscribe(chunk.to_vec()).await {
                         tracing::warn!(error = %e, "redis SUBSCRIBE failed");
@@ -292,7 +292,7 @@ impl Manager {
             return;
         }
         match self.inner.topology {
-            Topology::Single => {
+            Topology::Single | Topology::Sentinel => {
                 for chunk in names.chunks(SUBSCRIBE_CHUNK) {
                     if let Err(e) = sub.unsubscribe(chunk.to_vec()).await {
                         tracing::debug!(error = %e, "redis UNSUBSCRIBE failed");
