@@ -27,7 +27,7 @@ use std::time::Duration;
 use axum::extract::ws::Utf8Bytes;
 use futures_util::future::{FutureExt, Shared};
 use herald_protocol::frame::encode_message;
-use herald_protocol::StreamPosition;
+use herald_protocol::{same_stream, StreamPosition};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
@@ -307,7 +307,7 @@ impl Hub {
             let lower = match &entry.continuity {
                 Continuity::Unknown => true,
                 Continuity::Seeded(epoch, offset) => {
-                    **epoch != *position.epoch || position.offset < *offset
+                    !same_stream(*offset, epoch, &position.epoch) || position.offset < *offset
                 }
                 Continuity::Dispatched(..) => false,
             };
@@ -382,7 +382,13 @@ impl Hub {
         if entry.sessions.is_empty() {
             return;
         }
-        let frame = Utf8Bytes::from(encode_message(&entry.name, p.offset, &p.epoch, &p.data));
+        let frame = Utf8Bytes::from(encode_message(
+            &entry.name,
+            p.offset,
+            &p.epoch,
+            p.from.as_deref(),
+            &p.data,
+        ));
         let delivery = Arc::new(Delivery {
             channel: entry.name.clone(),
             offset: p.offset,
@@ -451,7 +457,9 @@ impl Hub {
         let mut last = from;
         let mut current_epoch = epoch;
         match history {
-            Ok(h) if *h.position.epoch == *current_epoch => {
+            Ok(h) if same_stream(from, &current_epoch, &h.position.epoch) => {
+                // From offset 0 any epoch continues: repair in the history's.
+                current_epoch = h.position.epoch.as_str().into();
                 for p in &h.publications {
                     if *p.epoch == *current_epoch && p.offset == last + 1 {
                         self.dispatch(entry, p);
@@ -481,12 +489,12 @@ impl Hub {
             }
         }
         for p in buffered {
-            if *p.epoch == *current_epoch {
+            if same_stream(last, &current_epoch, &p.epoch) {
                 if p.offset <= last {
                     continue;
                 }
                 if p.offset > last + 1 {
-                    self.resync_all(entry, StreamPosition::new(p.offset - 1, &*current_epoch));
+                    self.resync_all(entry, StreamPosition::new(p.offset - 1, &*p.epoch));
                 }
             }
             current_epoch = p.epoch.clone();
@@ -538,12 +546,12 @@ impl Hub {
             Continuity::Unknown => return,
             Continuity::Seeded(e, o) | Continuity::Dispatched(e, o) => (e.clone(), *o),
         };
-        if *epoch != *position.epoch {
+        if !same_stream(last, &epoch, &position.epoch) {
             self.resync_all(entry, position.clone());
             entry.continuity =
                 Continuity::Dispatched(position.epoch.as_str().into(), position.offset);
         } else if position.offset > last {
-            self.start_repair(entry, epoch, last);
+            self.start_repair(entry, position.epoch.as_str().into(), last);
         }
     }
 }
@@ -569,12 +577,12 @@ impl PublicationSink for HubSink {
             Continuity::Unknown => (None, false),
         };
         if let Some((epoch, last)) = known {
-            if *epoch == *p.epoch {
+            if same_stream(last, &epoch, &p.epoch) {
                 if dispatched && p.offset <= last {
                     return; // already dispatched
                 }
                 if p.offset > last + 1 {
-                    hub.start_repair(entry, epoch, last);
+                    hub.start_repair(entry, p.epoch.clone(), last);
                     if let Some(buffer) = entry.repairing.as_mut() {
                         buffer.push(p);
                     }
