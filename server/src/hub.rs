@@ -195,6 +195,16 @@ enum Continuity {
     Dispatched(Arc<str>, u64),
 }
 
+impl Continuity {
+    /// The (epoch, offset) known, if any.
+    fn position(&self) -> Option<(Arc<str>, u64)> {
+        match self {
+            Continuity::Unknown => None,
+            Continuity::Seeded(e, o) | Continuity::Dispatched(e, o) => Some((e.clone(), *o)),
+        }
+    }
+}
+
 struct ChannelEntry {
     name: Arc<str>,
     sessions: HashMap<SessionId, SessionHandle>,
@@ -530,6 +540,16 @@ impl Hub {
 
     /// Checks one channel against the broker's position after a broker reconnect.
     async fn check_continuity(self: Arc<Self>, channel: Arc<str>) {
+        // Where the hub stood before the read. If a publication moves it meanwhile, the
+        // read may predate that publication: a channel whose state was lost reads as
+        // (0, "") and would look lost again after its next first publish. The dispatch
+        // checked that publication's continuity itself (gap → repair, other epoch →
+        // each session resyncs), so a stale read is dropped.
+        let before = self
+            .shard(&channel)
+            .channels
+            .get(&channel)
+            .and_then(|e| e.continuity.position());
         let position = match self.broker().position(&channel).await {
             Ok(p) => p,
             Err(e) => {
@@ -542,10 +562,12 @@ impl Hub {
         let Some(entry) = shard.channels.get_mut(&channel) else {
             return;
         };
-        let (epoch, last) = match &entry.continuity {
-            Continuity::Unknown => return,
-            Continuity::Seeded(e, o) | Continuity::Dispatched(e, o) => (e.clone(), *o),
+        let Some((epoch, last)) = entry.continuity.position() else {
+            return;
         };
+        if before != Some((epoch.clone(), last)) {
+            return;
+        }
         if !same_stream(last, &epoch, &position.epoch) {
             self.resync_all(entry, position.clone());
             entry.continuity =
