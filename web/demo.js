@@ -179,9 +179,8 @@ function wire(c) {
 
 function notification(m) {
   const li = el("li", "item");
-  const from = m.data && typeof m.data === "object" && typeof m.data.from === "string"
-    ? m.data.from
-    : "server";
+  // `from` is set by the server (never by the sender): absent means the server.
+  const from = m.from ?? "server";
   li.append(el("span", "meta", `${time()} #${m.offset} from `), el("b", "", from), el("span", "", ": "));
   li.append(el("span", "text", describe(m.data)));
   append($("notifications"), li);
@@ -189,9 +188,7 @@ function notification(m) {
 
 function chat(m) {
   const li = el("li", "item");
-  const from = m.data && typeof m.data === "object" && typeof m.data.from === "string"
-    ? m.data.from
-    : "?";
+  const from = m.from ?? "server";
   if (from === client.user) li.classList.add("mine");
   li.append(el("b", "", from), el("span", "", ": "), el("span", "text", describe(m.data)));
   append($("chat"), li);
@@ -208,7 +205,7 @@ async function pushNotification(event) {
     return;
   }
   try {
-    const r = await client.publish(`user:${to}`, { kind: "notification", from: client.user, text });
+    const r = await client.publish(`user:${to}`, { kind: "notification", text });
     $("notify-result").textContent = `Pushed to ${to} (offset ${r.offset}).`;
     $("notify-text").value = "";
   } catch (e) {
@@ -276,7 +273,7 @@ async function sendChat(event) {
   const text = $("chat-text").value;
   if (!text || !room) return;
   try {
-    await client.publish(room, { kind: "chat", from: client.user, text });
+    await client.publish(room, { kind: "chat", text });
     $("chat-text").value = "";
   } catch (e) {
     log(`not sent: ${e.code}: ${e.message}`, "bad");

@@ -18,6 +18,12 @@ export interface SubscribeResult extends Position {
 /** A message on a subscribed channel. */
 export interface HeraldMessage<T = unknown> extends Position {
   channel: string;
+  /**
+   * Who published it: the publisher's user id, set by the server, for a message sent
+   * from a client socket; what the backend gave for a server API publish. Absent: the
+   * application's server sent it. No client can set or forge it.
+   */
+  from?: string;
   /** Whatever JSON the publisher sent. */
   data: T;
 }

@@ -613,10 +613,15 @@ export class HeraldClient {
     if (!isPosition(m)) return; // wrong shape (or an offset beyond 2^53): skipped
     const sub = this._subs.get(m.channel);
     if (!sub) return; // left meanwhile
-    if (sub.epoch === m.epoch && sub.offset != null && m.offset <= sub.offset) return;
+    if (sub.offset != null && sameStream(sub.offset, sub.epoch, m.epoch) && m.offset <= sub.offset) {
+      return;
+    }
     sub.offset = m.offset;
     sub.epoch = m.epoch;
-    this._emit("message", { channel: m.channel, offset: m.offset, epoch: m.epoch, data: m.data });
+    const message = { channel: m.channel, offset: m.offset, epoch: m.epoch, data: m.data };
+    // The publisher's user id, set by the server (absent: the application's server).
+    if (typeof m.from === "string") message.from = m.from;
+    this._emit("message", message);
   }
 
   _onResync(r) {
@@ -903,6 +908,15 @@ export class HeraldClient {
     if (instead) this._emit(instead.event, instead.value);
     else if (error) this._emit("error", error);
   }
+}
+
+/**
+ * Whether a position (offset, epoch) and a stream in `otherEpoch` are the same stream:
+ * offsets from another epoch mean nothing, except offset 0 ("nothing seen yet"), which
+ * continues with any epoch. Mirrors `herald_protocol::same_stream` (shared/src/lib.rs).
+ */
+function sameStream(offset, epoch, otherEpoch) {
+  return offset === 0 || epoch === otherEpoch;
 }
 
 function newSub(pos) {

@@ -638,6 +638,7 @@ impl Driver {
                         channel: m.channel,
                         offset: m.offset,
                         epoch: m.epoch,
+                        from: m.from,
                         data: m.data,
                     };
                     self.emit(Event::Message(message)).await;

@@ -57,6 +57,10 @@ pub struct Message {
     pub offset: u64,
     /// The channel's epoch.
     pub epoch: String,
+    /// Who published it: the publisher's user id, set by the server, when it came from
+    /// a client socket; for a server API publish, what the backend gave (often
+    /// nothing). `None` means the application's server sent it: no client can set it.
+    pub from: Option<String>,
     /// The published JSON value, as sent by the publisher.
     pub data: Box<RawValue>,
 }

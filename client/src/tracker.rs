@@ -80,8 +80,10 @@ impl Tracker {
     }
 
     /// The `resume` map of a `hello`: every followed channel with its last position.
-    /// A channel never confirmed gets the empty position, which the server answers with
-    /// the current one (`recovered: false`, as for a plain subscribe).
+    /// A channel never confirmed gets the empty position `(0, "")`. The server replays
+    /// that channel's retained history from offset 1 (offset 0 continues with any
+    /// epoch), and [`Tracker::subscribed`] drops those messages: the channel was not
+    /// resumed, so the client starts at the current position, as for a plain subscribe.
     pub(crate) fn resume(&self) -> BTreeMap<String, StreamPosition> {
         self.channels
             .iter()
@@ -168,10 +170,15 @@ impl Tracker {
             return Verdict::Drop;
         };
         let verdict = match slot {
-            Some(last) if last.epoch == epoch && offset <= last.offset => return Verdict::Drop,
+            // `continues_with`: from offset 0 (nothing seen) any epoch continues.
+            Some(last) if last.continues_with(epoch) && offset <= last.offset => {
+                return Verdict::Drop
+            }
             // `checked_add`: an offset of u64::MAX from a misbehaving server must not
             // overflow.
-            Some(last) if last.epoch == epoch && Some(offset) == last.offset.checked_add(1) => {
+            Some(last)
+                if last.continues_with(epoch) && Some(offset) == last.offset.checked_add(1) =>
+            {
                 Verdict::Deliver
             }
             Some(_) => Verdict::DeliverAfterGap(Resync {
@@ -280,6 +287,37 @@ mod tests {
             Verdict::DeliverAfterGap(_)
         ));
         assert_eq!(t.message("a", 2, "f"), Verdict::Deliver);
+    }
+
+    #[test]
+    fn offset_zero_continues_with_any_epoch() {
+        let mut t = Tracker::default();
+        t.add("a", None);
+        // A channel never published to: the server answers (0, "").
+        let (_, resync) = t.subscribed("a", &result(0, "", false)).unwrap();
+        assert!(resync.is_none());
+        assert_eq!(
+            t.message("a", 1, "e1"),
+            Verdict::Deliver,
+            "no gap, no resync"
+        );
+        assert_eq!(t.message("a", 1, "e1"), Verdict::Drop);
+        assert_eq!(t.message("a", 2, "e1"), Verdict::Deliver);
+        // Redis restarted empty: the server resyncs to (0, ""), then a new epoch starts.
+        t.resync(&frame::Resync {
+            channel: "a".into(),
+            offset: 0,
+            epoch: "".into(),
+        })
+        .unwrap();
+        assert_eq!(t.message("a", 1, "e2"), Verdict::Deliver);
+        // From offset 0 a skipped first offset is still a gap.
+        t.add("b", Some(StreamPosition::new(0, "")));
+        t.subscribed("b", &result(0, "", true)).unwrap();
+        assert!(matches!(
+            t.message("b", 2, "e1"),
+            Verdict::DeliverAfterGap(_)
+        ));
     }
 
     #[test]

@@ -31,7 +31,12 @@ async fn commands_resolve_with_replies_and_typed_errors() {
     assert_eq!(position.offset, sub.position.offset + 1);
     rec.wait("own message", WAIT, |r| r.last("room:1") == position.offset)
         .await;
-    rec.with(|r| assert_eq!(r.messages["room:1"][0].data, json!({"n": 1})));
+    rec.with(|r| {
+        let m = &r.messages["room:1"][0];
+        assert_eq!(m.data, json!({"n": 1}));
+        // Set by the server from the token's sub.
+        assert_eq!(m.from.as_deref(), Some("alice"));
+    });
 
     // Nodes batch presence changes (every 100 ms): ask until alice shows.
     let deadline = tokio::time::Instant::now() + WAIT;
@@ -75,6 +80,7 @@ async fn commands_resolve_with_replies_and_typed_errors() {
     })
     .await;
     rec.with(|r| assert_eq!(r.offsets("room:1"), [position.offset]));
+    rec.with(|r| assert_eq!(r.messages["user:alice"][0].from, None, "an API push"));
 
     let positions = client.positions().await.unwrap();
     assert_eq!(positions["user:alice"].offset, personal);

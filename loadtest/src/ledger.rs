@@ -15,6 +15,8 @@
 
 use std::collections::BTreeMap;
 
+use herald_protocol::same_stream;
+
 /// A growable set of offsets.
 #[derive(Debug, Default, Clone)]
 pub struct BitSet {
@@ -72,7 +74,10 @@ pub type AcceptedByEpoch = BTreeMap<String, Accepted>;
 /// What one connection saw of one channel, across its reconnects.
 #[derive(Debug, Default)]
 pub struct Seen {
-    /// The channel's epoch (empty until the first `welcome`).
+    /// Whether a `welcome` confirmed the channel yet (a channel never published to has
+    /// the empty epoch, so the epoch cannot tell).
+    pub welcomed: bool,
+    /// The channel's epoch (empty until the first `welcome` or message).
     pub epoch: String,
     /// Highest offset seen: where a reconnect resumes.
     pub last: u64,
@@ -98,9 +103,14 @@ pub struct Seen {
 impl Seen {
     /// Records a delivery; returns true when it is a new offset (not a duplicate).
     pub fn deliver(&mut self, offset: u64, epoch: &str) -> bool {
-        if !self.epoch.is_empty() && self.epoch != epoch {
+        // Offset 0 (nothing seen yet) continues with any epoch: the first message of a
+        // channel subscribed before its first publish names the epoch.
+        if !same_stream(self.last, &self.epoch, epoch) {
             self.foreign_epoch += 1;
             return false;
+        }
+        if self.epoch != epoch {
+            self.epoch = epoch.to_owned();
         }
         if !self.offsets.insert(offset) {
             self.duplicates += 1;
@@ -115,7 +125,8 @@ impl Seen {
 
     /// Records the position of a `welcome` subscription.
     pub fn welcome(&mut self, offset: u64, epoch: &str, recovered: bool) {
-        if self.epoch.is_empty() {
+        if !self.welcomed {
+            self.welcomed = true;
             self.epoch = epoch.to_owned();
             self.last = offset;
         } else if !recovered {
@@ -264,6 +275,20 @@ mod tests {
         );
         assert_eq!((t.delivered, t.lost, t.duplicates), (3, 0, 0));
         assert_eq!((t.resynced_away, t.resyncs, t.unacknowledged), (3, 1, 0));
+    }
+
+    #[test]
+    fn a_channel_first_published_after_the_welcome_is_not_foreign() {
+        let mut seen = Seen::default();
+        seen.welcome(0, "", false);
+        assert!(seen.welcomed);
+        assert!(seen.deliver(1, "e1"));
+        assert_eq!(seen.epoch, "e1");
+        assert!(
+            !seen.deliver(2, "e2"),
+            "another epoch after offset 1 is foreign"
+        );
+        assert_eq!(seen.foreign_epoch, 1);
     }
 
     #[test]

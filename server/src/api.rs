@@ -146,11 +146,21 @@ struct PublishBody {
     user: Option<String>,
     #[serde(default, deserialize_with = "some_raw")]
     data: Option<Box<RawValue>>,
+    /// The publisher to show receivers (v1.1): a user id, or absent.
+    #[serde(default)]
+    from: Option<String>,
+}
+
+/// What one publish request asks for, checked.
+struct Target {
+    channel: String,
+    data: Box<RawValue>,
+    from: Option<String>,
 }
 
 impl PublishBody {
-    /// The channel to publish to (checked) and the data.
-    fn target(self) -> Result<(String, Box<RawValue>), ApiError> {
+    /// The channel to publish to, the data and the publisher, all checked.
+    fn target(self) -> Result<Target, ApiError> {
         let channel = match (self.channel, self.user) {
             (Some(channel), None) => {
                 validate_channel(&channel)
@@ -170,7 +180,17 @@ impl PublishBody {
         let data = self
             .data
             .ok_or_else(|| ApiError::bad_request("`data` is missing"))?;
-        Ok((channel, data))
+        // Checked like a user id: receivers may take it for one, and the Redis payload
+        // relies on it having no `:`.
+        if let Some(from) = &self.from {
+            validate_user(from)
+                .map_err(|e| ApiError::bad_request(format!("`from` must be a user id; it {e}")))?;
+        }
+        Ok(Target {
+            channel,
+            data,
+            from: self.from,
+        })
     }
 }
 
@@ -183,8 +203,10 @@ async fn publish(
     let bytes = read_body(&node, body, limit).await?;
     let body: PublishBody = serde_json::from_slice(&bytes)
         .map_err(|e| ApiError::bad_request(format!("invalid body: {e}")))?;
-    let (channel, data) = body.target()?;
-    publish_one(&node, &channel, &data).await.map(Json)
+    let target = body.target()?;
+    publish_one(&node, &target.channel, &target.data, target.from.as_deref())
+        .await
+        .map(Json)
 }
 
 /// Most messages in one batch.
@@ -226,17 +248,20 @@ async fn publish_batch(
     let limit = node.config.max_publish_bytes;
     let mut results: Vec<Option<Result<Value, ApiError>>> = (0..count).map(|_| None).collect();
     // Per channel, the indexes of its messages in batch order.
-    let mut by_channel: HashMap<String, Vec<(usize, Box<RawValue>)>> = HashMap::new();
+    let mut by_channel: HashMap<String, Vec<(usize, Target)>> = HashMap::new();
     for (i, message) in batch.messages.into_iter().enumerate() {
         match message.target() {
-            Ok((_, data)) if data.get().len() > limit => {
+            Ok(target) if target.data.get().len() > limit => {
                 results[i] = Some(Err(ApiError::new(
                     StatusCode::PAYLOAD_TOO_LARGE,
                     ErrorCode::TooLarge,
                     format!("data larger than {limit} bytes"),
                 )));
             }
-            Ok((channel, data)) => by_channel.entry(channel).or_default().push((i, data)),
+            Ok(target) => by_channel
+                .entry(target.channel.clone())
+                .or_default()
+                .push((i, target)),
             Err(e) => results[i] = Some(Err(e)),
         }
     }
@@ -245,8 +270,9 @@ async fn publish_batch(
         .into_iter()
         .map(|(channel, messages)| async move {
             let mut out = Vec::with_capacity(messages.len());
-            for (i, data) in messages {
-                out.push((i, publish_one(node, &channel, &data).await));
+            for (i, t) in messages {
+                let result = publish_one(node, &channel, &t.data, t.from.as_deref()).await;
+                out.push((i, result));
             }
             out
         });
@@ -298,10 +324,15 @@ async fn read_body(node: &Node, body: Body, limit: usize) -> Result<axum::body::
 }
 
 /// Publishes one message and answers as `/v1/publish` does.
-async fn publish_one(node: &Node, channel: &str, data: &RawValue) -> Result<Value, ApiError> {
+async fn publish_one(
+    node: &Node,
+    channel: &str,
+    data: &RawValue,
+    from: Option<&str>,
+) -> Result<Value, ApiError> {
     let position = node
         .broker
-        .publish(channel, data.get())
+        .publish(channel, data.get(), from)
         .await
         .inspect_err(|_| {
             node.metrics.broker_errors.inc();
@@ -509,6 +540,7 @@ async fn history(
         .iter()
         .map(|p| HistoryMessage {
             offset: p.offset,
+            from: p.from.as_deref().map(str::to_owned),
             data: raw_json(&p.data),
         })
         .collect();
@@ -534,6 +566,9 @@ struct HistoryAnswer {
 #[derive(serde::Serialize)]
 struct HistoryMessage {
     offset: u64,
+    /// The publisher, when known (as in the `message` frame).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    from: Option<String>,
     data: Box<RawValue>,
 }
 

@@ -27,7 +27,7 @@ use std::time::Duration;
 use axum::extract::ws::Utf8Bytes;
 use futures_util::future::{FutureExt, Shared};
 use herald_protocol::frame::encode_message;
-use herald_protocol::StreamPosition;
+use herald_protocol::{same_stream, StreamPosition};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
@@ -258,6 +258,16 @@ enum Continuity {
     Dispatched(Arc<str>, u64),
 }
 
+impl Continuity {
+    /// The (epoch, offset) known, if any.
+    fn position(&self) -> Option<(Arc<str>, u64)> {
+        match self {
+            Continuity::Unknown => None,
+            Continuity::Seeded(e, o) | Continuity::Dispatched(e, o) => Some((e.clone(), *o)),
+        }
+    }
+}
+
 struct ChannelEntry {
     name: Arc<str>,
     sessions: HashMap<SessionId, SessionHandle>,
@@ -460,7 +470,7 @@ impl Hub {
             let lower = match &entry.continuity {
                 Continuity::Unknown => true,
                 Continuity::Seeded(epoch, offset) => {
-                    **epoch != *position.epoch || position.offset < *offset
+                    !same_stream(*offset, epoch, &position.epoch) || position.offset < *offset
                 }
                 Continuity::Dispatched(..) => false,
             };
@@ -535,7 +545,13 @@ impl Hub {
         if entry.sessions.is_empty() {
             return;
         }
-        let frame = Utf8Bytes::from(encode_message(&entry.name, p.offset, &p.epoch, &p.data));
+        let frame = Utf8Bytes::from(encode_message(
+            &entry.name,
+            p.offset,
+            &p.epoch,
+            p.from.as_deref(),
+            &p.data,
+        ));
         let delivery = Arc::new(Delivery {
             channel: entry.name.clone(),
             offset: p.offset,
@@ -604,7 +620,9 @@ impl Hub {
         let mut last = from;
         let mut current_epoch = epoch;
         match history {
-            Ok(h) if *h.position.epoch == *current_epoch => {
+            Ok(h) if same_stream(from, &current_epoch, &h.position.epoch) => {
+                // From offset 0 any epoch continues: repair in the history's.
+                current_epoch = h.position.epoch.as_str().into();
                 for p in &h.publications {
                     if *p.epoch == *current_epoch && p.offset == last + 1 {
                         self.dispatch(entry, p);
@@ -634,12 +652,12 @@ impl Hub {
             }
         }
         for p in buffered {
-            if *p.epoch == *current_epoch {
+            if same_stream(last, &current_epoch, &p.epoch) {
                 if p.offset <= last {
                     continue;
                 }
                 if p.offset > last + 1 {
-                    self.resync_all(entry, StreamPosition::new(p.offset - 1, &*current_epoch));
+                    self.resync_all(entry, StreamPosition::new(p.offset - 1, &*p.epoch));
                 }
             }
             current_epoch = p.epoch.clone();
@@ -681,6 +699,16 @@ impl Hub {
     /// undelivered until the channel's next message, which for a personal channel may
     /// never come.
     async fn check_continuity(self: Arc<Self>, channel: Arc<str>) {
+        // Where the hub stood before the read. If a publication moves it meanwhile, the
+        // read may predate that publication: a channel whose state was lost reads as
+        // (0, "") and would look lost again after its next first publish. The dispatch
+        // checked that publication's continuity itself (gap → repair, other epoch →
+        // each session resyncs), so a stale read is dropped.
+        let before = self
+            .shard(&channel)
+            .channels
+            .get(&channel)
+            .and_then(|e| e.continuity.position());
         let mut delay = Duration::from_millis(50);
         let position = loop {
             match self.broker().position(&channel).await {
@@ -700,16 +728,18 @@ impl Hub {
         let Some(entry) = shard.channels.get_mut(&channel) else {
             return;
         };
-        let (epoch, last) = match &entry.continuity {
-            Continuity::Unknown => return,
-            Continuity::Seeded(e, o) | Continuity::Dispatched(e, o) => (e.clone(), *o),
+        let Some((epoch, last)) = entry.continuity.position() else {
+            return;
         };
-        if *epoch != *position.epoch {
+        if before != Some((epoch.clone(), last)) {
+            return;
+        }
+        if !same_stream(last, &epoch, &position.epoch) {
             self.resync_all(entry, position.clone());
             entry.continuity =
                 Continuity::Dispatched(position.epoch.as_str().into(), position.offset);
         } else if position.offset > last {
-            self.start_repair(entry, epoch, last);
+            self.start_repair(entry, position.epoch.as_str().into(), last);
         }
     }
 }
@@ -735,12 +765,12 @@ impl PublicationSink for HubSink {
             Continuity::Unknown => (None, false),
         };
         if let Some((epoch, last)) = known {
-            if *epoch == *p.epoch {
+            if same_stream(last, &epoch, &p.epoch) {
                 if dispatched && p.offset <= last {
                     return; // already dispatched
                 }
                 if p.offset > last + 1 {
-                    hub.start_repair(entry, epoch, last);
+                    hub.start_repair(entry, p.epoch.clone(), last);
                     if let Some(buffer) = entry.repairing.as_mut() {
                         buffer.push(p);
                     }

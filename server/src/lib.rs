@@ -133,7 +133,12 @@ pub async fn run(
     let presence_ttl = node.config.broker_settings().presence_ttl;
     tokio::spawn(registry::heartbeat(Arc::clone(&node), background.clone()));
     tokio::spawn(Arc::clone(&presence).run(presence_ttl / 3, background.clone()));
-    tokio::spawn(housekeeping(Arc::clone(&hub), memory, background.clone()));
+    tokio::spawn(housekeeping(
+        Arc::clone(&hub),
+        memory,
+        Arc::clone(&node.metrics),
+        background.clone(),
+    ));
 
     let app = api::routes()
         .merge(web::routes())
@@ -175,7 +180,12 @@ pub async fn run(
 }
 
 /// Periodic work: delayed broker unsubscribes and the memory broker's expiry.
-async fn housekeeping(hub: Arc<Hub>, memory: Option<Arc<MemoryBroker>>, stop: CancellationToken) {
+async fn housekeeping(
+    hub: Arc<Hub>,
+    memory: Option<Arc<MemoryBroker>>,
+    metrics: Arc<Metrics>,
+    stop: CancellationToken,
+) {
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     let mut n: u64 = 0;
     loop {
@@ -184,8 +194,9 @@ async fn housekeeping(hub: Arc<Hub>, memory: Option<Arc<MemoryBroker>>, stop: Ca
             _ = tick.tick() => {
                 hub.reap();
                 n += 1;
-                if n.is_multiple_of(4) {
-                    if let Some(m) = &memory { m.sweep(); }
+                if let Some(m) = &memory {
+                    if n.is_multiple_of(4) { m.sweep(); }
+                    metrics.memory_streams.set(m.stream_count() as i64);
                 }
             }
         }

@@ -61,6 +61,9 @@ pub struct Metrics {
     pub resyncs: Counter,
     /// Broker operations that failed.
     pub broker_errors: Counter,
+    /// Channels with stored state (offset, epoch, history) in the in-memory broker;
+    /// refreshed by the node's housekeeping. Stays 0 with Redis.
+    pub memory_streams: Gauge,
     /// Resident memory of the process, read from `/proc` at each scrape.
     resident_memory: Gauge,
     /// Open file descriptors of the process, counted at each scrape.
@@ -94,6 +97,7 @@ impl Metrics {
             gaps_repaired: Counter::default(),
             resyncs: Counter::default(),
             broker_errors: Counter::default(),
+            memory_streams: Gauge::default(),
             resident_memory: Gauge::default(),
             open_fds: Gauge::default(),
             registry: Registry::default(),
@@ -173,6 +177,11 @@ impl Metrics {
             "herald_broker_errors",
             "Failed broker operations",
             m.broker_errors.clone(),
+        );
+        registry.register(
+            "herald_memory_streams",
+            "Channels with stored state in the in-memory broker",
+            m.memory_streams.clone(),
         );
         // The standard names of Prometheus' process collector, so that dashboards (and
         // herald-loadtest, for nodes on other machines) find them.

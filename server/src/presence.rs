@@ -154,3 +154,45 @@ impl Presence {
         self.flush(false).await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::broker::memory::MemoryBroker;
+    use crate::broker::BrokerSettings;
+
+    /// Joining and leaving ever new channels leaves nothing behind, here or in the
+    /// broker, whether the leave comes before or after a flush.
+    #[tokio::test]
+    async fn churn_over_new_channels_leaves_nothing() {
+        let broker = Arc::new(MemoryBroker::new(BrokerSettings {
+            history_size: 10,
+            history_ttl: Duration::from_secs(60),
+            meta_ttl: Duration::from_secs(60),
+            node_ttl: Duration::from_secs(10),
+            presence_ttl: Duration::from_secs(10),
+            subscriber_buffer: 16,
+            wait_replicas: 0,
+            wait_timeout: Duration::from_millis(500),
+        }));
+        let presence = Presence::new("n1".into(), Arc::clone(&broker) as Arc<dyn Broker>);
+        let user: Arc<str> = "alice".into();
+        for i in 0..2000 {
+            let channel: Arc<str> = format!("room:{i}").into();
+            presence.join(&channel, &user);
+            if i % 2 == 0 {
+                presence.flush(false).await; // the join reached the broker
+            }
+            presence.leave(&channel, &user);
+            if i % 3 == 0 {
+                presence.flush(false).await;
+            }
+        }
+        presence.flush(false).await;
+        {
+            let state = presence.state();
+            assert!(state.counts.is_empty() && state.dirty.is_empty());
+        }
+        assert_eq!(broker.presence_channel_count(), 0);
+    }
+}

@@ -27,7 +27,7 @@ use herald_protocol::frame::{
     ClientCommand, ErrorBody, Expiring, ParseError, Reconnect, Reply, Resync, ServerFrame,
     SubscribeResult, Subscribed, Unsubscribed, Welcome,
 };
-use herald_protocol::StreamPosition;
+use herald_protocol::{same_stream, StreamPosition};
 use rand::Rng;
 use serde_json::json;
 use tokio::time::{timeout, Instant};
@@ -571,7 +571,7 @@ impl Session {
         let top = history.position;
         let mut recovered = false;
         let mut pubs = Vec::new();
-        if top.epoch == since.epoch && since.offset <= top.offset {
+        if since.continues_with(&top.epoch) && since.offset <= top.offset {
             let missing = top.offset - since.offset;
             let contiguous =
                 history.publications.iter().enumerate().all(|(i, p)| {
@@ -619,8 +619,13 @@ impl Session {
         pubs: &[Publication],
     ) -> Result<(), End> {
         for p in pubs {
-            let frame =
-                herald_protocol::frame::encode_message(channel, p.offset, &p.epoch, &p.data);
+            let frame = herald_protocol::frame::encode_message(
+                channel,
+                p.offset,
+                &p.epoch,
+                p.from.as_deref(),
+                &p.data,
+            );
             self.send(socket, frame).await?;
             self.node.metrics.messages_delivered.inc();
         }
@@ -749,13 +754,14 @@ impl Session {
                 };
                 let (epoch, last) = (state.epoch.clone(), state.last);
                 // The rare paths are boxed to keep them out of the task's size.
-                if *epoch != *d.epoch {
+                if !same_stream(last, &epoch, &d.epoch) {
                     let position = StreamPosition::new(d.offset - 1, &*d.epoch);
                     Box::pin(self.resync(socket, &d.channel, position)).await?;
                 } else if d.offset <= last {
                     return Ok(()); // already delivered
                 } else if d.offset > last + 1 {
-                    Box::pin(self.fill_gap(socket, &d.channel, &epoch, last, d.offset)).await?;
+                    // d's epoch: from offset 0 the gap is in whatever epoch d is in.
+                    Box::pin(self.fill_gap(socket, &d.channel, &d.epoch, last, d.offset)).await?;
                 }
                 self.send(socket, d.frame.clone()).await?;
                 self.node.metrics.messages_delivered.inc();
@@ -768,10 +774,9 @@ impl Session {
             Outbound::Control(command) => Box::pin(self.control(socket, &command)).await,
             Outbound::Resync(resync) => {
                 let (channel, position) = *resync;
-                let behind = self
-                    .channels
-                    .get(&channel)
-                    .is_some_and(|s| *s.epoch != *position.epoch || s.last < position.offset);
+                let behind = self.channels.get(&channel).is_some_and(|s| {
+                    !same_stream(s.last, &s.epoch, &position.epoch) || s.last < position.offset
+                });
                 if behind {
                     Box::pin(self.resync(socket, &channel, position)).await?;
                 }
@@ -1029,10 +1034,12 @@ impl Session {
                 format!("not allowed to publish to {channel}"),
             ));
         }
+        // `from` is always the session's user: a client cannot choose it (any `from` in
+        // its frame is not even parsed).
         let position = self
             .node
             .broker
-            .publish(channel, data)
+            .publish(channel, data, Some(&self.user))
             .await
             .inspect_err(|_| {
                 self.node.metrics.broker_errors.inc();

@@ -393,7 +393,7 @@ async fn subscriber_lag_is_repaired_from_history() {
     let calls = (0..BURST).map(|i| {
         let publisher = &publisher;
         async move {
-            herald_server::broker::Broker::publish(publisher, "user:burst", &i.to_string())
+            herald_server::broker::Broker::publish(publisher, "user:burst", &i.to_string(), None)
                 .await
                 .unwrap()
         }

@@ -108,9 +108,10 @@ async fn subscribe_since_recovers_exactly_the_missed_messages() {
 async fn resume_in_hello_recovers_several_channels_and_the_personal_one() {
     let n = start(node::test_config()).await;
     let (mut a, welcome) = Client::hello(&n.ws_url(), &tok(&n), json!({})).await;
-    let personal_epoch = welcome["subscriptions"]["user:alice"]["epoch"].clone();
+    // Never published to yet: (0, ""); the first publish names the epoch.
     assert_eq!(
-        welcome["subscriptions"]["user:alice"]["offset"], 0,
+        welcome["subscriptions"]["user:alice"],
+        json!({"offset": 0, "epoch": "", "recovered": false}),
         "{welcome}"
     );
     for ch in ["room:1", "room:2"] {
@@ -118,7 +119,7 @@ async fn resume_in_hello_recovers_several_channels_and_the_personal_one() {
     }
     let e1 = publish_n(&n, "room:1", 1..=2).await;
     let e2 = publish_n(&n, "room:2", 1..=1).await;
-    n.publish(json!({"user": "alice", "data": 1})).await;
+    let personal_epoch = n.publish(json!({"user": "alice", "data": 1})).await.1["epoch"].clone();
     let mut last = std::collections::HashMap::new();
     for _ in 0..4 {
         let m = a.next_message().await;
@@ -192,10 +193,11 @@ async fn wrong_epoch_is_not_recovered_and_gives_the_current_position() {
     );
     publish_n(&n, "room:1", 5..=5).await;
     expect_offsets(&mut a, "room:1", 5, 1).await;
-    // The same through subscribe.
+    // The same through subscribe. (Offset 0 would continue with any epoch: see
+    // offset_zero_recovers_from_the_start_in_any_epoch in empty_channels.rs.)
     let (mut b, _) = Client::hello(&n.ws_url(), &tok(&n), json!({})).await;
     let r = b
-        .request(json!({"type": "subscribe", "channel": "room:1", "since": {"offset": 0, "epoch": "nope"}}))
+        .request(json!({"type": "subscribe", "channel": "room:1", "since": {"offset": 2, "epoch": "nope"}}))
         .await;
     assert_eq!(
         r["result"],
@@ -284,13 +286,15 @@ async fn concurrent_publishing_while_reconnecting_loses_and_duplicates_nothing()
     .await;
     let token = tok(&n);
     let url = n.ws_url();
-    // The channel exists with a known epoch before the publisher starts.
+    // Subscribed before the first publish: the channel reads as (0, ""), and the first
+    // message names the epoch (offset 0 continues with any epoch).
     let (mut c, _) = Client::hello(&url, &token, json!({})).await;
     let r = c
         .request(json!({"type": "subscribe", "channel": "room:live"}))
         .await;
     assert_eq!(r["result"]["offset"], 0, "{r}");
-    let epoch = r["result"]["epoch"].clone();
+    assert_eq!(r["result"]["epoch"], "", "{r}");
+    let mut epoch = r["result"]["epoch"].clone();
 
     let publisher = {
         let http = n.http();
@@ -332,6 +336,10 @@ async fn concurrent_publishing_while_reconnecting_loses_and_duplicates_nothing()
                 continue;
             }
             assert_eq!(v["channel"], "room:live", "{v}");
+            if seen.is_empty() {
+                epoch = v["epoch"].clone();
+                assert_ne!(epoch, "", "{v}");
+            }
             assert_eq!(v["epoch"], epoch, "{v}");
             let offset = v["offset"].as_u64().unwrap();
             assert_eq!(v["data"], offset, "{v}");
@@ -450,12 +458,12 @@ async fn unsubscribe_then_subscribe_since_recovers_and_double_subscribe_does_not
     let r = a
         .request(json!({"type": "subscribe", "channel": "room:1"}))
         .await;
-    let epoch = r["result"]["epoch"].clone();
+    assert_eq!(r["result"]["epoch"], "", "never published: {r}");
     let r = a
         .request(json!({"type": "subscribe", "channel": "room:1"}))
         .await;
     assert!(r["error"].is_object() || r["result"].is_object(), "{r}");
-    publish_n(&n, "room:1", 1..=2).await;
+    let epoch = publish_n(&n, "room:1", 1..=2).await;
     expect_offsets(&mut a, "room:1", 1, 2).await;
     assert!(
         a.silent_for(Duration::from_millis(150)).await,

@@ -9,6 +9,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use herald_protocol::{StreamPosition, EMPTY_EPOCH};
 use herald_server::broker::redis::{connect, RedisBroker};
 use herald_server::broker::{
     Broker, BrokerError, BrokerSettings, NodeInfo, PresenceChange, Publication, PublicationSink,
@@ -205,6 +206,20 @@ impl Backend<'_> {
         }
     }
 
+    /// Keys under `prefix`, over all masters.
+    fn keys(&self, prefix: &str) -> usize {
+        let pattern = format!("{prefix}*");
+        let count = |out: String| out.lines().filter(|l| !l.trim().is_empty()).count();
+        match self {
+            Backend::Single(r) => count(r.cli(&["--scan", "--pattern", &pattern])),
+            Backend::Cluster(c) => c
+                .nodes
+                .iter()
+                .map(|n| count(n.cli(&["--scan", "--pattern", &pattern])))
+                .sum(),
+        }
+    }
+
     fn flushall(&self) {
         match self {
             Backend::Single(r) => {
@@ -238,7 +253,12 @@ async fn offsets_without_gaps(backend: &Backend<'_>) {
             let mut positions = Vec::new();
             for i in 0..50 {
                 let data = format!(r#"{{"t":{t},"i":{i}}}"#);
-                positions.push(broker.publish("room:1", &data).await.expect("publish"));
+                positions.push(
+                    broker
+                        .publish("room:1", &data, None)
+                        .await
+                        .expect("publish"),
+                );
             }
             positions
         }));
@@ -282,7 +302,7 @@ async fn history_since_limit_and_trim(backend: &Backend<'_>) {
     let mut epoch = String::new();
     for i in 1..=8u64 {
         let pos = b
-            .publish("h", &format!(r#"{{"n":{i},"s":"a:b"}}"#))
+            .publish("h", &format!(r#"{{"n":{i},"s":"a:b"}}"#), None)
             .await
             .unwrap();
         assert_eq!(pos.offset, i);
@@ -307,11 +327,15 @@ async fn history_since_limit_and_trim(backend: &Backend<'_>) {
         .publications
         .is_empty());
 
-    // A new channel: position 0 with an epoch, which then stays.
+    // A new channel: position 0 with the empty epoch until the first publish, which
+    // starts a real one that then stays.
     let p = b.position("fresh").await.unwrap();
-    assert_eq!(p.offset, 0);
+    assert_eq!(p, StreamPosition::new(0, EMPTY_EPOCH));
     assert_eq!(b.position("fresh").await.unwrap(), p);
-    assert_eq!(b.publish("fresh", "1").await.unwrap().epoch, p.epoch);
+    let first = b.publish("fresh", "1", None).await.unwrap();
+    assert_eq!(first.offset, 1);
+    assert_ne!(first.epoch, EMPTY_EPOCH);
+    assert_eq!(b.position("fresh").await.unwrap(), first);
     node.broker.shutdown().await;
 
     // Age: messages older than history_ttl leave history; the position stays.
@@ -320,8 +344,8 @@ async fn history_since_limit_and_trim(backend: &Backend<'_>) {
         ..settings()
     };
     let node = Node::start(&url, &prefix, "n2", short).await;
-    let pos = node.broker.publish("aged", "1").await.unwrap();
-    node.broker.publish("aged", "2").await.unwrap();
+    let pos = node.broker.publish("aged", "1", None).await.unwrap();
+    node.broker.publish("aged", "2", None).await.unwrap();
     assert_eq!(
         node.broker
             .history("aged", 0, 10)
@@ -343,7 +367,7 @@ async fn history_since_limit_and_trim(backend: &Backend<'_>) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // Old entries are trimmed on publish too: only the new one is left.
-    node.broker.publish("aged", "3").await.unwrap();
+    node.broker.publish("aged", "3", None).await.unwrap();
     let h = node.broker.history("aged", 0, 10).await.unwrap();
     assert_eq!(
         h.publications.iter().map(|p| p.offset).collect::<Vec<_>>(),
@@ -357,24 +381,90 @@ async fn epoch_changes_when_keys_are_lost(backend: &Backend<'_>) {
     let node = Node::start(&backend.url(), &prefix, "n1", settings()).await;
     let b = &node.broker;
     for _ in 0..3 {
-        b.publish("e", "{}").await.unwrap();
+        b.publish("e", "{}", None).await.unwrap();
     }
     let before = b.position("e").await.unwrap();
     assert_eq!(before.offset, 3);
     backend.flushall();
+    // History lost: the channel reads as never published, which no client at offset
+    // 3 of the old epoch can take for a continuation.
     let after = b.position("e").await.unwrap();
-    assert_eq!(after.offset, 0);
-    assert_ne!(after.epoch, before.epoch, "history lost: new epoch");
-    let p = b.publish("e", "{}").await.unwrap();
-    assert_eq!((p.offset, &p.epoch), (1, &after.epoch));
+    assert_eq!(after, StreamPosition::new(0, EMPTY_EPOCH));
+    assert!(!before.continues_with(&after.epoch));
+    let p = b.publish("e", "{}", None).await.unwrap();
+    assert_eq!(p.offset, 1);
+    assert!(
+        p.epoch != EMPTY_EPOCH && p.epoch != before.epoch,
+        "a new epoch"
+    );
+    assert!(after.continues_with(&p.epoch), "offset 0 continues with it");
     // Lost again, this time found by publish.
     backend.flushall();
-    let p = b.publish("e", "{}").await.unwrap();
-    assert_eq!(p.offset, 1);
-    assert_ne!(p.epoch, after.epoch);
+    let again = b.publish("e", "{}", None).await.unwrap();
+    assert_eq!(again.offset, 1);
+    assert_ne!(again.epoch, p.epoch);
+    let p = again;
     let h = b.history("e", 0, 10).await.unwrap();
     assert_eq!(h.position, p);
     assert_eq!(h.publications.len(), 1);
+    node.broker.shutdown().await;
+}
+
+/// Reads of channels never published to store nothing; `from` is stored in history and
+/// travels with the publication.
+async fn reads_store_nothing_and_from_travels(backend: &Backend<'_>) {
+    let prefix = prefix("reads");
+    let mut node = Node::start(&backend.url(), &prefix, "n1", settings()).await;
+    let b = node.broker.clone();
+    for i in 0..200 {
+        let channel = format!("room:{i}");
+        assert_eq!(
+            b.position(&channel).await.unwrap(),
+            StreamPosition::new(0, EMPTY_EPOCH)
+        );
+        let h = b.history(&channel, 0, 10).await.unwrap();
+        assert_eq!(h.position, StreamPosition::new(0, EMPTY_EPOCH));
+        assert!(h.publications.is_empty());
+    }
+    assert_eq!(backend.keys(&prefix), 0, "reads created keys");
+
+    b.subscribe("room:f").await.expect("subscribe");
+    let p1 = b
+        .publish("room:f", r#"{"t":"a:b"}"#, Some("alice@x.io"))
+        .await
+        .unwrap();
+    let p2 = b.publish("room:f", "7", None).await.unwrap();
+    let p3 = b.publish("room:f", r#""x:y""#, Some("b-2")).await.unwrap();
+    let (_, got) = node.next_publication().await;
+    assert_eq!(
+        (got.offset, got.from.as_deref(), &*got.data),
+        (p1.offset, Some("alice@x.io"), r#"{"t":"a:b"}"#)
+    );
+    let (_, got) = node.next_publication().await;
+    assert_eq!(
+        (got.offset, got.from.as_deref(), &*got.data),
+        (p2.offset, None, "7")
+    );
+    let (_, got) = node.next_publication().await;
+    assert_eq!(
+        (got.offset, got.from.as_deref(), &*got.data),
+        (p3.offset, Some("b-2"), r#""x:y""#)
+    );
+    let h = b.history("room:f", 0, 10).await.unwrap();
+    let stored: Vec<(u64, Option<&str>, &str)> = h
+        .publications
+        .iter()
+        .map(|p| (p.offset, p.from.as_deref(), &*p.data))
+        .collect();
+    assert_eq!(
+        stored,
+        vec![
+            (1, Some("alice@x.io"), r#"{"t":"a:b"}"#),
+            (2, None, "7"),
+            (3, Some("b-2"), r#""x:y""#)
+        ]
+    );
+    assert_eq!(backend.keys(&prefix), 2, "meta and history of room:f only");
     node.broker.shutdown().await;
 }
 
@@ -390,9 +480,16 @@ async fn routing_between_nodes(backend: &Backend<'_>) {
     assert_eq!(backend.subscribers(&prefix, "chan:b"), 0);
 
     for i in 0..3 {
-        b.broker.publish("chan:b", &i.to_string()).await.unwrap();
+        b.broker
+            .publish("chan:b", &i.to_string(), None)
+            .await
+            .unwrap();
     }
-    let pos = b.broker.publish("chan:a", r#""hello""#).await.unwrap();
+    let pos = b
+        .broker
+        .publish("chan:a", r#""hello""#, None)
+        .await
+        .unwrap();
     let (channel, p) = a.next_publication().await;
     assert_eq!(channel, "chan:a");
     assert_eq!(
@@ -400,7 +497,7 @@ async fn routing_between_nodes(backend: &Backend<'_>) {
         (1, pos.epoch.as_str(), r#""hello""#)
     );
     // A second message as a marker: nothing of chan:b came before or between.
-    b.broker.publish("chan:a", "2").await.unwrap();
+    b.broker.publish("chan:a", "2", None).await.unwrap();
     let (channel, p) = a.next_publication().await;
     assert_eq!((channel.as_str(), p.offset), ("chan:a", 2));
     assert!(a.drain().is_empty());
@@ -411,11 +508,11 @@ async fn routing_between_nodes(backend: &Backend<'_>) {
     a.broker.unsubscribe("chan:a");
     a.broker.subscribe("chan:c").await.expect("subscribe");
     assert_eq!(backend.subscribers(&prefix, "chan:a"), 0);
-    b.broker.publish("chan:a", "3").await.unwrap();
-    b.broker.publish("chan:c", "1").await.unwrap();
+    b.broker.publish("chan:a", "3", None).await.unwrap();
+    b.broker.publish("chan:c", "1", None).await.unwrap();
     let (channel, _) = a.next_publication().await;
     assert_eq!(channel, "chan:c");
-    b.broker.publish("chan:c", "2").await.unwrap();
+    b.broker.publish("chan:c", "2", None).await.unwrap();
     let (channel, p) = a.next_publication().await;
     assert_eq!((channel.as_str(), p.offset), ("chan:c", 2));
     assert!(
@@ -428,7 +525,7 @@ async fn routing_between_nodes(backend: &Backend<'_>) {
     a.broker.unsubscribe("chan:d");
     a.broker.subscribe("chan:d").await.expect("subscribe");
     assert_eq!(backend.subscribers(&prefix, "chan:d"), 1);
-    b.broker.publish("chan:d", "1").await.unwrap();
+    b.broker.publish("chan:d", "1", None).await.unwrap();
     assert_eq!(a.next_publication().await.0, "chan:d");
 
     // Many channels at once (one batch).
@@ -438,7 +535,7 @@ async fn routing_between_nodes(backend: &Backend<'_>) {
         ack.await.expect("subscribe");
     }
     for c in &channels {
-        b.broker.publish(c, "1").await.unwrap();
+        b.broker.publish(c, "1", None).await.unwrap();
     }
     let mut got = BTreeSet::new();
     for _ in 0..channels.len() {
@@ -631,6 +728,12 @@ async fn single_epoch_changes_when_keys_are_lost() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn single_reads_store_nothing_and_from_travels() {
+    let redis = RedisServer::start();
+    reads_store_nothing_and_from_travels(&Backend::Single(&redis)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn single_routing_between_nodes() {
     let redis = RedisServer::start();
     routing_between_nodes(&Backend::Single(&redis)).await;
@@ -695,7 +798,7 @@ async fn unreachable_redis_at_start_then_connects() {
     broker.start(Arc::new(Recorder(tx)));
     assert!(!broker.is_healthy());
     let started = Instant::now();
-    let err = broker.publish("x", "1").await.unwrap_err();
+    let err = broker.publish("x", "1", None).await.unwrap_err();
     assert!(matches!(err, BrokerError::Unavailable(_)), "{err:?}");
     assert!(started.elapsed() < Duration::from_secs(1), "fails fast");
     let subscribed = broker.subscribe("x");
@@ -709,7 +812,7 @@ async fn unreachable_redis_at_start_then_connects() {
     // The subscribe made while down failed or succeeded; either way it is wanted and
     // is in place once healthy.
     let _ = timeout(WAIT, subscribed).await.expect("ack");
-    broker.publish("x", "1").await.expect("publish");
+    broker.publish("x", "1", None).await.expect("publish");
     let deadline = Instant::now() + WAIT;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
@@ -736,7 +839,7 @@ async fn redis_killed_and_restarted() {
     let mut a = Node::start(&redis.url(), &prefix, "a", settings()).await;
     let b = Node::start(&redis.url(), &prefix, "b", settings()).await;
     a.broker.subscribe("c").await.expect("subscribe");
-    let before = b.broker.publish("c", "1").await.unwrap();
+    let before = b.broker.publish("c", "1", None).await.unwrap();
     assert_eq!(a.next_publication().await.1.offset, 1);
 
     redis.kill();
@@ -745,7 +848,7 @@ async fn redis_killed_and_restarted() {
     })
     .await;
     let started = Instant::now();
-    let err = b.broker.publish("c", "2").await.unwrap_err();
+    let err = b.broker.publish("c", "2", None).await.unwrap_err();
     assert!(matches!(err, BrokerError::Unavailable(_)), "{err:?}");
     assert!(matches!(
         b.broker.history("c", 0, 10).await,
@@ -766,12 +869,12 @@ async fn redis_killed_and_restarted() {
     wait_healthy(&b.broker).await;
 
     // AOF kept the data: same epoch, offsets go on.
-    let p = b.broker.publish("c", "2").await.unwrap();
+    let p = b.broker.publish("c", "2", None).await.unwrap();
     assert_eq!((p.offset, &p.epoch), (2, &before.epoch));
     let (channel, got) = a.next_publication().await;
     assert_eq!((channel.as_str(), got.offset), ("c", 2));
     // The subscribe that failed while down was retried: c2 is delivered too.
-    b.broker.publish("c2", "1").await.unwrap();
+    b.broker.publish("c2", "1", None).await.unwrap();
     assert_eq!(a.next_publication().await.0, "c2");
     a.broker.shutdown().await;
     b.broker.shutdown().await;
@@ -783,7 +886,7 @@ async fn subscriber_connection_killed() {
     let prefix = prefix("clientkill");
     let mut a = Node::start(&redis.url(), &prefix, "a", settings()).await;
     a.broker.subscribe("k").await.expect("subscribe");
-    a.broker.publish("k", "1").await.unwrap();
+    a.broker.publish("k", "1", None).await.unwrap();
     assert_eq!(a.next_publication().await.1.offset, 1);
     let killed = redis.cli(&["client", "kill", "type", "pubsub"]);
     assert_eq!(killed, "1", "one subscriber connection");
@@ -792,13 +895,13 @@ async fn subscriber_connection_killed() {
     wait_healthy(&a.broker).await;
     assert_eq!(Backend::Single(&redis).subscribers(&prefix, "k"), 1);
     for _ in 0..5 {
-        a.broker.publish("k", "x").await.unwrap();
+        a.broker.publish("k", "x", None).await.unwrap();
     }
     // Each message exactly once, in order, after the resubscribe.
     for expected in 2..=6 {
         assert_eq!(a.next_publication().await.1.offset, expected);
     }
-    a.broker.publish("k", "last").await.unwrap();
+    a.broker.publish("k", "last", None).await.unwrap();
     assert_eq!(a.next_publication().await.1.offset, 7);
     assert!(a.drain().is_empty());
     a.broker.shutdown().await;
@@ -812,12 +915,12 @@ async fn paused_redis_is_detected() {
     a.broker.subscribe("p").await.expect("subscribe");
     redis.pause();
     wait_until("unhealthy while paused", || !a.broker.is_healthy()).await;
-    let err = a.broker.publish("p", "1").await.unwrap_err();
+    let err = a.broker.publish("p", "1", None).await.unwrap_err();
     assert!(matches!(err, BrokerError::Unavailable(_)), "{err:?}");
     let _ = a.drain();
     redis.resume();
     wait_healthy(&a.broker).await;
-    a.broker.publish("p", "1").await.expect("publish");
+    a.broker.publish("p", "1", None).await.expect("publish");
     let (channel, _) = a.next_publication().await;
     assert_eq!(channel, "p");
     a.broker.shutdown().await;
@@ -836,6 +939,7 @@ async fn cluster_scenarios() {
     presence_and_dead_nodes(&backend).await;
     epoch_changes_when_keys_are_lost(&backend).await;
     user_commands_reach_every_node(&backend).await;
+    reads_store_nothing_and_from_travels(&backend).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -855,7 +959,7 @@ async fn cluster_channels_spread_over_shards() {
         assert!(!out.is_empty(), "master {} has no channel", node.port());
     }
     for c in &channels {
-        b.broker.publish(c, "1").await.unwrap();
+        b.broker.publish(c, "1", None).await.unwrap();
     }
     let mut got = BTreeSet::new();
     for _ in 0..channels.len() {

@@ -27,6 +27,7 @@ pub const WAIT: Duration = Duration::from_secs(30);
 pub struct Seen {
     pub offset: u64,
     pub epoch: String,
+    pub from: Option<String>,
     pub data: Value,
 }
 
@@ -83,6 +84,7 @@ impl Recorder {
                             rec.messages.entry(m.channel).or_default().push(Seen {
                                 offset: m.offset,
                                 epoch: m.epoch,
+                                from: m.from,
                                 data,
                             });
                         }

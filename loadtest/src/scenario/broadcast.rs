@@ -63,8 +63,9 @@ impl Handler for BroadcastState {
     }
 
     fn resume(&self, idx: usize) -> BTreeMap<String, StreamPosition> {
-        // The first hello subscribes with an unknown epoch: the server answers
-        // `recovered: false` with the current position, which is where we start.
+        // The first hello resumes from (0, ""): offset 0 continues with any epoch, so
+        // the server replays whatever the channel holds (nothing: the channel is new
+        // for each run and rounds start after every connection is up).
         let seen = self.seen(idx);
         let position = StreamPosition::new(seen.last, seen.epoch.clone());
         BTreeMap::from([(self.channel.clone(), position)])

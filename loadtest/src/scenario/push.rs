@@ -52,7 +52,7 @@ impl Handler for PushState {
     fn resume(&self, idx: usize) -> BTreeMap<String, StreamPosition> {
         let book = self.books[idx].lock().expect("book lock");
         let mut resume = BTreeMap::new();
-        if !book.seen.epoch.is_empty() {
+        if book.seen.welcomed {
             resume.insert(
                 format!("user:{}", self.users[idx]),
                 StreamPosition::new(book.seen.last, book.seen.epoch.clone()),
@@ -139,14 +139,7 @@ pub async fn run(args: &PushArgs, actions: Vec<Action>, scenario: &str) -> anyho
     )
     .await;
     let ready: Vec<usize> = (0..n)
-        .filter(|&i| {
-            !state.books[i]
-                .lock()
-                .expect("book lock")
-                .seen
-                .epoch
-                .is_empty()
-        })
+        .filter(|&i| state.books[i].lock().expect("book lock").seen.welcomed)
         .collect();
     if ready.is_empty() {
         anyhow::bail!(

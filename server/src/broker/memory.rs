@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use herald_protocol::StreamPosition;
+use herald_protocol::{StreamPosition, EMPTY_EPOCH};
 
 use super::{
     Broker, BrokerError, BrokerSettings, History, NodeInfo, NodePresence, PresenceChange,
@@ -115,7 +115,7 @@ impl MemoryBroker {
     }
 
     /// Runs `f` on the channel's stream (created if new, with a fresh epoch) under its
-    /// shard lock, after marking the stream as used.
+    /// shard lock, after marking the stream as used. Only a publish may create a stream.
     fn with_stream<T>(&self, channel: &str, f: impl FnOnce(&mut Stream, Instant) -> T) -> T {
         let now = Instant::now();
         let mut shard = self.shard(channel);
@@ -125,6 +125,29 @@ impl MemoryBroker {
             .or_insert_with(|| Stream::new(now));
         stream.touched = now;
         f(stream, now)
+    }
+
+    /// Runs `f` on the channel's stream if it has one (marking it as used, so that an
+    /// idle channel with readers keeps its epoch), or returns `None` without creating
+    /// anything: reads of channels never published to must not grow the maps.
+    fn read_stream<T>(
+        &self,
+        channel: &str,
+        f: impl FnOnce(&mut Stream, Instant) -> T,
+    ) -> Option<T> {
+        let now = Instant::now();
+        let mut shard = self.shard(channel);
+        let stream = shard.streams.get_mut(channel)?;
+        stream.touched = now;
+        Some(f(stream, now))
+    }
+
+    /// Channels with a stream (stored state), for the `herald_memory_streams` gauge.
+    pub fn stream_count(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|s| s.lock().unwrap_or_else(|e| e.into_inner()).streams.len())
+            .sum()
     }
 
     fn shared(&self) -> std::sync::MutexGuard<'_, Shared> {
@@ -155,6 +178,12 @@ impl MemoryBroker {
         shared.revocations.retain(|_, (_, until)| *until > unix);
     }
 
+    /// Channels with presence entries (for tests of the memory bound).
+    #[cfg(test)]
+    pub(crate) fn presence_channel_count(&self) -> usize {
+        self.shared().presence.len()
+    }
+
     fn live_nodes(shared: &Shared, ttl: Duration, now: Instant) -> HashSet<String> {
         shared
             .nodes
@@ -171,7 +200,12 @@ impl Broker for MemoryBroker {
         let _ = self.sink.set(sink);
     }
 
-    async fn publish(&self, channel: &str, data: &str) -> Result<StreamPosition, BrokerError> {
+    async fn publish(
+        &self,
+        channel: &str,
+        data: &str,
+        from: Option<&str>,
+    ) -> Result<StreamPosition, BrokerError> {
         // The sink is called inside the stream's lock, so publications of a channel
         // reach the hub in offset order.
         Ok(self.with_stream(channel, |stream, now| {
@@ -180,6 +214,7 @@ impl Broker for MemoryBroker {
                 offset: stream.offset,
                 epoch: stream.epoch.clone(),
                 data: data.into(),
+                from: from.map(Arc::from),
             };
             stream.history.push_back((now, publication.clone()));
             stream.trim(&self.settings, now);
@@ -218,7 +253,7 @@ impl Broker for MemoryBroker {
         since: u64,
         limit: usize,
     ) -> Result<History, BrokerError> {
-        Ok(self.with_stream(channel, |stream, now| {
+        let history = self.read_stream(channel, |stream, now| {
             stream.trim(&self.settings, now);
             let publications = stream
                 .history
@@ -232,11 +267,17 @@ impl Broker for MemoryBroker {
                 position: stream.position(),
                 publications,
             }
+        });
+        Ok(history.unwrap_or_else(|| History {
+            position: StreamPosition::new(0, EMPTY_EPOCH),
+            publications: Vec::new(),
         }))
     }
 
     async fn position(&self, channel: &str) -> Result<StreamPosition, BrokerError> {
-        Ok(self.with_stream(channel, |stream, _| stream.position()))
+        Ok(self
+            .read_stream(channel, |stream, _| stream.position())
+            .unwrap_or_else(|| StreamPosition::new(0, EMPTY_EPOCH)))
     }
 
     async fn presence_update(
@@ -400,7 +441,7 @@ mod tests {
     async fn offsets_and_bounded_history() {
         let b = MemoryBroker::new(settings());
         for i in 1..=5u64 {
-            let pos = b.publish("a", &i.to_string()).await.unwrap();
+            let pos = b.publish("a", &i.to_string(), None).await.unwrap();
             assert_eq!(pos.offset, i);
         }
         let h = b.history("a", 0, 100).await.unwrap();
@@ -411,7 +452,29 @@ mod tests {
         assert_eq!(h.publications[0].offset, 4);
         assert_eq!(h.publications.len(), 1);
         // Another channel has its own offsets.
-        assert_eq!(b.publish("b", "1").await.unwrap().offset, 1);
+        assert_eq!(b.publish("b", "1", None).await.unwrap().offset, 1);
+    }
+
+    #[tokio::test]
+    async fn reads_of_unpublished_channels_store_nothing() {
+        let b = MemoryBroker::new(settings());
+        for i in 0..1000 {
+            let channel = format!("room:{i}");
+            let p = b.position(&channel).await.unwrap();
+            assert_eq!(p, StreamPosition::new(0, EMPTY_EPOCH));
+            let h = b.history(&channel, 0, 10).await.unwrap();
+            assert_eq!(h.position, StreamPosition::new(0, EMPTY_EPOCH));
+            assert!(h.publications.is_empty());
+        }
+        assert_eq!(b.stream_count(), 0);
+        // A publish creates the channel with a real epoch; reads then see it.
+        let p = b.publish("room:1", "1", Some("alice")).await.unwrap();
+        assert_eq!(p.offset, 1);
+        assert!(!p.epoch.is_empty());
+        assert_eq!(b.position("room:1").await.unwrap(), p);
+        let h = b.history("room:1", 0, 10).await.unwrap();
+        assert_eq!(h.publications[0].from.as_deref(), Some("alice"));
+        assert_eq!(b.stream_count(), 1);
     }
 
     #[tokio::test]

@@ -3,6 +3,10 @@
 //! A broker numbers the messages of each channel (offsets without gaps, an epoch that
 //! changes when history is lost), keeps a short history, routes publications to the
 //! nodes that subscribed to a channel, and holds presence and the node registry.
+//! Only a publish stores anything about a channel's stream; reading a channel that has
+//! no stored state answers `(0, EMPTY_EPOCH)` and stores nothing, so that subscribing
+//! to ever new names cannot grow the broker (see [`herald_protocol::same_stream`] for
+//! why offset 0 needs no epoch).
 //! [`memory::MemoryBroker`] serves a single node; [`redis::RedisBroker`] a cluster. The
 //! rest of the server sees only the [`Broker`] trait, so changing the broker changes
 //! nothing outside this module.
@@ -28,6 +32,10 @@ pub struct Publication {
     pub epoch: Arc<str>,
     /// The published value as JSON text (validated on the way in, never re-encoded).
     pub data: Arc<str>,
+    /// Who published it: the publisher's user id for a socket publish (set by the
+    /// server), what the backend gave for an API publish, `None` when nobody said.
+    /// Stored with the message, so recovered messages carry it too.
+    pub from: Option<Arc<str>>,
 }
 
 /// A slice of a channel's history and where the channel stands now.
@@ -201,7 +209,16 @@ pub trait Broker: Send + Sync + 'static {
 
     /// Publishes `data` (JSON text) to `channel` as one atomic step: the next offset,
     /// appended to history, routed to subscribed nodes. Returns the message's position.
-    async fn publish(&self, channel: &str, data: &str) -> Result<StreamPosition, BrokerError>;
+    /// `from` (a valid user id, checked by the caller) is stored with the message.
+    ///
+    /// A publish is the only call that creates a channel's state: the first one (or the
+    /// first after the state expired or was lost) starts a fresh random epoch.
+    async fn publish(
+        &self,
+        channel: &str,
+        data: &str,
+        from: Option<&str>,
+    ) -> Result<StreamPosition, BrokerError>;
 
     /// Subscribes this node to `channel`. The request is queued when this method is
     /// called, not when the future is polled, so requests made in order (the hub makes
@@ -213,7 +230,9 @@ pub trait Broker: Send + Sync + 'static {
     fn unsubscribe(&self, channel: &str);
 
     /// Retained publications with offset greater than `since`, at most `limit`, oldest
-    /// first, and the channel's current position.
+    /// first, and the channel's current position. A channel without stored state reads
+    /// as `(0, EMPTY_EPOCH)` with nothing retained, and the read stores nothing: a
+    /// client subscribing to endless new names must not grow the broker.
     async fn history(
         &self,
         channel: &str,
@@ -221,7 +240,8 @@ pub trait Broker: Send + Sync + 'static {
         limit: usize,
     ) -> Result<History, BrokerError>;
 
-    /// The channel's current position (creating its epoch if the channel is new).
+    /// The channel's current position; `(0, EMPTY_EPOCH)` for a channel without stored
+    /// state, which this read does not create (see [`Broker::history`]).
     async fn position(&self, channel: &str) -> Result<StreamPosition, BrokerError>;
 
     /// Applies presence changes made on node `node`.

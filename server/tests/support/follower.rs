@@ -33,7 +33,7 @@ pub struct Channel {
     pub messages: Vec<(String, u64)>,
     /// Last (offset, epoch) seen.
     pub position: Option<(u64, String)>,
-    /// Offsets that did not follow the previous one (same epoch, not previous + 1)
+    /// Offsets that did not follow the previous one (same stream, not previous + 1)
     /// without a resync before them: (last, got).
     pub violations: Vec<(u64, u64)>,
     /// `recovered: false` answers to a resume or subscribe, and `resync` frames.
@@ -399,7 +399,8 @@ async fn session(
                     let epoch = v["epoch"].as_str().unwrap_or("").to_owned();
                     let seen = r.channels.entry(channel).or_default();
                     if let Some((last, e)) = &seen.position {
-                        if *e == epoch && offset != last + 1 {
+                        // From offset 0 any epoch continues (herald_protocol::same_stream).
+                        if herald_protocol::same_stream(*last, e, &epoch) && offset != last + 1 {
                             seen.violations.push((*last, offset));
                         }
                     }

@@ -1,56 +1,63 @@
 -- Retained messages of a channel after an offset, and its current position.
 --
 -- KEYS[1]  the channel's meta hash (`e` epoch, `o` offset)
--- KEYS[2]  the channel's history stream (ids `<offset>-0`, fields `d` data, `t` ms)
--- ARGV[1]  a fresh random epoch, used only if the meta hash is missing
--- ARGV[2]  meta ttl in ms
--- ARGV[3]  first stream id to return: `<since + 1>-0`
--- ARGV[4]  max messages to return
--- ARGV[5]  history ttl in ms
--- ARGV[6]  '1': check the primary's replication id (Sentinel mode), '' otherwise
+-- KEYS[2]  the channel's history stream (ids `<offset>-0`, fields `d` data, `t` ms,
+--          and `f` publisher when known)
+-- ARGV[1]  meta ttl in ms
+-- ARGV[2]  first stream id to return: `<since + 1>-0`
+-- ARGV[3]  max messages to return
+-- ARGV[4]  history ttl in ms
+-- ARGV[5]  '1': check the primary's replication id (Sentinel mode), '' otherwise
 --
--- Returns {offset, epoch, id1, data1, id2, data2, ...}, oldest first. With a limit of 0
--- it is the position read: {offset, epoch}. Reading keeps the epoch alive for another
--- meta ttl, so an idle channel with subscribers keeps its epoch.
+-- Returns {offset, epoch, id1, data1, from1, id2, data2, from2, ...}, oldest first, with
+-- from = '' when the message has no publisher (user ids are never empty). With a limit
+-- of 0 it is the position read: {offset, epoch}.
+--
+-- A channel without a meta hash (never published to, expired, or lost with a Redis
+-- restart) reads as {0, ''} and the read writes nothing: only a publish creates a
+-- channel's keys, so subscribing to endless new names leaves nothing behind. Reading an
+-- existing channel keeps its epoch alive for another meta ttl, so an idle channel with
+-- subscribers keeps its epoch.
 local meta, stream = KEYS[1], KEYS[2]
 local epoch = redis.call('HGET', meta, 'e')
--- Sentinel mode: a channel last written under another replication id starts a new
--- epoch, exactly as in publish.lua (see keys.rs).
-local replid = ARGV[6] == '1' and string.match(redis.call('INFO', 'replication'), 'master_replid:(%x+)') or nil
-if replid and epoch and redis.call('HGET', meta, 'r') ~= replid then
-  epoch = nil
-end
-local offset = 0
 if not epoch then
-  epoch = ARGV[1]
-  redis.call('DEL', stream)
-  redis.call('HSET', meta, 'e', epoch, 'o', 0)
-else
-  offset = tonumber(redis.call('HGET', meta, 'o') or '0')
+  return {0, ''}
 end
-if replid and redis.call('EXISTS', meta) == 1 then
-  redis.call('HSET', meta, 'r', replid)
+-- Sentinel mode: a channel last written under another replication id may have lost
+-- writes in a failover (see keys.rs). Its stream is treated as lost: the keys go, the
+-- read answers the empty position, and the next publish starts a new epoch, exactly as
+-- publish.lua does when it sees the mismatch.
+if ARGV[5] == '1' then
+  local replid = string.match(redis.call('INFO', 'replication'), 'master_replid:(%x+)')
+  if replid and redis.call('HGET', meta, 'r') ~= replid then
+    redis.call('DEL', meta, stream)
+    return {0, ''}
+  end
 end
-redis.call('PEXPIRE', meta, ARGV[2])
+local offset = tonumber(redis.call('HGET', meta, 'o') or '0')
+redis.call('PEXPIRE', meta, ARGV[1])
 local out = {offset, epoch}
-local limit = tonumber(ARGV[4])
+local limit = tonumber(ARGV[3])
 if limit <= 0 then
   return out
 end
 local time = redis.call('TIME')
 local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
-local cutoff = now - tonumber(ARGV[5])
+local cutoff = now - tonumber(ARGV[4])
 -- The stream holds at most `history size` entries (MAXLEN), so this read is bounded.
-local entries = redis.call('XRANGE', stream, ARGV[3], '+')
+local entries = redis.call('XRANGE', stream, ARGV[2], '+')
 local n = 0
 for _, entry in ipairs(entries) do
-  if tonumber(entry[2][4]) < cutoff then
+  local fields = entry[2]
+  if tonumber(fields[4]) < cutoff then
     -- Expired: it and everything before it are no longer history.
     out = {offset, epoch}
     n = 0
   elseif n < limit then
     out[#out + 1] = entry[1]
-    out[#out + 1] = entry[2][2]
+    out[#out + 1] = fields[2]
+    -- Fields are written in a fixed order: d, t, then f when there is a publisher.
+    out[#out + 1] = fields[6] or ''
     n = n + 1
   else
     break

@@ -5,8 +5,8 @@
 //!
 //! | name | type | what |
 //! |---|---|---|
-//! | `P{C}:m` | hash | `e` = epoch, `o` = last offset; expires `meta_ttl` after the last use |
-//! | `P{C}:h` | stream | history; entry id `<offset>-0`, fields `d` = data, `t` = ms (Redis clock) |
+//! | `P{C}:m` | hash | `e` = epoch, `o` = last offset; created by the first publish only; expires `meta_ttl` after the last use |
+//! | `P{C}:h` | stream | history; entry id `<offset>-0`, fields `d` = data, `t` = ms (Redis clock), `f` = publisher (when known) |
 //! | `P{C}:c` | pub/sub channel | publications of `C` (sharded pub/sub in a cluster) |
 //! | `Ppresence:{C}` | hash | `<node>\|<user>` = that user's connections to `C` on that node |
 //! | `Pnodes` | hash | node id = `<heartbeat ms>\|<NodeInfo JSON>` |
@@ -20,6 +20,10 @@
 //! cannot contain braces (see `herald_protocol`), and the prefix has its braces
 //! replaced, so the first `{…}` of a name is always the channel.
 //!
+//! Reads never create a channel's keys: a channel without `P{C}:m` reads as offset 0
+//! with the empty epoch, so subscribing to a channel never published to leaves nothing
+//! in Redis (its presence hash is removed with the last user, see `presence_update.lua`).
+//!
 //! The stream id is the offset (`<offset>-0`): offsets only grow within an epoch, and
 //! the stream is deleted whenever a new epoch starts, so ids stay increasing, and a
 //! read "after offset N" is a plain `XRANGE <N+1>-0 +`. Age is kept in field `t`.
@@ -27,6 +31,7 @@
 use std::fmt;
 
 use fred::types::config::{Config, Server, ServerConfig};
+use herald_protocol::channel::validate_user;
 
 /// Where the broker's Redis is, parsed from the configured URL.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -283,17 +288,27 @@ pub(crate) fn split_presence_field(field: &str) -> Option<(&str, &str)> {
     field.rsplit_once('|')
 }
 
-/// A publication as it travels over pub/sub: `<offset>:<epoch>:<data>`.
+/// A publication as it travels over pub/sub: `<offset>:<epoch>:<data>`, or
+/// `<offset>:<epoch>:<from>:<data>` when it has a publisher.
 ///
 /// Text, not JSON: the data is already JSON text and is passed through untouched,
 /// epochs are alphanumeric, and the offset is decimal, so the first two `:` delimit
 /// the fields. Redis builds it in the publish script, Rust only parses it.
+///
+/// The publisher field is recognised without a marker, and unambiguously: a user id
+/// is 1–128 bytes of `[A-Za-z0-9_.@-]` (no `:`), while JSON data never starts with such
+/// a run followed by `:` (an object, array or string starts with `{`, `[` or `"`; a
+/// number or literal contains no `:` and nothing may follow it). Messages without a
+/// publisher keep the v1 form, so nodes of both versions read them during a rolling
+/// upgrade.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Payload<'a> {
     /// The message's offset.
     pub offset: u64,
     /// The channel's epoch.
     pub epoch: &'a str,
+    /// The publisher, when known.
+    pub from: Option<&'a str>,
     /// The JSON data.
     pub data: &'a str,
 }
@@ -301,10 +316,15 @@ pub(crate) struct Payload<'a> {
 /// Parses a pub/sub payload; `None` if it is not one.
 pub(crate) fn parse_payload(text: &str) -> Option<Payload<'_>> {
     let (offset, rest) = text.split_once(':')?;
-    let (epoch, data) = rest.split_once(':')?;
+    let (epoch, rest) = rest.split_once(':')?;
+    let (from, data) = match rest.split_once(':') {
+        Some((from, data)) if validate_user(from).is_ok() => (Some(from), data),
+        _ => (None, rest),
+    };
     Some(Payload {
         offset: offset.parse().ok()?,
         epoch,
+        from,
         data,
     })
 }
@@ -347,9 +367,62 @@ mod tests {
         let p = parse_payload(r#"17:e1Ab:{"a":"b:c"}"#).unwrap();
         assert_eq!(p.offset, 17);
         assert_eq!(p.epoch, "e1Ab");
+        assert_eq!(p.from, None);
         assert_eq!(p.data, r#"{"a":"b:c"}"#);
+        let p = parse_payload(r#"18:e1Ab:alice@x.io:{"a":"b:c"}"#).unwrap();
+        assert_eq!((p.offset, p.from), (18, Some("alice@x.io")));
+        assert_eq!(p.data, r#"{"a":"b:c"}"#);
+        assert_eq!(parse_payload("3:e:bob:7").unwrap().data, "7");
+        assert_eq!(parse_payload("3:e:-1.5e3").unwrap().data, "-1.5e3");
+        assert_eq!(parse_payload(r#"3:e:"x:y""#).unwrap().from, None);
         assert!(parse_payload("x:e:1").is_none());
         assert!(parse_payload("12").is_none());
+    }
+
+    /// What the publish script builds, for the property tests.
+    fn build_payload(offset: u64, epoch: &str, from: Option<&str>, data: &str) -> String {
+        match from {
+            Some(from) => format!("{offset}:{epoch}:{from}:{data}"),
+            None => format!("{offset}:{epoch}:{data}"),
+        }
+    }
+
+    fn json_data() -> impl proptest::strategy::Strategy<Value = String> {
+        use proptest::prelude::*;
+        let leaf = prop_oneof![
+            Just(serde_json::Value::Null),
+            any::<bool>().prop_map(serde_json::Value::from),
+            any::<i64>().prop_map(serde_json::Value::from),
+            any::<f64>()
+                .prop_filter("finite", |f| f.is_finite())
+                .prop_map(serde_json::Value::from),
+            "[a-z:@.\\\"]{0,12}".prop_map(serde_json::Value::from),
+        ];
+        leaf.prop_recursive(3, 16, 4, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..4).prop_map(serde_json::Value::from),
+                proptest::collection::btree_map("[a-z:]{1,6}", inner, 0..4)
+                    .prop_map(|m| serde_json::Value::Object(m.into_iter().collect())),
+            ]
+        })
+        .prop_map(|v| v.to_string())
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn payloads_parse_back(
+            offset in 1u64..u64::MAX,
+            epoch in "[A-Za-z0-9]{8}",
+            from in proptest::option::of("[A-Za-z0-9_.@-]{1,128}"),
+            data in json_data(),
+        ) {
+            let text = build_payload(offset, &epoch, from.as_deref(), &data);
+            let p = parse_payload(&text).unwrap();
+            proptest::prop_assert_eq!(p.offset, offset);
+            proptest::prop_assert_eq!(p.epoch, epoch.as_str());
+            proptest::prop_assert_eq!(p.from, from.as_deref());
+            proptest::prop_assert_eq!(p.data, data.as_str());
+        }
     }
 
     #[test]

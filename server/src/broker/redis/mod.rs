@@ -6,7 +6,9 @@
 //!
 //! - the *command* client runs the Lua scripts (publish, history, position, presence,
 //!   registry). Publishing is one script call: next offset, append to the history
-//!   stream, and (S)PUBLISH `<offset>:<epoch>:<data>` to the channel's pub/sub channel.
+//!   stream, and (S)PUBLISH `<offset>:<epoch>:[<from>:]<data>` to the channel's pub/sub
+//!   channel. Only publishing creates a channel's keys; reads of a channel without them
+//!   answer offset 0 with the empty epoch and write nothing.
 //! - the *subscriber* client only (un)subscribes. One task, the subscription manager
 //!   (`subscriptions`), owns which channels are subscribed; the hub's requests reach it
 //!   in order over an unbounded queue and are applied in batches. Another task, the
@@ -423,6 +425,7 @@ fn dispatch(inner: &Arc<Inner>, message: &Message) {
                 offset: payload.offset,
                 epoch: payload.epoch.into(),
                 data: payload.data.into(),
+                from: payload.from.map(Arc::from),
             },
         );
     }
@@ -560,7 +563,12 @@ impl Broker for RedisBroker {
         }
     }
 
-    async fn publish(&self, channel: &str, data: &str) -> Result<StreamPosition, BrokerError> {
+    async fn publish(
+        &self,
+        channel: &str,
+        data: &str,
+        from: Option<&str>,
+    ) -> Result<StreamPosition, BrokerError> {
         let inner = &self.inner;
         let client = inner.publisher()?;
         // Subscribed before the script runs: any reconnect from here on shows up in it.
@@ -574,6 +582,7 @@ impl Broker for RedisBroker {
             millis(inner.settings.history_ttl),
             millis(inner.settings.meta_ttl),
             command.to_owned(),
+            from.unwrap_or_default().to_owned(),
             inner.topology.replid_flag().to_owned(),
         ];
         let answer: Vec<Value> = scripts::run(
@@ -621,7 +630,6 @@ impl Broker for RedisBroker {
         let inner = &self.inner;
         let client = inner.ready()?;
         let args = vec![
-            keys::new_epoch(),
             millis(inner.settings.meta_ttl),
             format!("{}-0", since.saturating_add(1)),
             limit.min(inner.settings.history_size).to_string(),
@@ -638,19 +646,25 @@ impl Broker for RedisBroker {
         .map_err(broker_error)?;
         let position = parse_position(&answer)?;
         let epoch: Arc<str> = position.epoch.as_str().into();
-        let mut publications = Vec::with_capacity(answer.len().saturating_sub(2) / 2);
-        for pair in answer.get(2..).unwrap_or_default().chunks_exact(2) {
-            let offset = pair[0]
+        // (id, data, from) triples; from is '' when the message has no publisher.
+        let mut publications = Vec::with_capacity(answer.len().saturating_sub(2) / 3);
+        for entry in answer.get(2..).unwrap_or_default().chunks_exact(3) {
+            let offset = entry[0]
                 .as_str()
                 .and_then(|id| id.split('-').next()?.parse::<u64>().ok())
                 .ok_or_else(|| BrokerError::Internal("bad history entry id".into()))?;
-            let data = pair[1]
+            let data = entry[1]
                 .as_str()
                 .ok_or_else(|| BrokerError::Internal("bad history entry".into()))?;
+            let from = match &entry[2] {
+                Value::String(s) if !s.is_empty() => Some(Arc::from(&**s)),
+                _ => None,
+            };
             publications.push(Publication {
                 offset,
                 epoch: epoch.clone(),
                 data: data.as_ref().into(),
+                from,
             });
         }
         Ok(History {
@@ -660,8 +674,8 @@ impl Broker for RedisBroker {
     }
 
     async fn position(&self, channel: &str) -> Result<StreamPosition, BrokerError> {
-        // history.lua with a limit of 0 is exactly "read or create the position": one
-        // script keeps the epoch logic in one place.
+        // history.lua with a limit of 0 is exactly "read the position" (creating
+        // nothing): one script keeps the epoch logic in one place.
         Ok(self.history(channel, 0, 0).await?.position)
     }
 

@@ -9,9 +9,13 @@
 -- ARGV[5]  history ttl in ms
 -- ARGV[6]  meta ttl in ms
 -- ARGV[7]  'PUBLISH' or 'SPUBLISH'
--- ARGV[8]  '1': check the primary's replication id (Sentinel mode), '' otherwise
+-- ARGV[8]  the publisher's user id, or '' when none (stored as field `f`)
+-- ARGV[9]  '1': check the primary's replication id (Sentinel mode), '' otherwise
 --
--- Returns {offset, epoch}. Publishes `<offset>:<epoch>:<data>`.
+-- Returns {offset, epoch}. Publishes `<offset>:<epoch>:<data>`, or
+-- `<offset>:<epoch>:<from>:<data>` with a publisher (see keys.rs for the parse).
+--
+-- This is the only script that creates a channel's keys.
 --
 -- Time comes from the Redis server (TIME), so every node judges a channel's
 -- history age by the same clock.
@@ -20,7 +24,7 @@ local epoch = redis.call('HGET', meta, 'e')
 -- Sentinel mode: a channel last written under another replication id (field `r`) was
 -- written on a primary that is gone; this Redis may lack its last writes, so offsets
 -- seen by clients could be handed out again. Start a new epoch (see keys.rs).
-local replid = ARGV[8] == '1' and string.match(redis.call('INFO', 'replication'), 'master_replid:(%x+)') or nil
+local replid = ARGV[9] == '1' and string.match(redis.call('INFO', 'replication'), 'master_replid:(%x+)') or nil
 if replid and epoch and redis.call('HGET', meta, 'r') ~= replid then
   epoch = nil
 end
@@ -37,8 +41,13 @@ local ttl = tonumber(ARGV[5])
 if size > 0 and ttl > 0 then
   local time = redis.call('TIME')
   local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
-  redis.call('XADD', stream, 'MAXLEN', size, string.format('%d-0', offset),
-    'd', ARGV[2], 't', string.format('%d', now))
+  if ARGV[8] == '' then
+    redis.call('XADD', stream, 'MAXLEN', size, string.format('%d-0', offset),
+      'd', ARGV[2], 't', string.format('%d', now))
+  else
+    redis.call('XADD', stream, 'MAXLEN', size, string.format('%d-0', offset),
+      'd', ARGV[2], 't', string.format('%d', now), 'f', ARGV[8])
+  end
   -- Age trim: entries are in time order, so expired ones form a prefix. Look at the
   -- head first (the common case: nothing expired, one entry read); when it has
   -- expired, look at a few more, so that each publish removes more than it adds and
@@ -70,6 +79,11 @@ if replid then
   redis.call('HSET', meta, 'r', replid)
 end
 redis.call('PEXPIRE', meta, ARGV[6])
-local payload = string.format('%d', offset) .. ':' .. epoch .. ':' .. ARGV[2]
+local payload
+if ARGV[8] == '' then
+  payload = string.format('%d', offset) .. ':' .. epoch .. ':' .. ARGV[2]
+else
+  payload = string.format('%d', offset) .. ':' .. epoch .. ':' .. ARGV[8] .. ':' .. ARGV[2]
+end
 redis.call(ARGV[7], ARGV[1], payload)
 return {offset, epoch}

@@ -16,7 +16,7 @@ pub(crate) struct Scripts {
     /// Next offset, history append, publish.
     pub publish: Script,
     /// History after an offset and the current position (with limit 0: the position
-    /// alone, creating the channel's epoch when it is new).
+    /// alone). Creates nothing for a channel that has no keys.
     pub history: Script,
     /// One node's presence changes in one channel.
     pub presence_update: Script,
