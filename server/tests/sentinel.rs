@@ -38,7 +38,7 @@ fn publish(redis: &RedisServer, c: &str, data: &str, epoch: &str, flag: &str) ->
     );
     let out = redis.cli(&[
         "eval", PUBLISH, "2", &meta, &stream, &pubsub, data, epoch, "100", "60000", "120000",
-        "PUBLISH", flag,
+        "PUBLISH", "", flag,
     ]);
     let mut lines = out.lines();
     let offset = lines
@@ -50,21 +50,26 @@ fn publish(redis: &RedisServer, c: &str, data: &str, epoch: &str, flag: &str) ->
 }
 
 /// Runs history.lua on `redis`: (offset, epoch, entries after `since`).
-fn history(
-    redis: &RedisServer,
-    c: &str,
-    since: u64,
-    epoch: &str,
-    flag: &str,
-) -> (u64, String, usize) {
+fn history(redis: &RedisServer, c: &str, since: u64, flag: &str) -> (u64, String, usize) {
     let (meta, stream) = (format!("t:{{{c}}}:m"), format!("t:{{{c}}}:h"));
     let first = format!("{}-0", since + 1);
     let out = redis.cli(&[
-        "eval", HISTORY, "2", &meta, &stream, epoch, "120000", &first, "100", "60000", flag,
+        "eval", HISTORY, "2", &meta, &stream, "120000", &first, "100", "60000", flag,
     ]);
     let lines: Vec<&str> = out.lines().collect();
     let offset = lines[0].parse().unwrap_or_else(|_| panic!("{out}"));
-    (offset, lines[1].to_owned(), (lines.len() - 2) / 2)
+    let epoch = lines.get(1).copied().unwrap_or_default().to_owned();
+    // (id, data, from) triples after the position; count the ids (`<offset>-0`), since
+    // the output of an empty `from` may be trimmed away.
+    let ids = lines
+        .iter()
+        .skip(2)
+        .filter(|l| {
+            l.strip_suffix("-0")
+                .is_some_and(|n| n.parse::<u64>().is_ok())
+        })
+        .count();
+    (offset, epoch, ids)
 }
 
 fn replid(redis: &RedisServer) -> String {
@@ -78,9 +83,10 @@ fn replid(redis: &RedisServer) -> String {
 
 /// A promoted replica lacks the old primary's last writes. Without the Sentinel flag
 /// the scripts go back to an offset clients already saw, in the same epoch (the
-/// hazard); with it, the first read or publish on the promoted replica starts a new
-/// epoch, offsets from 1, history dropped, and later calls keep that epoch. The old
-/// primary, whose replication id did not change, keeps its epoch.
+/// hazard); with it, the first read on the promoted replica finds the channel lost
+/// (the empty position, its keys dropped) and the first publish starts a new epoch,
+/// offsets from 1, which later calls keep. The old primary, whose replication id did
+/// not change, keeps its epoch.
 #[test]
 fn scripts_start_a_new_epoch_when_the_replication_id_changes() {
     let primary = RedisServer::start();
@@ -113,13 +119,14 @@ fn scripts_start_a_new_epoch_when_the_replication_id_changes() {
         assert_eq!(publish(&primary, "a", "{}", "X", "1"), (i, "E".to_owned()));
     }
     // The hazard without the flag: offset 3 again in epoch E, offset 4 would be reused.
-    assert_eq!(history(&replica, "a", 0, "X", ""), (3, "E".to_owned(), 3));
-    // With the flag: a new epoch, nothing retained from the old one.
-    let (offset, epoch, entries) = history(&replica, "a", 0, "F", "1");
-    assert_eq!((offset, epoch.as_str(), entries), (0, "F", 0));
-    assert_eq!(publish(&replica, "a", "{}", "G", "1"), (1, "F".to_owned()));
+    assert_eq!(history(&replica, "a", 0, ""), (3, "E".to_owned(), 3));
+    // With the flag: the stream reads as lost, and nothing of it is retained.
+    let (offset, epoch, entries) = history(&replica, "a", 0, "1");
+    assert_eq!((offset, epoch.as_str(), entries), (0, "", 0));
+    assert_eq!(replica.cli(&["exists", "t:{a}:m", "t:{a}:h"]), "0");
+    assert_eq!(publish(&replica, "a", "{}", "F", "1"), (1, "F".to_owned()));
     assert_eq!(publish(&replica, "a", "{}", "H", "1"), (2, "F".to_owned()));
-    assert_eq!(history(&replica, "a", 0, "I", "1"), (2, "F".to_owned(), 2));
+    assert_eq!(history(&replica, "a", 0, "1"), (2, "F".to_owned(), 2));
     // The old primary kept its replication id, so its epochs stay.
     assert_eq!(publish(&primary, "a", "{}", "K", "1"), (6, "E".to_owned()));
     // A channel written without the flag (another mode before) gets one new epoch.
