@@ -1048,4 +1048,15 @@ mod tests {
         assert_eq!(outcomes.1, 5);
         assert_eq!(outcomes.2, 1);
     }
+
+    #[tokio::test]
+    async fn resume_entries_take_tokens_without_counting_refusals() {
+        let mut r = RateLimit::new(3);
+        assert!(r.try_take() && r.try_take() && r.try_take());
+        for _ in 0..10 {
+            assert!(!r.try_take(), "the bucket is empty");
+        }
+        // Refused resume entries do not push the connection towards a 4429.
+        assert!(matches!(r.check(), Rate::Refuse));
+    }
 }
