@@ -15,6 +15,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use herald_protocol::channel::{user_channel, validate_channel, validate_user};
 use herald_protocol::codes::ErrorCode;
+use herald_protocol::depth::{nests_deeper_than, MAX_DATA_DEPTH};
 use herald_protocol::frame::ErrorBody;
 use serde::Deserialize;
 use serde_json::value::RawValue;
@@ -46,17 +47,20 @@ impl ApiError {
 }
 
 impl From<BrokerError> for ApiError {
+    /// A fixed, generic message: the broker's own error text names addresses and
+    /// internals no API caller should see. The log keeps the detail.
     fn from(e: BrokerError) -> Self {
+        tracing::warn!(error = %e, "broker error answering an API request");
         match e {
             BrokerError::Unavailable(_) => Self::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 ErrorCode::Unavailable,
-                e.to_string(),
+                "broker unavailable; try again",
             ),
             BrokerError::Internal(_) => Self::new(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 ErrorCode::Internal,
-                e.to_string(),
+                "internal error",
             ),
         }
     }
@@ -180,6 +184,11 @@ impl PublishBody {
         let data = self
             .data
             .ok_or_else(|| ApiError::bad_request("`data` is missing"))?;
+        if nests_deeper_than(data.get(), MAX_DATA_DEPTH) {
+            return Err(ApiError::bad_request(format!(
+                "`data` nests deeper than {MAX_DATA_DEPTH} levels"
+            )));
+        }
         // Checked like a user id: receivers may take it for one, and the Redis payload
         // relies on it having no `:`.
         if let Some(from) = &self.from {

@@ -141,6 +141,35 @@ pub struct Config {
     #[arg(long, env = "HERALD_MAX_CONNECTIONS_PER_IP", default_value_t = 0)]
     pub max_connections_per_ip: usize,
 
+    /// Connections that have not finished `hello` (the upgrade and the wait for the
+    /// token). They have a budget of their own and never take the slots of
+    /// `HERALD_MAX_CONNECTIONS`, which count authenticated sessions only. When it is
+    /// full, the oldest pending connection that has waited 1 s or more is closed 4429 to
+    /// make room; if none has, the newcomer is closed 4429 at once. An honest client
+    /// finishes `hello` within a round trip, so 1,000 covers 10,000 connects per second
+    /// at 100 ms each, while silent sockets cost at most ~1,000 × 10 KiB.
+    #[arg(long, env = "HERALD_MAX_PENDING_HANDSHAKES", default_value_t = 1_000)]
+    pub max_pending_handshakes: usize,
+
+    /// Connections of one user (token `sub`) on this node; 0 = no limit. Counted per
+    /// node, not cluster-wide: a user's connections spread over N nodes may reach N
+    /// times this. The connection over it is closed 4429 after `hello`.
+    #[arg(long, env = "HERALD_MAX_CONNECTIONS_PER_USER", default_value_t = 32)]
+    pub max_connections_per_user: u32,
+
+    /// Milliseconds one write to a client may take: each batch of live messages, each
+    /// reply, `welcome` and each recovery (the messages after a `hello` resume or a
+    /// `subscribe` with `since`) must be taken by the client within it, or the
+    /// connection is closed with 4509 (slow consumer).
+    #[arg(long, env = "HERALD_WRITE_TIMEOUT_MS", default_value_t = 10_000)]
+    pub write_timeout_ms: u64,
+
+    /// Bytes of message data one `hello` (all its resumed channels together) or one
+    /// `subscribe` may recover. A channel that does not fit is not recovered at all
+    /// (`recovered: false`, with the current position).
+    #[arg(long, env = "HERALD_MAX_RECOVERY_BYTES", default_value_t = 1_048_576)]
+    pub max_recovery_bytes: usize,
+
     /// Messages queued for one connection; a connection whose queue is full is a slow
     /// consumer and is closed with 4509.
     #[arg(long, env = "HERALD_SESSION_QUEUE", default_value_t = 1024)]
@@ -258,6 +287,11 @@ impl Config {
         Duration::from_millis(self.header_read_timeout_ms.max(1))
     }
 
+    /// The time one write (a batch, a reply, a recovery) to a client may take.
+    pub fn write_timeout(&self) -> Duration {
+        Duration::from_millis(self.write_timeout_ms.max(1))
+    }
+
     /// The drain window.
     pub fn drain(&self) -> Duration {
         Duration::from_millis(self.drain_ms)
@@ -300,6 +334,10 @@ mod tests {
         assert_eq!(c.heartbeat_ms, 25_000);
         assert_eq!(c.max_frame_bytes, 65_536);
         assert_eq!(c.drain_ms, 10_000);
+        assert_eq!(c.write_timeout_ms, 10_000);
+        assert_eq!(c.max_recovery_bytes, 1_048_576);
+        assert_eq!(c.max_pending_handshakes, 1_000);
+        assert_eq!(c.max_connections_per_user, 32);
     }
 
     #[test]

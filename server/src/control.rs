@@ -49,12 +49,27 @@ impl UserIndex {
             .unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Adds a session of `user`.
-    pub fn register(&self, user: &Arc<str>, id: SessionId, handle: SessionHandle) {
-        self.shard(user)
-            .entry(Arc::clone(user))
-            .or_default()
-            .push((id, handle));
+    /// Adds a session of `user`, unless the user already has `limit` sessions on this
+    /// node (`HERALD_MAX_CONNECTIONS_PER_USER`; 0: no limit). Returns whether it was
+    /// added. Check and insert happen under one lock, so concurrent hellos of one user
+    /// cannot overshoot the limit.
+    pub fn register(
+        &self,
+        user: &Arc<str>,
+        id: SessionId,
+        handle: SessionHandle,
+        limit: u32,
+    ) -> bool {
+        let mut shard = self.shard(user);
+        let sessions = shard.entry(Arc::clone(user)).or_default();
+        if limit > 0 && sessions.len() >= limit as usize {
+            if sessions.is_empty() {
+                shard.remove(&**user);
+            }
+            return false;
+        }
+        sessions.push((id, handle));
+        true
     }
 
     /// Removes a session of `user`; the user's entry goes with its last session.
@@ -193,8 +208,9 @@ mod tests {
         let idx = UserIndex::default();
         let alice: Arc<str> = "alice".into();
         let h = || Arc::new(SessionControl::new(4));
-        idx.register(&alice, 1, h());
-        idx.register(&alice, 2, h());
+        assert!(idx.register(&alice, 1, h(), 2));
+        assert!(idx.register(&alice, 2, h(), 2));
+        assert!(!idx.register(&alice, 3, h(), 2), "over the per-user limit");
         assert_eq!(idx.count("alice"), 2);
         assert_eq!(idx.for_each("alice", |id, _| id == 2), 1);
         idx.unregister("alice", 1);

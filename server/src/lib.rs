@@ -12,6 +12,7 @@
 //! - [`presence`]: this node's presence, sent to the broker in batches;
 //! - [`registry`]: this node's heartbeat and the choice of node for `/v1/connect`;
 //! - [`node`]: the state shared by all of the above, and connection admission;
+//! - [`limits`]: the pure rules of admission and recovery budgets;
 //! - [`listener`]: accepting connections and serving HTTP on them, with timeouts;
 //! - [`metrics`]: Prometheus metrics;
 //! - [`web`]: the browser client (`/herald.js`), the demo page (`/`) and the cluster
@@ -25,6 +26,7 @@ pub mod broker;
 pub mod config;
 pub mod control;
 pub mod hub;
+pub mod limits;
 pub mod listener;
 pub mod metrics;
 pub mod node;

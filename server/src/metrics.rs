@@ -33,6 +33,14 @@ pub struct Metrics {
     pub connections: Gauge,
     /// Connections accepted since start.
     pub connections_accepted: Counter,
+    /// Open connections that have not finished `hello` (also in `connections`).
+    pub pending_handshakes: Gauge,
+    /// Pending connections closed 4429 to make room for a newcomer (the pending budget
+    /// was full).
+    pub pending_evicted: Counter,
+    /// Channels a `hello` resume or a `subscribe` did not recover because the recovery
+    /// byte budget (`HERALD_MAX_RECOVERY_BYTES`) was spent: `recovered: false`.
+    pub recovery_over_budget: Counter,
     /// Connections closed, by close code.
     pub disconnects: Family<CodeLabel, Counter>,
     /// Channel subscriptions of local sessions.
@@ -83,6 +91,9 @@ impl Metrics {
         let m = Self {
             connections: Gauge::default(),
             connections_accepted: Counter::default(),
+            pending_handshakes: Gauge::default(),
+            pending_evicted: Counter::default(),
+            recovery_over_budget: Counter::default(),
             disconnects: Family::default(),
             subscriptions: Gauge::default(),
             broker_channels: Gauge::default(),
@@ -111,6 +122,21 @@ impl Metrics {
             "herald_connections_accepted",
             "Client connections accepted",
             m.connections_accepted.clone(),
+        );
+        registry.register(
+            "herald_pending_handshakes",
+            "Open connections that have not finished hello",
+            m.pending_handshakes.clone(),
+        );
+        registry.register(
+            "herald_pending_evicted",
+            "Pending connections closed to make room in a full pending budget",
+            m.pending_evicted.clone(),
+        );
+        registry.register(
+            "herald_recovery_over_budget",
+            "Channels not recovered because the recovery byte budget was spent",
+            m.recovery_over_budget.clone(),
         );
         registry.register(
             "herald_disconnects",

@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use herald_protocol::codes::CloseCode;
 use tokio_util::sync::CancellationToken;
@@ -14,6 +15,7 @@ use crate::auth::Keys;
 use crate::broker::{Broker, NodeInfo, NodeStats};
 use crate::config::Config;
 use crate::hub::Hub;
+use crate::limits::{PendingAdmit, PendingQueue};
 use crate::metrics::{self, Metrics};
 use crate::presence::Presence;
 
@@ -44,6 +46,9 @@ pub struct Node {
     draining: AtomicBool,
     connections: AtomicUsize,
     per_ip: Mutex<HashMap<IpAddr, usize>>,
+    /// Connections that have not finished `hello`, oldest first; the token closes one
+    /// when a newcomer evicts it.
+    pending: Mutex<PendingQueue<CancellationToken>>,
     next_session: AtomicU64,
 }
 
@@ -60,6 +65,7 @@ impl Node {
         presence: Arc<Presence>,
         metrics: Arc<Metrics>,
     ) -> Self {
+        let pending = PendingQueue::new(config.max_pending_handshakes, PENDING_EVICT_AFTER);
         Self {
             config,
             id,
@@ -75,6 +81,7 @@ impl Node {
             draining: AtomicBool::new(false),
             connections: AtomicUsize::new(0),
             per_ip: Mutex::default(),
+            pending: Mutex::new(pending),
             next_session: AtomicU64::new(1),
         }
     }
@@ -95,7 +102,7 @@ impl Node {
         !self.is_draining() && self.broker.is_healthy()
     }
 
-    /// Open client connections.
+    /// Open authenticated client connections (those past `hello`).
     pub fn connections(&self) -> usize {
         self.connections.load(Ordering::Acquire)
     }
@@ -135,34 +142,128 @@ impl Node {
         self.next_session.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Admits a new connection from `ip`, or says which close code refuses it.
-    pub fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<Admission, CloseCode> {
-        let total = self.connections.fetch_add(1, Ordering::AcqRel) + 1;
-        if total > self.config.max_connections {
-            self.connections.fetch_sub(1, Ordering::AcqRel);
+    /// Admits a new connection from `ip` as pending (it has not finished `hello`), or
+    /// says which close code refuses it. Pending connections have their own budget
+    /// (`max_pending_handshakes`); the authenticated slots of `max_connections` are only
+    /// taken by [`Pending::authenticate`], so silent sockets can never fill them. A node
+    /// whose authenticated slots are all taken refuses at once: the newcomer could not
+    /// get one after its hello anyway.
+    pub fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<Pending, CloseCode> {
+        if self.connections() >= self.config.max_connections {
             return Err(CloseCode::TooMany);
         }
         let per_ip_limit = self.config.max_connections_per_ip;
         if per_ip_limit > 0 {
-            let mut per_ip = self.per_ip.lock().unwrap_or_else(|e| e.into_inner());
+            let mut per_ip = lock(&self.per_ip);
             let n = per_ip.entry(ip).or_insert(0);
             if *n >= per_ip_limit {
-                drop(per_ip);
-                self.connections.fetch_sub(1, Ordering::AcqRel);
                 return Err(CloseCode::TooMany);
             }
             *n += 1;
         }
+        let evict = CancellationToken::new();
+        let admitted = lock(&self.pending).admit(std::time::Instant::now(), evict.clone());
+        let seq = match admitted {
+            PendingAdmit::Admitted(seq) => seq,
+            PendingAdmit::Evicted(seq, oldest) => {
+                // Outside the lock: cancelling wakes the evicted session's task.
+                oldest.cancel();
+                self.metrics.pending_evicted.inc();
+                seq
+            }
+            PendingAdmit::Refused => {
+                self.release_ip(ip);
+                return Err(CloseCode::TooMany);
+            }
+        };
         self.metrics.connections.inc();
+        self.metrics.pending_handshakes.inc();
         self.metrics.connections_accepted.inc();
-        Ok(Admission {
+        Ok(Pending {
             node: Arc::clone(self),
             ip,
+            seq,
+            evict,
+            authenticated: false,
         })
+    }
+
+    /// Gives back one connection of `ip` to the per-IP count.
+    fn release_ip(&self, ip: IpAddr) {
+        if self.config.max_connections_per_ip > 0 {
+            let mut per_ip = lock(&self.per_ip);
+            if let Some(n) = per_ip.get_mut(&ip) {
+                *n -= 1;
+                if *n == 0 {
+                    per_ip.remove(&ip);
+                }
+            }
+        }
+    }
+
+    /// Connections that have not finished `hello`.
+    pub fn pending_handshakes(&self) -> usize {
+        lock(&self.pending).len()
     }
 }
 
-/// An admitted connection; dropping it gives the slot back.
+/// Locks a std mutex, ignoring poison: every critical section here leaves the map
+/// consistent, and no await happens while holding it.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// How long a pending connection is safe from eviction when the pending budget is full:
+/// an honest client sends `hello` within a round trip of connecting.
+pub const PENDING_EVICT_AFTER: Duration = Duration::from_secs(1);
+
+/// A connection that has not finished `hello`: it holds a place in the pending budget
+/// (and its IP's count) until [`Pending::authenticate`] or its drop.
+pub struct Pending {
+    node: Arc<Node>,
+    ip: IpAddr,
+    seq: u64,
+    evict: CancellationToken,
+    /// Set when the connection moved into an [`Admission`], which then owns the IP's
+    /// count and the connection gauge.
+    authenticated: bool,
+}
+
+impl Pending {
+    /// Cancelled when a newcomer pushed this connection out of a full pending budget;
+    /// it is then closed 4429.
+    pub fn evicted(&self) -> &CancellationToken {
+        &self.evict
+    }
+
+    /// Moves the connection from the pending budget into an authenticated slot, or
+    /// refuses it (4429) when the node's authenticated slots are all taken. (The
+    /// per-user limit is checked where the session registers with its user, in
+    /// [`crate::control::UserIndex::register`].)
+    pub fn authenticate(mut self) -> Result<Admission, CloseCode> {
+        let node = Arc::clone(&self.node);
+        let total = node.connections.fetch_add(1, Ordering::AcqRel) + 1;
+        if total > node.config.max_connections {
+            node.connections.fetch_sub(1, Ordering::AcqRel);
+            return Err(CloseCode::TooMany);
+        }
+        self.authenticated = true;
+        Ok(Admission { node, ip: self.ip })
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        lock(&self.node.pending).remove(self.seq);
+        self.node.metrics.pending_handshakes.dec();
+        if !self.authenticated {
+            self.node.metrics.connections.dec();
+            self.node.release_ip(self.ip);
+        }
+    }
+}
+
+/// An authenticated connection; dropping it gives its slots back.
 pub struct Admission {
     node: Arc<Node>,
     ip: IpAddr,
@@ -172,14 +273,6 @@ impl Drop for Admission {
     fn drop(&mut self) {
         self.node.connections.fetch_sub(1, Ordering::AcqRel);
         self.node.metrics.connections.dec();
-        if self.node.config.max_connections_per_ip > 0 {
-            let mut per_ip = self.node.per_ip.lock().unwrap_or_else(|e| e.into_inner());
-            if let Some(n) = per_ip.get_mut(&self.ip) {
-                *n -= 1;
-                if *n == 0 {
-                    per_ip.remove(&self.ip);
-                }
-            }
-        }
+        self.node.release_ip(self.ip);
     }
 }

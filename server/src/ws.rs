@@ -30,12 +30,13 @@ use herald_protocol::frame::{
 use herald_protocol::{same_stream, StreamPosition};
 use rand::Rng;
 use serde_json::json;
-use tokio::time::{timeout, Instant};
+use tokio::time::{timeout, timeout_at, Instant};
 
 use crate::auth::{now_secs, Claims};
 use crate::broker::{BrokerError, Publication, UserCommand};
 use crate::hub::{CloseReason, Outbound, SessionControl, SessionHandle, SessionId};
-use crate::node::{Admission, Node};
+use crate::limits::RecoveryBudget;
+use crate::node::{Node, Pending};
 
 /// Most queued messages written before one flush.
 const BATCH: usize = 64;
@@ -151,10 +152,15 @@ enum End {
     Gone,
 }
 
-/// Reads the first frame, which must be `hello`, within the hello timeout.
+/// Reads the first frame, which must be `hello`, within the hello timeout. WebSocket
+/// ping and pong frames before it are answered by the library but cost work, so at most
+/// `max_control` of them are tolerated (the command rate of one second): more is a
+/// flood, closed with 4429.
 async fn read_hello(
     socket: &mut WebSocket,
+    max_control: u32,
 ) -> Result<(String, BTreeMap<String, StreamPosition>), End> {
+    let mut control = 0u32;
     loop {
         match socket.recv().await {
             Some(Ok(Message::Text(text))) => {
@@ -164,7 +170,12 @@ async fn read_hello(
                 };
             }
             Some(Ok(Message::Binary(_))) => return Err(End::Close(CloseCode::BadRequest)),
-            Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => {
+                control += 1;
+                if control > max_control {
+                    return Err(End::Close(CloseCode::TooMany));
+                }
+            }
             Some(Ok(Message::Close(_))) | None => return Err(End::Gone),
             Some(Err(e)) => return Err(read_error(&e)),
         }
@@ -180,28 +191,26 @@ async fn read_hello(
 async fn run(
     node: Arc<Node>,
     mut socket: WebSocket,
-    admission: Result<Admission, CloseCode>,
+    admission: Result<Pending, CloseCode>,
     origin_ok: bool,
 ) {
     let end = match admission {
         Err(code) => End::Close(code),
         Ok(_) if !origin_ok => End::Close(CloseCode::Forbidden),
         Ok(_) if node.is_draining() => {
-            let _ = Box::pin(send_reconnect(&mut socket)).await;
+            let _ = Box::pin(timeout(CLOSE_TIMEOUT, send_reconnect(&mut socket))).await;
             End::Close(CloseCode::Draining)
         }
-        Ok(admission) => {
-            let end = serve_session(&node, &mut socket).await;
-            drop(admission);
-            end
-        }
+        Ok(pending) => serve_session(&node, &mut socket, pending).await,
     };
     Box::pin(finish(&node, &mut socket, end)).await;
 }
 
-/// Hello, token, session: everything between the upgrade and the end.
-async fn serve_session(node: &Arc<Node>, socket: &mut WebSocket) -> End {
-    let (token, resume) = match Box::pin(hello(node, socket)).await {
+/// Hello, token, session: everything between the upgrade and the end. The connection
+/// holds a pending slot until its token is verified, then an authenticated one
+/// (`Pending::authenticate`: the node's and the user's connection limits).
+async fn serve_session(node: &Arc<Node>, socket: &mut WebSocket, pending: Pending) -> End {
+    let (token, resume) = match Box::pin(hello(node, socket, pending.evicted())).await {
         Ok(hello) => hello,
         Err(end) => return end,
     };
@@ -222,6 +231,10 @@ async fn serve_session(node: &Arc<Node>, socket: &mut WebSocket) -> End {
     }
     drop(token);
     let mut session = Session::new(Arc::clone(node), claims);
+    let admission = match pending.authenticate() {
+        Ok(admission) => admission,
+        Err(code) => return End::Close(code),
+    };
     let end = match Box::pin(session.start(socket, resume)).await {
         Ok(()) => match session.serve(socket).await {
             Ok(()) => End::Gone,
@@ -230,6 +243,7 @@ async fn serve_session(node: &Arc<Node>, socket: &mut WebSocket) -> End {
         Err(end) => end,
     };
     session.cleanup();
+    drop(admission);
     end
 }
 
@@ -238,13 +252,17 @@ async fn serve_session(node: &Arc<Node>, socket: &mut WebSocket) -> End {
 async fn hello(
     node: &Node,
     socket: &mut WebSocket,
+    evicted: &tokio_util::sync::CancellationToken,
 ) -> Result<(String, BTreeMap<String, StreamPosition>), End> {
     let hello_timeout = Duration::from_millis(node.config.hello_timeout_ms);
+    let max_control = node.config.max_messages_per_sec;
     tokio::select! {
-        r = timeout(hello_timeout, read_hello(socket)) => match r {
+        r = timeout(hello_timeout, read_hello(socket, max_control)) => match r {
             Ok(r) => r,
             Err(_) => Err(End::Close(CloseCode::Timeout)),
         },
+        // A newcomer needed this connection's place in the full pending budget.
+        _ = evicted.cancelled() => Err(End::Close(CloseCode::TooMany)),
         _ = node.drain.cancelled() => {
             let _ = timeout(CLOSE_TIMEOUT, send_reconnect(socket)).await;
             Err(End::Close(CloseCode::Draining))
@@ -282,8 +300,17 @@ struct ChannelState {
 struct CommandError(ErrorCode, String);
 
 impl From<BrokerError> for CommandError {
+    /// A fixed, generic message: the broker's own error text names addresses and
+    /// internals no client should see. The log keeps the detail.
     fn from(e: BrokerError) -> Self {
-        CommandError(ErrorCode::Unavailable, e.to_string())
+        tracing::warn!(error = %e, "broker error answering a client command");
+        match e {
+            BrokerError::Unavailable(_) => CommandError(
+                ErrorCode::Unavailable,
+                "broker unavailable; try again".into(),
+            ),
+            BrokerError::Internal(_) => CommandError(ErrorCode::Internal, "internal error".into()),
+        }
     }
 }
 
@@ -314,11 +341,25 @@ impl RateLimit {
         }
     }
 
-    fn check(&mut self) -> Rate {
-        let now = Instant::now();
+    /// Takes a token if one is there, without counting a refusal (resume entries).
+    fn try_take(&mut self) -> bool {
+        self.refill(Instant::now());
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            return true;
+        }
+        false
+    }
+
+    fn refill(&mut self, now: Instant) {
         let elapsed = now.duration_since(self.refilled).as_secs_f64();
         self.tokens = (self.tokens + elapsed * self.rate).min(self.rate);
         self.refilled = now;
+    }
+
+    fn check(&mut self) -> Rate {
+        let now = Instant::now();
+        self.refill(now);
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
             return Rate::Allow;
@@ -353,6 +394,9 @@ struct Session {
     /// Whether a ping went out since the client last sent anything.
     pinged: bool,
     drain_at: Option<Instant>,
+    /// When the write in progress (a batch, a reply, a recovery: everything up to its
+    /// flush) must be done; `None` between writes. See [`Session::send`].
+    write_deadline: Option<Instant>,
     /// The token's `exp`: the session closes with 4401 "token expired" then, unless a
     /// `refresh` moved it.
     expires_at: Instant,
@@ -397,21 +441,34 @@ impl Session {
             last_send: now,
             pinged: false,
             drain_at: None,
+            write_deadline: None,
         }
     }
 
     /// Subscribes the personal channel and the resumed ones, sends `welcome`, then the
     /// recovered messages.
+    ///
+    /// Bounds: every resume entry but the personal channel takes a token of the command
+    /// rate, like a `subscribe` (entries beyond the bucket get `rate_limited` in
+    /// `errors`); all channels together recover at most `max_recovery_bytes` of data,
+    /// the personal channel first, then in name order.
     async fn start(
         &mut self,
         socket: &mut WebSocket,
         mut resume: BTreeMap<String, StreamPosition>,
     ) -> Result<(), End> {
         // Registered before the revocation check, never after: see `control`'s race note.
-        self.node
+        // Over the user's connections on this node (one token must not take the node's
+        // slots): 4429.
+        let limit = self.node.config.max_connections_per_user;
+        if !self
+            .node
             .hub
             .users
-            .register(&self.user, self.id, self.handle.clone());
+            .register(&self.user, self.id, self.handle.clone(), limit)
+        {
+            return Err(End::Close(CloseCode::TooMany));
+        }
         if self
             .node
             .hub
@@ -426,9 +483,10 @@ impl Session {
         let mut subscriptions = BTreeMap::new();
         let mut errors = BTreeMap::new();
         let mut missed = Vec::new();
+        let mut budget = RecoveryBudget::new(self.node.config.max_recovery_bytes);
         let personal = self.personal.to_string();
         let since = resume.remove(&personal);
-        match self.subscribe(&personal, since).await {
+        match self.subscribe_within(&personal, since, &mut budget).await {
             Ok((result, pubs)) => {
                 subscriptions.insert(personal.clone(), result);
                 missed.push((self.personal.clone(), pubs));
@@ -440,7 +498,19 @@ impl Session {
             }
         }
         for (channel, since) in resume {
-            match self.subscribe(&channel, Some(since)).await {
+            if !self.rate.try_take() {
+                self.node.metrics.rate_limited.inc();
+                let error = ErrorBody::new(
+                    ErrorCode::RateLimited,
+                    "more resume entries than the command rate allows; subscribe later",
+                );
+                errors.insert(channel, error);
+                continue;
+            }
+            match self
+                .subscribe_within(&channel, Some(since), &mut budget)
+                .await
+            {
                 Ok((result, pubs)) => {
                     let name = self.channel_name(&channel);
                     subscriptions.insert(channel, result);
@@ -474,11 +544,22 @@ impl Session {
     }
 
     /// Subscribes to a channel; returns the result and the recovered publications,
-    /// which the caller sends after the reply.
+    /// which the caller sends after the reply. The recovery has a budget of its own.
     async fn subscribe(
         &mut self,
         channel: &str,
         since: Option<StreamPosition>,
+    ) -> Result<(SubscribeResult, Vec<Publication>), CommandError> {
+        let mut budget = RecoveryBudget::new(self.node.config.max_recovery_bytes);
+        self.subscribe_within(channel, since, &mut budget).await
+    }
+
+    /// [`Session::subscribe`], recovering within what is left of `budget`.
+    async fn subscribe_within(
+        &mut self,
+        channel: &str,
+        since: Option<StreamPosition>,
+        budget: &mut RecoveryBudget,
     ) -> Result<(SubscribeResult, Vec<Publication>), CommandError> {
         self.room_for(channel)?;
         if !self.claims.may_subscribe(channel) {
@@ -487,7 +568,7 @@ impl Session {
                 format!("not allowed to subscribe to {channel}"),
             ));
         }
-        self.join(channel, since, false).await
+        self.join(channel, since, false, budget).await
     }
 
     /// Whether the session can join `channel`: not in it yet, and under its limit.
@@ -517,13 +598,14 @@ impl Session {
         channel: &str,
         since: Option<StreamPosition>,
         granted: bool,
+        budget: &mut RecoveryBudget,
     ) -> Result<(SubscribeResult, Vec<Publication>), CommandError> {
         self.room_for(channel)?;
         let node = Arc::clone(&self.node);
         node.hub.join(channel, self.id, self.handle.clone()).await?;
         // Joined first, read the stream second: whatever is published in between
         // arrives both ways, and the offset check drops the second copy.
-        let outcome = self.recover(channel, since).await;
+        let outcome = self.recover(channel, since, budget).await;
         let (result, pubs) = match outcome {
             Ok(r) => r,
             Err(e) => {
@@ -547,11 +629,13 @@ impl Session {
         Ok((result, pubs))
     }
 
-    /// Reads where the channel stands and, with `since`, what the client missed.
+    /// Reads where the channel stands and, with `since`, what the client missed, if it
+    /// fits in `budget`: a channel is recovered completely or not at all.
     async fn recover(
         &self,
         channel: &str,
         since: Option<StreamPosition>,
+        budget: &mut RecoveryBudget,
     ) -> Result<(SubscribeResult, Vec<Publication>), BrokerError> {
         let broker = &self.node.broker;
         let Some(since) = since else {
@@ -578,12 +662,15 @@ impl Session {
                     p.offset == since.offset + 1 + i as u64 && *p.epoch == *top.epoch
                 });
             if history.publications.len() as u64 >= missing && contiguous {
-                recovered = true;
-                pubs = history
-                    .publications
-                    .into_iter()
-                    .take(missing as usize)
-                    .collect();
+                pubs = history.publications;
+                pubs.truncate(missing as usize);
+                recovered = budget.take(&pubs);
+                if !recovered {
+                    // Honest, never a silent gap: the client is told it was not
+                    // recovered and starts from the current position.
+                    self.node.metrics.recovery_over_budget.inc();
+                    pubs = Vec::new();
+                }
             }
         }
         Ok((
@@ -596,20 +683,43 @@ impl Session {
         ))
     }
 
+    /// Queues a frame for the socket (writing out what the buffer cannot hold).
+    ///
+    /// Every write is bounded in time: the first `send` (or `flush`) of a write starts
+    /// a deadline of `write_timeout`, which covers every frame up to the `flush` that
+    /// ends it. A client that does not take the write within it, whatever the write is
+    /// (live messages, a reply, `welcome`, a recovery), is a slow consumer: 4509.
     async fn send(
         &mut self,
         socket: &mut WebSocket,
         text: impl Into<Utf8Bytes>,
     ) -> Result<(), End> {
-        self.last_send = Instant::now();
-        socket
-            .feed(Message::Text(text.into()))
-            .await
-            .map_err(|_| End::Gone)
+        let now = Instant::now();
+        self.last_send = now;
+        let deadline = self.write_deadline(now);
+        match timeout_at(deadline, socket.feed(Message::Text(text.into()))).await {
+            Ok(r) => r.map_err(|_| End::Gone),
+            Err(_) => Err(End::Close(CloseCode::SlowConsumer)),
+        }
     }
 
+    /// Writes out everything queued and ends the write (and its deadline).
     async fn flush(&mut self, socket: &mut WebSocket) -> Result<(), End> {
-        socket.flush().await.map_err(|_| End::Gone)
+        let deadline = self.write_deadline(Instant::now());
+        match timeout_at(deadline, socket.flush()).await {
+            Ok(r) => {
+                self.write_deadline = None;
+                r.map_err(|_| End::Gone)
+            }
+            Err(_) => Err(End::Close(CloseCode::SlowConsumer)),
+        }
+    }
+
+    /// The deadline of the write in progress, started at `now` if none is.
+    fn write_deadline(&mut self, now: Instant) -> Instant {
+        *self
+            .write_deadline
+            .get_or_insert_with(|| now + self.node.config.write_timeout())
     }
 
     async fn send_publications(
@@ -652,20 +762,19 @@ impl Session {
                         // connection's task.
                         Some(Ok(Message::Text(text))) => Box::pin(self.command(socket, &text)).await?,
                         Some(Ok(Message::Binary(_))) => return Err(End::Close(CloseCode::BadRequest)),
-                        Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+                        // The library answers pings itself, but a flood of them is still
+                        // work: they count against the command rate like any frame.
+                        Some(Ok(Message::Ping(_) | Message::Pong(_))) => self.count_silent_frame()?,
                         Some(Ok(Message::Close(_))) | None => return Err(End::Gone),
                         Some(Err(e)) => return Err(read_error(&e)),
                     }
                 }
                 item = control.next() => {
-                    // A write that stalls loses against a close request or a timeout.
-                    let write = timeout(heartbeat * 2, self.write_batch(socket, item));
+                    // A write that stalls loses against a close request or its deadline
+                    // (`send`).
                     tokio::select! {
-                        r = write => match r {
-                            Ok(r) => r?,
-                            Err(_) => return Err(End::Close(CloseCode::SlowConsumer)),
-                        },
-                                (code, reason) = control.closed() => return Err(End::CloseWith(code_of(code), reason)),
+                        r = self.write_batch(socket, item) => r?,
+                        (code, reason) = control.closed() => return Err(End::CloseWith(code_of(code), reason)),
                     }
                 }
                 (code, reason) = control.closed() => return Err(End::CloseWith(code_of(code), reason)),
@@ -691,14 +800,9 @@ impl Session {
                         self.notice_at = None;
                         let in_ms = self.expires_at.saturating_duration_since(now).as_millis() as u64;
                         let frame = ServerFrame::Expiring(Expiring { in_ms }).to_json();
-                        let notice = async {
-                            self.send(socket, frame).await?;
-                            self.flush(socket).await
-                        };
-                        match timeout(heartbeat, notice).await {
-                            Ok(r) => r?,
-                            Err(_) => return Err(End::Close(CloseCode::SlowConsumer)),
-                        }
+                        // Bounded like every write (`send`).
+                        self.send(socket, frame).await?;
+                        self.flush(socket).await?;
                     }
                     // Ping after a heartbeat of silence either way: ours (keeps
                     // intermediaries from timing out) or the client's (it must answer, even
@@ -706,14 +810,8 @@ impl Session {
                     let client_silent = !self.pinged && now >= self.last_recv + heartbeat;
                     if client_silent || now >= self.last_send + heartbeat {
                         self.pinged = true;
-                        let ping = async {
-                            self.send(socket, ServerFrame::Ping.to_json()).await?;
-                            self.flush(socket).await
-                        };
-                        match timeout(heartbeat, ping).await {
-                            Ok(r) => r?,
-                            Err(_) => return Err(End::Close(CloseCode::SlowConsumer)),
-                        }
+                        self.send(socket, ServerFrame::Ping.to_json()).await?;
+                        self.flush(socket).await?;
                     }
                 }
             }
@@ -839,7 +937,7 @@ impl Session {
             Err(ParseError::NotACommand(_)) | Ok(ClientCommand::Hello { .. }) => {
                 return Err(End::Close(CloseCode::BadRequest))
             }
-            Ok(ClientCommand::Pong) => return Ok(()),
+            Ok(ClientCommand::Pong) => (None, "pong"),
             Err(ParseError::BadArgument { id, .. }) => (*id, "invalid"),
             Ok(ClientCommand::Subscribe { id, .. }) => (Some(*id), "subscribe"),
             Ok(ClientCommand::Unsubscribe { id, .. }) => (Some(*id), "unsubscribe"),
@@ -852,9 +950,14 @@ impl Session {
             .commands
             .get_or_create(&crate::metrics::CommandLabel { command: kind })
             .inc();
-        // Every command counts against the rate, malformed ones included.
+        // Every frame counts against the rate, malformed ones and pongs included.
         match self.rate.check() {
             Rate::Allow => {}
+            // A pong expects no reply, so a refused one is only counted.
+            Rate::Refuse if matches!(parsed, Ok(ClientCommand::Pong)) => {
+                self.node.metrics.rate_limited.inc();
+                return Ok(());
+            }
             Rate::Refuse => {
                 self.node.metrics.rate_limited.inc();
                 let err = CommandError(
@@ -901,6 +1004,18 @@ impl Session {
             }
             ClientCommand::Refresh { token, .. } => self.refresh(socket, id, &token).await,
             ClientCommand::Pong | ClientCommand::Hello { .. } => Ok(()),
+        }
+    }
+
+    /// Counts a frame that gets no answer (a WebSocket ping or pong) against the rate.
+    fn count_silent_frame(&mut self) -> Result<(), End> {
+        match self.rate.check() {
+            Rate::Allow => Ok(()),
+            Rate::Refuse => {
+                self.node.metrics.rate_limited.inc();
+                Ok(())
+            }
+            Rate::Close => Err(End::Close(CloseCode::TooMany)),
         }
     }
 
@@ -994,7 +1109,9 @@ impl Session {
                 if self.channels.contains_key(channel.as_str()) {
                     return Ok(());
                 }
-                match self.join(channel, None, true).await {
+                // No `since`: nothing is recovered, the budget is a formality.
+                let mut budget = RecoveryBudget::new(self.node.config.max_recovery_bytes);
+                match self.join(channel, None, true, &mut budget).await {
                     Ok((result, _)) => {
                         let frame = ServerFrame::Subscribed(Subscribed {
                             channel: channel.clone(),
@@ -1142,5 +1259,16 @@ mod tests {
         assert_eq!(outcomes.0, 5);
         assert_eq!(outcomes.1, 5);
         assert_eq!(outcomes.2, 1);
+    }
+
+    #[tokio::test]
+    async fn resume_entries_take_tokens_without_counting_refusals() {
+        let mut r = RateLimit::new(3);
+        assert!(r.try_take() && r.try_take() && r.try_take());
+        for _ in 0..10 {
+            assert!(!r.try_take(), "the bucket is empty");
+        }
+        // Refused resume entries do not push the connection towards a 4429.
+        assert!(matches!(r.check(), Rate::Refuse));
     }
 }

@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 use bystander::{assert_undisturbed, node_and_watcher};
 use client::{Client, Closed};
 use futures_util::{SinkExt, StreamExt};
+use herald_protocol::depth::MAX_DATA_DEPTH;
 use herald_protocol::frame::{ClientCommand, ParseError};
 use herald_server::Config;
 use node::TestNode;
@@ -366,9 +367,10 @@ async fn wait_for_metric(n: &TestNode, name: &str, want: f64) {
     }
 }
 
-/// Data nested far beyond serde_json's recursion limit, huge integers, numbers out of
-/// f64's range and odd escapes are legal JSON: they reach subscribers byte for byte,
-/// over the WebSocket and in the history API, whichever way they were published.
+/// Data nested as deep as allowed (`MAX_DATA_DEPTH`, 64 levels: deeper is refused, see
+/// node_input_limits.rs), huge integers, numbers out of f64's range and odd escapes are
+/// legal JSON: they reach subscribers byte for byte, over the WebSocket and in the
+/// history API, whichever way they were published.
 #[tokio::test]
 async fn deep_and_huge_data_travels_byte_for_byte() {
     let (n, mut w) = node_and_watcher(node::test_config()).await;
@@ -380,8 +382,8 @@ async fn deep_and_huge_data_travels_byte_for_byte() {
     );
     let mut publisher = connect_alice(&n.ws_url()).await;
     let values = [
-        nested(10_000, "[", "]", "0"),
-        nested(3_000, "{\"k\":", "}", "\"v\""),
+        nested(MAX_DATA_DEPTH, "[", "]", "0"),
+        nested(MAX_DATA_DEPTH, "{\"k\":", "}", "\"v\""),
         "123456789012345678901234567890".to_string(),
         "1e400".to_string(),
         "-0.0000000000000000000000000001".to_string(),

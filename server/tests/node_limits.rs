@@ -365,3 +365,169 @@ async fn slow_consumer_is_closed_4509_and_others_get_everything() {
     assert_undisturbed(&n, &mut w).await;
     assert_no_server_panic();
 }
+
+/// Connections that have not finished `hello` have their own budget
+/// (`max_pending_handshakes`) and never take authenticated slots: with the budget full
+/// of silent sockets a newcomer is closed 4429 at once, but once the silent ones have
+/// waited a second (an honest client says hello within a round trip) a real user
+/// pushes the oldest out and connects.
+#[tokio::test]
+async fn silent_sockets_cannot_lock_users_out() {
+    let config = Config {
+        max_pending_handshakes: 5,
+        // The watcher and one more: silent sockets must not take these.
+        max_connections: 2,
+        ..node::test_config()
+    };
+    let (n, mut w) = node_and_watcher(config).await;
+    let mut silent = Vec::new();
+    for _ in 0..5 {
+        let (ws, _) = tokio_tungstenite::connect_async(n.ws_url()).await.unwrap();
+        silent.push(ws);
+    }
+    wait_for(&n, &[("herald_pending_handshakes", 5.0)]).await;
+    // All five are young: the newcomer is refused at once.
+    let mut c = Client::connect(&n.ws_url()).await;
+    assert_eq!(
+        c.expect_close(Duration::from_secs(5)).await,
+        Closed::Code(4429)
+    );
+    // A second later the oldest silent socket makes room for a real user.
+    let _alice = eventually_admitted(&n, "alice").await;
+    let oldest = first_answer_of(&mut silent[0]).await;
+    assert_eq!(oldest, Err(4429), "the oldest silent socket was pushed out");
+    assert_eq!(n.metric("herald_pending_evicted_total").await, 1.0);
+    // Four silent sockets remain pending; the watcher and alice are authenticated.
+    wait_for(
+        &n,
+        &[
+            ("herald_pending_handshakes", 4.0),
+            ("herald_connections", 6.0),
+        ],
+    )
+    .await;
+    assert_undisturbed(&n, &mut w).await;
+    assert_no_server_panic();
+}
+
+/// Polls until every metric has its value, within 5 s.
+async fn wait_for(n: &TestNode, want: &[(&str, f64)]) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    for (name, value) in want {
+        loop {
+            let now = n.metric(name).await;
+            if now == *value {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{name} is {now}, not {value}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// One user cannot take a node's slots: the connection over
+/// `max_connections_per_user` is closed 4429 after its hello; other users are not
+/// affected, and a freed slot is given back.
+#[tokio::test]
+async fn connections_per_user_are_limited_after_hello() {
+    let config = Config {
+        max_connections_per_user: 2,
+        ..node::test_config()
+    };
+    let (n, mut w) = node_and_watcher(config).await;
+    let (a1, r) = try_hello(&n, "alice").await;
+    assert_eq!(r.unwrap()["type"], "welcome");
+    let (_a2, r) = try_hello(&n, "alice").await;
+    assert_eq!(r.unwrap()["type"], "welcome");
+    for _ in 0..2 {
+        let (_c, r) = try_hello(&n, "alice").await;
+        assert_eq!(r, Err(Closed::Code(4429)));
+    }
+    let (_b, r) = try_hello(&n, "bob").await;
+    assert_eq!(
+        r.unwrap()["type"],
+        "welcome",
+        "another user is not affected"
+    );
+    a1.close().await;
+    let _a3 = eventually_admitted(&n, "alice").await;
+    assert_undisturbed(&n, &mut w).await;
+    assert_no_server_panic();
+}
+
+/// `pong` frames count against the command rate (they used to bypass it): a flood of
+/// them is closed 4429.
+#[tokio::test]
+async fn a_pong_flood_is_closed_4429() {
+    let config = Config {
+        max_messages_per_sec: 10,
+        ..node::test_config()
+    };
+    let (n, mut w) = node_and_watcher(config).await;
+    let (mut a, _) = try_hello(&n, "alice").await;
+    for _ in 0..200 {
+        if !a.try_send_text(r#"{"type":"pong"}"#).await {
+            break;
+        }
+    }
+    assert_eq!(
+        a.expect_close(Duration::from_secs(5)).await,
+        Closed::Code(4429)
+    );
+    assert!(n.metric("herald_rate_limited_total").await >= 1.0);
+    assert_undisturbed(&n, &mut w).await;
+    assert_no_server_panic();
+}
+
+/// WebSocket ping frames are answered by the library, but they are work: they count
+/// against the rate too, after hello and before it.
+#[tokio::test]
+async fn a_websocket_ping_flood_is_closed_4429() {
+    let config = Config {
+        max_messages_per_sec: 10,
+        ..node::test_config()
+    };
+    let (n, mut w) = node_and_watcher(config).await;
+    let tok = n.token("alice", &[], &[]);
+    for hello_first in [true, false] {
+        let (mut ws, _) = tokio_tungstenite::connect_async(n.ws_url()).await.unwrap();
+        if hello_first {
+            let hello = json!({"type": "hello", "token": tok}).to_string();
+            ws.send(Message::Text(hello.into())).await.unwrap();
+            let m = first_answer_of(&mut ws).await;
+            assert_eq!(m.unwrap()["type"], "welcome");
+        }
+        for _ in 0..200 {
+            if ws.send(Message::Ping(vec![1u8; 8].into())).await.is_err() {
+                break;
+            }
+        }
+        assert_eq!(
+            first_answer_of(&mut ws).await,
+            Err(4429),
+            "hello first: {hello_first}"
+        );
+    }
+    assert_undisturbed(&n, &mut w).await;
+    assert_no_server_panic();
+}
+
+async fn first_answer_of<S>(ws: &mut tokio_tungstenite::WebSocketStream<S>) -> Result<Value, u16>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    loop {
+        let m = tokio::time::timeout(Duration::from_secs(5), ws.next())
+            .await
+            .expect("an answer in time");
+        match m {
+            Some(Ok(Message::Text(t))) => return Ok(serde_json::from_str(&t).unwrap()),
+            Some(Ok(Message::Close(Some(f)))) => return Err(u16::from(f.code)),
+            Some(Ok(_)) => continue,
+            other => panic!("no answer: {other:?}"),
+        }
+    }
+}

@@ -18,6 +18,7 @@ use serde_json::Value;
 
 use crate::channel::validate_channel;
 use crate::codes::ErrorCode;
+use crate::depth::MAX_DATA_DEPTH;
 use crate::StreamPosition;
 
 /// A command from the client.
@@ -169,6 +170,12 @@ impl ClientCommand {
                     "presence" => Ok(ClientCommand::Presence { id, channel }),
                     _ => {
                         let data = raw.data.ok_or_else(|| bad(Some(id), "`data` is missing"))?;
+                        if crate::depth::nests_deeper_than(data.get(), MAX_DATA_DEPTH) {
+                            return Err(bad(
+                                Some(id),
+                                format!("`data` nests deeper than {MAX_DATA_DEPTH} levels"),
+                            ));
+                        }
                         Ok(ClientCommand::Publish { id, channel, data })
                     }
                 }
@@ -544,6 +551,20 @@ mod tests {
         bad_argument(r#"{"type":"refresh","id":5,"token":""}"#, Some(5));
         bad_argument(r#"{"type":"refresh","id":5,"token":7}"#, Some(5));
         bad_argument(r#"{"type":"refresh","token":"t"}"#, None);
+    }
+
+    #[test]
+    fn data_nested_too_deep_is_a_bad_argument() {
+        let publish = |depth: usize| {
+            let data = format!("{}{}", "[".repeat(depth), "]".repeat(depth));
+            format!(r#"{{"type":"publish","id":6,"channel":"a","data":{data}}}"#)
+        };
+        assert!(matches!(
+            ClientCommand::parse(&publish(MAX_DATA_DEPTH)),
+            Ok(ClientCommand::Publish { .. })
+        ));
+        bad_argument(&publish(MAX_DATA_DEPTH + 1), Some(6));
+        bad_argument(&publish(20_000), Some(6));
     }
 
     #[test]

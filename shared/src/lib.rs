@@ -4,12 +4,14 @@
 //! - [`channel`]: channel names, user ids, permission patterns;
 //! - [`frame`]: the JSON frames (client commands, server frames) and their parsing;
 //! - [`codes`]: WebSocket close codes and reply error codes;
+//! - [`depth`]: how deeply JSON nests, and the limit on published `data`;
 //! - [`StreamPosition`]: an `(offset, epoch)` position in a channel's stream.
 //!
 //! It depends on serde only, so any runtime can use it.
 
 pub mod channel;
 pub mod codes;
+pub mod depth;
 pub mod frame;
 
 use serde::{Deserialize, Serialize};

@@ -1,0 +1,180 @@
+//! Pure bookkeeping behind the limits a client cannot get around (PROTOCOL.md §7,
+//! docs/protocol.md "Limits"): the byte budget of one recovery, connections per user,
+//! and the queue of connections that have not finished `hello` yet.
+//!
+//! Nothing here does I/O or knows about sockets; [`crate::node`] and [`crate::ws`] apply
+//! these rules, and the unit tests below pin them down.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use crate::broker::Publication;
+
+/// How many bytes of message data one `hello` (all its resumed channels together) or one
+/// `subscribe` may recover. A channel is recovered completely or not at all: one that
+/// does not fit in what is left gets `recovered: false` with the current position, so
+/// the client reloads it instead of silently missing messages.
+#[derive(Debug, Clone)]
+pub struct RecoveryBudget {
+    left: usize,
+}
+
+impl RecoveryBudget {
+    /// A budget of `bytes`.
+    pub fn new(bytes: usize) -> Self {
+        Self { left: bytes }
+    }
+
+    /// Takes the data bytes of `pubs` if all of them fit; otherwise takes nothing.
+    pub fn take(&mut self, pubs: &[Publication]) -> bool {
+        let bytes = pubs
+            .iter()
+            .fold(0usize, |sum, p| sum.saturating_add(p.data.len()));
+        match self.left.checked_sub(bytes) {
+            Some(left) => {
+                self.left = left;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Bytes still available.
+    pub fn left(&self) -> usize {
+        self.left
+    }
+}
+
+/// What [`PendingQueue::admit`] decided.
+#[derive(Debug, PartialEq, Eq)]
+pub enum PendingAdmit<T> {
+    /// Admitted under this number.
+    Admitted(u64),
+    /// Admitted under this number by pushing out the oldest pending connection, whose
+    /// item is returned so the caller can close it.
+    Evicted(u64, T),
+    /// The budget is full of connections that are all younger than the eviction age.
+    Refused,
+}
+
+/// Connections that have not finished `hello`, oldest first, with a budget of their own.
+///
+/// Why eviction: a budget that only refuses would let anyone who opens that many silent
+/// sockets every hello timeout lock every user out. Instead, when the budget is full, the
+/// oldest pending connection makes room, if it has waited at least `evict_after`: an
+/// honest client sends `hello` one round trip after connecting, so it is never the oldest
+/// for long, while a silent socket is. An attacker must then open a full budget of
+/// sockets per `evict_after` (1,000 per second by default) to keep newcomers out,
+/// instead of one budget per hello timeout.
+#[derive(Debug)]
+pub struct PendingQueue<T> {
+    limit: usize,
+    evict_after: Duration,
+    next: u64,
+    entries: BTreeMap<u64, (Instant, T)>,
+}
+
+impl<T> PendingQueue<T> {
+    /// An empty queue for `limit` connections (`0`: none is ever admitted).
+    pub fn new(limit: usize, evict_after: Duration) -> Self {
+        Self {
+            limit,
+            evict_after,
+            next: 0,
+            entries: BTreeMap::new(),
+        }
+    }
+
+    /// Admits a connection arriving at `now`, holding `item` (what closes it if evicted).
+    pub fn admit(&mut self, now: Instant, item: T) -> PendingAdmit<T> {
+        let mut evicted = None;
+        if self.entries.len() >= self.limit {
+            match self.entries.first_key_value() {
+                Some((_, (since, _)))
+                    if now.saturating_duration_since(*since) >= self.evict_after =>
+                {
+                    evicted = self.entries.pop_first().map(|(_, (_, item))| item);
+                }
+                _ => return PendingAdmit::Refused,
+            }
+        }
+        let seq = self.next;
+        self.next += 1;
+        self.entries.insert(seq, (now, item));
+        match evicted {
+            Some(item) => PendingAdmit::Evicted(seq, item),
+            None => PendingAdmit::Admitted(seq),
+        }
+    }
+
+    /// Forgets connection `seq` (it finished `hello`, or ended); a no-op if it was evicted.
+    pub fn remove(&mut self, seq: u64) -> Option<T> {
+        self.entries.remove(&seq).map(|(_, item)| item)
+    }
+
+    /// Pending connections.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether no connection is pending.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn publication(bytes: usize) -> Publication {
+        Publication {
+            offset: 1,
+            epoch: "e".into(),
+            data: "x".repeat(bytes).into(),
+            from: None,
+        }
+    }
+
+    #[test]
+    fn recovery_is_all_or_nothing() {
+        let mut b = RecoveryBudget::new(100);
+        assert!(b.take(&[publication(30), publication(30)]));
+        assert_eq!(b.left(), 40);
+        assert!(!b.take(&[publication(30), publication(30)]), "60 > 40");
+        assert_eq!(b.left(), 40, "a refused channel takes nothing");
+        assert!(b.take(&[publication(40)]));
+        assert!(b.take(&[]), "nothing to recover always fits");
+        assert!(!b.take(&[publication(1)]));
+    }
+
+    #[test]
+    fn pending_refuses_young_and_evicts_old() {
+        let t0 = Instant::now();
+        let mut q = PendingQueue::new(2, Duration::from_secs(1));
+        assert_eq!(q.admit(t0, "a"), PendingAdmit::Admitted(0));
+        assert_eq!(q.admit(t0, "b"), PendingAdmit::Admitted(1));
+        // Full, and everyone is young: the newcomer is refused.
+        assert_eq!(
+            q.admit(t0 + Duration::from_millis(500), "c"),
+            PendingAdmit::Refused
+        );
+        // A second later the oldest makes room.
+        assert_eq!(
+            q.admit(t0 + Duration::from_secs(1), "d"),
+            PendingAdmit::Evicted(2, "a")
+        );
+        assert_eq!(q.len(), 2);
+        assert_eq!(q.remove(0), None, "evicted already");
+        assert_eq!(q.remove(1), Some("b"));
+        assert_eq!(q.admit(t0, "e"), PendingAdmit::Admitted(3));
+        assert_eq!(q.len(), 2);
+    }
+
+    #[test]
+    fn pending_with_no_budget_admits_nobody() {
+        let mut q = PendingQueue::new(0, Duration::ZERO);
+        assert_eq!(q.admit(Instant::now(), ()), PendingAdmit::Refused);
+        assert!(q.is_empty());
+    }
+}
