@@ -130,14 +130,17 @@ async fn after_churn_the_node_and_redis_return_to_idle() {
         },
     )
     .await;
-    // …Redis has no subscription of it but its probe…
+    // …Redis has no subscription of it but its probe and the server API's control
+    // channel (both for the node's whole life)…
     let pattern = format!("{prefix}*");
     wait_until(
-        "only the probe subscribed",
+        "only the probe and control channels subscribed",
         Duration::from_secs(15),
         || async {
             let channels = redis.cli(&["pubsub", "channels", &pattern]);
-            channels.lines().all(|c| c.contains("probe"))
+            channels
+                .lines()
+                .all(|c| c.contains("probe") || c.contains("{#control}"))
         },
     )
     .await;
