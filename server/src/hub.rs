@@ -354,11 +354,14 @@ impl Hub {
                 let item = Arc::new(command.clone());
                 self.users.for_each(user, |id, h| {
                     // Only sessions the command changes count.
-                    if self.is_member(channel, id) == joining {
-                        return false;
+                    let changes = self.is_member(channel, id) != joining;
+                    // A session already in the channel (its own subscribe) still gets a
+                    // server subscribe: from now on the backend holds the membership,
+                    // and a refreshed token without the channel must not take it away.
+                    if changes || joining {
+                        self.offer(h, Outbound::Control(Arc::clone(&item)));
                     }
-                    self.offer(h, Outbound::Control(Arc::clone(&item)));
-                    true
+                    changes
                 })
             }
         }

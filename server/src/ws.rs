@@ -273,8 +273,9 @@ async fn finish(node: &Node, socket: &mut WebSocket, end: End) {
 struct ChannelState {
     epoch: Arc<str>,
     last: u64,
-    /// Joined through the server API: kept when a refreshed token's patterns no
-    /// longer match it (the backend, not the token, put the session there).
+    /// Joined through the server API, or confirmed by it while already in: kept when
+    /// a refreshed token's patterns no longer match it (the backend, not the token,
+    /// holds the session there).
     granted: bool,
 }
 
@@ -986,7 +987,10 @@ impl Session {
     async fn control(&mut self, socket: &mut WebSocket, command: &UserCommand) -> Result<(), End> {
         match command {
             UserCommand::Subscribe { channel } => {
-                if self.channels.contains_key(channel.as_str()) {
+                if let Some(state) = self.channels.get_mut(channel.as_str()) {
+                    // In it by its own subscribe: the backend now holds the membership
+                    // too, so a refresh that drops the pattern keeps the channel.
+                    state.granted = true;
                     return Ok(());
                 }
                 match self.join(channel, None, true).await {

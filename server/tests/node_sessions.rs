@@ -433,3 +433,58 @@ async fn tokens_longer_than_the_lifetime_bound_are_refused() {
     assert_eq!(welcome["user"], "alice");
     node.shutdown().await;
 }
+
+/// A server subscribe to a channel the session is already in by its own subscribe
+/// (answered `sessions: 0`) still hands the membership to the backend: a refresh with a
+/// token that no longer allows the channel keeps it, as for any server subscription.
+#[tokio::test]
+async fn server_subscribe_of_a_joined_channel_survives_a_narrowing_refresh() {
+    let node = TestNode::start(test_config()).await;
+    let (mut c, _) = Client::hello(
+        &node.ws_url(),
+        &token("alice", &["room:*"], 60, 0),
+        json!({}),
+    )
+    .await;
+    let r = c
+        .request(json!({"type":"subscribe","channel":"room:1"}))
+        .await;
+    assert!(r["result"].is_object(), "{r}");
+    let (status, body) = api(
+        &node,
+        "/v1/users/alice/subscribe",
+        json!({"channel":"room:1"}),
+    )
+    .await;
+    assert_eq!(
+        (status, &body),
+        (200, &json!({"sessions": 0})),
+        "already in it"
+    );
+    // The session's queue is in order: once this message arrives, the server subscribe
+    // queued before it has been applied.
+    node.publish(json!({"channel":"room:1","data":1})).await;
+    let m = c.next_message().await;
+    assert_eq!(
+        (m["type"].as_str(), m["data"].as_i64()),
+        (Some("message"), Some(1)),
+        "{m}"
+    );
+
+    let r = c
+        .request(json!({"type":"refresh","token":token("alice", &[], 60, 0)}))
+        .await;
+    assert_eq!(r["result"], json!({}), "{r}");
+    node.publish(json!({"channel":"room:1","data":2})).await;
+    let m = c.next_message().await;
+    assert_eq!(
+        (
+            m["type"].as_str(),
+            m["channel"].as_str(),
+            m["data"].as_i64()
+        ),
+        (Some("message"), Some("room:1"), Some(2)),
+        "the channel stays, no `unsubscribed`: {m}"
+    );
+    node.shutdown().await;
+}
