@@ -488,3 +488,39 @@ async fn server_subscribe_of_a_joined_channel_survives_a_narrowing_refresh() {
     );
     node.shutdown().await;
 }
+
+/// A token whose `iat` lies in the future beyond the clock skew (here milliseconds
+/// instead of seconds) would escape every revocation (`iat < before` never holds): it
+/// is refused, at hello (4401) and in `refresh` (`unauthorized`).
+#[tokio::test]
+async fn tokens_issued_in_the_future_are_refused() {
+    let node = TestNode::start(test_config()).await;
+    let now = now_secs();
+    let future = |iat: u64| {
+        TokenSigner::hs256(SECRET.as_bytes()).sign(&Claims {
+            sub: "alice".into(),
+            exp: now + 600,
+            nbf: None,
+            iat: Some(iat),
+            channels: None,
+            publish: None,
+        })
+    };
+    let millis = future(now * 1000);
+    let (code, _) = raw_close(
+        &node.ws_url(),
+        json!({"type":"hello","token":millis}),
+        Duration::from_secs(3),
+    )
+    .await;
+    assert_eq!(code, 4401);
+    let (mut c, _) = Client::hello(&node.ws_url(), &token("alice", &[], 600, 0), json!({})).await;
+    let r = c.request(json!({"type":"refresh","token":millis})).await;
+    assert_eq!(r["error"]["code"], "unauthorized", "{r}");
+    // Within the skew (a backend clock a little ahead) the token is fine.
+    let r = c
+        .request(json!({"type":"refresh","token":future(now + 30)}))
+        .await;
+    assert_eq!(r["result"], json!({}), "{r}");
+    node.shutdown().await;
+}
