@@ -654,7 +654,15 @@ impl Session {
                     }
                 }
                 item = control.next() => {
-                    // A write that stalls loses against a close request or a timeout.
+                    // Nothing goes out after the token's `exp`, even when this branch
+                    // wins the race against the timer.
+                    let expires_at = self.expires_at;
+                    if Instant::now() >= expires_at {
+                        return Err(End::CloseWith(CloseCode::Unauthorized, CloseReason::TokenExpired));
+                    }
+                    // A write that stalls loses against a close request, a timeout or
+                    // the token's expiry (a client that stops reading must not keep an
+                    // expired session, and the messages behind it, open).
                     let write = timeout(heartbeat * 2, self.write_batch(socket, item));
                     tokio::select! {
                         r = write => match r {
@@ -662,6 +670,9 @@ impl Session {
                             Err(_) => return Err(End::Close(CloseCode::SlowConsumer)),
                         },
                                 (code, reason) = control.closed() => return Err(End::CloseWith(code_of(code), reason)),
+                        _ = tokio::time::sleep_until(expires_at) => {
+                            return Err(End::CloseWith(CloseCode::Unauthorized, CloseReason::TokenExpired));
+                        }
                     }
                 }
                 (code, reason) = control.closed() => return Err(End::CloseWith(code_of(code), reason)),

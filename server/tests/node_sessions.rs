@@ -524,3 +524,52 @@ async fn tokens_issued_in_the_future_are_refused() {
     assert_eq!(r["result"], json!({}), "{r}");
     node.shutdown().await;
 }
+
+/// A client that stops reading while its channel is busy: the session still ends at the
+/// token's `exp` (4401 "token expired"), not only when the stalled write times out
+/// after two heartbeats (here 60 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_is_closed_at_exp() {
+    let node = TestNode::start(herald_server::Config {
+        heartbeat_ms: 30_000,
+        ..test_config()
+    })
+    .await;
+    let (mut c, _) = Client::hello(
+        &node.ws_url(),
+        &token("alice", &["room:*"], 3, 0),
+        json!({}),
+    )
+    .await;
+    let r = c
+        .request(json!({"type":"subscribe","channel":"room:1"}))
+        .await;
+    assert!(r["result"].is_object(), "{r}");
+    // The client reads nothing from now on; 300 × 60 KB fill every buffer on the way.
+    let big = "x".repeat(60_000);
+    for i in 0..300 {
+        let (status, _) = node
+            .publish(json!({"channel":"room:1","data":{"i":i,"pad":big}}))
+            .await;
+        assert_eq!(status, 200);
+    }
+    let started = std::time::Instant::now();
+    let deadline = started + Duration::from_secs(20);
+    loop {
+        let expired = node.metric("herald_disconnects_total{code=\"4401\"}").await;
+        if expired >= 1.0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the session outlived its token while its writes were stalled"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        node.metric("herald_slow_consumer_disconnects_total").await,
+        0.0
+    );
+    drop(c);
+    node.shutdown().await;
+}
