@@ -85,7 +85,17 @@ pub enum AuthError {
     /// `exp` lies further ahead than the longest token lifetime the node accepts.
     #[error("token lifetime over the limit of {0} s")]
     TooLong(u64),
+    /// `iat` lies more than [`MAX_IAT_SKEW_SECS`] in the future (often milliseconds
+    /// instead of seconds). Such a token would escape every revocation.
+    #[error("token issued in the future (iat {0})")]
+    IssuedInFuture(u64),
 }
+
+/// How far `iat` may lie ahead of the node's clock (clock skew between the backend
+/// that issues tokens and the node), in seconds. A revocation refuses tokens issued
+/// before its `before`; a token claiming to be issued later than that is never
+/// refused, so a future `iat` beyond a small skew is refused outright.
+pub const MAX_IAT_SKEW_SECS: u64 = 60;
 
 /// The default longest token lifetime (`HERALD_MAX_TOKEN_LIFETIME_SECS`): a day.
 pub const DEFAULT_MAX_LIFETIME_SECS: u64 = 86_400;
@@ -96,11 +106,16 @@ pub const DEFAULT_MAX_LIFETIME_SECS: u64 = 86_400;
 /// no token may live longer than `max`: with `iat`, `exp - iat ≤ max`; without `iat`,
 /// the token counts as issued at `exp - max` (the earliest time a token of the allowed
 /// lifetime could have been issued), and `exp ≤ now + max` keeps that in the past.
+/// An `iat` more than [`MAX_IAT_SKEW_SECS`] ahead of `now` is refused: it would put
+/// the token out of reach of every revocation.
 pub fn issued_at(exp: u64, iat: Option<u64>, now: u64, max: u64) -> Result<u64, AuthError> {
     if exp > now.saturating_add(max) {
         return Err(AuthError::TooLong(max));
     }
     match iat {
+        Some(iat) if iat > now.saturating_add(MAX_IAT_SKEW_SECS) => {
+            Err(AuthError::IssuedInFuture(iat))
+        }
         Some(iat) if exp.saturating_sub(iat) > max => Err(AuthError::TooLong(max)),
         Some(iat) => Ok(iat),
         None => Ok(exp.saturating_sub(max)),
@@ -513,6 +528,21 @@ mod tests {
         // Never further ahead than max, whatever iat claims.
         assert!(issued_at(4_000 + day + 1, None, 4_000, day).is_err());
         assert!(issued_at(4_000 + day + 1, Some(4_000 + 10), 4_000, day).is_err());
+        // A future `iat` within the clock skew is taken; beyond it (or in milliseconds,
+        // a classic mistake) it is refused, since no revocation could ever reach it.
+        let skew = MAX_IAT_SKEW_SECS;
+        assert_eq!(
+            issued_at(4_000 + 600, Some(4_000 + skew), 4_000, day).unwrap(),
+            4_000 + skew
+        );
+        assert!(matches!(
+            issued_at(4_000 + 600, Some(4_000 + skew + 1), 4_000, day),
+            Err(AuthError::IssuedInFuture(_))
+        ));
+        assert!(matches!(
+            issued_at(4_000 + 600, Some(4_000_000), 4_000, day),
+            Err(AuthError::IssuedInFuture(_))
+        ));
         let verifier = TokenVerifier::hs256(b"secret", 8192).with_max_lifetime(60);
         let signer = TokenSigner::hs256(b"secret");
         let long = Claims {

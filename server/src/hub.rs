@@ -364,11 +364,14 @@ impl Hub {
                 let item = Arc::new(command.clone());
                 self.users.for_each(user, |id, h| {
                     // Only sessions the command changes count.
-                    if self.is_member(channel, id) == joining {
-                        return false;
+                    let changes = self.is_member(channel, id) != joining;
+                    // A session already in the channel (its own subscribe) still gets a
+                    // server subscribe: from now on the backend holds the membership,
+                    // and a refreshed token without the channel must not take it away.
+                    if changes || joining {
+                        self.offer(h, Outbound::Control(Arc::clone(&item)));
                     }
-                    self.offer(h, Outbound::Control(Arc::clone(&item)));
-                    true
+                    changes
                 })
             }
         }
@@ -377,13 +380,34 @@ impl Hub {
     /// Loads the broker's revocations, retrying for a while when the broker does not
     /// answer (it may still be connecting). Run at start and after every resubscribe,
     /// which also covers a broker that was down for longer than the retries.
+    ///
+    /// A revocation this node missed (cut off from the broker when it was made) also
+    /// closes the local sessions whose token it refuses, as the command would have:
+    /// refusing only new hellos would leave those sessions open until their `exp`.
     pub async fn load_revocations(self: Arc<Self>) {
         let deadline = Instant::now() + Duration::from_secs(30);
         let mut delay = Duration::from_millis(100);
         loop {
             match self.broker().revocations().await {
                 Ok(list) => {
-                    self.revocations.load(list, crate::auth::now_secs());
+                    let now = crate::auth::now_secs();
+                    // Recorded before the scan: see the race note in `control`.
+                    self.revocations.load(list.clone(), now);
+                    for r in list.iter().filter(|r| r.until > now) {
+                        let closed = self.users.for_each(&r.user, |_, h| {
+                            let revoked = h.token_iat() < r.before;
+                            if revoked {
+                                h.close_with(
+                                    CloseCode::Unauthorized.code(),
+                                    CloseReason::TokenRevoked,
+                                );
+                            }
+                            revoked
+                        });
+                        if closed > 0 {
+                            tracing::info!(user = %r.user, sessions = closed, "missed revocation applied");
+                        }
+                    }
                     return;
                 }
                 Err(e) if Instant::now() + delay > deadline => {

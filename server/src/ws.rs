@@ -291,8 +291,9 @@ async fn finish(node: &Node, socket: &mut WebSocket, end: End) {
 struct ChannelState {
     epoch: Arc<str>,
     last: u64,
-    /// Joined through the server API: kept when a refreshed token's patterns no
-    /// longer match it (the backend, not the token, put the session there).
+    /// Joined through the server API, or confirmed by it while already in: kept when
+    /// a refreshed token's patterns no longer match it (the backend, not the token,
+    /// holds the session there).
     granted: bool,
 }
 
@@ -770,11 +771,21 @@ impl Session {
                     }
                 }
                 item = control.next() => {
-                    // A write that stalls loses against a close request or its deadline
-                    // (`send`).
+                    // Nothing goes out after the token's `exp`, even when this branch
+                    // wins the race against the timer.
+                    let expires_at = self.expires_at;
+                    if Instant::now() >= expires_at {
+                        return Err(End::CloseWith(CloseCode::Unauthorized, CloseReason::TokenExpired));
+                    }
+                    // A write that stalls loses against a close request, its deadline
+                    // (`send`) or the token's expiry (a client that stops reading must
+                    // not keep an expired session, and the messages behind it, open).
                     tokio::select! {
                         r = self.write_batch(socket, item) => r?,
                         (code, reason) = control.closed() => return Err(End::CloseWith(code_of(code), reason)),
+                        _ = tokio::time::sleep_until(expires_at) => {
+                            return Err(End::CloseWith(CloseCode::Unauthorized, CloseReason::TokenExpired));
+                        }
                     }
                 }
                 (code, reason) = control.closed() => return Err(End::CloseWith(code_of(code), reason)),
@@ -1106,7 +1117,10 @@ impl Session {
     async fn control(&mut self, socket: &mut WebSocket, command: &UserCommand) -> Result<(), End> {
         match command {
             UserCommand::Subscribe { channel } => {
-                if self.channels.contains_key(channel.as_str()) {
+                if let Some(state) = self.channels.get_mut(channel.as_str()) {
+                    // In it by its own subscribe: the backend now holds the membership
+                    // too, so a refresh that drops the pattern keeps the channel.
+                    state.granted = true;
                     return Ok(());
                 }
                 // No `since`: nothing is recovered, the budget is a formality.

@@ -228,3 +228,54 @@ async fn user_commands_across_four_nodes_on_redis_cluster() {
     let cluster = RedisCluster::start();
     scenario(&cluster.url(), &prefix("control-cluster")).await;
 }
+
+/// A node cut off from Redis while a revocation is made misses the command, but loads
+/// the revocation when it reconnects: that also closes its sessions holding a revoked
+/// token (4401), not only refuses new hellos.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_missed_while_cut_off_closes_the_sessions_on_reconnect() {
+    use herald_testkit::proxy::FaultProxy;
+    let redis = RedisServer::start();
+    let proxy = FaultProxy::start(format!("127.0.0.1:{}", redis.port()).parse().unwrap()).await;
+    let prefix = prefix("missedrevoke");
+    let via_proxy = format!("redis://{}", proxy.addr());
+    let cut = NodeProcess::start(
+        "cut",
+        &[
+            ("HERALD_REDIS_URL", &via_proxy),
+            ("HERALD_REDIS_PREFIX", &prefix),
+        ],
+    );
+    let direct = NodeProcess::start(
+        "direct",
+        &[
+            ("HERALD_REDIS_URL", &redis.url()),
+            ("HERALD_REDIS_PREFIX", &prefix),
+        ],
+    );
+    for n in [&cut, &direct] {
+        n.wait_ready(Duration::from_secs(15)).await;
+    }
+    let (mut alice, _) = Client::hello(&ws(&cut), &token("alice", 30), json!({})).await;
+
+    proxy.reject();
+    let before = now_secs();
+    let (status, body) = post(
+        &http(&direct),
+        "/v1/users/alice/revoke",
+        json!({"before": before}),
+    )
+    .await;
+    assert_eq!(
+        (status, &body),
+        (200, &json!({"sessions": 0})),
+        "the cut-off node missed it"
+    );
+    proxy.restore();
+
+    assert_eq!(
+        alice.expect_close(Duration::from_secs(30)).await,
+        Closed::Code(4401),
+        "closed once the node reconnects and loads the revocation"
+    );
+}

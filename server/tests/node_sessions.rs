@@ -433,3 +433,143 @@ async fn tokens_longer_than_the_lifetime_bound_are_refused() {
     assert_eq!(welcome["user"], "alice");
     node.shutdown().await;
 }
+
+/// A server subscribe to a channel the session is already in by its own subscribe
+/// (answered `sessions: 0`) still hands the membership to the backend: a refresh with a
+/// token that no longer allows the channel keeps it, as for any server subscription.
+#[tokio::test]
+async fn server_subscribe_of_a_joined_channel_survives_a_narrowing_refresh() {
+    let node = TestNode::start(test_config()).await;
+    let (mut c, _) = Client::hello(
+        &node.ws_url(),
+        &token("alice", &["room:*"], 60, 0),
+        json!({}),
+    )
+    .await;
+    let r = c
+        .request(json!({"type":"subscribe","channel":"room:1"}))
+        .await;
+    assert!(r["result"].is_object(), "{r}");
+    let (status, body) = api(
+        &node,
+        "/v1/users/alice/subscribe",
+        json!({"channel":"room:1"}),
+    )
+    .await;
+    assert_eq!(
+        (status, &body),
+        (200, &json!({"sessions": 0})),
+        "already in it"
+    );
+    // The session's queue is in order: once this message arrives, the server subscribe
+    // queued before it has been applied.
+    node.publish(json!({"channel":"room:1","data":1})).await;
+    let m = c.next_message().await;
+    assert_eq!(
+        (m["type"].as_str(), m["data"].as_i64()),
+        (Some("message"), Some(1)),
+        "{m}"
+    );
+
+    let r = c
+        .request(json!({"type":"refresh","token":token("alice", &[], 60, 0)}))
+        .await;
+    assert_eq!(r["result"], json!({}), "{r}");
+    node.publish(json!({"channel":"room:1","data":2})).await;
+    let m = c.next_message().await;
+    assert_eq!(
+        (
+            m["type"].as_str(),
+            m["channel"].as_str(),
+            m["data"].as_i64()
+        ),
+        (Some("message"), Some("room:1"), Some(2)),
+        "the channel stays, no `unsubscribed`: {m}"
+    );
+    node.shutdown().await;
+}
+
+/// A token whose `iat` lies in the future beyond the clock skew (here milliseconds
+/// instead of seconds) would escape every revocation (`iat < before` never holds): it
+/// is refused, at hello (4401) and in `refresh` (`unauthorized`).
+#[tokio::test]
+async fn tokens_issued_in_the_future_are_refused() {
+    let node = TestNode::start(test_config()).await;
+    let now = now_secs();
+    let future = |iat: u64| {
+        TokenSigner::hs256(SECRET.as_bytes()).sign(&Claims {
+            sub: "alice".into(),
+            exp: now + 600,
+            nbf: None,
+            iat: Some(iat),
+            channels: None,
+            publish: None,
+        })
+    };
+    let millis = future(now * 1000);
+    let (code, _) = raw_close(
+        &node.ws_url(),
+        json!({"type":"hello","token":millis}),
+        Duration::from_secs(3),
+    )
+    .await;
+    assert_eq!(code, 4401);
+    let (mut c, _) = Client::hello(&node.ws_url(), &token("alice", &[], 600, 0), json!({})).await;
+    let r = c.request(json!({"type":"refresh","token":millis})).await;
+    assert_eq!(r["error"]["code"], "unauthorized", "{r}");
+    // Within the skew (a backend clock a little ahead) the token is fine.
+    let r = c
+        .request(json!({"type":"refresh","token":future(now + 30)}))
+        .await;
+    assert_eq!(r["result"], json!({}), "{r}");
+    node.shutdown().await;
+}
+
+/// A client that stops reading while its channel is busy: the session still ends at the
+/// token's `exp` (4401 "token expired"), not only when the stalled write times out
+/// after two heartbeats (here 60 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_is_closed_at_exp() {
+    let node = TestNode::start(herald_server::Config {
+        heartbeat_ms: 30_000,
+        ..test_config()
+    })
+    .await;
+    let (mut c, _) = Client::hello(
+        &node.ws_url(),
+        &token("alice", &["room:*"], 3, 0),
+        json!({}),
+    )
+    .await;
+    let r = c
+        .request(json!({"type":"subscribe","channel":"room:1"}))
+        .await;
+    assert!(r["result"].is_object(), "{r}");
+    // The client reads nothing from now on; 300 × 60 KB fill every buffer on the way.
+    let big = "x".repeat(60_000);
+    for i in 0..300 {
+        let (status, _) = node
+            .publish(json!({"channel":"room:1","data":{"i":i,"pad":big}}))
+            .await;
+        assert_eq!(status, 200);
+    }
+    let started = std::time::Instant::now();
+    let deadline = started + Duration::from_secs(20);
+    loop {
+        let expired = node.metric("herald_disconnects_total{code=\"4401\"}").await;
+        if expired >= 1.0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the session outlived its token while its writes were stalled"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        node.metric("herald_slow_consumer_disconnects_total").await,
+        0.0
+    );
+    drop(c);
+    node.shutdown().await;
+}
