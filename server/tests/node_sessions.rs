@@ -21,12 +21,27 @@ fn token(user: &str, channels: &[&str], ttl: u64, age: u64) -> String {
     let now = now_secs();
     TokenSigner::hs256(SECRET.as_bytes()).sign(&Claims {
         sub: user.into(),
-        exp: now + ttl,
-        nbf: None,
-        iat: Some(now - age),
         channels: Some(channels.iter().map(|s| s.to_string()).collect()),
         publish: Some(vec!["*".into()]),
+        ..alice(now + ttl, Some(now - age))
     })
+}
+
+/// Claims of alice with this `exp` and `iat`, and no permission patterns.
+fn alice(exp: u64, iat: Option<u64>) -> Claims {
+    Claims {
+        sub: "alice".into(),
+        exp,
+        nbf: None,
+        iat,
+        channels: None,
+        publish: None,
+    }
+}
+
+/// [`alice`], signed with the node's secret.
+fn alice_token(exp: u64, iat: Option<u64>) -> String {
+    TokenSigner::hs256(SECRET.as_bytes()).sign(&alice(exp, iat))
 }
 
 async fn api(node: &TestNode, path: &str, body: Value) -> (u16, Value) {
@@ -155,14 +170,7 @@ async fn refresh_refusals_leave_the_session_as_it_was() {
         .await;
     assert_eq!(bad["error"]["code"], "unauthorized", "{bad}");
     let signer = TokenSigner::hs256(b"another-secret-that-is-long-enough!!");
-    let forged = signer.sign(&Claims {
-        sub: "alice".into(),
-        exp: now_secs() + 60,
-        nbf: None,
-        iat: None,
-        channels: None,
-        publish: None,
-    });
+    let forged = signer.sign(&alice(now_secs() + 60, None));
     let forged = c.request(json!({"type":"refresh","token":forged})).await;
     assert_eq!(forged["error"]["code"], "unauthorized", "{forged}");
     // The old token still holds: the session works.
@@ -357,17 +365,7 @@ async fn revoke_closes_old_tokens_and_refuses_them_from_now_on() {
     let (mut c, _) = Client::hello(&node.ws_url(), &old, json!({})).await;
     // A session of a token issued after the cut survives.
     let now = now_secs();
-    let fresh = {
-        let signer = TokenSigner::hs256(SECRET.as_bytes());
-        signer.sign(&Claims {
-            sub: "alice".into(),
-            exp: now + 600,
-            nbf: None,
-            iat: Some(now + 1),
-            channels: None,
-            publish: None,
-        })
-    };
+    let fresh = alice_token(now + 600, Some(now + 1));
     let (mut survivor, _) = Client::hello(&node.ws_url(), &fresh, json!({})).await;
     let (status, body) = api(&node, "/v1/users/alice/revoke", json!({"before": now})).await;
     assert_eq!((status, body), (200, json!({"sessions": 1})));
@@ -383,14 +381,7 @@ async fn revoke_closes_old_tokens_and_refuses_them_from_now_on() {
     .await;
     assert_eq!((code, reason.as_str()), (4401, "token revoked"));
     // A token without `iat` counts as issued at exp - max lifetime: revoked too.
-    let no_iat = TokenSigner::hs256(SECRET.as_bytes()).sign(&Claims {
-        sub: "alice".into(),
-        exp: now + 600,
-        nbf: None,
-        iat: None,
-        channels: None,
-        publish: None,
-    });
+    let no_iat = alice_token(now + 600, None);
     let (code, _) = raw_close(
         &node.ws_url(),
         json!({"type":"hello","token":no_iat}),
@@ -496,16 +487,7 @@ async fn server_subscribe_of_a_joined_channel_survives_a_narrowing_refresh() {
 async fn tokens_issued_in_the_future_are_refused() {
     let node = TestNode::start(test_config()).await;
     let now = now_secs();
-    let future = |iat: u64| {
-        TokenSigner::hs256(SECRET.as_bytes()).sign(&Claims {
-            sub: "alice".into(),
-            exp: now + 600,
-            nbf: None,
-            iat: Some(iat),
-            channels: None,
-            publish: None,
-        })
-    };
+    let future = |iat: u64| alice_token(now + 600, Some(iat));
     let millis = future(now * 1000);
     let (code, _) = raw_close(
         &node.ws_url(),
