@@ -122,6 +122,8 @@ pub struct SessionControl {
     code: AtomicU32,
     /// When the session's token was issued (unix seconds), for revocations.
     token_iat: AtomicU64,
+    /// The session is at its subscription limit.
+    full: AtomicBool,
     gone: AtomicBool,
     capacity: usize,
     queue: Mutex<VecDeque<Outbound>>,
@@ -149,6 +151,7 @@ impl SessionControl {
         Self {
             code: AtomicU32::new(0),
             token_iat: AtomicU64::new(0),
+            full: AtomicBool::new(false),
             gone: AtomicBool::new(false),
             capacity: capacity.max(1),
             queue: Mutex::new(VecDeque::new()),
@@ -184,6 +187,17 @@ impl SessionControl {
             }
             self.close_notify.notified().await;
         }
+    }
+
+    /// Records whether the session is at its subscription limit (it then refuses a
+    /// server subscribe, which the server API's count must not include).
+    pub fn set_full(&self, full: bool) {
+        self.full.store(full, Ordering::Release);
+    }
+
+    /// Whether the session is at its subscription limit.
+    pub fn is_full(&self) -> bool {
+        self.full.load(Ordering::Acquire)
     }
 
     /// Records when the session's current token was issued.
@@ -363,8 +377,10 @@ impl Hub {
                 let joining = matches!(command, UserCommand::Subscribe { .. });
                 let item = Arc::new(command.clone());
                 self.users.for_each(user, |id, h| {
-                    // Only sessions the command changes count.
-                    let changes = self.is_member(channel, id) != joining;
+                    // Only sessions the command changes count: a session at its
+                    // subscription limit will not join.
+                    let member = self.is_member(channel, id);
+                    let changes = member != joining && !(joining && h.is_full());
                     // A session already in the channel (its own subscribe) still gets a
                     // server subscribe: from now on the backend holds the membership,
                     // and a refreshed token without the channel must not take it away.

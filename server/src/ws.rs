@@ -619,6 +619,8 @@ impl Session {
         let name: Arc<str> = channel.into();
         node.presence.join(&name, &self.user);
         node.metrics.subscriptions.inc();
+        self.handle
+            .set_full(self.channels.len() + 1 >= node.config.max_subscriptions);
         self.channels.insert(
             name,
             ChannelState {
@@ -1048,6 +1050,7 @@ impl Session {
                 self.node.hub.leave(&name, self.id);
                 self.node.presence.leave(&name, &self.user);
                 self.node.metrics.subscriptions.dec();
+                self.handle.set_full(false);
                 true
             }
             None => false,
@@ -1181,7 +1184,10 @@ impl Session {
     }
 
     async fn presence(&self, channel: &str) -> Result<serde_json::Value, CommandError> {
-        if !self.claims.may_subscribe(channel) {
+        // A member the backend put in the channel may see who else is in it, whatever
+        // the token's patterns say.
+        let granted = self.channels.get(channel).is_some_and(|s| s.granted);
+        if !granted && !self.claims.may_subscribe(channel) {
             return Err(CommandError(
                 ErrorCode::Forbidden,
                 format!("not allowed to see presence of {channel}"),

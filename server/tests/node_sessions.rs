@@ -259,6 +259,16 @@ async fn server_api_controls_the_users_sessions() {
         assert_eq!(f["channel"], "group:7");
         assert!(f["offset"].is_u64() && f["epoch"].is_string(), "{f}");
     }
+    // Members the backend added see the channel's presence, though their tokens do not
+    // name it; a non-member with the same token does not.
+    let r = a1
+        .request(json!({"type":"presence","channel":"group:7"}))
+        .await;
+    assert!(r["result"]["users"].is_object(), "{r}");
+    let r = bob
+        .request(json!({"type":"presence","channel":"group:7"}))
+        .await;
+    assert_eq!(r["error"]["code"], "forbidden", "{r}");
     // Again: nobody new joins.
     let (_, body) = api(
         &node,
@@ -553,5 +563,46 @@ async fn a_client_that_stops_reading_is_closed_at_exp() {
         0.0
     );
     drop(c);
+    node.shutdown().await;
+}
+
+/// A session at its subscription limit does not join a server subscribe, and the
+/// answer does not count it; once it has room again, it does.
+#[tokio::test]
+async fn server_subscribe_counts_only_sessions_with_room() {
+    let node = TestNode::start(herald_server::Config {
+        max_subscriptions: 2,
+        ..test_config()
+    })
+    .await;
+    let (mut c, _) = Client::hello(
+        &node.ws_url(),
+        &token("alice", &["room:*"], 600, 0),
+        json!({}),
+    )
+    .await;
+    let r = c
+        .request(json!({"type":"subscribe","channel":"room:1"}))
+        .await;
+    assert!(r["result"].is_object(), "{r}");
+    // user:alice + room:1: full.
+    let (_, body) = api(
+        &node,
+        "/v1/users/alice/subscribe",
+        json!({"channel":"group:1"}),
+    )
+    .await;
+    assert_eq!(body, json!({"sessions": 0}));
+    assert!(c.silent_for(Duration::from_millis(300)).await);
+    c.request(json!({"type":"unsubscribe","channel":"room:1"}))
+        .await;
+    let (_, body) = api(
+        &node,
+        "/v1/users/alice/subscribe",
+        json!({"channel":"group:1"}),
+    )
+    .await;
+    assert_eq!(body, json!({"sessions": 1}));
+    assert_eq!(c.recv().await["type"], "subscribed");
     node.shutdown().await;
 }
