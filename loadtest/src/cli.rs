@@ -88,6 +88,11 @@ pub struct Common {
     /// primary, a replica and three sentinels; enables the `failover-redis` action).
     #[arg(long, default_value = "single", value_parser = ["single", "sentinel"])]
     pub redis: String,
+    /// Redis servers (`host:port`, comma-separated) whose `INFO cpu` the `push`,
+    /// `chaos` and `broadcast` reports read: every master of a Redis Cluster. Default
+    /// with `--spawn-cluster`: the spawned Redis (both servers of a Sentinel topology).
+    #[arg(long, value_delimiter = ',')]
+    pub redis_info: Vec<String>,
     /// Drain window of spawned nodes (`HERALD_DRAIN_MS`), ms.
     #[arg(long, default_value_t = 2000)]
     pub node_drain_ms: u64,

@@ -30,6 +30,8 @@ pub struct Cluster {
     dir: PathBuf,
     bin: PathBuf,
     redis: Option<Child>,
+    /// `host:port` of the Redis server(s): where the report reads `INFO cpu`.
+    redis_addrs: Vec<String>,
     /// The Sentinel topology, with `--redis sentinel` (instead of `redis`).
     sentinel: Option<RedisSentinel>,
     nodes: Vec<SpawnedNode>,
@@ -86,10 +88,20 @@ impl Cluster {
             let (redis, port) = start_redis(o.redis_server, &dir).await?;
             (Some(redis), None, format!("redis://127.0.0.1:{port}"))
         };
+        // Both servers of a Sentinel topology: the replica's CPU is part of the cost.
+        let redis_addrs = match (&sentinel, &redis_url) {
+            (Some(t), _) => t
+                .servers
+                .iter()
+                .map(|s| format!("127.0.0.1:{}", s.port()))
+                .collect(),
+            (None, url) => vec![url.trim_start_matches("redis://").to_owned()],
+        };
         let mut cluster = Cluster {
             dir,
             bin: o.herald_bin.to_owned(),
             redis,
+            redis_addrs,
             sentinel,
             nodes: Vec::new(),
         };
@@ -172,6 +184,11 @@ impl Cluster {
             .with_context(|| format!("start {}", self.bin.display()))?;
         node.child = Some(child);
         Ok(())
+    }
+
+    /// `host:port` of the Redis server(s) (both of a Sentinel topology).
+    pub fn redis_addrs(&self) -> Vec<String> {
+        self.redis_addrs.clone()
     }
 
     /// WebSocket URLs of the nodes.

@@ -21,6 +21,7 @@ mod ledger;
 mod nodes;
 mod progress;
 mod publish;
+mod redis_cpu;
 mod report;
 mod scenario;
 mod setup;

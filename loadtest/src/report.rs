@@ -61,6 +61,16 @@ pub struct Report {
     /// `delivered` / `node_cpu_s`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deliveries_per_node_cpu_s: Option<f64>,
+    /// Redis CPU seconds in the same window, from the servers' own `INFO cpu`
+    /// (`--redis-info`; every master of a Redis Cluster).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redis_cpu_s: Option<f64>,
+    /// `redis_cpu_s` in µs per accepted publish (`sent`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redis_cpu_us_per_message: Option<f64>,
+    /// Each Redis server's share of `redis_cpu_s`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub redis_cpu_per_server: Vec<crate::redis_cpu::ServerCpu>,
     /// CPU seconds this load generator process used in the same window (`push`,
     /// `chaos`): when it nears the nodes' figure, the generator may be the bottleneck.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -183,6 +193,17 @@ impl Report {
         );
         if let (Some(cpu), Some(per)) = (self.node_cpu_s, self.deliveries_per_node_cpu_s) {
             s += &format!("node CPU {cpu:.2} s: {per:.0} deliveries per node CPU-second\n");
+        }
+        if let (Some(cpu), Some(per)) = (self.redis_cpu_s, self.redis_cpu_us_per_message) {
+            let servers: Vec<String> = self
+                .redis_cpu_per_server
+                .iter()
+                .map(|s| format!("{} {:.2} s", s.addr, s.cpu_s))
+                .collect();
+            s += &format!(
+                "redis CPU {cpu:.2} s: {per:.1} µs per message ({})\n",
+                servers.join(", ")
+            );
         }
         if let Some(g) = self.generator_cpu_s {
             s += &format!("load generator CPU {g:.2} s\n");

@@ -25,6 +25,8 @@ pub struct Setup {
     pub jwt_secret: String,
     /// The nodes (with pids when found).
     pub nodes: Vec<Node>,
+    /// Redis servers whose `INFO cpu` the reports read.
+    pub redis_info: Vec<String>,
     /// The cluster this process started, if any.
     pub cluster: Option<Arc<Mutex<Cluster>>>,
     /// Unique per run: prefix of user and channel names.
@@ -98,6 +100,9 @@ impl Setup {
             }
             c.api = started.apis();
             c.node_pid = started.pids();
+            if c.redis_info.is_empty() {
+                c.redis_info = started.redis_addrs();
+            }
             c.jwt_secret = Some(secret);
             c.api_key = Some(key);
             crate::progress::println(&format!(
@@ -131,6 +136,7 @@ impl Setup {
             api_key,
             jwt_secret,
             nodes,
+            redis_info: c.redis_info.clone(),
             cluster,
             run,
             sources: c.sources,

@@ -14,7 +14,7 @@ use serde_json::Value;
 
 /// Redis and three nodes on it, started by the test.
 struct Cluster {
-    _redis: RedisServer,
+    redis: RedisServer,
     nodes: Vec<NodeProcess>,
 }
 
@@ -28,10 +28,7 @@ impl Cluster {
         for node in &nodes {
             node.wait_ready(Duration::from_secs(30)).await;
         }
-        Cluster {
-            _redis: redis,
-            nodes,
-        }
+        Cluster { redis, nodes }
     }
 
     /// `--url`, `--api` and the keys for these nodes.
@@ -47,6 +44,8 @@ impl Cluster {
             API_KEY.into(),
             "--jwt-secret".into(),
             SECRET.into(),
+            "--redis-info".into(),
+            format!("127.0.0.1:{}", self.redis.port()),
         ]
     }
 }
@@ -214,6 +213,7 @@ async fn push_delivers_every_accepted_message_exactly_once() {
     // One connection per user: every accepted message is one delivery.
     assert_eq!(report["delivered"].as_u64().unwrap(), sent);
     assert!(report["latency_ms"]["count"].as_u64().unwrap() >= sent);
+    assert_redis_cpu(&report);
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -377,6 +377,23 @@ async fn broadcast_reaches_every_subscriber_across_worker_processes() {
         assert_eq!(r["delivered"], 120);
         assert!(r["first_ms"].as_f64().unwrap() <= r["last_ms"].as_f64().unwrap());
     }
+    assert_redis_cpu(&report);
+}
+
+/// The report has Redis's own CPU figure (`INFO cpu` of `--redis-info`), per message
+/// and per server.
+fn assert_redis_cpu(report: &Value) {
+    let cpu = report["redis_cpu_s"].as_f64();
+    assert!(cpu.is_some_and(|c| c > 0.0), "redis_cpu_s: {report}");
+    assert!(
+        report["redis_cpu_us_per_message"].as_f64().is_some(),
+        "{report}"
+    );
+    assert_eq!(
+        report["redis_cpu_per_server"].as_array().map(Vec::len),
+        Some(1),
+        "{report}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

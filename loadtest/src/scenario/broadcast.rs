@@ -375,6 +375,9 @@ pub async fn run(args: &BroadcastArgs) -> anyhow::Result<Report> {
     let mut errors = BTreeMap::new();
     let mut publish_errors = 0;
     let bar = crate::progress::bar("broadcast", args.messages);
+    let pids: Vec<u32> = setup.nodes.iter().filter_map(|n| n.pid).collect();
+    let cpu_before = crate::nodes::total_cpu_seconds(&pids);
+    let redis_cpu = crate::redis_cpu::RedisCpu::start_async(&setup.redis_info).await;
     let start = Instant::now();
     let timeout = Duration::from_secs_f64(args.round_timeout);
     for (r, published) in published.iter_mut().enumerate() {
@@ -401,6 +404,11 @@ pub async fn run(args: &BroadcastArgs) -> anyhow::Result<Report> {
     }
     bar.finish_and_clear();
     let elapsed = start.elapsed().as_secs_f64();
+    let node_cpu_s = match (cpu_before, crate::nodes::total_cpu_seconds(&pids)) {
+        (Some(b), Some(a)) if !pids.is_empty() && a > b => Some(a - b),
+        _ => None,
+    };
+    let redis_servers = redis_cpu.finish_async().await.unwrap_or_default();
     let results = running.finish().await?;
 
     // Merge the slices.
@@ -464,6 +472,14 @@ pub async fn run(args: &BroadcastArgs) -> anyhow::Result<Report> {
         rounds: rows,
     });
     report.throughput_per_s = report.delivered as f64 / elapsed;
+    report.node_cpu_s = node_cpu_s;
+    report.deliveries_per_node_cpu_s = node_cpu_s.map(|c| report.delivered as f64 / c);
+    if !redis_servers.is_empty() {
+        let (total, per) = crate::redis_cpu::totals(&redis_servers, report.sent);
+        report.redis_cpu_s = Some(total);
+        report.redis_cpu_us_per_message = per;
+        report.redis_cpu_per_server = redis_servers;
+    }
     report.latency_ms = Percentiles::of(&lat);
     report.duration_s = elapsed;
     report.publish_errors = publish_errors;

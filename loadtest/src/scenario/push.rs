@@ -159,6 +159,7 @@ pub async fn run(args: &PushArgs, actions: Vec<Action>, scenario: &str) -> anyho
     let pids: Vec<u32> = setup.nodes.iter().filter_map(|n| n.pid).collect();
     let cpu_before = crate::nodes::total_cpu_seconds(&pids);
     let own_before = crate::nodes::cpu_seconds(std::process::id());
+    let redis_cpu = crate::redis_cpu::RedisCpu::start_async(&setup.redis_info).await;
     let start = Instant::now();
     let start_us = now_us();
     let action_task = tokio::spawn(actions::run_all(Arc::clone(&action_target), actions, start));
@@ -273,6 +274,7 @@ pub async fn run(args: &PushArgs, actions: Vec<Action>, scenario: &str) -> anyho
         (Some(b), Some(a)) if !pids.is_empty() && a > b => Some(a - b),
         _ => None,
     };
+    let redis_servers = redis_cpu.finish_async().await.unwrap_or_default();
     for s in &sessions {
         s.abort();
     }
@@ -312,6 +314,15 @@ pub async fn run(args: &PushArgs, actions: Vec<Action>, scenario: &str) -> anyho
             .zip(crate::nodes::cpu_seconds(std::process::id()))
             .map(|(b, a)| a - b),
         deliveries_per_node_cpu_s: node_cpu_s.map(|c| totals.delivered as f64 / c),
+        redis_cpu_s: (!redis_servers.is_empty())
+            .then(|| crate::redis_cpu::totals(&redis_servers, sent.load(Ordering::Relaxed)).0),
+        redis_cpu_us_per_message: crate::redis_cpu::totals(
+            &redis_servers,
+            sent.load(Ordering::Relaxed),
+        )
+        .1
+        .filter(|_| !redis_servers.is_empty()),
+        redis_cpu_per_server: redis_servers,
         errors: counters.errors.lock().expect("errors").clone(),
         settings: settings(
             &setup,
