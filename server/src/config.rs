@@ -148,7 +148,15 @@ pub struct Config {
     /// make room; if none has, the newcomer is closed 4429 at once. An honest client
     /// finishes `hello` within a round trip, so 1,000 covers 10,000 connects per second
     /// at 100 ms each, while silent sockets cost at most ~1,000 × 10 KiB.
-    #[arg(long, env = "HERALD_MAX_PENDING_HANDSHAKES", default_value_t = 1_000)]
+    ///
+    /// At least 1: 0 would refuse every client (4429), unlike the `0 = no limit` of
+    /// the per-IP and per-user limits, so it is a startup error rather than a trap.
+    #[arg(
+        long,
+        env = "HERALD_MAX_PENDING_HANDSHAKES",
+        default_value_t = 1_000,
+        value_parser = parse_pending_budget
+    )]
     pub max_pending_handshakes: usize,
 
     /// Connections of one user (token `sub`) on this node; 0 = no limit. Counted per
@@ -255,6 +263,22 @@ pub fn parse_switch(value: &str) -> Result<bool, String> {
     }
 }
 
+/// Parses `HERALD_MAX_PENDING_HANDSHAKES`: a whole number of at least 1.
+///
+/// A budget of 0 admits no connection at all (every client is closed 4429 before its
+/// `hello`), and the neighbouring limits read 0 as "no limit", so an operator writing 0
+/// would get a node that starts, reports healthy and serves nobody. Refused at startup.
+pub fn parse_pending_budget(value: &str) -> Result<usize, String> {
+    match value.parse::<usize>() {
+        Ok(0) => Err(
+            "must be at least 1: 0 would refuse every client (there is no \"no limit\" value)"
+                .into(),
+        ),
+        Ok(n) => Ok(n),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 /// The longest `WAIT` a publish may do: it must end well before the command timeout.
 const MAX_WAIT_TIMEOUT_MS: u64 = 1_500;
 
@@ -322,6 +346,18 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pending_budget_must_be_at_least_one() {
+        assert_eq!(parse_pending_budget("1"), Ok(1));
+        assert_eq!(parse_pending_budget("1000"), Ok(1000));
+        assert!(parse_pending_budget("0")
+            .unwrap_err()
+            .contains("at least 1"));
+        for bad in ["", "-1", "x", " 5"] {
+            assert!(parse_pending_budget(bad).is_err(), "{bad:?}");
+        }
+    }
 
     #[test]
     fn defaults_match_the_contract() {

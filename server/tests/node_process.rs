@@ -74,6 +74,23 @@ fn herald_dev_refuses_other_values() {
     }
 }
 
+/// `HERALD_MAX_PENDING_HANDSHAKES=0` used to start a node that closed every client 4429
+/// before its `hello` (the budget admitted nobody) while `/healthz` said ok; 0 reads as
+/// "no limit" for the per-IP and per-user limits, so it is an easy mistake.
+#[test]
+fn a_pending_handshake_budget_of_zero_refuses_to_start() {
+    let stderr = refused(&[
+        ("HERALD_LISTEN", "127.0.0.1:0"),
+        ("HERALD_JWT_SECRET", node::SECRET),
+        ("HERALD_API_KEY", node::API_KEY),
+        ("HERALD_MAX_PENDING_HANDSHAKES", "0"),
+    ]);
+    assert!(
+        stderr.contains("--max-pending-handshakes") && stderr.contains("at least 1"),
+        "{stderr}"
+    );
+}
+
 #[test]
 fn no_keys_off_loopback_refuses_to_start() {
     for listen in ["0.0.0.0:0", "[::]:0"] {
