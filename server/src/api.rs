@@ -453,6 +453,17 @@ fn server_channel(body: ChannelBody) -> Result<String, ApiError> {
     Ok(body.channel)
 }
 
+/// A subscribe or unsubscribe: the body's channel, checked, in the command `make` builds.
+async fn channel_command(
+    node: &Node,
+    user: &str,
+    body: Body,
+    make: fn(String) -> UserCommand,
+) -> Result<Json<Value>, ApiError> {
+    let channel = server_channel(command_body(node, body).await?)?;
+    user_command(node, user, make(channel)).await
+}
+
 /// `POST /v1/users/{user}/subscribe`: the user's current sessions join a channel.
 async fn user_subscribe(
     _: ApiKeyAuth,
@@ -460,8 +471,10 @@ async fn user_subscribe(
     Path(user): Path<String>,
     body: Body,
 ) -> Result<Json<Value>, ApiError> {
-    let channel = server_channel(command_body(&node, body).await?)?;
-    user_command(&node, &user, UserCommand::Subscribe { channel }).await
+    channel_command(&node, &user, body, |channel| UserCommand::Subscribe {
+        channel,
+    })
+    .await
 }
 
 /// `POST /v1/users/{user}/unsubscribe`: the user's current sessions leave a channel.
@@ -471,8 +484,10 @@ async fn user_unsubscribe(
     Path(user): Path<String>,
     body: Body,
 ) -> Result<Json<Value>, ApiError> {
-    let channel = server_channel(command_body(&node, body).await?)?;
-    user_command(&node, &user, UserCommand::Unsubscribe { channel }).await
+    channel_command(&node, &user, body, |channel| UserCommand::Unsubscribe {
+        channel,
+    })
+    .await
 }
 
 #[derive(Deserialize)]

@@ -144,6 +144,19 @@ impl Revocations {
         }
     }
 
+    /// Every revocation still in force at `now`.
+    pub fn list(&self, now: u64) -> Vec<Revocation> {
+        self.map()
+            .iter()
+            .filter(|(_, (_, until))| *until > now)
+            .map(|(user, (before, until))| Revocation {
+                user: user.clone(),
+                before: *before,
+                until: *until,
+            })
+            .collect()
+    }
+
     /// Whether a token of `user` issued at `iat` is refused now.
     pub fn is_revoked(&self, user: &str, iat: u64, now: u64) -> bool {
         self.map()

@@ -14,6 +14,8 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use herald_protocol::{StreamPosition, EMPTY_EPOCH};
 
+use crate::control::Revocations;
+
 use super::{
     Broker, BrokerError, BrokerSettings, History, NodeInfo, NodePresence, PresenceChange,
     Publication, PublicationSink, Revocation, SubscribeAck, UserCommand,
@@ -78,8 +80,6 @@ struct Shared {
     presence: HashMap<String, ChannelPresence>,
     /// node id → (info, refreshed at)
     nodes: HashMap<String, (NodeInfo, Instant)>,
-    /// user → (before, until), unix seconds
-    revocations: HashMap<String, (u64, u64)>,
 }
 
 /// The in-memory broker. See the module doc.
@@ -92,6 +92,9 @@ pub struct MemoryBroker {
     /// keeping this apart from the stream shards rules out a lock-order cycle.
     subscribed: RwLock<HashSet<String>>,
     sink: OnceLock<Arc<dyn PublicationSink>>,
+    /// The stored revocations (what Redis' `revocations` hash is to a cluster); expired
+    /// ones are dropped whenever one is recorded.
+    revocations: Revocations,
 }
 
 impl MemoryBroker {
@@ -103,6 +106,7 @@ impl MemoryBroker {
             shared: Mutex::default(),
             subscribed: RwLock::default(),
             sink: OnceLock::new(),
+            revocations: Revocations::default(),
         }
     }
 
@@ -174,8 +178,6 @@ impl MemoryBroker {
         shared
             .nodes
             .retain(|_, (_, at)| now.duration_since(*at) <= node_ttl);
-        let unix = crate::auth::now_secs();
-        shared.revocations.retain(|_, (_, until)| *until > unix);
     }
 
     /// Channels with presence entries (for tests of the memory bound).
@@ -383,13 +385,9 @@ impl Broker for MemoryBroker {
 
     async fn user_command(&self, user: &str, command: &UserCommand) -> Result<u64, BrokerError> {
         if let UserCommand::Revoke { before, until } = command {
-            let mut shared = self.shared();
-            let entry = shared
-                .revocations
-                .entry(user.to_owned())
-                .or_insert((*before, *until));
-            entry.0 = entry.0.max(*before);
-            entry.1 = entry.1.max(*until);
+            // The stored list: the same merge rules as every node's own copy.
+            self.revocations
+                .insert(user, *before, *until, crate::auth::now_secs());
         }
         // One node: the command reaches this node's sessions directly.
         Ok(self
@@ -399,18 +397,7 @@ impl Broker for MemoryBroker {
     }
 
     async fn revocations(&self) -> Result<Vec<Revocation>, BrokerError> {
-        let unix = crate::auth::now_secs();
-        Ok(self
-            .shared()
-            .revocations
-            .iter()
-            .filter(|(_, (_, until))| *until > unix)
-            .map(|(user, (before, until))| Revocation {
-                user: user.clone(),
-                before: *before,
-                until: *until,
-            })
-            .collect())
+        Ok(self.revocations.list(crate::auth::now_secs()))
     }
 
     fn is_healthy(&self) -> bool {
