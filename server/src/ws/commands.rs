@@ -1,0 +1,313 @@
+//! The client's commands after `welcome`, and the server API's commands for a session's user.
+
+use std::sync::Arc;
+
+use axum::extract::ws::WebSocket;
+use herald_protocol::codes::{CloseCode, ErrorCode};
+use herald_protocol::frame::{
+    ClientCommand, ErrorBody, ParseError, Reply, ServerFrame, Subscribed, Unsubscribed,
+};
+use serde_json::json;
+
+use crate::auth::now_secs;
+use crate::broker::{BrokerError, UserCommand};
+use crate::limits::RecoveryBudget;
+
+use super::rate::Rate;
+use super::session::{token_timers, Session};
+use super::End;
+
+pub(super) struct CommandError(pub(super) ErrorCode, pub(super) String);
+
+impl From<BrokerError> for CommandError {
+    /// A fixed, generic message: the broker's own error text names addresses and
+    /// internals no client should see. The log keeps the detail.
+    fn from(e: BrokerError) -> Self {
+        tracing::warn!(error = %e, "broker error answering a client command");
+        match e {
+            BrokerError::Unavailable(_) => CommandError(
+                ErrorCode::Unavailable,
+                "broker unavailable; try again".into(),
+            ),
+            BrokerError::Internal(_) => CommandError(ErrorCode::Internal, "internal error".into()),
+        }
+    }
+}
+
+impl Session {
+    /// Handles one text frame after `welcome`.
+    pub(super) async fn command(&mut self, socket: &mut WebSocket, text: &str) -> Result<(), End> {
+        let parsed = ClientCommand::parse(text);
+        let (id, kind) = match &parsed {
+            Err(ParseError::NotACommand(_)) | Ok(ClientCommand::Hello { .. }) => {
+                return Err(End::Close(CloseCode::BadRequest))
+            }
+            Ok(ClientCommand::Pong) => (None, "pong"),
+            Err(ParseError::BadArgument { id, .. }) => (*id, "invalid"),
+            Ok(ClientCommand::Subscribe { id, .. }) => (Some(*id), "subscribe"),
+            Ok(ClientCommand::Unsubscribe { id, .. }) => (Some(*id), "unsubscribe"),
+            Ok(ClientCommand::Publish { id, .. }) => (Some(*id), "publish"),
+            Ok(ClientCommand::Presence { id, .. }) => (Some(*id), "presence"),
+            Ok(ClientCommand::Refresh { id, .. }) => (Some(*id), "refresh"),
+        };
+        self.node
+            .metrics
+            .commands
+            .get_or_create(&crate::metrics::CommandLabel { command: kind })
+            .inc();
+        // Every frame counts against the rate, malformed ones and pongs included.
+        match self.rate.check() {
+            Rate::Allow => {}
+            // A pong expects no reply, so a refused one is only counted.
+            Rate::Refuse if matches!(parsed, Ok(ClientCommand::Pong)) => {
+                self.node.metrics.rate_limited.inc();
+                return Ok(());
+            }
+            Rate::Refuse => {
+                self.node.metrics.rate_limited.inc();
+                let err = CommandError(
+                    ErrorCode::RateLimited,
+                    "too many commands; slow down".into(),
+                );
+                return self.reply(socket, id, Err(err)).await;
+            }
+            Rate::Close => return Err(End::Close(CloseCode::TooMany)),
+        }
+        let command = match parsed {
+            Ok(c) => c,
+            Err(ParseError::BadArgument { message, .. }) => {
+                let err = CommandError(ErrorCode::BadRequest, message);
+                return self.reply(socket, id, Err(err)).await;
+            }
+            Err(ParseError::NotACommand(_)) => return Err(End::Close(CloseCode::BadRequest)),
+        };
+        let id = id.unwrap_or_default();
+        match command {
+            ClientCommand::Subscribe { channel, since, .. } => {
+                match self.subscribe(&channel, since).await {
+                    Ok((result, pubs)) => {
+                        let value = serde_json::to_value(&result).expect("serializable");
+                        self.reply(socket, Some(id), Ok(value)).await?;
+                        let name = self.channel_name(&channel);
+                        self.send_publications(socket, &name, &pubs).await?;
+                        self.flush(socket).await
+                    }
+                    Err(e) => self.reply(socket, Some(id), Err(e)).await,
+                }
+            }
+            ClientCommand::Unsubscribe { channel, .. } => {
+                let result = self.unsubscribe(&channel).map(|()| json!({}));
+                self.reply(socket, Some(id), result).await
+            }
+            ClientCommand::Publish { channel, data, .. } => {
+                let result = self.publish(&channel, data.get()).await;
+                self.reply(socket, Some(id), result).await
+            }
+            ClientCommand::Presence { channel, .. } => {
+                let result = self.presence(&channel).await;
+                self.reply(socket, Some(id), result).await
+            }
+            ClientCommand::Refresh { token, .. } => self.refresh(socket, id, &token).await,
+            ClientCommand::Pong | ClientCommand::Hello { .. } => Ok(()),
+        }
+    }
+
+    /// Counts a frame that gets no answer (a WebSocket ping or pong) against the rate.
+    pub(super) fn count_silent_frame(&mut self) -> Result<(), End> {
+        match self.rate.check() {
+            Rate::Allow => Ok(()),
+            Rate::Refuse => {
+                self.node.metrics.rate_limited.inc();
+                Ok(())
+            }
+            Rate::Close => Err(End::Close(CloseCode::TooMany)),
+        }
+    }
+
+    pub(super) fn unsubscribe(&mut self, channel: &str) -> Result<(), CommandError> {
+        if *channel == *self.personal {
+            return Err(CommandError(
+                ErrorCode::Forbidden,
+                "the personal channel cannot be left".into(),
+            ));
+        }
+        self.leave(channel);
+        Ok(())
+    }
+
+    /// `refresh`: swaps the session's token for a fresh one of the same user. A token
+    /// that does not verify leaves the old one in place (the session still ends at the
+    /// old `exp`). The new token's patterns apply at once: channels they no longer
+    /// allow are left, each with an `unsubscribed` frame; server-granted ones stay.
+    pub(super) async fn refresh(
+        &mut self,
+        socket: &mut WebSocket,
+        id: u64,
+        token: &str,
+    ) -> Result<(), End> {
+        let claims = match self.node.keys.verifier.verify(token) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::debug!(error = %e, "refresh token refused");
+                let err = CommandError(ErrorCode::Unauthorized, "invalid or expired token".into());
+                return self.reply(socket, Some(id), Err(err)).await;
+            }
+        };
+        if claims.sub != self.claims.sub {
+            let err = CommandError(ErrorCode::Forbidden, "the token is for another user".into());
+            return self.reply(socket, Some(id), Err(err)).await;
+        }
+        if self
+            .node
+            .hub
+            .revocations
+            .is_revoked(&claims.sub, claims.issued_at(), now_secs())
+        {
+            let err = CommandError(ErrorCode::Unauthorized, "token revoked".into());
+            return self.reply(socket, Some(id), Err(err)).await;
+        }
+        let lost: Vec<Arc<str>> = self
+            .channels
+            .iter()
+            .filter(|(name, state)| {
+                !state.granted && ***name != *self.personal && !claims.may_subscribe(name)
+            })
+            .map(|(name, _)| name.clone())
+            .collect();
+        (self.expires_at, self.notice_at) =
+            token_timers(claims.exp, self.node.config.token_expiry_notice_ms);
+        self.handle.set_token_iat(claims.issued_at());
+        self.claims = claims;
+        for channel in &lost {
+            self.leave(channel);
+        }
+        let reply = ServerFrame::Reply(Reply {
+            id: Some(id),
+            result: Some(json!({})),
+            error: None,
+        });
+        self.send(socket, reply.to_json()).await?;
+        for channel in lost {
+            let frame = ServerFrame::Unsubscribed(Unsubscribed {
+                channel: channel.to_string(),
+                reason: "permissions".into(),
+            });
+            self.send(socket, frame.to_json()).await?;
+        }
+        self.flush(socket).await
+    }
+
+    /// A server API command for this session's user: join or leave a channel, and tell
+    /// the client with `subscribed` / `unsubscribed`. (Closes do not come this way: the
+    /// hub asks for them directly.)
+    pub(super) async fn control(
+        &mut self,
+        socket: &mut WebSocket,
+        command: &UserCommand,
+    ) -> Result<(), End> {
+        match command {
+            UserCommand::Subscribe { channel } => {
+                if let Some(state) = self.channels.get_mut(channel.as_str()) {
+                    // In it by its own subscribe: the backend now holds the membership
+                    // too, so a refresh that drops the pattern keeps the channel.
+                    state.granted = true;
+                    return Ok(());
+                }
+                // No `since`: nothing is recovered, the budget is a formality.
+                let mut budget = RecoveryBudget::new(self.node.config.max_recovery_bytes);
+                match self.join(channel, None, true, &mut budget).await {
+                    Ok((result, _)) => {
+                        let frame = ServerFrame::Subscribed(Subscribed {
+                            channel: channel.clone(),
+                            offset: result.offset,
+                            epoch: result.epoch,
+                        });
+                        self.send(socket, frame.to_json()).await?;
+                        self.flush(socket).await
+                    }
+                    Err(CommandError(code, message)) => {
+                        // At its subscription limit, or the broker is down: the session
+                        // stays as it is; the API caller sees the user's presence.
+                        tracing::debug!(?code, %message, channel, "server subscribe not applied");
+                        Ok(())
+                    }
+                }
+            }
+            UserCommand::Unsubscribe { channel } => {
+                if **channel == *self.personal || !self.leave(channel) {
+                    return Ok(());
+                }
+                let frame = ServerFrame::Unsubscribed(Unsubscribed {
+                    channel: channel.clone(),
+                    reason: "server".into(),
+                });
+                self.send(socket, frame.to_json()).await?;
+                self.flush(socket).await
+            }
+            UserCommand::Disconnect { .. } | UserCommand::Revoke { .. } => Ok(()),
+        }
+    }
+
+    pub(super) async fn publish(
+        &self,
+        channel: &str,
+        data: &str,
+    ) -> Result<serde_json::Value, CommandError> {
+        if !self.claims.may_publish(channel) {
+            return Err(CommandError(
+                ErrorCode::Forbidden,
+                format!("not allowed to publish to {channel}"),
+            ));
+        }
+        // `from` is always the session's user: a client cannot choose it (any `from` in
+        // its frame is not even parsed).
+        let position = self
+            .node
+            .broker
+            .publish(channel, data, Some(&self.user))
+            .await
+            .inspect_err(|_| {
+                self.node.metrics.broker_errors.inc();
+            })?;
+        self.node.metrics.messages_published.inc();
+        self.node.metrics.message_bytes.observe(data.len() as f64);
+        Ok(json!({"offset": position.offset, "epoch": position.epoch}))
+    }
+
+    pub(super) async fn presence(&self, channel: &str) -> Result<serde_json::Value, CommandError> {
+        // A member the backend put in the channel may see who else is in it, whatever
+        // the token's patterns say.
+        let granted = self.channels.get(channel).is_some_and(|s| s.granted);
+        if !granted && !self.claims.may_subscribe(channel) {
+            return Err(CommandError(
+                ErrorCode::Forbidden,
+                format!("not allowed to see presence of {channel}"),
+            ));
+        }
+        let users = self.node.broker.presence(channel).await?;
+        Ok(json!({ "users": users }))
+    }
+
+    pub(super) async fn reply(
+        &mut self,
+        socket: &mut WebSocket,
+        id: Option<u64>,
+        result: Result<serde_json::Value, CommandError>,
+    ) -> Result<(), End> {
+        let reply = match result {
+            Ok(value) => Reply {
+                id,
+                result: Some(value),
+                error: None,
+            },
+            Err(CommandError(code, message)) => Reply {
+                id,
+                result: None,
+                error: Some(ErrorBody::new(code, message)),
+            },
+        };
+        self.send(socket, ServerFrame::Reply(reply).to_json())
+            .await?;
+        self.flush(socket).await
+    }
+}

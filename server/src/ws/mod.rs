@@ -1,0 +1,324 @@
+//! `GET /ws`: the WebSocket upgrade, admission and the end of a connection.
+//!
+//! The module is split by concern: this file takes a connection from the upgrade to
+//! its authenticated session and closes it; [`session`] is one session's state and
+//! main loop (delivery, recovery, timers, writes); [`commands`] answers the client's
+//! commands and the server API's user commands; [`rate`] is the pure command rate limit.
+//!
+//!
+//! One task per connection runs the whole session: it reads commands, drains the
+//! session's bounded queue in batches (one flush per batch), sends heartbeats and obeys
+//! close requests from the hub (4509) and the node (4503). One task, not a reader and a
+//! writer, keeps a connection's memory small; a write that stalls is raced against the
+//! close request, so a stuck socket cannot hold the session forever.
+//!
+//! Per channel the session keeps the last offset it delivered, which makes delivery
+//! exact: messages at or below it are dropped (duplicates after a recovery), a message
+//! from another epoch or beyond a gap first produces a `resync` (or a repair from
+//! history), so the client never sees a silent gap.
+
+mod commands;
+mod rate;
+mod session;
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
+use axum::extract::{ConnectInfo, State};
+use axum::http::{header, HeaderMap};
+use axum::response::Response;
+use herald_protocol::codes::CloseCode;
+use herald_protocol::frame::{ClientCommand, Reconnect, ServerFrame};
+use herald_protocol::StreamPosition;
+use rand::Rng;
+use tokio::time::timeout;
+
+use crate::auth::now_secs;
+use crate::hub::CloseReason;
+use crate::node::{Node, Pending};
+
+use session::Session;
+
+/// How long a close frame may take to send.
+pub(super) const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// The upgrade handler: checks origin and admission, then runs the session.
+pub async fn upgrade(
+    State(node): State<Arc<Node>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    ws: WebSocketUpgrade,
+) -> Response {
+    let cfg = &node.config;
+    let origin_ok = origin_allowed(cfg.allowed_origins.as_deref(), &headers);
+    let ws = ws
+        .read_buffer_size(cfg.ws_read_buffer)
+        .write_buffer_size(cfg.ws_write_buffer)
+        .max_message_size(cfg.max_frame_bytes)
+        .max_frame_size(cfg.max_frame_bytes);
+    let admission = node.admit(peer.ip());
+    let tracker = node.sessions.clone();
+    // The task runs `run`'s future directly: a wrapping `async` block would store the
+    // socket twice in every connection's task.
+    ws.on_upgrade(move |socket| tracker.track_future(run(node, socket, admission, origin_ok)))
+}
+
+/// Whether the request's `Origin` is allowed. Without a list every origin is; a request
+/// without `Origin` (not a browser) is allowed too, since only browsers send it and a
+/// non-browser client could forge any value.
+pub(super) fn origin_allowed(allowed: Option<&[String]>, headers: &HeaderMap) -> bool {
+    let Some(allowed) = allowed else { return true };
+    match headers.get(header::ORIGIN) {
+        None => true,
+        Some(origin) => {
+            let origin = origin.to_str().unwrap_or("");
+            allowed
+                .iter()
+                .any(|a| a.trim().eq_ignore_ascii_case(origin))
+        }
+    }
+}
+
+pub(super) async fn send_text(
+    socket: &mut WebSocket,
+    text: impl Into<Utf8Bytes>,
+) -> Result<(), axum::Error> {
+    socket.send(Message::Text(text.into())).await
+}
+
+pub(super) async fn send_reconnect(socket: &mut WebSocket) -> Result<(), axum::Error> {
+    let after_ms = rand::rng().random_range(0..1000);
+    let frame = ServerFrame::Reconnect(Reconnect {
+        reason: "draining".into(),
+        after_ms,
+    });
+    send_text(socket, frame.to_json()).await
+}
+
+/// Sends a close frame and waits for the client's answer, both bounded in time.
+pub(super) async fn close(socket: &mut WebSocket, code: CloseCode, reason: CloseReason) {
+    let frame = CloseFrame {
+        code: code.code(),
+        reason: reason.text(code).into(),
+    };
+    let _ = timeout(CLOSE_TIMEOUT, async {
+        if socket.send(Message::Close(Some(frame))).await.is_err() {
+            return;
+        }
+        // Read (and drop) whatever the client still sends, up to its close answer.
+        // Dropping a socket with unread bytes makes the kernel answer with a reset,
+        // and a reset can destroy our close frame before the client reads it: a
+        // client that flooded us would never learn why it was closed.
+        while let Some(Ok(_)) = socket.recv().await {}
+    })
+    .await;
+}
+
+/// How a read error ends the session. A frame over the limit closes with 1009; a text
+/// frame that is not UTF-8, or a frame that breaks the WebSocket framing rules (reserved
+/// opcodes or bits, an unmasked or fragmented control frame, a stray continuation) is
+/// not a command at all and closes with 4400, so the client learns it must not retry
+/// the same bytes. Anything else (a reset, an EOF) means the client is gone.
+pub(super) fn read_error(err: &axum::Error) -> End {
+    match std::error::Error::source(err).and_then(|e| e.downcast_ref::<tungstenite::Error>()) {
+        Some(tungstenite::Error::Capacity(_)) => End::Close(CloseCode::TooLarge),
+        Some(tungstenite::Error::Utf8(_)) => End::Close(CloseCode::BadRequest),
+        Some(tungstenite::Error::Protocol(p)) => {
+            use tungstenite::error::ProtocolError as P;
+            match p {
+                P::NonZeroReservedBits
+                | P::UnmaskedFrameFromClient
+                | P::FragmentedControlFrame
+                | P::ControlFrameTooBig
+                | P::UnknownControlFrameType(_)
+                | P::UnknownDataFrameType(_)
+                | P::UnexpectedContinueFrame
+                | P::ExpectedFragment(_)
+                | P::InvalidOpcode(_)
+                | P::InvalidCloseSequence => End::Close(CloseCode::BadRequest),
+                // A reset without a close frame, and the like: the client is gone.
+                _ => End::Gone,
+            }
+        }
+        _ => End::Gone,
+    }
+}
+
+/// How a session ended.
+pub(super) enum End {
+    /// Close with this code.
+    Close(CloseCode),
+    /// Close with this code and a reason other than the code's own.
+    CloseWith(CloseCode, CloseReason),
+    /// The client closed or the connection broke: nothing more to send.
+    Gone,
+}
+
+/// Reads the first frame, which must be `hello`, within the hello timeout. WebSocket
+/// ping and pong frames before it are answered by the library but cost work, so at most
+/// `max_control` of them are tolerated (the command rate of one second): more is a
+/// flood, closed with 4429.
+pub(super) async fn read_hello(
+    socket: &mut WebSocket,
+    max_control: u32,
+) -> Result<(String, BTreeMap<String, StreamPosition>), End> {
+    let mut control = 0u32;
+    loop {
+        match socket.recv().await {
+            Some(Ok(Message::Text(text))) => {
+                return match ClientCommand::parse(&text) {
+                    Ok(ClientCommand::Hello { token, resume }) => Ok((token, resume)),
+                    _ => Err(End::Close(CloseCode::BadRequest)),
+                };
+            }
+            Some(Ok(Message::Binary(_))) => return Err(End::Close(CloseCode::BadRequest)),
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => {
+                control += 1;
+                if control > max_control {
+                    return Err(End::Close(CloseCode::TooMany));
+                }
+            }
+            Some(Ok(Message::Close(_))) | None => return Err(End::Gone),
+            Some(Err(e)) => return Err(read_error(&e)),
+        }
+    }
+}
+
+/// Runs one upgraded connection to its end.
+///
+/// Memory per idle connection is dominated by this future, which lives in the
+/// connection's task for its whole life. Only the session's state and the main loop
+/// (`Session::serve`) are held inline; the one-off phases (hello, start, close) are
+/// boxed, so their futures exist only while they run.
+pub(super) async fn run(
+    node: Arc<Node>,
+    mut socket: WebSocket,
+    admission: Result<Pending, CloseCode>,
+    origin_ok: bool,
+) {
+    let end = match admission {
+        Err(code) => End::Close(code),
+        Ok(_) if !origin_ok => End::Close(CloseCode::Forbidden),
+        Ok(_) if node.is_draining() => {
+            let _ = Box::pin(timeout(CLOSE_TIMEOUT, send_reconnect(&mut socket))).await;
+            End::Close(CloseCode::Draining)
+        }
+        Ok(pending) => serve_session(&node, &mut socket, pending).await,
+    };
+    Box::pin(finish(&node, &mut socket, end)).await;
+}
+
+/// Hello, token, session: everything between the upgrade and the end. The connection
+/// holds a pending slot until its token is verified, then an authenticated one
+/// (`Pending::authenticate`: the node's and the user's connection limits).
+pub(super) async fn serve_session(
+    node: &Arc<Node>,
+    socket: &mut WebSocket,
+    pending: Pending,
+) -> End {
+    let (token, resume) = match Box::pin(hello(node, socket, pending.evicted())).await {
+        Ok(hello) => hello,
+        Err(end) => return end,
+    };
+    let claims = match node.keys.verifier.verify(&token) {
+        Ok(claims) => claims,
+        Err(e) => {
+            tracing::debug!(error = %e, "token refused");
+            return End::Close(CloseCode::Unauthorized);
+        }
+    };
+    if node
+        .hub
+        .revocations
+        .is_revoked(&claims.sub, claims.issued_at(), now_secs())
+    {
+        tracing::debug!(user = %claims.sub, "revoked token refused");
+        return End::CloseWith(CloseCode::Unauthorized, CloseReason::TokenRevoked);
+    }
+    drop(token);
+    let mut session = Session::new(Arc::clone(node), claims);
+    let admission = match pending.authenticate() {
+        Ok(admission) => admission,
+        Err(code) => return End::Close(code),
+    };
+    let end = match Box::pin(session.start(socket, resume)).await {
+        Ok(()) => match session.serve(socket).await {
+            Ok(()) => End::Gone,
+            Err(end) => end,
+        },
+        Err(end) => end,
+    };
+    session.cleanup();
+    drop(admission);
+    end
+}
+
+/// Waits for `hello` within the hello timeout. A connection still silent when the node
+/// drains is told to go elsewhere.
+pub(super) async fn hello(
+    node: &Node,
+    socket: &mut WebSocket,
+    evicted: &tokio_util::sync::CancellationToken,
+) -> Result<(String, BTreeMap<String, StreamPosition>), End> {
+    let hello_timeout = Duration::from_millis(node.config.hello_timeout_ms);
+    let max_control = node.config.max_messages_per_sec;
+    tokio::select! {
+        r = timeout(hello_timeout, read_hello(socket, max_control)) => match r {
+            Ok(r) => r,
+            Err(_) => Err(End::Close(CloseCode::Timeout)),
+        },
+        // A newcomer needed this connection's place in the full pending budget.
+        _ = evicted.cancelled() => Err(End::Close(CloseCode::TooMany)),
+        _ = node.drain.cancelled() => {
+            let _ = timeout(CLOSE_TIMEOUT, send_reconnect(socket)).await;
+            Err(End::Close(CloseCode::Draining))
+        }
+    }
+}
+
+/// Counts how the connection ended and sends the close frame, if any.
+pub(super) async fn finish(node: &Node, socket: &mut WebSocket, end: End) {
+    let (code, reason) = match end {
+        End::Close(code) => (code, CloseReason::Default),
+        End::CloseWith(code, reason) => (code, reason),
+        End::Gone => {
+            node.metrics.disconnected(None);
+            return;
+        }
+    };
+    node.metrics.disconnected(Some(code.code()));
+    if code == CloseCode::SlowConsumer {
+        node.metrics.slow_consumer_disconnects.inc();
+    }
+    close(socket, code, reason).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::HeaderValue;
+
+    #[test]
+    fn origins() {
+        let mut h = HeaderMap::new();
+        assert!(origin_allowed(None, &h));
+        let list = vec!["https://app.example".to_string()];
+        assert!(
+            origin_allowed(Some(&list), &h),
+            "no Origin header: not a browser"
+        );
+        h.insert(
+            header::ORIGIN,
+            HeaderValue::from_static("https://app.example"),
+        );
+        assert!(origin_allowed(Some(&list), &h));
+        h.insert(
+            header::ORIGIN,
+            HeaderValue::from_static("https://evil.example"),
+        );
+        assert!(!origin_allowed(Some(&list), &h));
+    }
+}

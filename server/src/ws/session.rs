@@ -1,0 +1,641 @@
+//! One authenticated session: its channels, its main loop, delivery and recovery.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ws::{Message, Utf8Bytes, WebSocket};
+use futures_util::SinkExt;
+use herald_protocol::channel::user_channel;
+use herald_protocol::codes::{CloseCode, ErrorCode};
+use herald_protocol::frame::{ErrorBody, Expiring, Resync, ServerFrame, SubscribeResult, Welcome};
+use herald_protocol::{same_stream, StreamPosition};
+use rand::Rng;
+use tokio::time::{timeout, timeout_at, Instant};
+
+use crate::auth::{now_secs, Claims};
+use crate::broker::{BrokerError, Publication};
+use crate::hub::{CloseReason, Outbound, SessionControl, SessionHandle, SessionId};
+use crate::limits::RecoveryBudget;
+use crate::node::Node;
+
+use super::commands::CommandError;
+use super::rate::RateLimit;
+use super::{read_error, send_reconnect, End, CLOSE_TIMEOUT};
+
+/// Most queued messages written before one flush.
+pub(super) const BATCH: usize = 64;
+
+/// Where the session stands in one channel.
+pub(super) struct ChannelState {
+    pub(super) epoch: Arc<str>,
+    pub(super) last: u64,
+    /// Joined through the server API, or confirmed by it while already in: kept when
+    /// a refreshed token's patterns no longer match it (the backend, not the token,
+    /// holds the session there).
+    pub(super) granted: bool,
+}
+
+/// Errors of a command, as reply errors.
+/// One authenticated session.
+pub(super) struct Session {
+    pub(super) node: Arc<Node>,
+    pub(super) id: SessionId,
+    pub(super) uuid: uuid::Uuid,
+    pub(super) claims: Claims,
+    pub(super) user: Arc<str>,
+    pub(super) personal: Arc<str>,
+    /// The session's mailbox, shared with the hub.
+    pub(super) handle: SessionHandle,
+    pub(super) channels: HashMap<Arc<str>, ChannelState>,
+    pub(super) rate: RateLimit,
+    pub(super) last_recv: Instant,
+    pub(super) last_send: Instant,
+    /// Whether a ping went out since the client last sent anything.
+    pub(super) pinged: bool,
+    pub(super) drain_at: Option<Instant>,
+    /// When the write in progress (a batch, a reply, a recovery: everything up to its
+    /// flush) must be done; `None` between writes. See [`Session::send`].
+    pub(super) write_deadline: Option<Instant>,
+    /// The token's `exp`: the session closes with 4401 "token expired" then, unless a
+    /// `refresh` moved it.
+    pub(super) expires_at: Instant,
+    /// When to send `expiring`; `None` once sent for the current token.
+    pub(super) notice_at: Option<Instant>,
+}
+
+/// When a token with expiry `exp` (unix seconds) runs out, and when to announce it,
+/// as instants of the session's clock.
+pub(super) fn token_timers(exp: u64, notice_ms: u64) -> (Instant, Option<Instant>) {
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    let remaining = exp.saturating_mul(1000).saturating_sub(now_ms);
+    let expires_at = Instant::now() + Duration::from_millis(remaining);
+    let lead = crate::auth::expiry_notice_ms(remaining, notice_ms);
+    (expires_at, Some(expires_at - Duration::from_millis(lead)))
+}
+
+impl Session {
+    pub(super) fn new(node: Arc<Node>, claims: Claims) -> Self {
+        let user: Arc<str> = claims.sub.as_str().into();
+        let personal: Arc<str> = user_channel(&user).into();
+        let now = Instant::now();
+        let (expires_at, notice_at) = token_timers(claims.exp, node.config.token_expiry_notice_ms);
+        let handle = Arc::new(SessionControl::new(node.config.session_queue));
+        handle.set_token_iat(claims.issued_at());
+        Self {
+            id: node.next_session_id(),
+            uuid: uuid::Uuid::new_v4(),
+            rate: RateLimit::new(node.config.max_messages_per_sec),
+            handle,
+            expires_at,
+            notice_at,
+            node,
+            claims,
+            user,
+            personal,
+            channels: HashMap::new(),
+            last_recv: now,
+            last_send: now,
+            pinged: false,
+            drain_at: None,
+            write_deadline: None,
+        }
+    }
+
+    /// Subscribes the personal channel and the resumed ones, sends `welcome`, then the
+    /// recovered messages.
+    ///
+    /// Bounds: every resume entry but the personal channel takes a token of the command
+    /// rate, like a `subscribe` (entries beyond the bucket get `rate_limited` in
+    /// `errors`); all channels together recover at most `max_recovery_bytes` of data,
+    /// the personal channel first, then in name order.
+    pub(super) async fn start(
+        &mut self,
+        socket: &mut WebSocket,
+        mut resume: BTreeMap<String, StreamPosition>,
+    ) -> Result<(), End> {
+        // Registered before the revocation check, never after: see `control`'s race note.
+        // Over the user's connections on this node (one token must not take the node's
+        // slots): 4429.
+        let limit = self.node.config.max_connections_per_user;
+        if !self
+            .node
+            .hub
+            .users
+            .register(&self.user, self.id, self.handle.clone(), limit)
+        {
+            return Err(End::Close(CloseCode::TooMany));
+        }
+        if self
+            .node
+            .hub
+            .revocations
+            .is_revoked(&self.user, self.claims.issued_at(), now_secs())
+        {
+            return Err(End::CloseWith(
+                CloseCode::Unauthorized,
+                CloseReason::TokenRevoked,
+            ));
+        }
+        let mut subscriptions = BTreeMap::new();
+        let mut errors = BTreeMap::new();
+        let mut missed = Vec::new();
+        let mut budget = RecoveryBudget::new(self.node.config.max_recovery_bytes);
+        let personal = self.personal.to_string();
+        let since = resume.remove(&personal);
+        match self.subscribe_within(&personal, since, &mut budget).await {
+            Ok((result, pubs)) => {
+                subscriptions.insert(personal.clone(), result);
+                missed.push((self.personal.clone(), pubs));
+            }
+            Err(CommandError(code, message)) => {
+                // Without its personal channel the session is useless; the broker is down.
+                tracing::debug!(?code, %message, "personal channel subscribe failed");
+                return Err(End::Close(CloseCode::Draining));
+            }
+        }
+        for (channel, since) in resume {
+            if !self.rate.try_take() {
+                self.node.metrics.rate_limited.inc();
+                let error = ErrorBody::new(
+                    ErrorCode::RateLimited,
+                    "more resume entries than the command rate allows; subscribe later",
+                );
+                errors.insert(channel, error);
+                continue;
+            }
+            match self
+                .subscribe_within(&channel, Some(since), &mut budget)
+                .await
+            {
+                Ok((result, pubs)) => {
+                    let name = self.channel_name(&channel);
+                    subscriptions.insert(channel, result);
+                    missed.push((name, pubs));
+                }
+                Err(CommandError(code, message)) => {
+                    errors.insert(channel, ErrorBody::new(code, message));
+                }
+            }
+        }
+        let welcome = ServerFrame::Welcome(Welcome {
+            session: self.uuid.to_string(),
+            node: self.node.id.clone(),
+            user: self.user.to_string(),
+            heartbeat_ms: self.node.config.heartbeat_ms,
+            subscriptions,
+            errors,
+        });
+        self.send(socket, welcome.to_json()).await?;
+        for (channel, pubs) in missed {
+            self.send_publications(socket, &channel, &pubs).await?;
+        }
+        self.flush(socket).await
+    }
+
+    pub(super) fn channel_name(&self, channel: &str) -> Arc<str> {
+        self.channels
+            .get_key_value(channel)
+            .map(|(k, _)| k.clone())
+            .unwrap_or_else(|| channel.into())
+    }
+
+    /// Subscribes to a channel; returns the result and the recovered publications,
+    /// which the caller sends after the reply. The recovery has a budget of its own.
+    pub(super) async fn subscribe(
+        &mut self,
+        channel: &str,
+        since: Option<StreamPosition>,
+    ) -> Result<(SubscribeResult, Vec<Publication>), CommandError> {
+        let mut budget = RecoveryBudget::new(self.node.config.max_recovery_bytes);
+        self.subscribe_within(channel, since, &mut budget).await
+    }
+
+    /// [`Session::subscribe`], recovering within what is left of `budget`.
+    pub(super) async fn subscribe_within(
+        &mut self,
+        channel: &str,
+        since: Option<StreamPosition>,
+        budget: &mut RecoveryBudget,
+    ) -> Result<(SubscribeResult, Vec<Publication>), CommandError> {
+        self.room_for(channel)?;
+        if !self.claims.may_subscribe(channel) {
+            return Err(CommandError(
+                ErrorCode::Forbidden,
+                format!("not allowed to subscribe to {channel}"),
+            ));
+        }
+        self.join(channel, since, false, budget).await
+    }
+
+    /// Whether the session can join `channel`: not in it yet, and under its limit.
+    pub(super) fn room_for(&self, channel: &str) -> Result<(), CommandError> {
+        if self.channels.contains_key(channel) {
+            return Err(CommandError(
+                ErrorCode::BadRequest,
+                "already subscribed".into(),
+            ));
+        }
+        if self.channels.len() >= self.node.config.max_subscriptions {
+            return Err(CommandError(
+                ErrorCode::BadRequest,
+                format!(
+                    "subscription limit ({}) reached",
+                    self.node.config.max_subscriptions
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Joins a channel the session may be in (checked by the caller): the hub, the
+    /// stream position or recovery, presence. `granted`: joined by the server API.
+    pub(super) async fn join(
+        &mut self,
+        channel: &str,
+        since: Option<StreamPosition>,
+        granted: bool,
+        budget: &mut RecoveryBudget,
+    ) -> Result<(SubscribeResult, Vec<Publication>), CommandError> {
+        self.room_for(channel)?;
+        let node = Arc::clone(&self.node);
+        node.hub.join(channel, self.id, self.handle.clone()).await?;
+        // Joined first, read the stream second: whatever is published in between
+        // arrives both ways, and the offset check drops the second copy.
+        let outcome = self.recover(channel, since, budget).await;
+        let (result, pubs) = match outcome {
+            Ok(r) => r,
+            Err(e) => {
+                node.hub.leave(channel, self.id);
+                return Err(e.into());
+            }
+        };
+        let position = StreamPosition::new(result.offset, result.epoch.clone());
+        node.hub.seed(channel, &position);
+        let name: Arc<str> = channel.into();
+        node.presence.join(&name, &self.user);
+        node.metrics.subscriptions.inc();
+        self.handle
+            .set_full(self.channels.len() + 1 >= node.config.max_subscriptions);
+        self.channels.insert(
+            name,
+            ChannelState {
+                epoch: result.epoch.as_str().into(),
+                last: result.offset,
+                granted,
+            },
+        );
+        Ok((result, pubs))
+    }
+
+    /// Reads where the channel stands and, with `since`, what the client missed, if it
+    /// fits in `budget`: a channel is recovered completely or not at all.
+    pub(super) async fn recover(
+        &self,
+        channel: &str,
+        since: Option<StreamPosition>,
+        budget: &mut RecoveryBudget,
+    ) -> Result<(SubscribeResult, Vec<Publication>), BrokerError> {
+        let broker = &self.node.broker;
+        let Some(since) = since else {
+            let p = broker.position(channel).await?;
+            return Ok((
+                SubscribeResult {
+                    offset: p.offset,
+                    epoch: p.epoch,
+                    recovered: false,
+                },
+                Vec::new(),
+            ));
+        };
+        let history = broker
+            .history(channel, since.offset, self.node.config.history_size.max(1))
+            .await?;
+        let top = history.position;
+        let mut recovered = false;
+        let mut pubs = Vec::new();
+        if since.continues_with(&top.epoch) && since.offset <= top.offset {
+            let missing = top.offset - since.offset;
+            let contiguous =
+                history.publications.iter().enumerate().all(|(i, p)| {
+                    p.offset == since.offset + 1 + i as u64 && *p.epoch == *top.epoch
+                });
+            if history.publications.len() as u64 >= missing && contiguous {
+                pubs = history.publications;
+                pubs.truncate(missing as usize);
+                recovered = budget.take(&pubs);
+                if !recovered {
+                    // Honest, never a silent gap: the client is told it was not
+                    // recovered and starts from the current position.
+                    self.node.metrics.recovery_over_budget.inc();
+                    pubs = Vec::new();
+                }
+            }
+        }
+        Ok((
+            SubscribeResult {
+                offset: top.offset,
+                epoch: top.epoch,
+                recovered,
+            },
+            pubs,
+        ))
+    }
+
+    /// Queues a frame for the socket (writing out what the buffer cannot hold).
+    ///
+    /// Every write is bounded in time: the first `send` (or `flush`) of a write starts
+    /// a deadline of `write_timeout`, which covers every frame up to the `flush` that
+    /// ends it. A client that does not take the write within it, whatever the write is
+    /// (live messages, a reply, `welcome`, a recovery), is a slow consumer: 4509.
+    pub(super) async fn send(
+        &mut self,
+        socket: &mut WebSocket,
+        text: impl Into<Utf8Bytes>,
+    ) -> Result<(), End> {
+        let now = Instant::now();
+        self.last_send = now;
+        let deadline = self.write_deadline(now);
+        match timeout_at(deadline, socket.feed(Message::Text(text.into()))).await {
+            Ok(r) => r.map_err(|_| End::Gone),
+            Err(_) => Err(End::Close(CloseCode::SlowConsumer)),
+        }
+    }
+
+    /// Writes out everything queued and ends the write (and its deadline).
+    pub(super) async fn flush(&mut self, socket: &mut WebSocket) -> Result<(), End> {
+        let deadline = self.write_deadline(Instant::now());
+        match timeout_at(deadline, socket.flush()).await {
+            Ok(r) => {
+                self.write_deadline = None;
+                r.map_err(|_| End::Gone)
+            }
+            Err(_) => Err(End::Close(CloseCode::SlowConsumer)),
+        }
+    }
+
+    /// The deadline of the write in progress, started at `now` if none is.
+    pub(super) fn write_deadline(&mut self, now: Instant) -> Instant {
+        *self
+            .write_deadline
+            .get_or_insert_with(|| now + self.node.config.write_timeout())
+    }
+
+    pub(super) async fn send_publications(
+        &mut self,
+        socket: &mut WebSocket,
+        channel: &Arc<str>,
+        pubs: &[Publication],
+    ) -> Result<(), End> {
+        for p in pubs {
+            let frame = herald_protocol::frame::encode_message(
+                channel,
+                p.offset,
+                &p.epoch,
+                p.from.as_deref(),
+                &p.data,
+            );
+            self.send(socket, frame).await?;
+            self.node.metrics.messages_delivered.inc();
+        }
+        Ok(())
+    }
+
+    /// The main loop after `welcome`.
+    pub(super) async fn serve(&mut self, socket: &mut WebSocket) -> Result<(), End> {
+        let heartbeat = self.node.config.heartbeat();
+        let control = Arc::clone(&self.handle);
+        let drain = self.node.drain.clone();
+        let force = self.node.force_close.clone();
+        let sleep = tokio::time::sleep_until(self.next_timer(heartbeat));
+        tokio::pin!(sleep);
+        loop {
+            sleep.as_mut().reset(self.next_timer(heartbeat));
+            tokio::select! {
+                frame = socket.recv() => {
+                    self.last_recv = Instant::now();
+                    self.pinged = false;
+                    match frame {
+                        // Boxed: commands are rare next to deliveries, and their
+                        // futures (broker calls) would otherwise sit in every idle
+                        // connection's task.
+                        Some(Ok(Message::Text(text))) => Box::pin(self.command(socket, &text)).await?,
+                        Some(Ok(Message::Binary(_))) => return Err(End::Close(CloseCode::BadRequest)),
+                        // The library answers pings itself, but a flood of them is still
+                        // work: they count against the command rate like any frame.
+                        Some(Ok(Message::Ping(_) | Message::Pong(_))) => self.count_silent_frame()?,
+                        Some(Ok(Message::Close(_))) | None => return Err(End::Gone),
+                        Some(Err(e)) => return Err(read_error(&e)),
+                    }
+                }
+                item = control.next() => {
+                    // Nothing goes out after the token's `exp`, even when this branch
+                    // wins the race against the timer.
+                    let expires_at = self.expires_at;
+                    if Instant::now() >= expires_at {
+                        return Err(End::CloseWith(CloseCode::Unauthorized, CloseReason::TokenExpired));
+                    }
+                    // A write that stalls loses against a close request, its deadline
+                    // (`send`) or the token's expiry (a client that stops reading must
+                    // not keep an expired session, and the messages behind it, open).
+                    tokio::select! {
+                        r = self.write_batch(socket, item) => r?,
+                        (code, reason) = control.closed() => return Err(End::CloseWith(code_of(code), reason)),
+                        _ = tokio::time::sleep_until(expires_at) => {
+                            return Err(End::CloseWith(CloseCode::Unauthorized, CloseReason::TokenExpired));
+                        }
+                    }
+                }
+                (code, reason) = control.closed() => return Err(End::CloseWith(code_of(code), reason)),
+                _ = force.cancelled() => return Err(End::Close(CloseCode::Draining)),
+                _ = drain.cancelled(), if self.drain_at.is_none() => {
+                    let spread = self.node.config.drain().mul_f64(0.8);
+                    let delay = rand::rng().random_range(0..=spread.as_millis() as u64);
+                    self.drain_at = Some(Instant::now() + Duration::from_millis(delay));
+                }
+                _ = &mut sleep => {
+                    let now = Instant::now();
+                    if self.drain_at.is_some_and(|t| now >= t) {
+                        let _ = timeout(CLOSE_TIMEOUT, send_reconnect(socket)).await;
+                        return Err(End::Close(CloseCode::Draining));
+                    }
+                    if now >= self.last_recv + heartbeat * 2 {
+                        return Err(End::Close(CloseCode::Timeout));
+                    }
+                    if now >= self.expires_at {
+                        return Err(End::CloseWith(CloseCode::Unauthorized, CloseReason::TokenExpired));
+                    }
+                    if self.notice_at.is_some_and(|t| now >= t) {
+                        self.notice_at = None;
+                        let in_ms = self.expires_at.saturating_duration_since(now).as_millis() as u64;
+                        let frame = ServerFrame::Expiring(Expiring { in_ms }).to_json();
+                        // Bounded like every write (`send`).
+                        self.send(socket, frame).await?;
+                        self.flush(socket).await?;
+                    }
+                    // Ping after a heartbeat of silence either way: ours (keeps
+                    // intermediaries from timing out) or the client's (it must answer, even
+                    // on a channel so busy that we are never silent).
+                    let client_silent = !self.pinged && now >= self.last_recv + heartbeat;
+                    if client_silent || now >= self.last_send + heartbeat {
+                        self.pinged = true;
+                        self.send(socket, ServerFrame::Ping.to_json()).await?;
+                        self.flush(socket).await?;
+                    }
+                }
+            }
+        }
+    }
+
+    pub(super) fn next_timer(&self, heartbeat: Duration) -> Instant {
+        let mut t = (self.last_send + heartbeat).min(self.last_recv + heartbeat * 2);
+        if !self.pinged {
+            t = t.min(self.last_recv + heartbeat);
+        }
+        if let Some(d) = self.drain_at {
+            t = t.min(d);
+        }
+        if let Some(n) = self.notice_at {
+            t = t.min(n);
+        }
+        t.min(self.expires_at)
+    }
+
+    /// Writes `first` and whatever else is queued (up to a batch), then flushes once.
+    pub(super) async fn write_batch(
+        &mut self,
+        socket: &mut WebSocket,
+        first: Outbound,
+    ) -> Result<(), End> {
+        self.write_item(socket, first).await?;
+        for _ in 1..BATCH {
+            match self.handle.try_next() {
+                Some(item) => self.write_item(socket, item).await?,
+                None => break,
+            }
+        }
+        self.flush(socket).await
+    }
+
+    pub(super) async fn write_item(
+        &mut self,
+        socket: &mut WebSocket,
+        item: Outbound,
+    ) -> Result<(), End> {
+        match item {
+            Outbound::Message(d) => {
+                let Some(state) = self.channels.get(&d.channel) else {
+                    return Ok(()); // unsubscribed meanwhile
+                };
+                let (epoch, last) = (state.epoch.clone(), state.last);
+                // The rare paths are boxed to keep them out of the task's size.
+                if !same_stream(last, &epoch, &d.epoch) {
+                    let position = StreamPosition::new(d.offset - 1, &*d.epoch);
+                    Box::pin(self.resync(socket, &d.channel, position)).await?;
+                } else if d.offset <= last {
+                    return Ok(()); // already delivered
+                } else if d.offset > last + 1 {
+                    // d's epoch: from offset 0 the gap is in whatever epoch d is in.
+                    Box::pin(self.fill_gap(socket, &d.channel, &d.epoch, last, d.offset)).await?;
+                }
+                self.send(socket, d.frame.clone()).await?;
+                self.node.metrics.messages_delivered.inc();
+                if let Some(state) = self.channels.get_mut(&d.channel) {
+                    state.epoch = d.epoch.clone();
+                    state.last = d.offset;
+                }
+                Ok(())
+            }
+            Outbound::Control(command) => Box::pin(self.control(socket, &command)).await,
+            Outbound::Resync(resync) => {
+                let (channel, position) = *resync;
+                let behind = self.channels.get(&channel).is_some_and(|s| {
+                    !same_stream(s.last, &s.epoch, &position.epoch) || s.last < position.offset
+                });
+                if behind {
+                    Box::pin(self.resync(socket, &channel, position)).await?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// The session saw a gap the hub did not repair (rare): fill it from history, or
+    /// tell the client to resync.
+    pub(super) async fn fill_gap(
+        &mut self,
+        socket: &mut WebSocket,
+        channel: &Arc<str>,
+        epoch: &Arc<str>,
+        last: u64,
+        next: u64,
+    ) -> Result<(), End> {
+        let want = (next - last - 1) as usize;
+        if let Ok(h) = self.node.broker.history(channel, last, want).await {
+            let complete = h.publications.len() == want
+                && h.publications
+                    .iter()
+                    .enumerate()
+                    .all(|(i, p)| p.offset == last + 1 + i as u64 && *p.epoch == **epoch);
+            if complete {
+                self.send_publications(socket, channel, &h.publications)
+                    .await?;
+                self.node.metrics.gaps_repaired.inc();
+                return Ok(());
+            }
+        }
+        self.resync(socket, channel, StreamPosition::new(next - 1, &**epoch))
+            .await
+    }
+
+    pub(super) async fn resync(
+        &mut self,
+        socket: &mut WebSocket,
+        channel: &Arc<str>,
+        position: StreamPosition,
+    ) -> Result<(), End> {
+        if let Some(state) = self.channels.get_mut(channel) {
+            state.epoch = position.epoch.as_str().into();
+            state.last = position.offset;
+        }
+        self.node.metrics.resyncs.inc();
+        let frame = ServerFrame::Resync(Resync {
+            channel: channel.to_string(),
+            offset: position.offset,
+            epoch: position.epoch,
+        });
+        self.send(socket, frame.to_json()).await
+    }
+
+    /// Leaves a channel; whether the session was in it.
+    pub(super) fn leave(&mut self, channel: &str) -> bool {
+        match self.channels.remove_entry(channel) {
+            Some((name, _)) => {
+                self.node.hub.leave(&name, self.id);
+                self.node.presence.leave(&name, &self.user);
+                self.node.metrics.subscriptions.dec();
+                self.handle.set_full(false);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Leaves every channel.
+    pub(super) fn cleanup(&mut self) {
+        self.handle.end();
+        self.node.hub.users.unregister(&self.user, self.id);
+        for (name, _) in self.channels.drain() {
+            self.node.hub.leave(&name, self.id);
+            self.node.presence.leave(&name, &self.user);
+            self.node.metrics.subscriptions.dec();
+        }
+    }
+}
+
+pub(super) fn code_of(code: u16) -> CloseCode {
+    CloseCode::from_code(code).unwrap_or(CloseCode::SlowConsumer)
+}
