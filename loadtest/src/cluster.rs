@@ -4,7 +4,9 @@
 //!
 //! With `--redis sentinel` the Redis is a Sentinel topology instead (herald_testkit's
 //! [`RedisSentinel`]: a primary, a replica, three sentinels) and the nodes use a
-//! `redis-sentinel://` URL, so that `failover-redis` can kill the primary.
+//! `redis-sentinel://` URL, so that `failover-redis` can kill the primary. With
+//! `--redis cluster` it is a Redis Cluster of three masters (herald_testkit's
+//! [`RedisCluster`]), and the report's Redis CPU is read from every master.
 //!
 //! Nodes inherit this process's environment, so any `HERALD_*` tuning set in the shell
 //! applies to them; the listen address, Redis URL, keys and node id are set here.
@@ -16,6 +18,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
+use herald_testkit::redis::RedisCluster;
 use herald_testkit::sentinel::RedisSentinel;
 
 /// A node process started by the load generator.
@@ -34,6 +37,9 @@ pub struct Cluster {
     redis_addrs: Vec<String>,
     /// The Sentinel topology, with `--redis sentinel` (instead of `redis`).
     sentinel: Option<RedisSentinel>,
+    /// The Redis Cluster, with `--redis cluster` (instead of `redis`): held so its
+    /// servers live as long as the run (they are killed when it is dropped).
+    _redis_cluster: Option<RedisCluster>,
     nodes: Vec<SpawnedNode>,
 }
 
@@ -53,6 +59,8 @@ pub struct ClusterOptions<'a> {
     pub drain_ms: u64,
     /// Start a Sentinel topology instead of one redis-server.
     pub sentinel: bool,
+    /// Start a Redis Cluster of three masters instead of one redis-server.
+    pub redis_cluster: bool,
 }
 
 fn free_port() -> anyhow::Result<u16> {
@@ -76,7 +84,15 @@ impl Cluster {
     pub async fn start(o: ClusterOptions<'_>) -> anyhow::Result<Cluster> {
         let dir = std::env::temp_dir().join(format!("herald-loadtest-{}", std::process::id()));
         std::fs::create_dir_all(&dir)?;
-        let (redis, sentinel, redis_url) = if o.sentinel {
+        let mut redis_cluster = None;
+        let (redis, sentinel, redis_url) = if o.redis_cluster {
+            let started = tokio::task::spawn_blocking(RedisCluster::start)
+                .await
+                .map_err(|e| anyhow!("could not start the Redis Cluster: {e}"))?;
+            let url = started.url();
+            redis_cluster = Some(started);
+            (None, None, url)
+        } else if o.sentinel {
             // The testkit helper blocks (process starts, redis-cli) and panics on
             // failure: off the runtime, with the panic turned into an error.
             let topology = tokio::task::spawn_blocking(RedisSentinel::start)
@@ -89,7 +105,14 @@ impl Cluster {
             (Some(redis), None, format!("redis://127.0.0.1:{port}"))
         };
         // Both servers of a Sentinel topology: the replica's CPU is part of the cost.
+        // Every master of a Redis Cluster: the cost is their sum, and the spread shows
+        // how the load is shared.
         let redis_addrs = match (&sentinel, &redis_url) {
+            _ if redis_cluster.is_some() => redis_cluster
+                .iter()
+                .flat_map(|c| c.nodes.iter())
+                .map(|s| format!("127.0.0.1:{}", s.port()))
+                .collect(),
             (Some(t), _) => t
                 .servers
                 .iter()
@@ -103,6 +126,7 @@ impl Cluster {
             redis,
             redis_addrs,
             sentinel,
+            _redis_cluster: redis_cluster,
             nodes: Vec::new(),
         };
         for i in 0..o.nodes {
