@@ -48,7 +48,7 @@ use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
-use tokio_tungstenite::{Connector, MaybeTlsStream, WebSocketStream};
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use crate::backoff::{jitter, Backoff};
 use crate::client::{Client, Events};
@@ -1083,13 +1083,17 @@ async fn handshake(
     // With `tls`, the rustls configuration serves `wss://` URLs (`ws://` ones stay plain);
     // without it tungstenite has no TLS, and `wss://` never gets here (config.rs).
     #[cfg(feature = "tls")]
-    let connector = Some(Connector::Rustls(Arc::clone(&config.tls)));
+    let connecting = tokio_tungstenite::connect_async_tls_with_config(
+        request,
+        None,
+        true,
+        Some(tokio_tungstenite::Connector::Rustls(Arc::clone(
+            &config.tls,
+        ))),
+    );
     #[cfg(not(feature = "tls"))]
-    let connector = Some(Connector::Plain);
-    let (mut ws, _) =
-        tokio_tungstenite::connect_async_tls_with_config(request, None, true, connector)
-            .await
-            .map_err(|e| connect_failed(&url, e))?;
+    let connecting = tokio_tungstenite::connect_async_with_config(request, None, true);
+    let (mut ws, _) = connecting.await.map_err(|e| connect_failed(&url, e))?;
     let hello = ClientCommand::Hello { token, resume };
     ws.send(WsMessage::text(hello.to_json()))
         .await

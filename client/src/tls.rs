@@ -76,12 +76,15 @@ pub(crate) fn tls_cause<'a>(
         if let Some(tls) = e.downcast_ref::<rustls::Error>() {
             return Some(tls);
         }
-        // An io::Error made from a rustls::Error (tokio-rustls does that) hides it
-        // behind `get_ref`, not `source`.
-        if let Some(io) = e.downcast_ref::<std::io::Error>() {
-            if let Some(tls) = io.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) {
-                return Some(tls);
-            }
+        // An io::Error made from another error (tokio-rustls wraps rustls's, and hyper's
+        // connectors wrap that io::Error again) shows it through `get_ref` only: its
+        // `source` skips to the inner error's source.
+        if let Some(inner) = e
+            .downcast_ref::<std::io::Error>()
+            .and_then(std::io::Error::get_ref)
+        {
+            next = Some(inner);
+            continue;
         }
         next = e.source();
     }
@@ -151,6 +154,9 @@ mod tests {
         let inner = rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer);
         let io = std::io::Error::new(std::io::ErrorKind::InvalidData, inner);
         let found = tls_cause(&io).expect("found behind io::Error");
+        assert!(describe("127.0.0.1:1", found).contains("trusted roots"));
+        let twice = std::io::Error::other(io);
+        let found = tls_cause(&twice).expect("found behind two io::Errors");
         assert!(describe("127.0.0.1:1", found).contains("trusted roots"));
         let plain = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
         assert!(tls_cause(&plain).is_none());
