@@ -13,6 +13,9 @@
 //! fetched again whenever the node refuses one. With `--channel room:1`, each line typed
 //! on stdin is published to that channel. Stop and restart the node, or run a
 //! `scripts/dev-cluster` and stop its nodes, to watch the client reconnect and resume.
+//!
+//! Behind a TLS balancer: `--url wss://push.example.com/ws --token …`, with `--ca ca.pem`
+//! when its certificate comes from a private CA.
 
 use std::time::Duration;
 
@@ -40,6 +43,10 @@ struct Args {
     /// Channels to follow besides the personal one; stdin lines go to the first.
     #[arg(long)]
     channel: Vec<String>,
+    /// PEM file of a CA to trust for `wss://` and `https://`, besides the built-in roots.
+    #[cfg(feature = "tls")]
+    #[arg(long)]
+    ca: Option<std::path::PathBuf>,
 }
 
 /// `ws://host:port/ws` → `http://host:port`.
@@ -91,6 +98,11 @@ async fn main() -> anyhow::Result<()> {
     }
     for channel in &args.channel {
         builder = builder.subscribe(channel);
+    }
+    #[cfg(feature = "tls")]
+    if let Some(path) = &args.ca {
+        let pem = std::fs::read(path).with_context(|| format!("read {}", path.display()))?;
+        builder = builder.tls_root_certificates_pem(pem);
     }
     builder = match args.token {
         Some(token) => builder.token(token),

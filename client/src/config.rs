@@ -23,11 +23,14 @@ pub type TokenFuture = Pin<Box<dyn Future<Output = Result<String, BoxError>> + S
 /// another node than the one it just lost.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Endpoint {
-    /// A WebSocket URL to connect to directly (`ws://host:port/ws`).
+    /// A WebSocket URL to connect to directly (`ws://host:port/ws`, or `wss://` with the
+    /// `tls` feature).
     WebSocket(String),
-    /// The HTTP base URL of any node or of the balancer (`http://host:port`): the client
-    /// asks its `GET /v1/connect` for the least-loaded node's URL, then connects there
-    /// directly. Asked again before every attempt.
+    /// The HTTP base URL of any node or of the balancer (`http://host:port`, or
+    /// `https://` with the `tls` feature): the client asks its `GET /v1/connect` for the
+    /// least-loaded node's URL, then connects there directly. Asked again before every
+    /// attempt. An `https://` endpoint must answer `wss://` URLs: a `ws://` one is refused,
+    /// as the token would then travel in clear.
     Discover(String),
 }
 
@@ -52,6 +55,12 @@ pub(crate) struct Config {
     pub(crate) backoff_max: Duration,
     pub(crate) stable_after: Duration,
     pub(crate) event_buffer: usize,
+    /// The HTTP client of `/v1/connect` (with the TLS configuration below, when built
+    /// with `tls`).
+    pub(crate) http: reqwest::Client,
+    /// The TLS configuration of `wss://` handshakes.
+    #[cfg(feature = "tls")]
+    pub(crate) tls: Arc<rustls::ClientConfig>,
 }
 
 /// Builds a [`Client`]: endpoints, token, and optional tuning. See the crate docs for an
@@ -67,6 +76,8 @@ pub struct ClientBuilder {
     backoff_max: Duration,
     stable_after: Duration,
     event_buffer: usize,
+    #[cfg(feature = "tls")]
+    trust: crate::tls::Trust,
 }
 
 impl Default for ClientBuilder {
@@ -82,6 +93,8 @@ impl Default for ClientBuilder {
             backoff_max: Duration::from_secs(30),
             stable_after: Duration::from_secs(5),
             event_buffer: 1024,
+            #[cfg(feature = "tls")]
+            trust: crate::tls::Trust::default(),
         }
     }
 }
@@ -92,15 +105,16 @@ impl ClientBuilder {
         Self::default()
     }
 
-    /// Adds a WebSocket URL to connect to directly (`ws://host:port/ws`; `wss://` is not
-    /// supported by this build).
+    /// Adds a WebSocket URL to connect to directly: `ws://host:port/ws`, or
+    /// `wss://host/ws` with the `tls` feature (on by default; without it, `start()`
+    /// refuses `wss://`).
     pub fn url(mut self, url: impl Into<String>) -> Self {
         self.endpoints.push(Endpoint::WebSocket(url.into()));
         self
     }
 
-    /// Adds a node's or balancer's HTTP base URL (`http://host:port`) whose
-    /// `/v1/connect` names the node to connect to.
+    /// Adds a node's or balancer's HTTP base URL (`http://host:port`, or `https://host`
+    /// with the `tls` feature) whose `/v1/connect` names the node to connect to.
     pub fn discover(mut self, http_base: impl Into<String>) -> Self {
         self.endpoints.push(Endpoint::Discover(http_base.into()));
         self
@@ -196,6 +210,28 @@ impl ClientBuilder {
         self
     }
 
+    /// Trusts the root certificates of this PEM bundle (one or more `CERTIFICATE`
+    /// blocks; other blocks are skipped) for `wss://` and `https://`, besides the
+    /// built-in ones: a private CA, or the test CA of a staging deployment. May be
+    /// called several times. A bundle without a certificate, or one that does not parse,
+    /// makes `start()` fail with [`Error::Config`].
+    #[cfg(feature = "tls")]
+    pub fn tls_root_certificates_pem(mut self, pem: impl AsRef<[u8]>) -> Self {
+        self.trust.extra_pem.push(pem.as_ref().to_vec());
+        self
+    }
+
+    /// Whether to trust the built-in roots (the Mozilla list of `webpki-roots`; default
+    /// true). Turn them off to trust only the certificates added with
+    /// [`tls_root_certificates_pem`](Self::tls_root_certificates_pem) (then at least
+    /// one is required). Server certificates are always verified: there is no option
+    /// to accept an untrusted or invalid one.
+    #[cfg(feature = "tls")]
+    pub fn tls_built_in_roots(mut self, trust: bool) -> Self {
+        self.trust.built_in = trust;
+        self
+    }
+
     /// Checks the settings and starts the client's connection task on the current tokio
     /// runtime. Returns at once; connecting happens in the background and is reported
     /// on [`Events`].
@@ -213,17 +249,7 @@ impl ClientBuilder {
             ));
         }
         for endpoint in &self.endpoints {
-            let (url, scheme) = match endpoint {
-                Endpoint::WebSocket(u) => (u, "ws://"),
-                Endpoint::Discover(u) => (u, "http://"),
-            };
-            // No TLS stack is compiled in (see the crate docs): refuse `wss://` and
-            // `https://` here rather than failing every connection attempt later.
-            if !url.starts_with(scheme) {
-                return Err(Error::Config(format!(
-                    "{url:?} should start with {scheme} (this build has no TLS)"
-                )));
-            }
+            check_endpoint(endpoint).map_err(Error::Config)?;
         }
         let token = self
             .token
@@ -239,6 +265,16 @@ impl ClientBuilder {
         for (channel, _) in &self.initial {
             check_channel(channel)?;
         }
+        #[cfg(feature = "tls")]
+        let tls = crate::tls::client_config(&self.trust).map_err(Error::Config)?;
+        let http = reqwest::Client::builder()
+            .timeout(self.connect_timeout)
+            .redirect(crate::endpoints::redirect_policy());
+        #[cfg(feature = "tls")]
+        let http = http.use_preconfigured_tls(rustls::ClientConfig::clone(&tls));
+        let http = http
+            .build()
+            .map_err(|e| Error::Config(format!("HTTP client for /v1/connect: {e}")))?;
         Ok(Config {
             endpoints: self.endpoints,
             token,
@@ -250,8 +286,44 @@ impl ClientBuilder {
             backoff_max: self.backoff_max,
             stable_after: self.stable_after,
             event_buffer: self.event_buffer,
+            http,
+            #[cfg(feature = "tls")]
+            tls,
         })
     }
+}
+
+/// Checks an endpoint's scheme: `ws://` or `http://`, and with the `tls` feature also
+/// `wss://` or `https://`. Done at `start()` rather than failing every attempt later.
+fn check_endpoint(endpoint: &Endpoint) -> Result<(), String> {
+    let (url, plain, secure) = match endpoint {
+        Endpoint::WebSocket(u) => (u, "ws://", "wss://"),
+        Endpoint::Discover(u) => (u, "http://", "https://"),
+    };
+    if has_scheme(url, plain) {
+        return Ok(());
+    }
+    if has_scheme(url, secure) {
+        return if cfg!(feature = "tls") {
+            Ok(())
+        } else {
+            Err(format!(
+                "{url:?}: {secure} needs the `tls` feature of herald-client (this build has no TLS)"
+            ))
+        };
+    }
+    let allowed = if cfg!(feature = "tls") {
+        format!("{plain} or {secure}")
+    } else {
+        format!("{plain} ({secure} needs the `tls` feature)")
+    };
+    Err(format!("{url:?} should start with {allowed}"))
+}
+
+/// Whether `url` starts with `scheme` (`"wss://"`), ignoring ASCII case as URL schemes do.
+pub(crate) fn has_scheme(url: &str, scheme: &str) -> bool {
+    url.get(..scheme.len())
+        .is_some_and(|start| start.eq_ignore_ascii_case(scheme))
 }
 
 /// Checks a channel name locally, so a bad name never reaches (or closes) a connection.
@@ -280,7 +352,13 @@ mod tests {
         assert!(err(ClientBuilder::new().url("ws://h/ws")).contains("no token"));
         assert!(err(ClientBuilder::new().url("http://h/ws").token("t")).contains("ws://"));
         assert!(err(ClientBuilder::new().discover("ws://h").token("t")).contains("http://"));
-        assert!(err(ClientBuilder::new().url("wss://h/ws").token("t")).contains("TLS"));
+        #[cfg(not(feature = "tls"))]
+        {
+            let e = err(ClientBuilder::new().url("wss://h/ws").token("t"));
+            assert!(e.contains("`tls` feature"), "{e}");
+            let e = err(ClientBuilder::new().discover("https://h").token("t"));
+            assert!(e.contains("`tls` feature"), "{e}");
+        }
         assert!(!err(ClientBuilder::new()
             .url("ws://h/ws")
             .token("t")
@@ -291,6 +369,37 @@ mod tests {
             .token("t")
             .header("Bad Name", "v"))
         .contains("header"));
+    }
+
+    #[cfg(feature = "tls")]
+    #[test]
+    fn tls_endpoints_and_roots() {
+        for b in [
+            ClientBuilder::new().url("wss://h/ws"),
+            ClientBuilder::new().url("WSS://h/ws"),
+            ClientBuilder::new().discover("https://h"),
+        ] {
+            assert!(b.token("t").check().is_ok());
+        }
+        let e = err(ClientBuilder::new()
+            .url("wss://h/ws")
+            .token("t")
+            .tls_root_certificates_pem("junk"));
+        assert!(e.contains("CERTIFICATE"), "{e}");
+        let e = err(ClientBuilder::new()
+            .url("wss://h/ws")
+            .token("t")
+            .tls_built_in_roots(false));
+        assert!(e.contains("no trusted root"), "{e}");
+    }
+
+    #[test]
+    fn schemes() {
+        assert!(check_endpoint(&Endpoint::WebSocket("ws://h/ws".into())).is_ok());
+        assert!(check_endpoint(&Endpoint::Discover("HTTP://h".into())).is_ok());
+        assert!(check_endpoint(&Endpoint::WebSocket("wss".into())).is_err());
+        assert!(check_endpoint(&Endpoint::Discover("".into())).is_err());
+        assert!(has_scheme("wss://x", "wss://") && !has_scheme("ws://x", "wss://"));
     }
 
     #[test]

@@ -117,7 +117,7 @@ pub(crate) fn spawn(runtime: &tokio::runtime::Handle, config: Config) -> (Client
         tracker.add(channel, since.clone());
     }
     let driver = Driver {
-        endpoints: Endpoints::new(config.endpoints.clone(), config.connect_timeout),
+        endpoints: Endpoints::new(config.endpoints.clone(), config.http.clone()),
         backoff: Backoff::new(config.backoff_initial, config.backoff_max),
         config: Arc::clone(&config),
         commands,
@@ -155,6 +155,8 @@ enum End {
     Lost(String),
     /// Connecting or `hello` failed.
     ConnectFailed(String),
+    /// The TLS handshake failed (of the WebSocket or of every `/v1/connect` tried).
+    Tls(String),
     /// No endpoint gave a URL.
     NoEndpoint(String),
     /// The token callback failed.
@@ -255,6 +257,7 @@ impl Driver {
                 End::HeartbeatTimeout => DisconnectReason::HeartbeatTimeout,
                 End::Lost(e) => DisconnectReason::ConnectionLost(e),
                 End::ConnectFailed(e) => DisconnectReason::ConnectFailed(e),
+                End::Tls(e) => DisconnectReason::Tls(e),
                 End::NoEndpoint(e) => DisconnectReason::NoEndpoint(e),
                 End::Token(e) => DisconnectReason::Token(e),
             };
@@ -290,7 +293,8 @@ impl Driver {
         };
         let picked = match self.offline(self.endpoints.pick(avoid)).await {
             Err(stop) => return (End::Stop(stop), None),
-            Ok(Err(e)) => return (End::NoEndpoint(e), None),
+            Ok(Err(e)) if e.tls => return (End::Tls(e.message), None),
+            Ok(Err(e)) => return (End::NoEndpoint(e.message), None),
             Ok(Ok(picked)) => picked,
         };
         self.endpoints.used(picked.index);
@@ -1076,9 +1080,20 @@ async fn handshake(
     for (name, value) in &config.headers {
         request.headers_mut().insert(name.clone(), value.clone());
     }
-    let (mut ws, _) = tokio_tungstenite::connect_async_with_config(request, None, true)
-        .await
-        .map_err(|e| End::ConnectFailed(e.to_string()))?;
+    // With `tls`, the rustls configuration serves `wss://` URLs (`ws://` ones stay plain);
+    // without it tungstenite has no TLS, and `wss://` never gets here (config.rs).
+    #[cfg(feature = "tls")]
+    let connecting = tokio_tungstenite::connect_async_tls_with_config(
+        request,
+        None,
+        true,
+        Some(tokio_tungstenite::Connector::Rustls(Arc::clone(
+            &config.tls,
+        ))),
+    );
+    #[cfg(not(feature = "tls"))]
+    let connecting = tokio_tungstenite::connect_async_with_config(request, None, true);
+    let (mut ws, _) = connecting.await.map_err(|e| connect_failed(&url, e))?;
     let hello = ClientCommand::Hello { token, resume };
     ws.send(WsMessage::text(hello.to_json()))
         .await
@@ -1098,6 +1113,17 @@ async fn handshake(
             None => return Err(End::ConnectFailed("closed before welcome".into())),
         }
     }
+}
+
+/// How a failed WebSocket connect ends the attempt: a TLS failure is told apart, since
+/// it needs attention (a certificate the client does not trust) rather than patience.
+fn connect_failed(url: &str, error: tokio_tungstenite::tungstenite::Error) -> End {
+    #[cfg(feature = "tls")]
+    if let Some(tls) = crate::tls::tls_cause(&error) {
+        return End::Tls(crate::tls::describe(url, tls));
+    }
+    let _ = url;
+    End::ConnectFailed(error.to_string())
 }
 
 fn closed(frame: Option<CloseFrame>, after: Option<Duration>) -> End {

@@ -147,6 +147,12 @@ pub enum DisconnectReason {
     ConnectionLost(String),
     /// TCP, WebSocket handshake or `hello` → `welcome` failed or took too long.
     ConnectFailed(String),
+    /// The TLS handshake of a `wss://` URL, or of every `https://` `/v1/connect` that
+    /// was tried, failed: most often a server certificate the client does not trust
+    /// (unknown CA, expired, issued for another name). The message is rustls's reason.
+    /// The client keeps retrying with backoff, always with TLS and never falling back
+    /// to plaintext, so a fixed certificate is picked up without a restart.
+    Tls(String),
     /// No endpoint gave a URL (every `/v1/connect` failed).
     NoEndpoint(String),
     /// The token callback failed.

@@ -57,14 +57,41 @@
 //!
 //! One task per client owns the socket; [`Client`] handles talk to it over channels.
 //!
-//! This build speaks `ws://` and `http://` only: no TLS stack is compiled in, and
-//! [`ClientBuilder::start`] refuses `wss://` and `https://` endpoints.
+//! # TLS
+//!
+//! With the cargo feature `tls` (on by default) the client speaks `wss://` and
+//! `https://` (for `/v1/connect`) through rustls, trusting the Mozilla roots bundled by
+//! `webpki-roots` plus any root certificates added with
+//! [`ClientBuilder::tls_root_certificates_pem`] (a private CA; turn the built-in roots
+//! off with [`ClientBuilder::tls_built_in_roots`]). Certificates are always verified;
+//! there is no option to skip that. A certificate the client does not trust ends the
+//! attempt with [`DisconnectReason::Tls`], and the client retries with backoff, over TLS
+//! only. An `https://` discovery endpoint must answer `wss://` URLs, and redirects never
+//! lead from `https` to `http`: nothing falls back to plaintext.
+//!
+//! ```no_run
+//! # fn demo(token: String, my_ca_pem: &[u8]) -> Result<(), herald_client::Error> {
+//! # #[cfg(feature = "tls")] {
+//! let (client, events) = herald_client::Client::builder()
+//!     .discover("https://push.example.com") // /v1/connect over HTTPS, then wss://
+//!     .url("wss://push.example.com/ws")
+//!     .tls_root_certificates_pem(my_ca_pem) // only for a private CA
+//!     .token(token)
+//!     .start()?;
+//! # }
+//! # Ok(()) }
+//! ```
+//!
+//! Built with `default-features = false`, the SDK has no TLS stack and
+//! [`ClientBuilder::start`] refuses `wss://` and `https://` endpoints with
+//! [`Error::Config`].
 //!
 //! # Modules
 //! - [`config`]: [`ClientBuilder`], [`Endpoint`], tokens, timeouts;
 //! - `connection`: the task that owns the socket and the reconnect policy;
 //! - `endpoints`: choosing the next node (rotation, `/v1/connect`);
 //! - `backoff`: exponential backoff with full jitter;
+//! - `tls` (feature `tls`): the rustls configuration and telling TLS failures apart;
 //! - `refresh`: when to ask for a fresh token after `expiring`, and when to give up;
 //! - `tracker`: followed channels, positions, the duplicate filter;
 //! - [`event`] and [`error`]: what the application receives.
@@ -78,6 +105,8 @@ mod client;
 mod connection;
 mod endpoints;
 mod refresh;
+#[cfg(feature = "tls")]
+mod tls;
 mod tracker;
 
 pub use client::{Client, Events};
