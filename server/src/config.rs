@@ -378,6 +378,7 @@ mod tests {
         assert_eq!(c.drain_ms, 10_000);
         assert_eq!(c.write_timeout_ms, 10_000);
         assert_eq!(c.max_recovery_bytes, 1_048_576);
+        assert_eq!(c.max_ephemeral_per_sec, 10);
         assert_eq!(c.max_pending_handshakes, 1_000);
         assert_eq!(c.max_connections_per_user, 32);
     }
