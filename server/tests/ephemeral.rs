@@ -40,7 +40,9 @@ const QUIET: Duration = Duration::from_millis(500);
 
 fn config() -> Config {
     Config {
-        max_ephemeral_per_sec: 1_000,
+        // The bursts below send as fast as the node answers; the rate test sets its own.
+        max_ephemeral_per_sec: 1_000_000,
+        max_messages_per_sec: 1_000_000,
         ..node::test_config()
     }
 }
@@ -294,11 +296,66 @@ async fn two_nodes_on_redis_route_ephemeral_without_storing_it() {
     // The offset key still says 3: ephemerals did not move it.
     let (_, h) = b.get("/v1/channels/room:1/history").await;
     assert_eq!(h["offset"], 3, "{h}");
+
+    // Exactly no key: the key set before and after a burst of ephemerals is the same
+    // (the sessions' presence is written before the snapshot).
+    let (mut alice, _) = Client::hello(&a.ws_url(), &publisher_token(&a), json!({})).await;
+    let (mut bob, _) = Client::hello(&b.ws_url(), &reader_token(&b, "bob"), json!({})).await;
+    subscribe(&mut bob, "room:burst").await;
+    let before = eventually("bob's presence in room:burst is stored", async || {
+        let keys = redis_keys(&redis, prefix);
+        keys.iter()
+            .any(|k| k.contains("presence:{room:burst}"))
+            .then_some(keys)
+    })
+    .await;
+    redis.cli(&["config", "resetstat"]);
+    const BURST: usize = 200;
+    for i in 0..BURST {
+        let r = publish(&mut alice, "room:burst", json!({"typing": i}), true).await;
+        assert_eq!(r["result"], json!({"ephemeral": true}), "{r}");
+    }
+    for i in 0..BURST {
+        assert_eq!(bob.next_message().await["data"], json!({"typing": i}));
+    }
+    let stats = redis.cli(&["info", "commandstats"]);
+    for i in 0..BURST {
+        let r = publish(&mut alice, "room:burst", json!({"n": i}), false).await;
+        assert_eq!(r["result"]["offset"], i + 1, "{r}");
+    }
+    let after_ordinary = redis.cli(&["info", "commandstats"]);
+    let mut after = redis_keys(&redis, prefix);
+    let mut before = before;
+    // The ordinary burst created the stream's two keys, nothing else did.
+    after.retain(|k| !k.contains("{room:burst}:"));
+    before.sort();
+    after.sort();
+    assert_eq!(before, after, "ephemerals wrote no key");
+    eprintln!(
+        "measured: Redis per ephemeral publish: {}; per ordinary publish (script): {}",
+        command_stat(&stats, "publish"),
+        command_stat(&after_ordinary, "evalsha")
+    );
+    alice.close().await;
+    bob.close().await;
     for n in [&a, &b] {
         assert_eq!(n.metric("herald_resyncs_total").await, 0.0);
         assert_eq!(n.metric("herald_gaps_repaired_total").await, 0.0);
     }
     assert_no_server_panic();
+}
+
+/// `calls=…,usec_per_call=…` of one command from `INFO commandstats`.
+fn command_stat(info: &str, command: &str) -> String {
+    info.lines()
+        .find_map(|l| l.trim().strip_prefix(&format!("cmdstat_{command}:")))
+        .map(|rest| {
+            rest.split(',')
+                .filter(|f| f.starts_with("calls=") || f.starts_with("usec_per_call="))
+                .collect::<Vec<_>>()
+                .join(",")
+        })
+        .unwrap_or_else(|| "none".into())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -771,6 +771,14 @@ mod tests {
             ServerFrame::parse(&text),
             Ok(ServerFrame::Ephemeral(_))
         ));
+        // Wrong shapes are errors (clients skip them), never a message without offset.
+        for bad in [
+            r#"{"type":"message","channel":"a","ephemeral":"yes","offset":1,"epoch":"e","data":1}"#,
+            r#"{"type":"message","channel":7,"ephemeral":true,"data":1}"#,
+            r#"{"type":"message","channel":"a","ephemeral":true}"#,
+        ] {
+            assert!(ServerFrame::parse(bad).is_err(), "{bad}");
+        }
         // `"ephemeral":false` is an ordinary message (it must then have its offset).
         let text =
             r#"{"type":"message","channel":"a","offset":1,"epoch":"e","ephemeral":false,"data":1}"#;
