@@ -505,3 +505,65 @@ async fn bad_or_forbidden_ephemeral_publishes_get_error_replies() {
     bob.close().await;
     assert_no_server_panic();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_reader_drops_ephemerals_instead_of_being_closed() {
+    const COUNT: usize = 300;
+    let n = start(Config {
+        session_queue: 8,
+        write_timeout_ms: 60_000,
+        ..config()
+    })
+    .await;
+    let (mut slow, _) = Client::hello(&n.ws_url(), &reader_token(&n, "slow"), json!({})).await;
+    subscribe(&mut slow, "room:big").await;
+    // The client stops reading; 32 KiB ephemerals fill its socket buffers, then its
+    // queue, whose second half they may not take.
+    let pad = "p".repeat(32 * 1024);
+    for i in 0..COUNT {
+        let (status, r) = n
+            .publish(
+                json!({"channel": "room:big", "data": {"i": i, "pad": pad}, "ephemeral": true}),
+            )
+            .await;
+        assert_eq!(status, 200, "{r}");
+    }
+    let dropped = eventually("ephemerals dropped for the stalled reader", async || {
+        let v = n.metric("herald_ephemeral_dropped_total").await;
+        (v >= 1.0).then_some(v)
+    })
+    .await;
+    // The queue still has room for ordinary messages: this one is not lost and the
+    // session is not closed.
+    let (status, r) = n
+        .publish(json!({"channel": "room:big", "data": "ordinary"}))
+        .await;
+    assert_eq!(status, 200, "{r}");
+    let mut ephemerals = 0;
+    loop {
+        let v = slow.next_message().await;
+        if v.get("ephemeral").is_some() {
+            ephemerals += 1;
+            continue;
+        }
+        assert_eq!(
+            (v["offset"].clone(), v["data"].clone()),
+            (json!(1), json!("ordinary")),
+            "{v}"
+        );
+        break;
+    }
+    eprintln!("measured: stalled reader got {ephemerals} of {COUNT} ephemerals; {dropped} dropped");
+    assert!(ephemerals < COUNT);
+    assert_eq!(
+        n.metric("herald_slow_consumer_disconnects_total").await,
+        0.0
+    );
+    // Still open and working.
+    let r = slow
+        .request(json!({"type": "presence", "channel": "room:big"}))
+        .await;
+    assert!(r["result"]["users"]["slow"].is_number(), "{r}");
+    slow.close().await;
+    assert_no_server_panic();
+}
