@@ -8,11 +8,23 @@ const $ = (id) => document.getElementById(id);
 const USER_RE = /^[A-Za-z0-9_.@-]{1,128}$/;
 const ROOM_RE = /^[A-Za-z0-9_.:@=-]{1,200}$/;
 const PRESENCE_EVERY_MS = 2000;
+/** At most one typing signal per this long while the user types (an ephemeral publish). */
+const TYPING_EVERY_MS = 1500;
+/** A typing indicator disappears this long after the last signal. */
+const TYPING_SHOWN_MS = 4000;
 
 /** @type {HeraldClient | null} */
 let client = null;
 let room = null;
 let presenceTimer = null;
+/** The room's people seen since joining it: user → online (true) or offline (false). */
+let members = new Map();
+/** Whether the room's presence was read once (no "is online" lines for the first list). */
+let membersKnown = false;
+/** Who is typing in the room: user → when the indicator expires (ms). */
+const typing = new Map();
+let typingTimer = null;
+let lastTypingSent = 0;
 
 // ---- small DOM helpers -------------------------------------------------------------
 
@@ -118,10 +130,12 @@ function start(auth) {
 }
 
 function signOut() {
+  announce("left");
   client?.close();
   client = null;
   room = null;
   clearInterval(presenceTimer);
+  resetRoom();
   for (const id of ["notifications", "chat", "presence", "log"]) $(id).replaceChildren();
   $("me").textContent = "–";
   $("node").textContent = "–";
@@ -175,6 +189,21 @@ function wire(c) {
     if (m.channel === `user:${c.user}`) notification(m);
     else if (m.channel === room) chat(m);
   });
+  // Ephemeral messages: typing indicators and join/leave hints. No offset, never stored:
+  // a reconnecting page does not get old ones, which is what an indicator wants.
+  c.on("ephemeral", (e) => {
+    if (c !== client || e.channel !== room || !e.from || e.from === c.user) return;
+    const kind = e.data && typeof e.data === "object" ? e.data.kind : null;
+    if (kind === "typing") {
+      typing.set(e.from, Date.now() + TYPING_SHOWN_MS);
+      renderTyping();
+    } else if (kind === "joined" || kind === "left") {
+      // Someone came or went: read presence now rather than at the next poll (nodes
+      // send presence changes in batches every 100 ms, so look twice).
+      refreshPresence();
+      setTimeout(refreshPresence, 400);
+    }
+  });
 }
 
 function notification(m) {
@@ -189,6 +218,8 @@ function notification(m) {
 function chat(m) {
   const li = el("li", "item");
   const from = m.from ?? "server";
+  // They sent what they were typing.
+  if (typing.delete(from)) renderTyping();
   if (from === client.user) li.classList.add("mine");
   li.append(el("b", "", from), el("span", "", ": "), el("span", "text", describe(m.data)));
   append($("chat"), li);
@@ -224,7 +255,9 @@ async function join(name) {
   const channel = `room:${name}`;
   if (channel === room) return;
   const previous = room;
+  if (previous) announce("left");
   room = channel;
+  resetRoom();
   $("room-name").textContent = channel;
   $("chat").replaceChildren();
   $("presence").replaceChildren();
@@ -236,6 +269,7 @@ async function join(name) {
     if (room !== channel) return;
     $("chat-text").disabled = false;
     $("chat-send").disabled = false;
+    announce("joined");
     refreshPresence();
     // Nodes send presence changes in batches (every 100 ms): look again shortly.
     setTimeout(refreshPresence, 400);
@@ -254,18 +288,95 @@ async function refreshPresence() {
   try {
     const users = await c.presence(channel);
     if (c !== client || channel !== room) return;
-    const items = Object.keys(users)
-      .sort()
-      .map((u) => {
-        const li = el("li", u === c.user ? "me" : "", u);
-        li.dataset.user = u;
-        if (users[u] > 1) li.append(el("small", "", ` ×${users[u]}`));
-        return li;
-      });
-    $("presence").replaceChildren(...items);
+    updateMembers(c, users);
   } catch (e) {
     if (e.code !== "disconnected" && e.code !== "closed") log(`presence: ${e.message}`, "warn");
   }
+}
+
+/**
+ * Applies a presence reading: people who appeared are online, people seen before who
+ * are gone are offline (and kept in the list as such). Each change after the first
+ * reading is said in the room's feed.
+ */
+function updateMembers(c, users) {
+  for (const u of Object.keys(users)) {
+    if (members.get(u) !== true) {
+      if (membersKnown && u !== c.user) systemLine(`${u} is online`);
+      members.set(u, true);
+    }
+  }
+  for (const [u, online] of members) {
+    if (online && !(u in users)) {
+      members.set(u, false);
+      if (typing.delete(u)) renderTyping();
+      if (u !== c.user) systemLine(`${u} went offline`);
+    }
+  }
+  membersKnown = true;
+  const sorted = [...members.keys()].sort((a, b) => Number(members.get(b)) - Number(members.get(a)) || a.localeCompare(b));
+  const items = sorted.map((u) => {
+    const online = members.get(u);
+    const li = el("li", [u === c.user ? "me" : "", online ? "online" : "offline"].join(" ").trim());
+    li.dataset.user = u;
+    li.dataset.status = online ? "online" : "offline";
+    li.title = online ? "online" : "offline";
+    li.append(el("span", "dot"), el("span", "", u));
+    if (online && users[u] > 1) li.append(el("small", "", ` ×${users[u]}`));
+    return li;
+  });
+  $("presence").replaceChildren(...items);
+}
+
+function systemLine(text) {
+  append($("chat"), el("li", "item system", `${time()}  ${text}`));
+}
+
+/** Forgets the room's people and typers (joining another room, signing out). */
+function resetRoom() {
+  members = new Map();
+  membersKnown = false;
+  typing.clear();
+  lastTypingSent = 0;
+  renderTyping();
+}
+
+/** "alice is typing…" from `typing`, dropping expired entries; re-arms its timer. */
+function renderTyping() {
+  const now = Date.now();
+  for (const [u, until] of typing) if (until <= now) typing.delete(u);
+  const who = [...typing.keys()].sort();
+  let text = "";
+  if (who.length === 1) text = `${who[0]} is typing…`;
+  else if (who.length === 2) text = `${who[0]} and ${who[1]} are typing…`;
+  else if (who.length > 2) text = `${who.length} people are typing…`;
+  $("typing").textContent = text;
+  clearTimeout(typingTimer);
+  if (who.length > 0) {
+    const next = Math.min(...typing.values()) - now;
+    typingTimer = setTimeout(renderTyping, Math.max(50, next));
+  }
+}
+
+/** An ephemeral hint to the room (`typing`, `joined`, `left`); best effort, never queued. */
+function announce(kind) {
+  const c = client;
+  if (!c || !room || c.state !== "connected") return;
+  c.publish(room, { kind }, { ephemeral: true }).catch((e) => {
+    // rate_limited or a dropped connection: an indicator is not worth an error line.
+    if (e.code !== "disconnected" && e.code !== "closed" && e.code !== "rate_limited") {
+      log(`${kind}: ${e.message}`, "warn");
+    }
+  });
+}
+
+/** While the user types, tell the room, at most once per TYPING_EVERY_MS. */
+function onTyping() {
+  if (!$("chat-text").value) return;
+  const now = Date.now();
+  if (now - lastTypingSent < TYPING_EVERY_MS) return;
+  lastTypingSent = now;
+  announce("typing");
 }
 
 async function sendChat(event) {
@@ -275,6 +386,8 @@ async function sendChat(event) {
   try {
     await client.publish(room, { kind: "chat", text });
     $("chat-text").value = "";
+    // The next keystroke is a new message: tell the room again at once.
+    lastTypingSent = 0;
   } catch (e) {
     log(`not sent: ${e.code}: ${e.message}`, "bad");
   }
@@ -292,6 +405,9 @@ function init() {
     join($("room-input").value.trim());
   });
   $("chat-form").addEventListener("submit", sendChat);
+  $("chat-text").addEventListener("input", onTyping);
+  // Leaving the page: a last hint, so the room shows this user offline at once.
+  addEventListener("pagehide", () => announce("left"));
   const params = new URLSearchParams(location.search);
   if (params.get("user")) $("user-name").value = params.get("user");
   if (params.get("room")) $("room-input").value = params.get("room");

@@ -29,6 +29,19 @@ export interface HeraldMessage<T = unknown> extends Position {
 }
 
 /**
+ * An ephemeral message (v1.1; typing indicators, "is viewing" markers): no offset, never
+ * stored or recovered, delivered only while the channel is live. It does not move the
+ * channel's position.
+ */
+export interface HeraldEphemeral<T = unknown> {
+  channel: string;
+  /** Who published it, as in {@link HeraldMessage.from}. */
+  from?: string;
+  /** Whatever JSON the publisher sent. */
+  data: T;
+}
+
+/**
  * Continuity on a channel was lost and could not be repaired: reload the channel's
  * state from the application, then continue; messages go on from `offset + 1` in `epoch`.
  * `reason` is "resync" for the node's resync frame, "not_recovered" when a resume came
@@ -132,6 +145,8 @@ export interface HeraldOptions {
 export interface HeraldEvents {
   /** A message, at most once per offset and in order per channel. */
   message: HeraldMessage;
+  /** An ephemeral message (see {@link HeraldEphemeral}), apart from `message`. */
+  ephemeral: HeraldEphemeral;
   /** Loss that could not be repaired on a channel (see {@link ResyncEvent}). */
   resync: ResyncEvent;
   state: HeraldState;
@@ -205,6 +220,14 @@ export class HeraldClient {
    * before the reply: the message may or may not have been published.
    */
   publish(channel: string, data: unknown): Promise<Position>;
+  /**
+   * Publishes an ephemeral message (v1.1): no offset, not stored, only to the sessions
+   * subscribed now (they get an `ephemeral` event). Resolves with `{ephemeral: true}`.
+   * Not queued while disconnected: rejects at once with "disconnected". Over the node's
+   * rate (HERALD_MAX_EPHEMERAL_PER_SEC): "rate_limited".
+   */
+  publish(channel: string, data: unknown, options: { ephemeral: true }): Promise<{ ephemeral: true }>;
+  publish(channel: string, data: unknown, options?: { ephemeral?: boolean }): Promise<Position | { ephemeral: true }>;
   /** Users in the channel on every node, with their connection counts. */
   presence(channel: string): Promise<Record<string, number>>;
   /** The last position handed to the application on a channel. */

@@ -16,6 +16,9 @@
 // - (v1.1) refreshes the token in the open session when the node says `expiring`,
 //   follows channels the server adds or removes (`subscribed` / `unsubscribed`), and
 //   stops for good on 4410 (kicked);
+// - (v1.1) hands ephemeral messages (`"ephemeral":true`: typing indicators, no offset,
+//   never stored) to the application as an "ephemeral" event, outside the offset
+//   tracking, and publishes them with `publish(channel, data, {ephemeral: true})`;
 // - skips any frame it does not understand or that has the wrong shape, so nothing a
 //   node sends can break or wedge it.
 
@@ -281,9 +284,21 @@ export class HeraldClient {
    * Waits for a connection if needed (at most requestTimeoutMs). If the connection drops
    * before the reply, rejects with code "disconnected": the message may or may not have
    * been published, so it is not sent twice behind the application's back.
+   * With `{ephemeral: true}` (v1.1): no offset, not stored, only to current subscribers
+   * (their "ephemeral" event); resolves with `{ephemeral: true}`; rejects at once with
+   * "disconnected" when not connected.
    */
-  publish(channel, data) {
-    return this._request({ type: "publish", channel, data: data === undefined ? null : data });
+  publish(channel, data, options = {}) {
+    const frame = { type: "publish", channel, data: data === undefined ? null : data };
+    if (options?.ephemeral === true) {
+      // Ephemeral (v1.1): resolves with `{ephemeral: true}`. Never queued for a later
+      // connection: a typing indicator sent late is worse than none.
+      if (this._state !== "connected") {
+        return Promise.reject(new HeraldError("disconnected", "not connected; ephemeral messages are not queued"));
+      }
+      frame.ephemeral = true;
+    }
+    return this._request(frame);
   }
 
   /** Who is in `channel`, on every node: resolves with `{user: connections}`. */
@@ -610,6 +625,7 @@ export class HeraldClient {
   }
 
   _onMessage(m) {
+    if (m.ephemeral === true) return this._onEphemeral(m);
     if (!isPosition(m)) return; // wrong shape (or an offset beyond 2^53): skipped
     const sub = this._subs.get(m.channel);
     if (!sub) return; // left meanwhile
@@ -622,6 +638,14 @@ export class HeraldClient {
     // The publisher's user id, set by the server (absent: the application's server).
     if (typeof m.from === "string") message.from = m.from;
     this._emit("message", message);
+  }
+
+  /** An ephemeral message: no offset, so it never touches the channel's position. */
+  _onEphemeral(m) {
+    if (typeof m.channel !== "string" || !this._subs.has(m.channel)) return; // left meanwhile
+    const message = { channel: m.channel, data: m.data };
+    if (typeof m.from === "string") message.from = m.from;
+    this._emit("ephemeral", message);
   }
 
   _onResync(r) {

@@ -135,6 +135,13 @@ async fn main() -> anyhow::Result<()> {
         tokio::select! {
             event = events.recv() => match event {
                 Some(Event::Message(m)) => println!("{} #{} {}", m.channel, m.offset, m.data),
+                // Ephemeral messages (typing indicators): no offset, never stored.
+                Some(Event::Ephemeral(e)) => println!(
+                    "{} (ephemeral from {}) {}",
+                    e.channel,
+                    e.from.as_deref().unwrap_or("the server"),
+                    e.data
+                ),
                 Some(Event::Connected(c)) => {
                     println!("connected to {} as {} ({})", c.node, c.user, c.url)
                 }

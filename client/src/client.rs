@@ -133,6 +133,30 @@ impl Client {
         .await
     }
 
+    /// Publishes an ephemeral message (a typing indicator, an "is viewing" marker):
+    /// it gets no offset, is not stored, and reaches only the sessions subscribed to
+    /// the channel at that moment, as [`Event::Ephemeral`](crate::Event::Ephemeral).
+    /// Same permission as [`Client::publish`]; the server bounds the rate
+    /// (`HERALD_MAX_EPHEMERAL_PER_SEC`, error `rate_limited` over it). Resolves when the
+    /// server accepted it. Never queued while disconnected: then it fails at once with
+    /// [`Error::NotConnected`].
+    pub async fn publish_ephemeral<T: Serialize + ?Sized>(
+        &self,
+        channel: &str,
+        data: &T,
+    ) -> Result<(), Error> {
+        check_channel(channel)?;
+        let data =
+            serde_json::value::to_raw_value(data).map_err(|e| Error::Encode(e.to_string()))?;
+        let channel = channel.to_owned();
+        self.request(|reply| Command::PublishEphemeral {
+            channel,
+            data,
+            reply,
+        })
+        .await
+    }
+
     /// Who is in a channel, across all nodes: user → number of connections.
     pub async fn presence(&self, channel: &str) -> Result<BTreeMap<String, u64>, Error> {
         check_channel(channel)?;

@@ -56,7 +56,8 @@ use crate::config::{check_channel, Config, TokenSource};
 use crate::endpoints::Endpoints;
 use crate::error::Error;
 use crate::event::{
-    Connected, DisconnectReason, Disconnected, Event, Message, State, StopReason, Subscription,
+    Connected, DisconnectReason, Disconnected, EphemeralMessage, Event, Message, State, StopReason,
+    Subscription,
 };
 use crate::refresh::{Refresh, Stage};
 use crate::tracker::{Tracker, Verdict};
@@ -92,6 +93,11 @@ pub(crate) enum Command {
         channel: String,
         data: Box<RawValue>,
         reply: Reply<StreamPosition>,
+    },
+    PublishEphemeral {
+        channel: String,
+        data: Box<RawValue>,
+        reply: Reply<()>,
     },
     Presence {
         channel: String,
@@ -179,6 +185,7 @@ enum Pending {
     Subscribe(String),
     Unsubscribe(Reply<()>),
     Publish(Reply<StreamPosition>),
+    PublishEphemeral(Reply<()>),
     Presence(String, Reply<BTreeMap<String, u64>>),
     /// A `refresh` with this new token.
     Refresh(String),
@@ -422,6 +429,10 @@ impl Driver {
                 data,
                 reply,
             } => self.enqueue(Queued::Publish(channel, data, reply)),
+            // Stale by the next session: not queued.
+            Command::PublishEphemeral { reply, .. } => {
+                let _ = reply.send(Err(Error::NotConnected));
+            }
             Command::Presence { channel, reply } => self.enqueue(Queued::Presence(channel, reply)),
             Command::Positions { reply } => {
                 let _ = reply.send(Ok(self.tracker.positions()));
@@ -528,7 +539,12 @@ impl Driver {
         while let Some(queued) = self.queued.pop_front() {
             match queued {
                 Queued::Publish(channel, data, reply) if !reply.is_closed() => {
-                    let command = |id| ClientCommand::Publish { id, channel, data };
+                    let command = |id| ClientCommand::Publish {
+                        id,
+                        channel,
+                        data,
+                        ephemeral: false,
+                    };
                     self.send(session, Pending::Publish(reply), command).await?;
                 }
                 Queued::Presence(channel, reply) if !reply.is_closed() => {
@@ -648,6 +664,20 @@ impl Driver {
                     self.emit(Event::Message(message)).await;
                 }
             },
+            // Apart from the tracker: no offset to order, deduplicate or resume by.
+            // Only for channels still followed (one may arrive just after a local
+            // unsubscribe).
+            ServerFrame::Ephemeral(e) if self.tracker.contains(&e.channel) => {
+                let message = EphemeralMessage {
+                    channel: e.channel,
+                    from: e.from,
+                    data: e.data,
+                };
+                self.emit(Event::Ephemeral(message)).await;
+            }
+            ServerFrame::Ephemeral(e) => {
+                tracing::trace!(channel = %e.channel, "ephemeral message of a channel not followed");
+            }
             ServerFrame::Reply(reply) => self.on_reply(session, reply).await,
             ServerFrame::Ping => session.send(&ClientCommand::Pong).await?,
             ServerFrame::Reconnect(r) => {
@@ -721,6 +751,7 @@ impl Driver {
             Pending::Subscribe(channel) => self.answer_subscribers(&channel, Err(error)),
             Pending::Unsubscribe(reply) => drop(reply.send(Err(error))),
             Pending::Publish(reply) => drop(reply.send(Err(error))),
+            Pending::PublishEphemeral(reply) => drop(reply.send(Err(error))),
             Pending::Presence(_, reply) => drop(reply.send(Err(error))),
             Pending::Refresh(_) => self.refresh_failed(session, "malformed reply"),
             Pending::Ignore => {}
@@ -835,6 +866,9 @@ impl Driver {
             }
             Pending::Publish(reply) => {
                 let _ = reply.send(outcome.map_err(Error::Server).and_then(parse));
+            }
+            Pending::PublishEphemeral(reply) => {
+                let _ = reply.send(outcome.map(drop).map_err(Error::Server));
             }
             Pending::Presence(_, reply) => {
                 #[derive(Deserialize)]
@@ -965,8 +999,27 @@ impl Driver {
                 data,
                 reply,
             } => {
-                let command = |id| ClientCommand::Publish { id, channel, data };
+                let command = |id| ClientCommand::Publish {
+                    id,
+                    channel,
+                    data,
+                    ephemeral: false,
+                };
                 self.send(session, Pending::Publish(reply), command).await
+            }
+            Command::PublishEphemeral {
+                channel,
+                data,
+                reply,
+            } => {
+                let command = |id| ClientCommand::Publish {
+                    id,
+                    channel,
+                    data,
+                    ephemeral: true,
+                };
+                self.send(session, Pending::PublishEphemeral(reply), command)
+                    .await
             }
             Command::Presence { channel, reply } => {
                 let pending = Pending::Presence(channel.clone(), reply);
@@ -1015,6 +1068,9 @@ impl Driver {
                 }
                 // Maybe published, maybe not: never resend on the caller's behalf.
                 Pending::Publish(reply) => {
+                    let _ = reply.send(Err(Error::ConnectionLost));
+                }
+                Pending::PublishEphemeral(reply) => {
                     let _ = reply.send(Err(Error::ConnectionLost));
                 }
                 // Harmless to ask again.

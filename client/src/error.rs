@@ -53,6 +53,10 @@ pub enum Error {
     /// The builder's settings are not usable.
     #[error("invalid configuration: {0}")]
     Config(String),
+    /// An ephemeral publish while no session is up: it is not queued for the next
+    /// connection (a typing indicator sent late is worse than none), so it was not sent.
+    #[error("not connected; ephemeral messages are not queued")]
+    NotConnected,
 }
 
 impl Error {

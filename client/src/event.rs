@@ -41,6 +41,11 @@ pub enum Event {
     },
     /// A message, exactly once and in offset order per channel.
     Message(Message),
+    /// An ephemeral message (typing indicators, "is viewing" markers): no offset, not
+    /// stored, never recovered, and outside the channel's ordering and deduplication.
+    /// It arrives only while the channel is live on a session; one sent during a
+    /// reconnect is simply lost. See [`Client::publish_ephemeral`](crate::Client::publish_ephemeral).
+    Ephemeral(EphemeralMessage),
     /// Continuity on a channel was lost: reload its state from the application, then
     /// keep reading. Messages continue after `position`.
     Resync(Resync),
@@ -72,6 +77,25 @@ impl Message {
         StreamPosition::new(self.offset, self.epoch.clone())
     }
 
+    /// Decodes the data into a type.
+    pub fn decode<T: DeserializeOwned>(&self) -> Result<T, serde_json::Error> {
+        serde_json::from_str(self.data.get())
+    }
+}
+
+/// An ephemeral message on a channel: the payload of [`Event::Ephemeral`].
+#[derive(Debug, Clone)]
+pub struct EphemeralMessage {
+    /// The channel.
+    pub channel: String,
+    /// Who published it, as in [`Message::from`]: set by the server for a client
+    /// publish, so it cannot be forged by another client.
+    pub from: Option<String>,
+    /// The published JSON value.
+    pub data: Box<RawValue>,
+}
+
+impl EphemeralMessage {
     /// Decodes the data into a type.
     pub fn decode<T: DeserializeOwned>(&self) -> Result<T, serde_json::Error> {
         serde_json::from_str(self.data.get())

@@ -113,8 +113,8 @@ pub use client::{Client, Events};
 pub use config::{BoxError, ClientBuilder, Endpoint, TokenFuture};
 pub use error::Error;
 pub use event::{
-    Connected, DisconnectReason, Disconnected, Event, Message, Resync, ResyncCause, State,
-    StopReason, Subscription,
+    Connected, DisconnectReason, Disconnected, EphemeralMessage, Event, Message, Resync,
+    ResyncCause, State, StopReason, Subscription,
 };
 pub use herald_protocol::codes::{CloseCode, ErrorCode};
 pub use herald_protocol::frame::ErrorBody;

@@ -153,6 +153,9 @@ struct PublishBody {
     /// The publisher to show receivers (v1.1): a user id, or absent.
     #[serde(default)]
     from: Option<String>,
+    /// An ephemeral message (v1.1): no offset, not stored, only to current subscribers.
+    #[serde(default)]
+    ephemeral: bool,
 }
 
 /// What one publish request asks for, checked.
@@ -160,6 +163,7 @@ struct Target {
     channel: String,
     data: Box<RawValue>,
     from: Option<String>,
+    ephemeral: bool,
 }
 
 impl PublishBody {
@@ -199,6 +203,7 @@ impl PublishBody {
             channel,
             data,
             from: self.from,
+            ephemeral: self.ephemeral,
         })
     }
 }
@@ -213,9 +218,7 @@ async fn publish(
     let body: PublishBody = serde_json::from_slice(&bytes)
         .map_err(|e| ApiError::bad_request(format!("invalid body: {e}")))?;
     let target = body.target()?;
-    publish_one(&node, &target.channel, &target.data, target.from.as_deref())
-        .await
-        .map(Json)
+    publish_target(&node, &target).await.map(Json)
 }
 
 /// Most messages in one batch.
@@ -275,16 +278,14 @@ async fn publish_batch(
         }
     }
     let node = &node;
-    let lanes = by_channel
-        .into_iter()
-        .map(|(channel, messages)| async move {
-            let mut out = Vec::with_capacity(messages.len());
-            for (i, t) in messages {
-                let result = publish_one(node, &channel, &t.data, t.from.as_deref()).await;
-                out.push((i, result));
-            }
-            out
-        });
+    let lanes = by_channel.into_values().map(|messages| async move {
+        let mut out = Vec::with_capacity(messages.len());
+        for (i, t) in messages {
+            let result = publish_target(node, &t).await;
+            out.push((i, result));
+        }
+        out
+    });
     for (i, result) in futures_util::future::join_all(lanes)
         .await
         .into_iter()
@@ -330,6 +331,33 @@ async fn read_body(node: &Node, body: Body, limit: usize) -> Result<axum::body::
             ),
         )),
     }
+}
+
+/// Publishes one checked request, ordinary or ephemeral.
+async fn publish_target(node: &Node, t: &Target) -> Result<Value, ApiError> {
+    if t.ephemeral {
+        publish_ephemeral(node, &t.channel, &t.data, t.from.as_deref()).await
+    } else {
+        publish_one(node, &t.channel, &t.data, t.from.as_deref()).await
+    }
+}
+
+/// Publishes an ephemeral message: `{"channel":…,"ephemeral":true}`, no offset (it has
+/// none). Only the nodes with subscribers at that moment get it.
+async fn publish_ephemeral(
+    node: &Node,
+    channel: &str,
+    data: &RawValue,
+    from: Option<&str>,
+) -> Result<Value, ApiError> {
+    node.broker
+        .publish_ephemeral(channel, data.get(), from)
+        .await
+        .inspect_err(|_| {
+            node.metrics.broker_errors.inc();
+        })?;
+    node.metrics.ephemeral_published.inc();
+    Ok(json!({ "channel": channel, "ephemeral": true }))
 }
 
 /// Publishes one message and answers as `/v1/publish` does.

@@ -119,6 +119,12 @@ pub struct Config {
     #[arg(long, env = "HERALD_MAX_MESSAGES_PER_SEC", default_value_t = 100)]
     pub max_messages_per_sec: u32,
 
+    /// Ephemeral publishes (`"ephemeral":true`) one connection may send per second (a
+    /// burst of as many is allowed), on top of the command rate, which they also count
+    /// against. Over it: `rate_limited` replies (never a close by itself).
+    #[arg(long, env = "HERALD_MAX_EPHEMERAL_PER_SEC", default_value_t = 10)]
+    pub max_ephemeral_per_sec: u32,
+
     /// Milliseconds a client has to send a complete HTTP request head (the WebSocket
     /// upgrade request included) and that an idle keep-alive connection stays open;
     /// then the connection is closed. Stops slowloris clients from holding sockets.
@@ -372,6 +378,7 @@ mod tests {
         assert_eq!(c.drain_ms, 10_000);
         assert_eq!(c.write_timeout_ms, 10_000);
         assert_eq!(c.max_recovery_bytes, 1_048_576);
+        assert_eq!(c.max_ephemeral_per_sec, 10);
         assert_eq!(c.max_pending_handshakes, 1_000);
         assert_eq!(c.max_connections_per_user, 32);
     }

@@ -26,13 +26,14 @@ use std::time::Duration;
 
 use axum::extract::ws::Utf8Bytes;
 use futures_util::future::{FutureExt, Shared};
-use herald_protocol::frame::encode_message;
+use herald_protocol::frame::{encode_ephemeral, encode_message};
 use herald_protocol::{same_stream, StreamPosition};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::broker::{
-    Broker, BrokerError, History, Publication, PublicationSink, SubscribeAck, UserCommand,
+    Broker, BrokerError, Ephemeral, History, Publication, PublicationSink, SubscribeAck,
+    UserCommand,
 };
 use crate::control::{Revocations, UserIndex};
 use crate::metrics::Metrics;
@@ -60,12 +61,24 @@ pub struct Delivery {
     pub frame: Utf8Bytes,
 }
 
+/// One ephemeral message, encoded once and shared by every local recipient. It has no
+/// position: sessions write it as it comes, outside their offset bookkeeping.
+#[derive(Debug)]
+pub struct EphemeralDelivery {
+    /// The channel.
+    pub channel: Arc<str>,
+    /// The encoded ephemeral `message` frame.
+    pub frame: Utf8Bytes,
+}
+
 /// What the hub puts into a session's queue. One word wide, so that a queue of
 /// hundreds costs little; the rare resync is boxed.
 #[derive(Debug, Clone)]
 pub enum Outbound {
     /// A message to write.
     Message(Arc<Delivery>),
+    /// An ephemeral message to write (no offset; see [`Hub::fan_out_ephemeral`]).
+    Ephemeral(Arc<EphemeralDelivery>),
     /// Continuity on a channel was lost: continue from this position.
     Resync(Box<(Arc<str>, StreamPosition)>),
     /// A server API command for this session's user (subscribe, unsubscribe), shared
@@ -222,6 +235,24 @@ impl SessionControl {
         {
             let mut queue = self.queue();
             if queue.len() >= self.capacity {
+                return Err(Refused::Full);
+            }
+            queue.push_back(item);
+        }
+        self.ready.notify_one();
+        Ok(())
+    }
+
+    /// Queues an ephemeral item without waiting, only while the queue is less than half
+    /// full: the other half stays for the channel's ordinary messages, so a burst of
+    /// droppable items never turns a session into a slow consumer on its own.
+    pub fn offer_droppable(&self, item: Outbound) -> Result<(), Refused> {
+        if self.gone.load(Ordering::Acquire) {
+            return Err(Refused::Gone);
+        }
+        {
+            let mut queue = self.queue();
+            if queue.len() >= self.capacity.div_ceil(2) {
                 return Err(Refused::Full);
             }
             queue.push_back(item);
@@ -603,6 +634,35 @@ impl Hub {
         }
     }
 
+    /// Offers an ephemeral message to every session in the channel now. Kept apart from
+    /// [`Hub::dispatch`]: it never touches the channel's continuity, is not buffered
+    /// during a repair (it has no place in the offset order to wait for), and a full
+    /// queue (half full, see [`SessionControl::offer_droppable`]) drops it instead of
+    /// closing the session: losing a typing indicator is
+    /// harmless, and closing a session for one would cost a reconnect and a recovery.
+    pub fn fan_out_ephemeral(&self, channel: &str, message: &Ephemeral) {
+        let shard = self.shard(channel);
+        let Some(entry) = shard.channels.get(channel) else {
+            return;
+        };
+        if entry.sessions.is_empty() {
+            return;
+        }
+        let frame = encode_ephemeral(&entry.name, message.from.as_deref(), &message.data);
+        let delivery = Arc::new(EphemeralDelivery {
+            channel: entry.name.clone(),
+            frame: Utf8Bytes::from(frame),
+        });
+        for handle in entry.sessions.values() {
+            match handle.offer_droppable(Outbound::Ephemeral(delivery.clone())) {
+                Ok(()) | Err(Refused::Gone) => {}
+                Err(Refused::Full) => {
+                    self.metrics.ephemeral_dropped.inc();
+                }
+            }
+        }
+    }
+
     fn offer(&self, handle: &SessionHandle, item: Outbound) {
         match handle.offer(item) {
             Ok(()) => {}
@@ -831,5 +891,45 @@ impl PublicationSink for HubSink {
 
     fn on_user_command(&self, user: &str, command: &UserCommand) -> u64 {
         self.0.on_user_command(user, command)
+    }
+
+    fn on_ephemeral(&self, channel: &str, message: Ephemeral) {
+        self.0.fan_out_ephemeral(channel, &message);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ephemeral() -> Outbound {
+        Outbound::Ephemeral(Arc::new(EphemeralDelivery {
+            channel: "room:1".into(),
+            frame: Utf8Bytes::from_static("{}"),
+        }))
+    }
+
+    #[test]
+    fn droppable_items_fill_half_the_queue_and_never_close() {
+        let queue = SessionControl::new(8);
+        for _ in 0..4 {
+            assert_eq!(queue.offer_droppable(ephemeral()), Ok(()));
+        }
+        assert_eq!(queue.offer_droppable(ephemeral()), Err(Refused::Full));
+        // The other half stays for ordinary items.
+        for _ in 0..4 {
+            assert_eq!(queue.offer(ephemeral()), Ok(()));
+        }
+        assert_eq!(queue.offer(ephemeral()), Err(Refused::Full));
+        // Refusing a droppable item asks for no close.
+        assert_eq!(queue.code.load(Ordering::Acquire), 0);
+        while queue.try_next().is_some() {}
+        assert_eq!(queue.offer_droppable(ephemeral()), Ok(()));
+        queue.end();
+        assert_eq!(queue.offer_droppable(ephemeral()), Err(Refused::Gone));
+        // A queue of one still takes one droppable item.
+        let tiny = SessionControl::new(1);
+        assert_eq!(tiny.offer_droppable(ephemeral()), Ok(()));
+        assert_eq!(tiny.offer_droppable(ephemeral()), Err(Refused::Full));
     }
 }

@@ -57,6 +57,12 @@ pub struct Metrics {
     pub slow_consumer_disconnects: Counter,
     /// Messages dropped because a session queue was full (the session is then closed).
     pub queue_drops: Counter,
+    /// Ephemeral messages published through this node (not in `messages_published`).
+    pub ephemeral_published: Counter,
+    /// Ephemeral message frames written to client sockets.
+    pub ephemeral_delivered: Counter,
+    /// Ephemeral messages dropped at a full session queue (the session stays open).
+    pub ephemeral_dropped: Counter,
     /// Size of published message data, in bytes.
     pub message_bytes: Histogram,
     /// Client commands, by type.
@@ -102,6 +108,9 @@ impl Metrics {
             broker_messages_received: Counter::default(),
             slow_consumer_disconnects: Counter::default(),
             queue_drops: Counter::default(),
+            ephemeral_published: Counter::default(),
+            ephemeral_delivered: Counter::default(),
+            ephemeral_dropped: Counter::default(),
             message_bytes: Histogram::new(exponential_buckets(64.0, 4.0, 8)),
             commands: Family::default(),
             rate_limited: Counter::default(),
@@ -177,6 +186,21 @@ impl Metrics {
             "herald_queue_drops",
             "Messages dropped at a full session queue",
             m.queue_drops.clone(),
+        );
+        registry.register(
+            "herald_ephemeral_published",
+            "Ephemeral messages published through this node",
+            m.ephemeral_published.clone(),
+        );
+        registry.register(
+            "herald_ephemeral_delivered",
+            "Ephemeral message frames written to clients",
+            m.ephemeral_delivered.clone(),
+        );
+        registry.register(
+            "herald_ephemeral_dropped",
+            "Ephemeral messages dropped at a full session queue",
+            m.ephemeral_dropped.clone(),
         );
         registry.register(
             "herald_message_bytes",

@@ -58,6 +58,11 @@ pub enum ClientCommand {
         channel: String,
         /// Any JSON value.
         data: Box<RawValue>,
+        /// v1.1: an ephemeral message (typing indicators, "is viewing" markers): no
+        /// offset, not stored, delivered only to the sessions subscribed at that moment,
+        /// never recovered. Absent (and omitted when serialized) means `false`.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        ephemeral: bool,
     },
     /// Who is in a channel.
     Presence {
@@ -124,6 +129,8 @@ struct RawCommand<'a> {
     since: Option<Value>,
     #[serde(default, deserialize_with = "some_raw")]
     data: Option<Box<RawValue>>,
+    #[serde(default)]
+    ephemeral: Option<Value>,
 }
 
 impl ClientCommand {
@@ -176,7 +183,19 @@ impl ClientCommand {
                                 format!("`data` nests deeper than {MAX_DATA_DEPTH} levels"),
                             ));
                         }
-                        Ok(ClientCommand::Publish { id, channel, data })
+                        let ephemeral = match raw.ephemeral {
+                            None | Some(Value::Null) => false,
+                            Some(Value::Bool(b)) => b,
+                            Some(_) => {
+                                return Err(bad(Some(id), "`ephemeral` must be true or false"))
+                            }
+                        };
+                        Ok(ClientCommand::Publish {
+                            id,
+                            channel,
+                            data,
+                            ephemeral,
+                        })
                     }
                 }
             }
@@ -314,6 +333,23 @@ pub struct MessageFrame {
     pub data: Box<RawValue>,
 }
 
+/// `message` with `"ephemeral":true` (v1.1): a message that has no offset and no
+/// epoch, was not stored, and is never recovered. It is not part of the channel's
+/// stream: clients hand it to the application apart from ordinary messages, without
+/// ordering, deduplication or position tracking.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct EphemeralFrame {
+    /// The channel.
+    pub channel: String,
+    /// Always `true`: what tells this frame from an ordinary `message`.
+    pub ephemeral: bool,
+    /// Who published it, as in [`MessageFrame::from`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<String>,
+    /// The published JSON value.
+    pub data: Box<RawValue>,
+}
+
 /// `reconnect`: a planned close follows; reconnect after `after_ms`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Reconnect {
@@ -374,6 +410,9 @@ pub enum ServerFrame {
     Reply(Reply),
     /// See [`MessageFrame`].
     Message(MessageFrame),
+    /// See [`EphemeralFrame`]: a `message` frame with `"ephemeral":true`.
+    #[serde(rename = "message")]
+    Ephemeral(EphemeralFrame),
     /// Heartbeat; answer with `pong`.
     Ping,
     /// See [`Reconnect`].
@@ -392,6 +431,9 @@ pub enum ServerFrame {
 struct Tag<'a> {
     #[serde(rename = "type", borrow)]
     kind: Cow<'a, str>,
+    /// Only `message` frames have it; `true` marks an ephemeral one.
+    #[serde(default)]
+    ephemeral: bool,
 }
 
 impl ServerFrame {
@@ -402,6 +444,7 @@ impl ServerFrame {
         Ok(match tag.kind.as_ref() {
             "welcome" => ServerFrame::Welcome(serde_json::from_str(text)?),
             "reply" => ServerFrame::Reply(serde_json::from_str(text)?),
+            "message" if tag.ephemeral => ServerFrame::Ephemeral(serde_json::from_str(text)?),
             "message" => ServerFrame::Message(serde_json::from_str(text)?),
             "ping" => ServerFrame::Ping,
             "reconnect" => ServerFrame::Reconnect(serde_json::from_str(text)?),
@@ -441,6 +484,24 @@ pub fn encode_message(
     out.push_str(&offset.to_string());
     out.push_str(r#","epoch":"#);
     push_json_str(&mut out, epoch);
+    if let Some(from) = from {
+        out.push_str(r#","from":"#);
+        push_json_str(&mut out, from);
+    }
+    out.push_str(r#","data":"#);
+    out.push_str(data);
+    out.push('}');
+    out
+}
+
+/// Encodes an ephemeral `message` frame (see [`EphemeralFrame`]): no offset, no epoch.
+/// `data` must be valid JSON text; `from` is omitted when `None`.
+pub fn encode_ephemeral(channel: &str, from: Option<&str>, data: &str) -> String {
+    let from_len = from.map_or(0, |f| f.len() + 10);
+    let mut out = String::with_capacity(64 + channel.len() + from_len + data.len());
+    out.push_str(r#"{"type":"message","channel":"#);
+    push_json_str(&mut out, channel);
+    out.push_str(r#","ephemeral":true"#);
     if let Some(from) = from {
         out.push_str(r#","from":"#);
         push_json_str(&mut out, from);
@@ -491,10 +552,15 @@ mod tests {
             ClientCommand::parse(r#"{"type":"publish","id":3,"channel":"a","data":{"x":[1,2]}}"#)
                 .unwrap();
         match c {
-            ClientCommand::Publish { id, channel, data } => {
+            ClientCommand::Publish {
+                id,
+                channel,
+                data,
+                ephemeral,
+            } => {
                 assert_eq!(
-                    (id, channel.as_str(), data.get()),
-                    (3, "a", r#"{"x":[1,2]}"#)
+                    (id, channel.as_str(), data.get(), ephemeral),
+                    (3, "a", r#"{"x":[1,2]}"#, false)
                 );
             }
             other => panic!("{other:?}"),
@@ -633,6 +699,93 @@ mod tests {
             assert_eq!(back.to_json(), text);
         }
         assert_eq!(ServerFrame::Ping.to_json(), r#"{"type":"ping"}"#);
+    }
+
+    #[test]
+    fn ephemeral_publish_parses_and_round_trips() {
+        let text = r#"{"type":"publish","id":7,"channel":"room:1","data":{"typing":true},"ephemeral":true}"#;
+        let c = ClientCommand::parse(text).unwrap();
+        assert!(matches!(
+            &c,
+            ClientCommand::Publish {
+                id: 7,
+                ephemeral: true,
+                ..
+            }
+        ));
+        assert_eq!(c.to_json(), text);
+        for absent in [
+            r#"{"type":"publish","id":7,"channel":"a","data":1}"#,
+            r#"{"type":"publish","id":7,"channel":"a","data":1,"ephemeral":null}"#,
+            r#"{"type":"publish","id":7,"channel":"a","data":1,"ephemeral":false}"#,
+        ] {
+            let c = ClientCommand::parse(absent).unwrap();
+            assert!(
+                matches!(
+                    c,
+                    ClientCommand::Publish {
+                        ephemeral: false,
+                        ..
+                    }
+                ),
+                "{absent}"
+            );
+            // v1 form on the wire: no `ephemeral` key when false.
+            assert!(!c.to_json().contains("ephemeral"));
+        }
+        for wrong in [r#""yes""#, "1", "{}", "[]"] {
+            bad_argument(
+                &format!(
+                    r#"{{"type":"publish","id":8,"channel":"a","data":1,"ephemeral":{wrong}}}"#
+                ),
+                Some(8),
+            );
+        }
+    }
+
+    #[test]
+    fn ephemeral_frames_encode_and_parse_apart_from_messages() {
+        let text = encode_ephemeral("room:1", Some("alice"), r#"{"typing":true}"#);
+        assert_eq!(
+            text,
+            r#"{"type":"message","channel":"room:1","ephemeral":true,"from":"alice","data":{"typing":true}}"#
+        );
+        match ServerFrame::parse(&text).unwrap() {
+            ServerFrame::Ephemeral(e) => {
+                assert_eq!(
+                    (e.channel.as_str(), e.from.as_deref()),
+                    ("room:1", Some("alice"))
+                );
+                assert!(e.ephemeral);
+                assert_eq!(e.data.get(), r#"{"typing":true}"#);
+                assert_eq!(ServerFrame::Ephemeral(e).to_json(), text);
+            }
+            other => panic!("{other:?}"),
+        }
+        let text = encode_ephemeral("a", None, "null");
+        assert_eq!(
+            text,
+            r#"{"type":"message","channel":"a","ephemeral":true,"data":null}"#
+        );
+        assert!(matches!(
+            ServerFrame::parse(&text),
+            Ok(ServerFrame::Ephemeral(_))
+        ));
+        // Wrong shapes are errors (clients skip them), never a message without offset.
+        for bad in [
+            r#"{"type":"message","channel":"a","ephemeral":"yes","offset":1,"epoch":"e","data":1}"#,
+            r#"{"type":"message","channel":7,"ephemeral":true,"data":1}"#,
+            r#"{"type":"message","channel":"a","ephemeral":true}"#,
+        ] {
+            assert!(ServerFrame::parse(bad).is_err(), "{bad}");
+        }
+        // `"ephemeral":false` is an ordinary message (it must then have its offset).
+        let text =
+            r#"{"type":"message","channel":"a","offset":1,"epoch":"e","ephemeral":false,"data":1}"#;
+        assert!(matches!(
+            ServerFrame::parse(text),
+            Ok(ServerFrame::Message(_))
+        ));
     }
 
     proptest! {

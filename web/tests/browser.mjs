@@ -487,17 +487,40 @@ async function demo(browser) {
     { timeout: WAIT },
   );
 
-  // Presence, refreshed: both pages list both users.
+  // Presence, refreshed: both pages list both users, online.
   for (const page of [dora, eve]) {
     await page.waitForFunction(
       () => {
-        const users = [...document.querySelectorAll("#presence li")].map((li) => li.dataset.user);
-        return users.includes("dora") && users.includes("eve");
+        const online = [...document.querySelectorAll('#presence li[data-status="online"]')].map(
+          (li) => li.dataset.user,
+        );
+        return online.includes("dora") && online.includes("eve");
       },
       null,
       { timeout: WAIT },
     );
   }
+
+  // Typing indicator (ephemeral publishes): eve sees "dora is typing…", which expires
+  // after a few seconds without keystrokes; dora never sees her own.
+  await dora.type("#chat-text", "typing a thing");
+  await eve.waitForFunction(
+    () => document.getElementById("typing").textContent === "dora is typing…",
+    null,
+    { timeout: WAIT },
+  );
+  assert.equal(await dora.textContent("#typing"), "");
+  await eve.waitForFunction(() => document.getElementById("typing").textContent === "", null, {
+    timeout: WAIT,
+  });
+  // Nothing of it is in the room's history: only the two chat lines.
+  const room = await api(nodes[0], "GET", "/v1/channels/room:lobby/history");
+  assert.deepEqual(
+    room.messages.map((m) => m.data.kind),
+    ["chat", "chat"],
+    "typing indicators are not stored",
+  );
+  await dora.fill("#chat-text", "");
   await dora.screenshot({ path: `${config.artifacts}/demo-dora.png`, fullPage: true }).catch(() => {});
   await eve.screenshot({ path: `${config.artifacts}/demo-eve.png`, fullPage: true }).catch(() => {});
 
@@ -524,14 +547,26 @@ async function demo(browser) {
   assert.equal(await gus.textContent("#url"), `ws://${new URL(chosen.http).host}/ws`);
   say(`gus: /v1/connect chose ${gusNode}`);
 
-  // The state shown follows the connection: sign out closes it.
+  // The state shown follows the connection: sign out closes it, and eve sees dora go
+  // offline (kept in the list, marked offline, and said in the room's feed).
   await dora.click("#sign-out");
   assert.equal(await dora.textContent("#state"), "signed out");
   await eve.waitForFunction(
-    () => ![...document.querySelectorAll("#presence li")].some((li) => li.dataset.user === "dora"),
+    () => document.querySelector('#presence li[data-user="dora"]')?.dataset.status === "offline",
     null,
     { timeout: WAIT },
   );
+  assert.match(await eve.textContent("#chat"), /dora went offline/);
+  // dora signs in again: online again, live.
+  await dora.fill("#user-name", "dora");
+  await dora.click("#sign-in-form button");
+  await eve.waitForFunction(
+    () => document.querySelector('#presence li[data-user="dora"]')?.dataset.status === "online",
+    null,
+    { timeout: WAIT },
+  );
+  assert.match(await eve.textContent("#chat"), /dora is online/);
+  await eve.screenshot({ path: `${config.artifacts}/demo-eve-presence.png`, fullPage: true }).catch(() => {});
 }
 
 // ---- scenario 4: heartbeats and token refresh -----------------------------------------------
@@ -629,6 +664,58 @@ async function refreshAndKick(page) {
   assert.deepEqual(rita.errors.filter((e) => e.fatal), [], "a kick is not an error");
 }
 
+// ---- scenario 7: ephemeral messages -------------------------------------------------------
+
+async function ephemeral(page) {
+  say("scenario 7: ephemeral messages across nodes, apart from the stream");
+  const wsUrls = nodes.map((n) => `ws://${new URL(n.http).host}/ws`);
+  const result = await within(
+    page.evaluate(async ([urlA, urlB]) => {
+      const devToken = async (user) => (await (await fetch(`/dev/token?user=${user}`)).json()).token;
+      const ivy = H.make("ivy", { url: urlA, token: await devToken("ivy") });
+      const jay = H.make("jay", { url: urlB, token: await devToken("jay") });
+      // Never connected: an ephemeral is refused at once, not queued.
+      const idle = H.make("kim", { url: urlA, token: await devToken("kim") });
+      const offline = await H.attempt(idle.publish("room:eph", 1, { ephemeral: true }));
+      idle.close();
+      await ivy.connect();
+      await jay.connect();
+      await jay.subscribe("room:eph");
+      const first = await ivy.publish("room:eph", { n: 1 });
+      const eph = await ivy.publish("room:eph", { typing: true }, { ephemeral: true });
+      const second = await ivy.publish("room:eph", { n: 2 });
+      return { offline, first, eph, second };
+    }, [wsUrls[0], wsUrls[2]]),
+    "ivy and jay connect, publish",
+  );
+  assert.equal(result.offline.ok, false);
+  assert.equal(result.offline.code, "disconnected");
+  assert.deepEqual(result.eph, { ephemeral: true });
+  assert.equal(result.second.offset, result.first.offset + 1, "the ephemeral took no offset");
+  // From the backend through another node, with its own `from`.
+  const r = await api(nodes[1], "POST", "/v1/publish", {
+    channel: "room:eph",
+    data: { x: 1 },
+    ephemeral: true,
+    from: "bot",
+  });
+  assert.deepEqual(r, { channel: "room:eph", ephemeral: true });
+  await waitIn(page, () => H.report("jay").ephemerals.length >= 2, null, "jay's two ephemerals");
+  await waitLast(page, "jay", "room:eph", result.second.offset);
+  const jay = await page.evaluate(() => H.report("jay"));
+  assert.deepEqual(jay.ephemerals, [
+    ["room:eph", "ivy", { typing: true }],
+    ["room:eph", "bot", { x: 1 }],
+  ]);
+  assertExact(jay, "room:eph", 1, result.second.offset);
+  assert.equal(jay.positions["room:eph"].offset, result.second.offset, "position untouched");
+  assert.deepEqual(jay.resyncs, [], "no resync");
+  await page.evaluate(() => {
+    H.client("ivy").close();
+    H.client("jay").close();
+  });
+}
+
 // ---- main ------------------------------------------------------------------------------
 
 async function main() {
@@ -658,6 +745,7 @@ async function main() {
     await demo(browser);
     await lossReported(page);
     await refreshAndKick(page);
+    await ephemeral(page);
     await heartbeatAndToken(browser);
   } finally {
     await browser.close();

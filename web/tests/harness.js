@@ -20,6 +20,8 @@ export function make(name, options) {
     unsubscribed: [],
     kicked: [],
     refreshed: 0,
+    /** Ephemeral messages: [channel, from, data], in arrival order. */
+    ephemerals: [],
     /** Per channel, messages and resyncs in the order the application saw them. */
     timeline: {},
   };
@@ -30,6 +32,7 @@ export function make(name, options) {
     (record.messages[m.channel] ??= []).push([m.offset, m.epoch, m.data]);
     note(m.channel, "message", m.offset, m.epoch);
   });
+  client.on("ephemeral", (e) => record.ephemerals.push([e.channel, e.from ?? null, e.data]));
   client.on("resync", (r) => {
     record.resyncs.push(r);
     note(r.channel, "resync", r.offset, r.epoch);

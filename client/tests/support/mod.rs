@@ -40,6 +40,8 @@ pub struct Record {
     pub disconnected: Vec<Disconnected>,
     pub subscribed: Vec<Subscription>,
     pub failed: Vec<(String, ErrorBody)>,
+    /// `Event::Ephemeral`: (channel, from, data), in arrival order.
+    pub ephemerals: Vec<(String, Option<String>, Value)>,
     /// `Event::Unsubscribed`: (channel, reason).
     pub unsubscribed: Vec<(String, String)>,
     pub stopped: Option<StopReason>,
@@ -87,6 +89,10 @@ impl Recorder {
                                 from: m.from,
                                 data,
                             });
+                        }
+                        Event::Ephemeral(e) => {
+                            let data = e.decode().expect("JSON data");
+                            rec.ephemerals.push((e.channel, e.from, data));
                         }
                         Event::Resync(x) => rec.resyncs.push(x),
                         Event::Connected(x) => rec.connected.push(x),

@@ -17,8 +17,8 @@ use herald_protocol::{StreamPosition, EMPTY_EPOCH};
 use crate::control::Revocations;
 
 use super::{
-    Broker, BrokerError, BrokerSettings, History, NodeInfo, NodePresence, PresenceChange,
-    Publication, PublicationSink, Revocation, SubscribeAck, UserCommand,
+    Broker, BrokerError, BrokerSettings, Ephemeral, History, NodeInfo, NodePresence,
+    PresenceChange, Publication, PublicationSink, Revocation, SubscribeAck, UserCommand,
 };
 
 const SHARDS: usize = 16;
@@ -232,6 +232,30 @@ impl Broker for MemoryBroker {
             }
             stream.position()
         }))
+    }
+
+    async fn publish_ephemeral(
+        &self,
+        channel: &str,
+        data: &str,
+        from: Option<&str>,
+    ) -> Result<(), BrokerError> {
+        // No stream is touched or created: straight to the hub when it listens.
+        let subscribed = self
+            .subscribed
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(channel);
+        if subscribed {
+            if let Some(sink) = self.sink.get() {
+                let message = Ephemeral {
+                    data: data.into(),
+                    from: from.map(Arc::from),
+                };
+                sink.on_ephemeral(channel, message);
+            }
+        }
+        Ok(())
     }
 
     fn subscribe(&self, channel: &str) -> SubscribeAck {

@@ -195,6 +195,22 @@ pub trait PublicationSink: Send + Sync + 'static {
     /// A command for the sessions of `user` on this node. Returns how many local
     /// sessions it affected. Must not block: it runs on the broker's reader.
     fn on_user_command(&self, user: &str, command: &UserCommand) -> u64;
+
+    /// An ephemeral message on a channel this node subscribed to (see
+    /// [`Broker::publish_ephemeral`]): no offset, nothing to check continuity against.
+    /// Must not block. The default drops it, for sinks that only want the stream.
+    fn on_ephemeral(&self, channel: &str, message: Ephemeral) {
+        let _ = (channel, message);
+    }
+}
+
+/// An ephemeral message as the broker routes it: no offset, no epoch, never stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ephemeral {
+    /// The published value as JSON text (validated on the way in).
+    pub data: Arc<str>,
+    /// Who published it, as in [`Publication::from`].
+    pub from: Option<Arc<str>>,
 }
 
 /// A future that resolves when a subscription request was applied by the broker.
@@ -219,6 +235,18 @@ pub trait Broker: Send + Sync + 'static {
         data: &str,
         from: Option<&str>,
     ) -> Result<StreamPosition, BrokerError>;
+
+    /// Routes an ephemeral message to the nodes subscribed to `channel` now, and to
+    /// nobody else: no offset, nothing stored, nothing created (no key, no stream), so
+    /// the channel's offsets, history and continuity never see it. Delivery is best
+    /// effort: a node that is not subscribed at that moment, or that misses it during
+    /// a reconnect, never gets it. `from` is checked by the caller, as for `publish`.
+    async fn publish_ephemeral(
+        &self,
+        channel: &str,
+        data: &str,
+        from: Option<&str>,
+    ) -> Result<(), BrokerError>;
 
     /// Subscribes this node to `channel`. The request is queued when this method is
     /// called, not when the future is polled, so requests made in order (the hub makes

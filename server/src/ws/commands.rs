@@ -99,6 +99,15 @@ impl Session {
                 let result = self.unsubscribe(&channel).map(|()| json!({}));
                 self.reply(socket, Some(id), result).await
             }
+            ClientCommand::Publish {
+                channel,
+                data,
+                ephemeral: true,
+                ..
+            } => {
+                let result = self.publish_ephemeral(&channel, data.get()).await;
+                self.reply(socket, Some(id), result).await
+            }
             ClientCommand::Publish { channel, data, .. } => {
                 let result = self.publish(&channel, data.get()).await;
                 self.reply(socket, Some(id), result).await
@@ -272,6 +281,42 @@ impl Session {
         self.node.metrics.messages_published.inc();
         self.node.metrics.message_bytes.observe(data.len() as f64);
         Ok(json!({"offset": position.offset, "epoch": position.epoch}))
+    }
+
+    /// `publish` with `"ephemeral":true`: the same permission as an ordinary publish,
+    /// then a bucket of its own (`max_ephemeral_per_sec`). The reply is
+    /// `{"ephemeral":true}`: there is no offset to give.
+    pub(super) async fn publish_ephemeral(
+        &mut self,
+        channel: &str,
+        data: &str,
+    ) -> Result<serde_json::Value, CommandError> {
+        if !self.claims.may_publish(channel) {
+            return Err(CommandError(
+                ErrorCode::Forbidden,
+                format!("not allowed to publish to {channel}"),
+            ));
+        }
+        if !self.ephemeral_rate.try_take() {
+            self.node.metrics.rate_limited.inc();
+            return Err(CommandError(
+                ErrorCode::RateLimited,
+                format!(
+                    "more than {} ephemeral messages per second; slow down",
+                    self.node.config.max_ephemeral_per_sec
+                ),
+            ));
+        }
+        // `from` is the session's user, as for an ordinary publish.
+        self.node
+            .broker
+            .publish_ephemeral(channel, data, Some(&self.user))
+            .await
+            .inspect_err(|_| {
+                self.node.metrics.broker_errors.inc();
+            })?;
+        self.node.metrics.ephemeral_published.inc();
+        Ok(json!({ "ephemeral": true }))
     }
 
     pub(super) async fn presence(&self, channel: &str) -> Result<serde_json::Value, CommandError> {

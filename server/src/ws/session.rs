@@ -49,6 +49,8 @@ pub(super) struct Session {
     pub(super) handle: SessionHandle,
     pub(super) channels: HashMap<Arc<str>, ChannelState>,
     pub(super) rate: RateLimit,
+    /// Ephemeral publishes, a bucket of their own on top of `rate`.
+    pub(super) ephemeral_rate: RateLimit,
     pub(super) last_recv: Instant,
     pub(super) last_send: Instant,
     /// Whether a ping went out since the client last sent anything.
@@ -89,6 +91,7 @@ impl Session {
             id: node.next_session_id(),
             uuid: uuid::Uuid::new_v4(),
             rate: RateLimit::new(node.config.max_messages_per_sec),
+            ephemeral_rate: RateLimit::new(node.config.max_ephemeral_per_sec),
             handle,
             expires_at,
             notice_at,
@@ -546,6 +549,15 @@ impl Session {
                 if let Some(state) = self.channels.get_mut(&d.channel) {
                     state.epoch = d.epoch.clone();
                     state.last = d.offset;
+                }
+                Ok(())
+            }
+            Outbound::Ephemeral(e) => {
+                // Only while still in the channel; the channel's position (`last`) is
+                // not touched: the frame has none, and gap checks must not see it.
+                if self.channels.contains_key(&e.channel) {
+                    self.send(socket, e.frame.clone()).await?;
+                    self.node.metrics.ephemeral_delivered.inc();
                 }
                 Ok(())
             }

@@ -329,6 +329,32 @@ pub(crate) fn parse_payload(text: &str) -> Option<Payload<'_>> {
     })
 }
 
+/// The marker that starts an ephemeral message's pub/sub payload: `e:<data>`, or
+/// `e:<from>:<data>` with a publisher. An ordinary payload starts with a decimal
+/// offset, so the two cannot be confused; a node that predates ephemeral messages
+/// fails to parse the offset and drops it (a warning), which is what an ephemeral
+/// message may suffer anyway.
+pub(crate) const EPHEMERAL_MARK: &str = "e:";
+
+/// Builds an ephemeral message's pub/sub payload (see [`EPHEMERAL_MARK`]). `from` is a
+/// valid user id (no `:`), checked by the caller.
+pub(crate) fn ephemeral_payload(from: Option<&str>, data: &str) -> String {
+    match from {
+        Some(from) => format!("{EPHEMERAL_MARK}{from}:{data}"),
+        None => format!("{EPHEMERAL_MARK}{data}"),
+    }
+}
+
+/// Parses an ephemeral payload into `(from, data)`; `None` if `text` is not one. The
+/// publisher is recognised as in [`Payload`].
+pub(crate) fn parse_ephemeral(text: &str) -> Option<(Option<&str>, &str)> {
+    let rest = text.strip_prefix(EPHEMERAL_MARK)?;
+    Some(match rest.split_once(':') {
+        Some((from, data)) if validate_user(from).is_ok() => (Some(from), data),
+        _ => (None, rest),
+    })
+}
+
 /// A fresh random epoch, offered to the scripts, which use it only when a channel's
 /// metadata is missing. The same alphabet as the memory broker's.
 pub(crate) fn new_epoch() -> String {
@@ -422,6 +448,35 @@ mod tests {
             proptest::prop_assert_eq!(p.epoch, epoch.as_str());
             proptest::prop_assert_eq!(p.from, from.as_deref());
             proptest::prop_assert_eq!(p.data, data.as_str());
+        }
+    }
+
+    #[test]
+    fn ephemeral_payloads_are_told_apart() {
+        let text = ephemeral_payload(Some("alice@x.io"), r#"{"a":"b:c"}"#);
+        assert_eq!(
+            parse_ephemeral(&text),
+            Some((Some("alice@x.io"), r#"{"a":"b:c"}"#))
+        );
+        assert!(
+            parse_payload(&text).is_none(),
+            "not an ordinary publication"
+        );
+        let text = ephemeral_payload(None, r#""x:y""#);
+        assert_eq!(parse_ephemeral(&text), Some((None, r#""x:y""#)));
+        assert_eq!(parse_ephemeral("e:7"), Some((None, "7")));
+        assert_eq!(parse_ephemeral(r#"17:e1Ab:{"a":1}"#), None);
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn ephemeral_payloads_parse_back(
+            from in proptest::option::of("[A-Za-z0-9_.@-]{1,128}"),
+            data in json_data(),
+        ) {
+            let text = ephemeral_payload(from.as_deref(), &data);
+            proptest::prop_assert_eq!(parse_ephemeral(&text), Some((from.as_deref(), data.as_str())));
+            proptest::prop_assert!(parse_payload(&text).is_none());
         }
     }
 

@@ -52,8 +52,8 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    Broker, BrokerError, BrokerSettings, History, NodeInfo, NodePresence, PresenceChange,
-    Publication, PublicationSink, Revocation, SubscribeAck, UserCommand,
+    Broker, BrokerError, BrokerSettings, Ephemeral, History, NodeInfo, NodePresence,
+    PresenceChange, Publication, PublicationSink, Revocation, SubscribeAck, UserCommand,
 };
 use keys::{Keys, Topology};
 use probe::ProbeState;
@@ -414,6 +414,16 @@ fn dispatch(inner: &Arc<Inner>, message: &Message) {
         on_control(inner, &text);
         return;
     }
+    if let Some((from, data)) = keys::parse_ephemeral(&text) {
+        if let Some(sink) = inner.sink.get() {
+            let message = Ephemeral {
+                data: data.into(),
+                from: from.map(Arc::from),
+            };
+            sink.on_ephemeral(channel, message);
+        }
+        return;
+    }
     let Some(payload) = keys::parse_payload(&text) else {
         tracing::warn!(channel, "malformed publication payload from redis");
         return;
@@ -598,6 +608,26 @@ impl Broker for RedisBroker {
             wait_replicas(inner, client, reconnects).await?;
         }
         Ok(position)
+    }
+
+    async fn publish_ephemeral(
+        &self,
+        channel: &str,
+        data: &str,
+        from: Option<&str>,
+    ) -> Result<(), BrokerError> {
+        // A bare (S)PUBLISH on the channel's pub/sub channel: no script, no key. Redis
+        // hands it only to the nodes subscribed now. On the command connection, not the
+        // publisher: there is nothing for replicas to acknowledge.
+        let client = self.inner.ready()?;
+        let name = self.inner.keys.pubsub(channel);
+        let payload = keys::ephemeral_payload(from, data);
+        let _receivers: i64 = match self.inner.topology {
+            Topology::Cluster => client.spublish(name, payload).await,
+            Topology::Single | Topology::Sentinel => client.publish(name, payload).await,
+        }
+        .map_err(broker_error)?;
+        Ok(())
     }
 
     fn subscribe(&self, channel: &str) -> SubscribeAck {
