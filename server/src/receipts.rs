@@ -276,6 +276,8 @@ pub struct Receipts {
     timeout: Option<Duration>,
     /// Most messages one scan reads (the history size).
     scan_limit: usize,
+    /// How long a claim lasts ([`CLAIM_VISIBILITY`] unless a test shortens it).
+    visibility: Duration,
     /// Acks not yet written: channel → (epoch, offset). One entry per personal channel
     /// with an ack since the last flush, so bounded by the users of local sessions. A
     /// std `Mutex`: never held across an `.await`.
@@ -295,8 +297,15 @@ impl Receipts {
             metrics,
             timeout: (timeout_ms > 0).then(|| Duration::from_millis(timeout_ms)),
             scan_limit: scan_limit.max(1),
+            visibility: CLAIM_VISIBILITY,
             pending: Mutex::default(),
         }
+    }
+
+    /// The same with another claim visibility (tests of a sweeper that dies).
+    pub fn with_claim_visibility(mut self, visibility: Duration) -> Self {
+        self.visibility = visibility;
+        self
     }
 
     fn pending(&self) -> std::sync::MutexGuard<'_, HashMap<String, (Arc<str>, u64)>> {
@@ -396,7 +405,7 @@ impl Receipts {
             }
             // Keep going while claims come back full: a backlog is worked off at once.
             loop {
-                let claimed = match self.broker.claim_due(CLAIM_BATCH, CLAIM_VISIBILITY).await {
+                let claimed = match self.broker.claim_due(CLAIM_BATCH, self.visibility).await {
                     Ok(c) => c,
                     Err(e) => {
                         tracing::debug!(error = %e, "unacked sweep: claim failed");
