@@ -52,6 +52,7 @@ pub(crate) struct Config {
     pub(crate) backoff_max: Duration,
     pub(crate) stable_after: Duration,
     pub(crate) event_buffer: usize,
+    pub(crate) auto_ack: bool,
 }
 
 /// Builds a [`Client`]: endpoints, token, and optional tuning. See the crate docs for an
@@ -67,6 +68,7 @@ pub struct ClientBuilder {
     backoff_max: Duration,
     stable_after: Duration,
     event_buffer: usize,
+    auto_ack: bool,
 }
 
 impl Default for ClientBuilder {
@@ -82,6 +84,7 @@ impl Default for ClientBuilder {
             backoff_max: Duration::from_secs(30),
             stable_after: Duration::from_secs(5),
             event_buffer: 1024,
+            auto_ack: true,
         }
     }
 }
@@ -196,6 +199,18 @@ impl ClientBuilder {
         self
     }
 
+    /// Whether the client acknowledges the messages of the personal channel `user:<sub>`
+    /// on its own (default: on). A message counts as seen once it is handed to the
+    /// application (put on [`Events`]); acks are coalesced: at most one `ack` frame per
+    /// [`ACK_DELAY`](crate::ACK_DELAY), carrying the latest offset. Turn it off to ack
+    /// yourself with [`Client::ack`] once the user has really seen the messages: the
+    /// server reports messages that no device acked in time (`message.unacked`, for a
+    /// mobile push).
+    pub fn auto_ack(mut self, on: bool) -> Self {
+        self.auto_ack = on;
+        self
+    }
+
     /// Checks the settings and starts the client's connection task on the current tokio
     /// runtime. Returns at once; connecting happens in the background and is reported
     /// on [`Events`].
@@ -250,6 +265,7 @@ impl ClientBuilder {
             backoff_max: self.backoff_max,
             stable_after: self.stable_after,
             event_buffer: self.event_buffer,
+            auto_ack: self.auto_ack,
         })
     }
 }

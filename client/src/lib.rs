@@ -82,6 +82,7 @@ mod tracker;
 
 pub use client::{Client, Events};
 pub use config::{BoxError, ClientBuilder, Endpoint, TokenFuture};
+pub use connection::ACK_DELAY;
 pub use error::Error;
 pub use event::{
     Connected, DisconnectReason, Disconnected, Event, Message, Resync, ResyncCause, State,
