@@ -91,3 +91,20 @@ async fn a_killed_node_leaves_its_reports_to_another_node() {
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(reported(&[&nodes[1]]).await, 5.0);
 }
+
+/// `HERALD_ACK_TIMEOUT_MS` out of its range (and not 0) is a startup error that names it.
+#[test]
+fn an_ack_timeout_out_of_range_refuses_to_start() {
+    for bad in ["50", "3600001", "soon"] {
+        let r = herald_testkit::process::start_refused(&[
+            ("HERALD_LISTEN", "127.0.0.1:0"),
+            ("HERALD_ACK_TIMEOUT_MS", bad),
+        ]);
+        assert!(!r.status.success(), "{bad}");
+        assert!(
+            r.stderr.contains("ack-timeout-ms") || r.stderr.contains("ACK_TIMEOUT"),
+            "{bad}: {}",
+            r.stderr
+        );
+    }
+}
