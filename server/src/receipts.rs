@@ -72,6 +72,30 @@ pub fn sweep_interval(timeout: Duration) -> Duration {
     (timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(1))
 }
 
+/// The due computation of one scan, as a pure function (the memory broker runs it; the
+/// Redis script `scan.lua` does the same in Lua): given a channel's retained messages
+/// after max(acked, reported) as (offset, age) in offset order, which are overdue (age
+/// at least `timeout`), at most `limit` of them, and when to look again: when the
+/// first pending one becomes overdue, or at once (zero) when more are overdue than
+/// `limit`; `None` when nothing is pending.
+pub fn due_messages(
+    ages: impl IntoIterator<Item = (u64, Duration)>,
+    timeout: Duration,
+    limit: usize,
+) -> (Vec<u64>, Option<Duration>) {
+    let mut overdue = Vec::new();
+    for (offset, age) in ages {
+        if age < timeout {
+            return (overdue, Some(timeout - age));
+        }
+        if overdue.len() >= limit.max(1) {
+            return (overdue, Some(Duration::ZERO));
+        }
+        overdue.push(offset);
+    }
+    (overdue, None)
+}
+
 /// Why an `ack` is refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AckError {
@@ -506,6 +530,26 @@ mod tests {
         let e = check_ack(me, 1, Some("e0"), me, ("e1", 7)).unwrap_err();
         assert!(matches!(e, AckError::StaleEpoch { .. }));
         assert_eq!(e.code(), ErrorCode::BadRequest);
+    }
+
+    #[test]
+    fn due_messages_are_the_overdue_prefix() {
+        let ms = Duration::from_millis;
+        let t = ms(1000);
+        assert_eq!(due_messages([], t, 10), (vec![], None));
+        // Two overdue, the third due in 400 ms.
+        let ages = [(3, ms(2500)), (4, ms(1000)), (5, ms(600)), (6, ms(10))];
+        assert_eq!(due_messages(ages, t, 10), (vec![3, 4], Some(ms(400))));
+        // All overdue: nothing pending after them.
+        assert_eq!(
+            due_messages([(1, ms(5000)), (2, ms(4000))], t, 10),
+            (vec![1, 2], None)
+        );
+        // More overdue than the limit: look again at once.
+        let many = (1..=5).map(|o| (o, ms(9000)));
+        assert_eq!(due_messages(many, t, 2), (vec![1, 2], Some(Duration::ZERO)));
+        // None overdue yet.
+        assert_eq!(due_messages([(7, ms(1))], t, 2), (vec![], Some(ms(999))));
     }
 
     #[test]

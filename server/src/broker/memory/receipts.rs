@@ -10,7 +10,7 @@ use async_trait::async_trait;
 
 use super::MemoryBroker;
 use crate::broker::BrokerError;
-use crate::receipts::{Ack, AckPosition, ReceiptStore, Scan, Unacked};
+use crate::receipts::{due_messages, Ack, AckPosition, ReceiptStore, Scan, Unacked};
 
 /// One personal channel's receipts.
 struct Receipt {
@@ -196,29 +196,31 @@ impl ReceiptStore for MemoryBroker {
         };
         let (acked, reported) = self.receipts().position(channel, &epoch);
         let start = acked.max(reported);
-        let mut scan = Scan {
-            epoch: epoch.to_string(),
-            ..Scan::default()
-        };
-        for (at, p) in entries.into_iter().filter(|(_, p)| p.offset > start) {
-            let age = now.saturating_duration_since(at);
-            if age < timeout {
-                scan.next_due_in = Some(timeout - age);
-                break;
-            }
-            if scan.overdue.len() >= limit.max(1) {
-                scan.next_due_in = Some(Duration::ZERO);
-                break;
-            }
-            scan.overdue.push(Unacked {
+        let fresh: Vec<_> = entries
+            .into_iter()
+            .filter(|(_, p)| p.offset > start)
+            .collect();
+        let ages = fresh
+            .iter()
+            .map(|(at, p)| (p.offset, now.saturating_duration_since(*at)));
+        let (due, next_due_in) = due_messages(ages, timeout, limit);
+        let overdue = fresh
+            .into_iter()
+            .take(due.len())
+            .map(|(at, p)| Unacked {
                 channel: channel.to_owned(),
                 offset: p.offset,
                 epoch: epoch.to_string(),
-                data: p.data.clone(),
-                from: p.from.clone(),
+                data: p.data,
+                from: p.from,
                 published_at_ms: unix_ms(at, now),
-            });
-        }
+            })
+            .collect();
+        let scan = Scan {
+            epoch: epoch.to_string(),
+            overdue,
+            next_due_in,
+        };
         Ok(scan)
     }
 
