@@ -466,6 +466,19 @@ async fn three_sweepers_on_one_redis_report_each_unacked_message_once() {
     sweepers_report_each_message_once(brokers).await;
 }
 
+/// The same on Redis Cluster: every receipts script touches one slot (the channel's,
+/// or the due set's own `{#receipts}`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_sweepers_on_redis_cluster_report_each_unacked_message_once() {
+    let cluster = herald_testkit::redis::RedisCluster::start();
+    let p = prefix("sweepers-cluster");
+    let mut brokers = Vec::new();
+    for i in 0..3 {
+        brokers.push(connected(&cluster.url(), &p, &format!("n{i}")).await);
+    }
+    sweepers_report_each_message_once(brokers).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_sweepers_on_the_memory_broker_report_each_unacked_message_once() {
     let b: Arc<dyn Broker> = Arc::new(MemoryBroker::new(Config::default().broker_settings()));
