@@ -47,10 +47,22 @@ async fn messages_of_the_personal_channel_are_acked_automatically_and_coalesced(
     rec.wait("connected", WAIT, |r| !r.connected.is_empty())
         .await;
     let before = herald_testkit::metric(&node.http(), "herald_acks_received_total").await;
-    let mut last = 0;
-    for i in 0..20 {
-        last = publish(&node.http(), "user:alice", json!(i)).await;
-    }
+    // One batch request: the 20 messages arrive as one burst.
+    let messages: Vec<Value> = (0..20)
+        .map(|i| json!({"channel": "user:alice", "data": i}))
+        .collect();
+    let r: Value = reqwest::Client::new()
+        .post(format!("{}/v1/publish/batch", node.http()))
+        .bearer_auth(herald_testkit::API_KEY)
+        .json(&json!({ "messages": messages }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let last = 20;
+    assert_eq!(r["results"][19]["offset"], last, "{r}");
     rec.wait("20 messages", WAIT, |r| r.last("user:alice") == last)
         .await;
     wait_acked(&node.http(), "alice", last).await;

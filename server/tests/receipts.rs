@@ -237,21 +237,32 @@ async fn acks_are_rate_limited_and_coalesced() {
         publish(&n, "alice", json!(i)).await;
     }
     messages_until(&mut c, 5).await;
-    let mut limited = 0;
+    // Sent as one burst (replies read afterwards), like an eager client.
     for i in 0..30u64 {
-        let r = c
-            .request(json!({"type": "ack", "channel": "user:alice", "offset": 1 + i % 5}))
+        c.send(json!({"type": "ack", "id": 100 + i, "channel": "user:alice", "offset": 1 + i % 5}))
             .await;
+    }
+    let (mut limited, mut ok) = (0, 0);
+    while limited + ok < 30 {
+        let r = c.next_message().await;
+        assert_eq!(r["type"], "reply", "{r}");
         if r["error"]["code"] == "rate_limited" {
             limited += 1;
+        } else {
+            assert!(r["result"].is_object(), "{r}");
+            ok += 1;
         }
     }
     assert!(limited > 0, "30 acks at once must exceed a rate of 20/s");
     let received = n.metric("herald_acks_received_total").await;
+    assert_eq!(received, f64::from(ok));
+    eventually(Duration::from_secs(5), "the acks flushed", || async {
+        n.metric("herald_acks_flushed_total").await >= 1.0
+    })
+    .await;
     let flushed = n.metric("herald_acks_flushed_total").await;
-    assert!(received >= 19.0, "{received}");
     assert!(
-        flushed * 4.0 < received,
+        flushed * 2.0 < received,
         "acks of one channel coalesce: {flushed} writes for {received} acks"
     );
     eventually(Duration::from_secs(5), "the acks stored", || async {
@@ -329,7 +340,7 @@ async fn offline_and_unacked_are_reported(config: Config) {
     })
     .await;
     // Stays at 6: nothing twice, and alice's acked messages never.
-    tokio::time::sleep(Duration::from_millis(3 * n.config.ack_timeout_ms)).await;
+    tokio::time::sleep(Duration::from_millis(2 * n.config.ack_timeout_ms)).await;
     assert_eq!(n.metric("herald_unacked_messages_total").await, 6.0);
     let u = unread(&n.http(), "bob").await;
     assert_eq!(u["acked"], 0);
@@ -340,19 +351,19 @@ async fn offline_and_unacked_are_reported(config: Config) {
         n.metric("herald_unacked_messages_total").await >= 7.0
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(3 * n.config.ack_timeout_ms)).await;
+    tokio::time::sleep(Duration::from_millis(2 * n.config.ack_timeout_ms)).await;
     assert_eq!(n.metric("herald_unacked_messages_total").await, 7.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unacked_messages_are_reported_once_with_the_memory_broker() {
-    offline_and_unacked_are_reported(memory_config(300)).await;
+    offline_and_unacked_are_reported(memory_config(1_000)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unacked_messages_are_reported_once_with_redis() {
     let redis = RedisServer::start();
-    offline_and_unacked_are_reported(redis_config(&redis, "offline", 300)).await;
+    offline_and_unacked_are_reported(redis_config(&redis, "offline", 1_000)).await;
 }
 
 /// With `HERALD_ACK_TIMEOUT_MS=0` nothing is scheduled or reported (acks still work).
@@ -370,13 +381,15 @@ async fn detection_can_be_turned_off() {
 // ---- Sweepers in process, their reports read one by one ----
 
 /// Collects every report from `rx` until none came for `quiet`, confirming each batch
-/// (or not, for the first `drop_first` batches). Returns event id → times reported.
-async fn collect(
+/// (or not, for the first `drop_first` batches). Returns event id → times reported, and
+/// the ids of the batches left unconfirmed.
+async fn collect_dropping(
     rx: &mut mpsc::Receiver<UnackedBatch>,
     quiet: Duration,
     mut drop_first: usize,
-) -> BTreeMap<String, usize> {
+) -> (BTreeMap<String, usize>, Vec<String>) {
     let mut seen = BTreeMap::new();
+    let mut dropped = Vec::new();
     while let Ok(Some(batch)) = tokio::time::timeout(quiet, rx.recv()).await {
         for m in &batch.messages {
             assert_eq!(Some(m.user().unwrap()), m.channel.strip_prefix("user:"));
@@ -385,11 +398,20 @@ async fn collect(
         }
         if drop_first > 0 {
             drop_first -= 1;
+            dropped.extend(batch.messages.iter().map(|m| m.event_id()));
         } else {
             batch.confirm();
         }
     }
-    seen
+    (seen, dropped)
+}
+
+/// [`collect_dropping`] confirming every batch.
+async fn collect(
+    rx: &mut mpsc::Receiver<UnackedBatch>,
+    quiet: Duration,
+) -> BTreeMap<String, usize> {
+    collect_dropping(rx, quiet, 0).await.0
 }
 
 /// What several nodes' sweepers must report: users 0..5 get 6 messages each; user k
@@ -433,7 +455,7 @@ async fn sweepers_report_each_message_once(brokers: Vec<Arc<dyn Broker>>) {
         tokio::spawn(Arc::clone(r).run_sweeper(tx.clone(), stop.clone()));
     }
     let expected = drive(&brokers, &receipts).await;
-    let seen = collect(&mut rx, Duration::from_secs(3), 0).await;
+    let seen = collect(&mut rx, Duration::from_secs(3)).await;
     stop.cancel();
     let once: Vec<String> = seen.keys().cloned().collect();
     assert_eq!(once, expected, "exactly the unacked messages");
@@ -485,8 +507,8 @@ async fn three_sweepers_on_the_memory_broker_report_each_unacked_message_once() 
     sweepers_report_each_message_once(vec![Arc::clone(&b), Arc::clone(&b), b]).await;
 }
 
-/// A sweeper whose consumer never confirms (a node that dies after handing a report
-/// on) does not mark anything reported: after the claim's visibility the same messages
+/// A sweeper whose consumer does not confirm a batch (a node that dies after handing a
+/// report on) does not mark it reported: after the claim's visibility the same messages
 /// are reported again, with the same event ids, and then never again.
 async fn unconfirmed_reports_repeat_with_the_same_ids(broker: Arc<dyn Broker>) {
     let metrics = Arc::new(Metrics::new());
@@ -504,14 +526,18 @@ async fn unconfirmed_reports_repeat_with_the_same_ids(broker: Arc<dyn Broker>) {
             .await
             .unwrap();
     }
-    let seen = collect(&mut rx, Duration::from_secs(3), 1).await;
+    let (seen, dropped) = collect_dropping(&mut rx, Duration::from_secs(3), 1).await;
     stop.cancel();
     assert_eq!(seen.len(), 3, "{seen:?}");
     assert!(seen.keys().all(|id| id.starts_with("unacked:user:zoe:")));
-    assert!(
-        seen.values().all(|n| *n == 2),
-        "reported again once: {seen:?}"
-    );
+    assert!(!dropped.is_empty());
+    // The unconfirmed ones come again exactly once more, with the same ids (the first
+    // batch may hold fewer than 3 when the machine is slow to publish them); the rest
+    // once.
+    for (id, n) in &seen {
+        let want = if dropped.contains(id) { 2 } else { 1 };
+        assert_eq!(*n, want, "{id}: {seen:?}, dropped {dropped:?}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -12,12 +12,12 @@ fn prefix(test: &str) -> String {
     format!("t{}:{test}:", std::process::id())
 }
 
-fn start(n: usize, redis: &RedisServer, prefix: &str) -> Vec<NodeProcess> {
+fn start(n: usize, redis: &RedisServer, prefix: &str, ack_timeout_ms: &str) -> Vec<NodeProcess> {
     let url = redis.url();
     let env = [
         ("HERALD_REDIS_URL", url.as_str()),
         ("HERALD_REDIS_PREFIX", prefix),
-        ("HERALD_ACK_TIMEOUT_MS", "1000"),
+        ("HERALD_ACK_TIMEOUT_MS", ack_timeout_ms),
     ];
     (0..n)
         .map(|i| NodeProcess::start(&format!("node{i}"), &env))
@@ -61,7 +61,7 @@ async fn wait_reported(nodes: &[&NodeProcess], want: f64, wait: Duration) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_node_sweeps_and_each_message_is_reported_once() {
     let redis = RedisServer::start();
-    let nodes = start(3, &redis, &prefix("sweep3"));
+    let nodes = start(3, &redis, &prefix("sweep3"), "1000");
     for n in &nodes {
         n.wait_ready(Duration::from_secs(15)).await;
     }
@@ -79,7 +79,9 @@ async fn every_node_sweeps_and_each_message_is_reported_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_node_leaves_its_reports_to_another_node() {
     let redis = RedisServer::start();
-    let mut nodes = start(2, &redis, &prefix("kill"));
+    // Long enough that the first node cannot report anything before it is killed,
+    // even on a busy machine.
+    let mut nodes = start(2, &redis, &prefix("kill"), "3000");
     for n in &nodes {
         n.wait_ready(Duration::from_secs(15)).await;
     }
