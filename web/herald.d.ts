@@ -136,6 +136,14 @@ export interface HeraldOptions {
   connectTimeoutMs?: number;
   /** How long publish, presence and unsubscribe wait for their reply (default 10000). */
   requestTimeoutMs?: number;
+  /**
+   * Acknowledge the messages of the personal channel `user:<sub>` automatically once
+   * they are handed to the application (default true). Acks are coalesced: at most one
+   * `ack` frame per 100 ms, with the latest offset. Set false to ack yourself with
+   * {@link HeraldClient.ack} when the user has really seen them: the backend is told
+   * about messages no device acked in time (`message.unacked`, for a mobile push).
+   */
+  autoAck?: boolean;
   /** A WebSocket implementation (default: the global one). */
   WebSocket?: typeof WebSocket;
   /** A fetch implementation for `/v1/connect` (default: the global one). */
@@ -228,6 +236,11 @@ export class HeraldClient {
    */
   publish(channel: string, data: unknown, options: { ephemeral: true }): Promise<{ ephemeral: true }>;
   publish(channel: string, data: unknown, options?: { ephemeral?: boolean }): Promise<Position | { ephemeral: true }>;
+  /**
+   * Acknowledges the personal channel up to `offset` (cumulative, for every device of
+   * the user). Rejects with `bad_request` beyond what this connection delivered.
+   */
+  ack(offset: number): Promise<Position>;
   /** Users in the channel on every node, with their connection counts. */
   presence(channel: string): Promise<Record<string, number>>;
   /** The last position handed to the application on a channel. */

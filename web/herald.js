@@ -19,6 +19,9 @@
 // - (v1.1) hands ephemeral messages (`"ephemeral":true`: typing indicators, no offset,
 //   never stored) to the application as an "ephemeral" event, outside the offset
 //   tracking, and publishes them with `publish(channel, data, {ephemeral: true})`;
+// - (v1.1) acknowledges the messages of the personal channel once they are handed to
+//   the application (`ack`, coalesced over ACK_DELAY_MS; `autoAck: false` and `ack()`
+//   for manual acks), so the backend learns which notifications no device saw;
 // - skips any frame it does not understand or that has the wrong shape, so nothing a
 //   node sends can break or wedge it.
 
@@ -44,6 +47,8 @@ const AVOID_MS = 10_000;
  * node that welcomes and then closes at once (4429, say) is not hammered.
  */
 const STABLE_MS = 5_000;
+/** Auto-acks are coalesced over this long: a burst of personal messages is one frame. */
+const ACK_DELAY_MS = 100;
 
 /**
  * An error of the client. `code` is the protocol's error code for a refused command
@@ -103,6 +108,10 @@ export class HeraldClient {
     this._backoffMax = options.backoffMaxMs ?? 15_000;
     this._connectTimeout = options.connectTimeoutMs ?? 10_000;
     this._requestTimeout = options.requestTimeoutMs ?? 10_000;
+    this._autoAck = options.autoAck !== false;
+    /** The auto-ack to send ({offset, epoch}) and its timer. */
+    this._ackPending = null;
+    this._ackTimer = null;
     this._WebSocket = options.WebSocket ?? globalThis.WebSocket;
     this._fetch = options.fetch ?? globalThis.fetch?.bind(globalThis);
 
@@ -298,6 +307,25 @@ export class HeraldClient {
       }
       frame.ephemeral = true;
     }
+    return this._request(frame);
+  }
+
+  /**
+   * Acknowledges the messages of the personal channel `user:<sub>` up to `offset`
+   * (cumulative; any device of the user acking counts for the user), in the epoch the
+   * client is in. Resolves with `{offset, epoch}`; rejects with `bad_request` when the
+   * offset is beyond what this connection delivered or the epoch changed. For manual
+   * acks (`autoAck: false`): call it when the user has seen the messages, not per
+   * message (each call is a frame counted against the rate limit).
+   */
+  ack(offset) {
+    if (this._user == null) {
+      return Promise.reject(new HeraldError("disconnected", "not connected yet: no personal channel"));
+    }
+    const channel = `user:${this._user}`;
+    const sub = this._subs.get(channel);
+    const frame = { type: "ack", channel, offset };
+    if (sub?.epoch) frame.epoch = sub.epoch;
     return this._request(frame);
   }
 
@@ -567,6 +595,9 @@ export class HeraldClient {
     const waiting = this._queue;
     this._queue = [];
     for (const cmd of waiting) this._send(cmd);
+    if (this._ackPending && this._ackTimer == null) {
+      this._ackTimer = setTimeout(() => this._flushAck(), ACK_DELAY_MS);
+    }
     settle(this._connectWaiters, null, w);
   }
 
@@ -638,6 +669,28 @@ export class HeraldClient {
     // The publisher's user id, set by the server (absent: the application's server).
     if (typeof m.from === "string") message.from = m.from;
     this._emit("message", message);
+    if (this._autoAck && this._user != null && m.channel === `user:${this._user}`) {
+      // Handed to the application: ack it, coalesced with the rest of the burst.
+      this._ackPending = { offset: m.offset, epoch: m.epoch };
+      if (this._ackTimer == null) this._ackTimer = setTimeout(() => this._flushAck(), ACK_DELAY_MS);
+    }
+  }
+
+  /**
+   * Sends the coalesced auto-ack (no id: only a refusal would be answered, and nobody
+   * waits). While disconnected it waits for the next welcome; it is dropped when the
+   * personal channel moved to another epoch meanwhile.
+   */
+  _flushAck() {
+    this._ackTimer = null;
+    const pending = this._ackPending;
+    if (!pending || this._user == null) return;
+    if (this._state !== "connected") return; // sent after the next welcome
+    this._ackPending = null;
+    const channel = `user:${this._user}`;
+    const sub = this._subs.get(channel);
+    if (sub && sub.epoch !== pending.epoch) return;
+    this._sendRaw({ type: "ack", channel, offset: pending.offset, epoch: pending.epoch });
   }
 
   /** An ephemeral message: no offset, so it never touches the channel's position. */
@@ -919,6 +972,9 @@ export class HeraldClient {
       }
     }
     this._welcome = null;
+    clearTimeout(this._ackTimer);
+    this._ackTimer = null;
+    this._ackPending = null;
     const closed = error ?? new HeraldError("closed", "the client is closed");
     for (const cmd of [...this._pending.values(), ...this._queue]) {
       clearTimeout(cmd.timer);

@@ -165,6 +165,18 @@ impl Client {
             .await
     }
 
+    /// Acknowledges the messages of the personal channel `user:<sub>` up to `offset`
+    /// (cumulative; any of the user's devices acking counts for the user), in the epoch
+    /// the client is in. Sent at once with an id and resolved with the server's answer:
+    /// `bad_request` when `offset` is beyond what this connection delivered or the
+    /// epoch changed meanwhile. While disconnected it waits for the next session, within
+    /// the request timeout. Each call is one frame counted against the command rate: ack
+    /// what the user saw, not every message. With [`ClientBuilder::auto_ack`] on (the
+    /// default) this is rarely needed.
+    pub async fn ack(&self, offset: u64) -> Result<(), Error> {
+        self.request(|reply| Command::Ack { offset, reply }).await
+    }
+
     /// The last position delivered on each followed channel, for example to store and
     /// later pass to [`ClientBuilder::subscribe_from`].
     pub async fn positions(&self) -> Result<BTreeMap<String, StreamPosition>, Error> {

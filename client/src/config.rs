@@ -61,6 +61,7 @@ pub(crate) struct Config {
     /// The TLS configuration of `wss://` handshakes.
     #[cfg(feature = "tls")]
     pub(crate) tls: Arc<rustls::ClientConfig>,
+    pub(crate) auto_ack: bool,
 }
 
 /// Builds a [`Client`]: endpoints, token, and optional tuning. See the crate docs for an
@@ -78,6 +79,7 @@ pub struct ClientBuilder {
     event_buffer: usize,
     #[cfg(feature = "tls")]
     trust: crate::tls::Trust,
+    auto_ack: bool,
 }
 
 impl Default for ClientBuilder {
@@ -95,6 +97,7 @@ impl Default for ClientBuilder {
             event_buffer: 1024,
             #[cfg(feature = "tls")]
             trust: crate::tls::Trust::default(),
+            auto_ack: true,
         }
     }
 }
@@ -232,6 +235,18 @@ impl ClientBuilder {
         self
     }
 
+    /// Whether the client acknowledges the messages of the personal channel `user:<sub>`
+    /// on its own (default: on). A message counts as seen once it is handed to the
+    /// application (put on [`Events`]); acks are coalesced: at most one `ack` frame per
+    /// [`ACK_DELAY`](crate::ACK_DELAY), carrying the latest offset. Turn it off to ack
+    /// yourself with [`Client::ack`] once the user has really seen the messages: the
+    /// server reports messages that no device acked in time (`message.unacked`, for a
+    /// mobile push).
+    pub fn auto_ack(mut self, on: bool) -> Self {
+        self.auto_ack = on;
+        self
+    }
+
     /// Checks the settings and starts the client's connection task on the current tokio
     /// runtime. Returns at once; connecting happens in the background and is reported
     /// on [`Events`].
@@ -289,6 +304,7 @@ impl ClientBuilder {
             http,
             #[cfg(feature = "tls")]
             tls,
+            auto_ack: self.auto_ack,
         })
     }
 }

@@ -75,6 +75,10 @@ const RETRY_MIN: Duration = Duration::from_millis(500);
 /// good.
 const MAX_SILENCE: Duration = Duration::from_secs(86_400);
 
+/// Auto-acks are coalesced over this long: a burst of messages of the personal channel
+/// costs one `ack` frame (at most 10 per second, far below any command rate limit).
+pub const ACK_DELAY: Duration = Duration::from_millis(100);
+
 /// A token callback running for a refresh, bounded by the connect timeout.
 type Fetch = Pin<Box<dyn Future<Output = Result<String, String>> + Send>>;
 
@@ -105,6 +109,10 @@ pub(crate) enum Command {
     },
     Positions {
         reply: Reply<BTreeMap<String, StreamPosition>>,
+    },
+    Ack {
+        offset: u64,
+        reply: Reply<()>,
     },
     Close {
         done: oneshot::Sender<()>,
@@ -137,6 +145,8 @@ pub(crate) fn spawn(runtime: &tokio::runtime::Handle, config: Config) -> (Client
         next_id: 1,
         last_node: None,
         closers: Vec::new(),
+        auto_ack: None,
+        ack_at: None,
     };
     runtime.spawn(driver.run());
     (
@@ -189,6 +199,8 @@ enum Pending {
     Presence(String, Reply<BTreeMap<String, u64>>),
     /// A `refresh` with this new token.
     Refresh(String),
+    /// A manual `ack` of this offset.
+    Ack(u64, Reply<()>),
     /// Sent by the task itself; nobody waits.
     Ignore,
 }
@@ -197,6 +209,7 @@ enum Pending {
 enum Queued {
     Publish(String, Box<RawValue>, Reply<StreamPosition>),
     Presence(String, Reply<BTreeMap<String, u64>>),
+    Ack(u64, Reply<()>),
 }
 
 /// One live session: the socket and the commands in flight on it.
@@ -243,6 +256,10 @@ struct Driver {
     last_node: Option<String>,
     /// `close()` calls waiting for the task to finish.
     closers: Vec<oneshot::Sender<()>>,
+    /// The auto-ack to send: the last delivered position of the personal channel.
+    auto_ack: Option<StreamPosition>,
+    /// When to send it (a burst coalesces into one frame, see [`ACK_DELAY`]).
+    ack_at: Option<Instant>,
 }
 
 impl Driver {
@@ -434,6 +451,7 @@ impl Driver {
                 let _ = reply.send(Err(Error::NotConnected));
             }
             Command::Presence { channel, reply } => self.enqueue(Queued::Presence(channel, reply)),
+            Command::Ack { offset, reply } => self.enqueue(Queued::Ack(offset, reply)),
             Command::Positions { reply } => {
                 let _ = reply.send(Ok(self.tracker.positions()));
             }
@@ -446,6 +464,7 @@ impl Driver {
         self.queued.retain(|q| match q {
             Queued::Publish(_, _, reply) => !reply.is_closed(),
             Queued::Presence(_, reply) => !reply.is_closed(),
+            Queued::Ack(_, reply) => !reply.is_closed(),
         });
         self.queued.push_back(queued);
     }
@@ -552,6 +571,9 @@ impl Driver {
                     let command = |id| ClientCommand::Presence { id, channel };
                     self.send(session, pending, command).await?;
                 }
+                Queued::Ack(offset, reply) if !reply.is_closed() => {
+                    self.send_ack(session, offset, reply).await?;
+                }
                 _ => {} // the caller gave up (timeout)
             }
         }
@@ -572,6 +594,7 @@ impl Driver {
         loop {
             let retry_at = session.retry_at;
             let refresh_at = session.refresh.wake_at();
+            let ack_at = self.ack_at;
             // Commands first: they are few, and a busy socket must not starve them.
             let step = tokio::select! {
                 biased;
@@ -617,6 +640,8 @@ impl Driver {
                     self.refresh_due(session);
                     Ok(())
                 }
+                () = tokio::time::sleep_until(ack_at.unwrap_or_else(Instant::now)),
+                    if ack_at.is_some() => self.send_auto_ack(session).await,
             };
             if let Err(end) = step {
                 return end;
@@ -654,6 +679,8 @@ impl Driver {
                         tracing::warn!(?resync, "gap in a channel's offsets");
                         self.emit(Event::Resync(resync)).await;
                     }
+                    let personal = self.config.auto_ack && self.tracker.is_personal(&m.channel);
+                    let position = personal.then(|| StreamPosition::new(m.offset, &m.epoch));
                     let message = Message {
                         channel: m.channel,
                         offset: m.offset,
@@ -662,6 +689,12 @@ impl Driver {
                         data: m.data,
                     };
                     self.emit(Event::Message(message)).await;
+                    if let Some(position) = position {
+                        // Handed to the application: ack it, coalesced.
+                        self.auto_ack = Some(position);
+                        self.ack_at
+                            .get_or_insert_with(|| Instant::now() + ACK_DELAY);
+                    }
                 }
             },
             // Apart from the tracker: no offset to order, deduplicate or resume by.
@@ -753,6 +786,7 @@ impl Driver {
             Pending::Publish(reply) => drop(reply.send(Err(error))),
             Pending::PublishEphemeral(reply) => drop(reply.send(Err(error))),
             Pending::Presence(_, reply) => drop(reply.send(Err(error))),
+            Pending::Ack(_, reply) => drop(reply.send(Err(error))),
             Pending::Refresh(_) => self.refresh_failed(session, "malformed reply"),
             Pending::Ignore => {}
         }
@@ -861,7 +895,7 @@ impl Driver {
                     Err(e) => self.answer_subscribers(&channel, Err(e)),
                 },
             },
-            Pending::Unsubscribe(reply) => {
+            Pending::Unsubscribe(reply) | Pending::Ack(_, reply) => {
                 let _ = reply.send(outcome.map(drop).map_err(Error::Server));
             }
             Pending::Publish(reply) => {
@@ -1026,6 +1060,7 @@ impl Driver {
                 let command = |id| ClientCommand::Presence { id, channel };
                 self.send(session, pending, command).await
             }
+            Command::Ack { offset, reply } => self.send_ack(session, offset, reply).await,
             other => {
                 self.command_offline(other);
                 Ok(())
@@ -1038,6 +1073,57 @@ impl Driver {
         let pending = Pending::Subscribe(channel.clone());
         let command = |id| ClientCommand::Subscribe { id, channel, since };
         self.send(session, pending, command).await
+    }
+
+    /// A manual `ack` (with an id: the caller waits for the answer), in the epoch the
+    /// client is in on its personal channel.
+    async fn send_ack(
+        &mut self,
+        session: &mut Session,
+        offset: u64,
+        reply: Reply<()>,
+    ) -> Result<(), End> {
+        let Some(channel) = self.tracker.personal().map(str::to_owned) else {
+            let _ = reply.send(Err(Error::Protocol("no personal channel yet".into())));
+            return Ok(());
+        };
+        let epoch = self.tracker.position(&channel).map(|p| p.epoch);
+        let command = |id| ClientCommand::Ack {
+            id: Some(id),
+            channel,
+            offset,
+            epoch,
+        };
+        self.send(session, Pending::Ack(offset, reply), command)
+            .await
+    }
+
+    /// Sends the coalesced auto-ack, without an id (only a refusal is answered, and
+    /// nobody waits for it). Skipped when the personal channel moved to another epoch
+    /// meanwhile: its messages were not the ones delivered.
+    async fn send_auto_ack(&mut self, session: &mut Session) -> Result<(), End> {
+        self.ack_at = None;
+        let Some(position) = self.auto_ack.take() else {
+            return Ok(());
+        };
+        let Some(channel) = self.tracker.personal().map(str::to_owned) else {
+            return Ok(());
+        };
+        if self
+            .tracker
+            .position(&channel)
+            .is_some_and(|p| p.epoch != position.epoch)
+        {
+            return Ok(());
+        }
+        session
+            .send(&ClientCommand::Ack {
+                id: None,
+                channel,
+                offset: position.offset,
+                epoch: Some(position.epoch),
+            })
+            .await
     }
 
     /// Sends a command with a fresh id and records what waits for its reply.
@@ -1077,6 +1163,10 @@ impl Driver {
                 Pending::Presence(channel, reply) => {
                     self.queued.push_back(Queued::Presence(channel, reply));
                 }
+                // Cumulative and idempotent: sent again on the next session.
+                Pending::Ack(offset, reply) => {
+                    self.queued.push_back(Queued::Ack(offset, reply));
+                }
             }
         }
     }
@@ -1094,6 +1184,7 @@ impl Driver {
             match queued {
                 Queued::Publish(_, _, reply) => drop(reply.send(Err(Error::Closed))),
                 Queued::Presence(_, reply) => drop(reply.send(Err(Error::Closed))),
+                Queued::Ack(_, reply) => drop(reply.send(Err(Error::Closed))),
             }
         }
         self.emit(Event::Stopped(reason)).await;

@@ -111,6 +111,7 @@ mod tracker;
 
 pub use client::{Client, Events};
 pub use config::{BoxError, ClientBuilder, Endpoint, TokenFuture};
+pub use connection::ACK_DELAY;
 pub use error::Error;
 pub use event::{
     Connected, DisconnectReason, Disconnected, EphemeralMessage, Event, Message, Resync,

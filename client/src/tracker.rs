@@ -62,6 +62,11 @@ impl Tracker {
         self.personal.as_deref() == Some(channel)
     }
 
+    /// The personal channel, once a `welcome` named it.
+    pub(crate) fn personal(&self) -> Option<&str> {
+        self.personal.as_deref()
+    }
+
     /// Records the personal channel named by `welcome` (it is always followed). A
     /// token for another user replaces the old personal channel.
     pub(crate) fn set_personal(&mut self, channel: &str) {

@@ -143,6 +143,11 @@ pub struct PushArgs {
     /// Seconds to wait after publishing for the last deliveries before counting losses.
     #[arg(long, default_value_t = 15.0)]
     pub drain: f64,
+    /// Clients acknowledge what they receive (`ack` of their personal channel),
+    /// coalesced like the SDKs: at most one ack per connection every 100 ms, with the
+    /// latest offset. Measures what delivery receipts cost (Redis CPU per message).
+    #[arg(long)]
+    pub ack: bool,
 }
 
 /// `chaos`.

@@ -212,6 +212,10 @@ pub struct SessionOptions {
     pub reconnect: bool,
     /// Zero point of the reconnects-per-second table.
     pub start: Instant,
+    /// Acknowledge personal-channel messages (`ack`), coalesced: at most one frame per
+    /// this interval per connection, with the latest offset (what the SDKs do). `None`:
+    /// no acks.
+    pub ack: Option<Duration>,
 }
 
 /// Runs connection `idx` until the task is aborted (or, without reconnect, until the
@@ -277,7 +281,7 @@ pub async fn run_session<H: Handler + ?Sized>(
                 .record(idx, started.elapsed().as_micros() as u64);
         }
         handler.welcome(idx, &welcome, outage);
-        let end = read_loop(ws, handler, idx).await;
+        let end = read_loop(ws, handler, idx, options.ack).await;
         counters.open.fetch_sub(1, Ordering::Relaxed);
         counters.disconnects.fetch_add(1, Ordering::Relaxed);
         if !options.reconnect || matches!(end.code, Some(1009 | 4400 | 4403)) {
@@ -308,12 +312,37 @@ struct End {
     after_ms: Option<u64>,
 }
 
-async fn read_loop<H: Handler + ?Sized>(mut ws: Ws, handler: &H, idx: usize) -> End {
+async fn read_loop<H: Handler + ?Sized>(
+    mut ws: Ws,
+    handler: &H,
+    idx: usize,
+    ack: Option<Duration>,
+) -> End {
     let mut end = End {
         code: None,
         after_ms: None,
     };
-    while let Some(msg) = ws.next().await {
+    // The coalesced ack: (channel, offset, epoch) to send at `ack_at`.
+    let mut pending: Option<(String, u64, String)> = None;
+    let mut ack_at: Option<tokio::time::Instant> = None;
+    loop {
+        let msg = tokio::select! {
+            msg = ws.next() => msg,
+            () = tokio::time::sleep_until(ack_at.unwrap_or_else(tokio::time::Instant::now)),
+                if ack_at.is_some() => {
+                ack_at = None;
+                if let Some((channel, offset, epoch)) = pending.take() {
+                    let frame = serde_json::json!({
+                        "type": "ack", "channel": channel, "offset": offset, "epoch": epoch,
+                    });
+                    if ws.send(Message::text(frame.to_string())).await.is_err() {
+                        break;
+                    }
+                }
+                continue;
+            }
+        };
+        let Some(msg) = msg else { break };
         let text = match msg {
             Ok(Message::Text(text)) => text,
             Ok(Message::Close(frame)) => {
@@ -330,6 +359,10 @@ async fn read_loop<H: Handler + ?Sized>(mut ws: Ws, handler: &H, idx: usize) -> 
             ("message", Some(channel), Some(offset), Some(epoch)) => {
                 if let Some(data) = frame.data {
                     handler.message(idx, channel, offset, epoch, data);
+                }
+                if let Some(delay) = ack.filter(|_| channel.starts_with("user:")) {
+                    pending = Some((channel.to_owned(), offset, epoch.to_owned()));
+                    ack_at.get_or_insert_with(|| tokio::time::Instant::now() + delay);
                 }
             }
             ("ping", ..) if ws.send(Message::text(pong())).await.is_err() => break,

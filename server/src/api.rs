@@ -107,6 +107,7 @@ pub fn routes() -> Router<Arc<Node>> {
         .route("/v1/users/{user}/subscribe", post(user_subscribe))
         .route("/v1/users/{user}/unsubscribe", post(user_unsubscribe))
         .route("/v1/users/{user}/revoke", post(user_revoke))
+        .route("/v1/users/{user}/unread", get(user_unread))
         .route("/v1/channels/{channel}/presence", get(channel_presence))
         .route("/v1/channels/{channel}/history", get(history))
         .route("/v1/nodes", get(nodes))
@@ -367,6 +368,13 @@ async fn publish_one(
     data: &RawValue,
     from: Option<&str>,
 ) -> Result<Value, ApiError> {
+    // A personal channel is scheduled for the unacked check first (receipts).
+    node.receipts
+        .before_publish(channel)
+        .await
+        .inspect_err(|_| {
+            node.metrics.broker_errors.inc();
+        })?;
     let position = node
         .broker
         .publish(channel, data.get(), from)
@@ -603,6 +611,51 @@ async fn history(
         offset: h.position.offset,
         messages,
     }))
+}
+
+/// Messages `GET /v1/users/{user}/unread` returns without a `limit`.
+pub const UNREAD_DEFAULT_LIMIT: u64 = 100;
+
+/// `GET /v1/users/{user}/unread?limit=M` (v1.1): the user's acknowledged position on
+/// the personal channel, its latest offset and epoch, and the unacknowledged messages
+/// still in history, oldest first: at most `limit` (default [`UNREAD_DEFAULT_LIMIT`],
+/// at most the history size).
+async fn user_unread(
+    _: ApiKeyAuth,
+    State(node): State<Arc<Node>>,
+    Path(user): Path<String>,
+    Query(params): Query<HashMap<String, String>>,
+) -> Result<Json<Value>, ApiError> {
+    validate_user(&user).map_err(|e| ApiError::bad_request(format!("user id {e}")))?;
+    let max = node.config.history_size as u64;
+    let limit = number_param(&params, "limit")?
+        .unwrap_or(UNREAD_DEFAULT_LIMIT)
+        .min(max) as usize;
+    let channel = user_channel(&user);
+    let ack = node.broker.acked(&channel).await?;
+    let mut h = node.broker.history(&channel, ack.acked, limit).await?;
+    let mut acked = ack.acked;
+    if h.position.epoch != ack.epoch {
+        // A new epoch started between the two reads: nothing of it is acked.
+        acked = 0;
+        h = node.broker.history(&channel, 0, limit).await?;
+    }
+    let messages: Vec<HistoryMessage> = h
+        .publications
+        .iter()
+        .map(|p| HistoryMessage {
+            offset: p.offset,
+            from: p.from.as_deref().map(str::to_owned),
+            data: raw_json(&p.data),
+        })
+        .collect();
+    Ok(Json(json!({
+        "user": user,
+        "acked": acked,
+        "offset": h.position.offset,
+        "epoch": h.position.epoch,
+        "messages": messages,
+    })))
 }
 
 /// The answer of `GET /v1/channels/{channel}/history`.

@@ -235,6 +235,16 @@ pub struct Config {
     #[arg(long, env = "HERALD_REDIS_WAIT_TIMEOUT_MS", default_value_t = 500)]
     pub redis_wait_timeout_ms: u64,
 
+    /// Milliseconds within which some device of a user must acknowledge (`ack`) a
+    /// message of the user's personal channel; a message not acknowledged by then is
+    /// reported once as `message.unacked` (for a mobile push). 0 turns the detection
+    /// off (no scheduling cost on publish); otherwise 100..=3600000. Keep it well
+    /// below the history TTL: a message that left history before it is overdue cannot
+    /// be reported.
+    #[arg(long, env = "HERALD_ACK_TIMEOUT_MS", default_value_t = 30_000,
+          value_parser = crate::receipts::parse_ack_timeout)]
+    pub ack_timeout_ms: u64,
+
     /// Seconds after which a silent node is dropped from the registry and presence.
     #[arg(long, env = "HERALD_NODE_TTL_SECS", default_value_t = 10)]
     pub node_ttl_secs: u64,
@@ -381,6 +391,7 @@ mod tests {
         assert_eq!(c.max_ephemeral_per_sec, 10);
         assert_eq!(c.max_pending_handshakes, 1_000);
         assert_eq!(c.max_connections_per_user, 32);
+        assert_eq!(c.ack_timeout_ms, 30_000);
     }
 
     #[test]

@@ -10,6 +10,7 @@
 //! - [`ws`]: the WebSocket upgrade and one session's protocol state machine;
 //! - [`control`]: the server API's control over users (sessions by user, revocations);
 //! - [`presence`]: this node's presence, sent to the broker in batches;
+//! - [`receipts`]: delivery receipts (`ack`), unread state, unacked detection;
 //! - [`registry`]: this node's heartbeat and the choice of node for `/v1/connect`;
 //! - [`node`]: the state shared by all of the above, and connection admission;
 //! - [`limits`]: the pure rules of admission and recovery budgets;
@@ -31,6 +32,7 @@ pub mod listener;
 pub mod metrics;
 pub mod node;
 pub mod presence;
+pub mod receipts;
 pub mod registry;
 pub mod web;
 pub mod ws;
@@ -119,6 +121,22 @@ pub async fn run(
     broker.start(Arc::new(HubSink(Arc::clone(&hub))));
     tokio::spawn(Arc::clone(&hub).load_revocations());
     let presence = Arc::new(Presence::new(id.clone(), Arc::clone(&broker)));
+    if config.ack_timeout_ms > 0
+        && config.ack_timeout_ms >= config.history_ttl_secs.saturating_mul(1000)
+    {
+        tracing::warn!(
+            ack_timeout_ms = config.ack_timeout_ms,
+            history_ttl_secs = config.history_ttl_secs,
+            "HERALD_ACK_TIMEOUT_MS is not below the history TTL: messages leave history \
+             before they are overdue and are never reported as unacked"
+        );
+    }
+    let receipts = Arc::new(receipts::Receipts::new(
+        Arc::clone(&broker),
+        Arc::clone(&metrics),
+        config.ack_timeout_ms,
+        config.history_size,
+    ));
     let node = Arc::new(Node::new(
         config,
         id,
@@ -128,6 +146,7 @@ pub async fn run(
         Arc::clone(&hub),
         Arc::clone(&presence),
         metrics,
+        Arc::clone(&receipts),
     ));
     announce(&node, local);
 
@@ -135,6 +154,13 @@ pub async fn run(
     let presence_ttl = node.config.broker_settings().presence_ttl;
     tokio::spawn(registry::heartbeat(Arc::clone(&node), background.clone()));
     tokio::spawn(Arc::clone(&presence).run(presence_ttl / 3, background.clone()));
+    // Unacked reports: the sweeper hands them to this node's consumer, which for now
+    // logs them (the webhook log takes its place once wired: see `receipts::log_unacked`).
+    let (unacked_tx, unacked_rx) = tokio::sync::mpsc::channel(64);
+    tokio::spawn(receipts::log_unacked(unacked_rx));
+    tokio::spawn(Arc::clone(&receipts).run_sweeper(unacked_tx, background.clone()));
+    let stop_acks = CancellationToken::new();
+    let acks_flushed = tokio::spawn(Arc::clone(&receipts).run_flusher(stop_acks.clone()));
     tokio::spawn(housekeeping(
         Arc::clone(&hub),
         memory,
@@ -175,6 +201,9 @@ pub async fn run(
     }
     stop_http.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(1), server).await;
+    // The sessions are gone: write their last acks before the broker closes.
+    stop_acks.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(2), acks_flushed).await;
     background.cancel();
     node.broker.shutdown().await;
     tracing::info!(node = %node.id, "stopped");

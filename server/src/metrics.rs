@@ -78,6 +78,14 @@ pub struct Metrics {
     /// Channels with stored state (offset, epoch, history) in the in-memory broker;
     /// refreshed by the node's housekeeping. Stays 0 with Redis.
     pub memory_streams: Gauge,
+    /// Delivery receipts: `message.unacked` reports the sweeper handed on (and its
+    /// consumer confirmed). See [`crate::receipts`].
+    pub unacked_messages: Counter,
+    /// Delivery receipts: acknowledged positions written to the broker (one per
+    /// channel per flush, however many `ack` frames were coalesced into it).
+    pub acks_flushed: Counter,
+    /// Delivery receipts: `ack` frames accepted from clients.
+    pub acks_received: Counter,
     /// Resident memory of the process, read from `/proc` at each scrape.
     resident_memory: Gauge,
     /// Open file descriptors of the process, counted at each scrape.
@@ -118,6 +126,9 @@ impl Metrics {
             resyncs: Counter::default(),
             broker_errors: Counter::default(),
             memory_streams: Gauge::default(),
+            unacked_messages: Counter::default(),
+            acks_flushed: Counter::default(),
+            acks_received: Counter::default(),
             resident_memory: Gauge::default(),
             open_fds: Gauge::default(),
             registry: Registry::default(),
@@ -232,6 +243,21 @@ impl Metrics {
             "herald_memory_streams",
             "Channels with stored state in the in-memory broker",
             m.memory_streams.clone(),
+        );
+        registry.register(
+            "herald_unacked_messages",
+            "Messages to personal channels reported as not acknowledged in time",
+            m.unacked_messages.clone(),
+        );
+        registry.register(
+            "herald_acks_flushed",
+            "Acknowledged positions written to the broker (coalesced acks)",
+            m.acks_flushed.clone(),
+        );
+        registry.register(
+            "herald_acks_received",
+            "ack frames accepted from clients",
+            m.acks_received.clone(),
         );
         // The standard names of Prometheus' process collector, so that dashboards (and
         // herald-loadtest, for nodes on other machines) find them.

@@ -18,6 +18,7 @@ use crate::hub::Hub;
 use crate::limits::{PendingAdmit, PendingQueue};
 use crate::metrics::{self, Metrics};
 use crate::presence::Presence;
+use crate::receipts::Receipts;
 
 /// Everything shared by the node's HTTP handlers and WebSocket sessions.
 pub struct Node {
@@ -37,6 +38,8 @@ pub struct Node {
     pub presence: Arc<Presence>,
     /// Metrics.
     pub metrics: Arc<Metrics>,
+    /// Delivery receipts: coalesced acks, the unacked schedule.
+    pub receipts: Arc<Receipts>,
     /// Every WebSocket session, so shutdown can wait for them (axum does not).
     pub sessions: TaskTracker,
     /// Cancelled when the node starts draining.
@@ -64,6 +67,7 @@ impl Node {
         hub: Arc<Hub>,
         presence: Arc<Presence>,
         metrics: Arc<Metrics>,
+        receipts: Arc<Receipts>,
     ) -> Self {
         let pending = PendingQueue::new(config.max_pending_handshakes, PENDING_EVICT_AFTER);
         Self {
@@ -75,6 +79,7 @@ impl Node {
             hub,
             presence,
             metrics,
+            receipts,
             sessions: TaskTracker::new(),
             drain: CancellationToken::new(),
             force_close: CancellationToken::new(),

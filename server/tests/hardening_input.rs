@@ -204,12 +204,15 @@ fn random_text(rng: &mut StdRng, seeds: &[String]) -> String {
                 "presence",
                 "unsubscribe",
                 "pong",
+                "ack",
                 "Subscribe",
                 "",
             ];
             let kind = kinds[rng.random_range(0..kinds.len())];
             let mut obj = json!({"type": kind});
-            for field in ["id", "channel", "since", "data", "token", "resume"] {
+            for field in [
+                "id", "channel", "since", "data", "token", "resume", "offset",
+            ] {
                 if rng.random_bool(0.5) {
                     let v = match rng.random_range(0..5) {
                         0 => json!(rng.random::<u32>()),
@@ -237,8 +240,11 @@ fn expected(text: &str) -> Expect {
             | ClientCommand::Unsubscribe { id, .. }
             | ClientCommand::Publish { id, .. }
             | ClientCommand::Presence { id, .. }
-            | ClientCommand::Refresh { id, .. },
+            | ClientCommand::Refresh { id, .. }
+            | ClientCommand::Ack { id: Some(id), .. },
         ) => Expect::Reply(id),
+        // An ack without id is answered only when refused (no id in the error reply).
+        Ok(ClientCommand::Ack { id: None, .. }) => Expect::SilentOrError,
     }
 }
 
@@ -248,6 +254,7 @@ enum Expect {
     BadRequest(Option<u64>),
     Reply(u64),
     Nothing,
+    SilentOrError,
 }
 
 /// Random and mutated frames over a real WebSocket: for each text frame the node does
@@ -283,7 +290,7 @@ async fn random_and_mutated_frames_never_hurt_the_node() {
             let expect = expected(&text);
             ws.send(Message::Text(text.clone().into())).await.unwrap();
             let wait = match expect {
-                Expect::Nothing => Duration::from_millis(20),
+                Expect::Nothing | Expect::SilentOrError => Duration::from_millis(20),
                 _ => Duration::from_secs(5),
             };
             let outcome = next_head(&mut ws, wait).await;
@@ -310,7 +317,11 @@ async fn random_and_mutated_frames_never_hurt_the_node() {
                     assert!(h.error.is_some() != h.result.is_some(), "#{i} {h:?}");
                     counts[2] += 1;
                 }
-                (Expect::Nothing, Outcome::Silent) => counts[3] += 1,
+                (Expect::Nothing | Expect::SilentOrError, Outcome::Silent) => counts[3] += 1,
+                (Expect::SilentOrError, Outcome::Reply(h)) => {
+                    assert!(h.id.is_none() && h.error.is_some(), "#{i} {h:?}");
+                    counts[1] += 1;
+                }
                 _ => panic!("#{i} {short}: expected {expect:?}, got {outcome:?}"),
             }
             outcome

@@ -80,6 +80,21 @@ pub enum ClientCommand {
         /// The new JWT.
         token: String,
     },
+    /// Acknowledge every message of the own personal channel up to `offset` (v1.1),
+    /// cumulatively. With an `id` it gets a reply; without one only errors are answered.
+    Ack {
+        /// Echoed in the reply, when given.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: Option<u64>,
+        /// The session's own personal channel `user:<sub>`.
+        channel: String,
+        /// The last offset handed to the application.
+        offset: u64,
+        /// The epoch of that offset (an addition: an ack of another epoch than the
+        /// session's current one is refused instead of acking the wrong messages).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        epoch: Option<String>,
+    },
 }
 
 /// Why a client frame was not accepted.
@@ -131,6 +146,10 @@ struct RawCommand<'a> {
     data: Option<Box<RawValue>>,
     #[serde(default)]
     ephemeral: Option<Value>,
+    #[serde(default)]
+    offset: Option<Value>,
+    #[serde(default)]
+    epoch: Option<Value>,
 }
 
 impl ClientCommand {
@@ -141,13 +160,21 @@ impl ClientCommand {
         let kind = raw.kind.as_ref();
         if !matches!(
             kind,
-            "hello" | "subscribe" | "unsubscribe" | "publish" | "presence" | "pong" | "refresh"
+            "hello"
+                | "subscribe"
+                | "unsubscribe"
+                | "publish"
+                | "presence"
+                | "pong"
+                | "refresh"
+                | "ack"
         ) {
             return Err(ParseError::NotACommand(format!("unknown type {kind:?}")));
         }
         match kind {
             "pong" => Ok(ClientCommand::Pong),
             "hello" => parse_hello(raw),
+            "ack" => parse_ack(raw),
             _ => {
                 let id = match raw.id.as_ref().map(Value::as_u64) {
                     Some(Some(id)) => id,
@@ -229,6 +256,50 @@ fn channel_arg(id: u64, channel: Option<Value>) -> Result<String, ParseError> {
 fn position_arg(id: u64, v: Value, what: &str) -> Result<StreamPosition, ParseError> {
     serde_json::from_value(v).map_err(|e| bad(Some(id), format!("`{what}`: {e}")))
 }
+
+/// `ack`: the `id` is optional (auto-acks need no answer); `offset` is required.
+fn parse_ack(raw: RawCommand<'_>) -> Result<ClientCommand, ParseError> {
+    let id = match raw.id {
+        None | Some(Value::Null) => None,
+        Some(v) => match v.as_u64() {
+            Some(id) => Some(id),
+            None => return Err(bad(None, "`id` must be a non-negative integer")),
+        },
+    };
+    let channel = match raw.channel {
+        Some(Value::String(c)) => {
+            validate_channel(&c).map_err(|e| bad(id, format!("channel name {e}")))?;
+            c
+        }
+        Some(_) => return Err(bad(id, "`channel` must be a string")),
+        None => return Err(bad(id, "`channel` is missing")),
+    };
+    let offset = match raw.offset.as_ref().map(Value::as_u64) {
+        Some(Some(o)) => o,
+        Some(None) => return Err(bad(id, "`offset` must be a non-negative integer")),
+        None => return Err(bad(id, "`offset` is missing")),
+    };
+    let epoch = match raw.epoch {
+        None | Some(Value::Null) => None,
+        Some(Value::String(e)) if e.len() <= MAX_EPOCH_BYTES => Some(e),
+        Some(_) => {
+            return Err(bad(
+                id,
+                format!("`epoch` must be a string of at most {MAX_EPOCH_BYTES} bytes"),
+            ))
+        }
+    };
+    Ok(ClientCommand::Ack {
+        id,
+        channel,
+        offset,
+        epoch,
+    })
+}
+
+/// Longest `epoch` an `ack` may carry: epochs are 8 characters; anything much longer
+/// is not one and need not be kept.
+pub const MAX_EPOCH_BYTES: usize = 64;
 
 fn parse_hello(raw: RawCommand<'_>) -> Result<ClientCommand, ParseError> {
     // A hello without a token is an authentication failure (4401), which the server
@@ -617,6 +688,50 @@ mod tests {
         bad_argument(r#"{"type":"refresh","id":5,"token":""}"#, Some(5));
         bad_argument(r#"{"type":"refresh","id":5,"token":7}"#, Some(5));
         bad_argument(r#"{"type":"refresh","token":"t"}"#, None);
+        bad_argument(r#"{"type":"ack","channel":"user:a"}"#, None);
+        bad_argument(r#"{"type":"ack","id":3,"channel":"user:a"}"#, Some(3));
+        bad_argument(
+            r#"{"type":"ack","id":3,"channel":"user:a","offset":-1}"#,
+            Some(3),
+        );
+        bad_argument(
+            r#"{"type":"ack","id":3,"channel":"user:a","offset":"1"}"#,
+            Some(3),
+        );
+        bad_argument(r#"{"type":"ack","id":3,"offset":1}"#, Some(3));
+        bad_argument(
+            r#"{"type":"ack","id":-3,"channel":"user:a","offset":1}"#,
+            None,
+        );
+        bad_argument(
+            r#"{"type":"ack","id":3,"channel":"user:a","offset":1,"epoch":5}"#,
+            Some(3),
+        );
+        let long = "e".repeat(MAX_EPOCH_BYTES + 1);
+        bad_argument(
+            &format!(r#"{{"type":"ack","channel":"user:a","offset":1,"epoch":"{long}"}}"#),
+            None,
+        );
+    }
+
+    #[test]
+    fn acks_parse() {
+        match ClientCommand::parse(r#"{"type":"ack","channel":"user:alice","offset":17}"#) {
+            Ok(ClientCommand::Ack {
+                id: None,
+                channel,
+                offset: 17,
+                epoch: None,
+            }) => assert_eq!(channel, "user:alice"),
+            other => panic!("{other:?}"),
+        }
+        let text = r#"{"type":"ack","id":4,"channel":"user:a","offset":2,"epoch":"e1"}"#;
+        let c = ClientCommand::parse(text).unwrap();
+        assert!(matches!(
+            &c,
+            ClientCommand::Ack { id: Some(4), offset: 2, epoch: Some(e), .. } if e == "e1"
+        ));
+        assert_eq!(c.to_json(), text);
     }
 
     #[test]

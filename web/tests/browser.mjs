@@ -716,6 +716,53 @@ async function ephemeral(page) {
   });
 }
 
+// ---- scenario 8: delivery receipts (auto-ack and manual ack) -------------------------------
+
+/** Polls `GET /v1/users/{user}/unread` until `acked` is `want`. */
+async function waitAcked(node, user, want) {
+  const deadline = Date.now() + WAIT;
+  for (;;) {
+    const u = await api(node, "GET", `/v1/users/${user}/unread`);
+    if (u.acked === want) return u;
+    assert.ok(Date.now() < deadline, `${user}: acked ${u.acked}, want ${want}`);
+    await sleep(100);
+  }
+}
+
+async function receipts(page) {
+  say("scenario 8: herald.js acks the personal channel on its own; autoAck:false acks by hand");
+  const node = nodes[2];
+  const url = `ws://${new URL(node.http).host}/ws`;
+  await within(
+    page.evaluate(async (url) => {
+      await H.make("ana", { url, getToken: () => globalThis.mintToken("ana", 600) }).connect();
+      await H.make("ben", {
+        url,
+        getToken: () => globalThis.mintToken("ben", 600),
+        autoAck: false,
+      }).connect();
+    }, url),
+    "ana and ben connect",
+  );
+  let last;
+  for (let i = 0; i < 10; i++) last = await publish("user:ana", { n: i });
+  for (let i = 0; i < 3; i++) await publish("user:ben", { n: i });
+  await waitLast(page, "ana", "user:ana", last.offset);
+  await waitLast(page, "ben", "user:ben", 3);
+  const ana = await waitAcked(node, "ana", last.offset);
+  assert.deepEqual(ana.messages, [], "ana: nothing unread once auto-acked");
+
+  await sleep(500); // several auto-ack delays: ben acks nothing by himself
+  assert.equal((await api(node, "GET", "/v1/users/ben/unread")).acked, 0);
+  const ok = await page.evaluate(() => H.attempt(H.client("ben").ack(2)));
+  assert.ok(ok.ok, `ben.ack(2): ${JSON.stringify(ok)}`);
+  const ben = await waitAcked(node, "ben", 2);
+  assert.deepEqual(ben.messages.map((m) => m.offset), [3]);
+  const bad = await page.evaluate(() => H.attempt(H.client("ben").ack(99)));
+  assert.equal(bad.code, "bad_request", `ben.ack(99): ${JSON.stringify(bad)}`);
+  say("ana auto-acked, ben acked by hand");
+}
+
 // ---- main ------------------------------------------------------------------------------
 
 async function main() {
@@ -746,6 +793,7 @@ async function main() {
     await lossReported(page);
     await refreshAndKick(page);
     await ephemeral(page);
+    await receipts(page);
     await heartbeatAndToken(browser);
   } finally {
     await browser.close();

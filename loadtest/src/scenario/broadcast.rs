@@ -173,6 +173,7 @@ impl Slice {
         let options = Arc::new(SessionOptions {
             reconnect: true,
             start: Instant::now(),
+            ack: None,
         });
         let starter = tokio::spawn(start_sessions(
             Arc::clone(&state),

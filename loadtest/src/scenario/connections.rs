@@ -107,6 +107,7 @@ impl Slice {
         let options = Arc::new(SessionOptions {
             reconnect: false,
             start: Instant::now(),
+            ack: None,
         });
         let start_us = now_us();
         let starter = tokio::spawn(start_sessions(

@@ -128,6 +128,7 @@ pub async fn run(args: &PushArgs, actions: Vec<Action>, scenario: &str) -> anyho
     let options = Arc::new(SessionOptions {
         reconnect: true,
         start: Instant::now(),
+        ack: args.ack.then_some(Duration::from_millis(100)),
     });
     let sessions = connect_all(
         Arc::clone(&state),

@@ -21,6 +21,8 @@ use super::{
     PresenceChange, Publication, PublicationSink, Revocation, SubscribeAck, UserCommand,
 };
 
+mod receipts;
+
 const SHARDS: usize = 16;
 
 /// A random epoch: 8 alphanumeric characters.
@@ -95,6 +97,8 @@ pub struct MemoryBroker {
     /// The stored revocations (what Redis' `revocations` hash is to a cluster); expired
     /// ones are dropped whenever one is recorded.
     revocations: Revocations,
+    /// Delivery receipts (acks, the unacked due set): see `memory/receipts.rs`.
+    receipts: Mutex<receipts::ReceiptState>,
 }
 
 impl MemoryBroker {
@@ -107,6 +111,7 @@ impl MemoryBroker {
             subscribed: RwLock::default(),
             sink: OnceLock::new(),
             revocations: Revocations::default(),
+            receipts: Mutex::default(),
         }
     }
 
@@ -169,6 +174,7 @@ impl MemoryBroker {
                 now.duration_since(s.touched) <= self.settings.meta_ttl
             });
         }
+        self.sweep_receipts(now);
         let mut shared = self.shared();
         let (presence_ttl, node_ttl) = (self.settings.presence_ttl, self.settings.node_ttl);
         for entries in shared.presence.values_mut() {

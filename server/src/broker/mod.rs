@@ -23,6 +23,8 @@ use futures_util::future::BoxFuture;
 use herald_protocol::StreamPosition;
 use serde::{Deserialize, Serialize};
 
+use crate::receipts::ReceiptStore;
+
 /// One published message as the broker numbered it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Publication {
@@ -217,9 +219,10 @@ pub struct Ephemeral {
 pub type SubscribeAck = BoxFuture<'static, Result<(), BrokerError>>;
 
 /// The broker interface: streams with offsets and history, per-node routing, presence
-/// and the node registry.
+/// and the node registry; and delivery receipts ([`ReceiptStore`], a supertrait kept
+/// in its own module and files).
 #[async_trait]
-pub trait Broker: Send + Sync + 'static {
+pub trait Broker: ReceiptStore + Send + Sync + 'static {
     /// Starts delivering publications of subscribed channels to `sink`. Called once.
     fn start(&self, sink: Arc<dyn PublicationSink>);
 

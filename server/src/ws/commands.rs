@@ -49,6 +49,7 @@ impl Session {
             Ok(ClientCommand::Publish { id, .. }) => (Some(*id), "publish"),
             Ok(ClientCommand::Presence { id, .. }) => (Some(*id), "presence"),
             Ok(ClientCommand::Refresh { id, .. }) => (Some(*id), "refresh"),
+            Ok(ClientCommand::Ack { id, .. }) => (*id, "ack"),
         };
         self.node
             .metrics
@@ -81,6 +82,19 @@ impl Session {
             }
             Err(ParseError::NotACommand(_)) => return Err(End::Close(CloseCode::BadRequest)),
         };
+        if let ClientCommand::Ack {
+            channel,
+            offset,
+            epoch,
+            ..
+        } = &command
+        {
+            // Answered only with an `id` (auto-acks of the SDKs send none), errors always.
+            return match self.ack(channel, *offset, epoch.as_deref()) {
+                Ok(_) if id.is_none() => Ok(()),
+                result => self.reply(socket, id, result).await,
+            };
+        }
         let id = id.unwrap_or_default();
         match command {
             ClientCommand::Subscribe { channel, since, .. } => {
@@ -117,7 +131,7 @@ impl Session {
                 self.reply(socket, Some(id), result).await
             }
             ClientCommand::Refresh { token, .. } => self.refresh(socket, id, &token).await,
-            ClientCommand::Pong | ClientCommand::Hello { .. } => Ok(()),
+            ClientCommand::Pong | ClientCommand::Hello { .. } | ClientCommand::Ack { .. } => Ok(()),
         }
     }
 
@@ -268,6 +282,14 @@ impl Session {
                 format!("not allowed to publish to {channel}"),
             ));
         }
+        // A personal channel is scheduled for the unacked check first (receipts).
+        self.node
+            .receipts
+            .before_publish(channel)
+            .await
+            .inspect_err(|_| {
+                self.node.metrics.broker_errors.inc();
+            })?;
         // `from` is always the session's user: a client cannot choose it (any `from` in
         // its frame is not even parsed).
         let position = self
@@ -317,6 +339,32 @@ impl Session {
             })?;
         self.node.metrics.ephemeral_published.inc();
         Ok(json!({ "ephemeral": true }))
+    }
+
+    /// `ack`: checked against what this connection saw of its personal channel
+    /// ([`crate::receipts::check_ack`]), then queued on the node, which coalesces the
+    /// acks of all its sessions and writes them within 50 ms: no broker call here.
+    pub(super) fn ack(
+        &self,
+        channel: &str,
+        offset: u64,
+        epoch: Option<&str>,
+    ) -> Result<serde_json::Value, CommandError> {
+        let (current_epoch, delivered) = self
+            .channels
+            .get(&*self.personal)
+            .map_or((None, 0), |s| (Some(s.epoch.clone()), s.last));
+        let current = current_epoch.clone().unwrap_or_else(|| "".into());
+        crate::receipts::check_ack(
+            channel,
+            offset,
+            epoch,
+            &self.personal,
+            (&current, delivered),
+        )
+        .map_err(|e| CommandError(e.code(), e.to_string()))?;
+        self.node.receipts.ack(&self.personal, &current, offset);
+        Ok(json!({"offset": offset, "epoch": &*current}))
     }
 
     pub(super) async fn presence(&self, channel: &str) -> Result<serde_json::Value, CommandError> {

@@ -14,6 +14,9 @@
 //! | `Pcontrol-reply:<id>` | hash | node id = sessions a user command affected there; expires in 10 s |
 //! | `Prevocations` | hash | user = `<before>\|<until>`; expires with the last revocation |
 //! | `Pprobe:<node>:{T}` | pub/sub channel | liveness probes of one node, one per Redis shard |
+//! | `P{C}:r` | hash | delivery receipts of a personal channel: `e` = epoch, `a` = acked offset, `p` = reported (unacked) up to; expires `meta_ttl` after the last write |
+//! | `P{#receipts}:due` | sorted set | personal channels to check for unacked messages, score = when (Redis clock, ms) |
+//! | `P{#receipts}:claimed` | sorted set | channels a node's sweeper is checking, score = when the claim runs out |
 //!
 //! The hash tag `{C}` puts every key of a channel and its sharded pub/sub channel in
 //! one cluster slot, which is what lets one Lua script touch them all. Channel names
@@ -234,6 +237,21 @@ impl Keys {
         format!("{}{{{channel}}}:c", self.prefix)
     }
 
+    /// The channel's delivery receipts hash (see `receipts.rs`).
+    pub(crate) fn receipts(&self, channel: &str) -> String {
+        format!("{}{{{channel}}}:r", self.prefix)
+    }
+
+    /// The set of personal channels due for the unacked check (its own slot).
+    pub(crate) fn receipts_due(&self) -> String {
+        format!("{}{{#receipts}}:due", self.prefix)
+    }
+
+    /// The set of channels claimed by a sweeper (the due set's slot).
+    pub(crate) fn receipts_claimed(&self) -> String {
+        format!("{}{{#receipts}}:claimed", self.prefix)
+    }
+
     /// The channel's presence hash.
     pub(crate) fn presence(&self, channel: &str) -> String {
         format!("{}presence:{{{channel}}}", self.prefix)
@@ -379,6 +397,8 @@ mod tests {
         let slot = |s: &str| fred::util::redis_keyslot(s.as_bytes());
         assert_eq!(slot(&k.meta("a")), slot(&k.pubsub("a")));
         assert_eq!(slot(&k.history("a")), slot(&k.presence("a")));
+        assert_eq!(slot(&k.receipts("user:a")), slot(&k.meta("user:a")));
+        assert_eq!(slot(&k.receipts_due()), slot(&k.receipts_claimed()));
     }
 
     #[test]

@@ -29,6 +29,7 @@
 
 mod keys;
 mod probe;
+mod receipts;
 mod scripts;
 mod subscriptions;
 

@@ -1,0 +1,587 @@
+//! Delivery receipts: acks of personal channels, unread state and unacked detection
+//! (the `message.unacked` hook for mobile push).
+//!
+//! What this module owns:
+//! - the rules of an `ack` (pure: [`check_ack`]);
+//! - [`Receipts`], the node's part: it coalesces the acks of every local session per
+//!   channel (latest offset wins) and writes them to the broker every
+//!   [`ACK_FLUSH_INTERVAL`], so that acks cost the broker at most one call per channel
+//!   per interval however many frames clients send; it schedules a personal channel for
+//!   the unacked check before each publish to it; and it runs the sweeper;
+//! - [`ReceiptStore`], what a broker stores for it (a supertrait of
+//!   [`crate::broker::Broker`]; Redis in `broker/redis/receipts.rs`, memory in
+//!   `broker/memory/receipts.rs`).
+//!
+//! Unacked detection, at least once and surviving node death: a publish to a personal
+//! channel first records the channel in a *due set* with the time its message becomes
+//! overdue ([`ReceiptStore::schedule`]; before the publish, so a crash in between leaves
+//! only a harmless entry). Every node runs a sweeper that claims due channels atomically
+//! with a visibility timeout ([`ReceiptStore::claim_due`]: a claim of a node that dies is
+//! taken again by another node once it runs out), reads the messages older than the ack
+//! timeout beyond max(acked, reported) ([`ReceiptStore::scan`]), hands them to the
+//! node's consumer as an [`UnackedBatch`] and waits for its confirmation, and only then
+//! marks them reported and releases the claim, rescheduling the channel when newer
+//! messages are pending ([`ReceiptStore::finish`]). A crash anywhere in between repeats
+//! a report with the same [`Unacked::event_id`], never loses one.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use herald_protocol::channel::personal_channel_owner;
+use herald_protocol::codes::ErrorCode;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use crate::broker::{Broker, BrokerError};
+use crate::metrics::Metrics;
+
+/// How often coalesced acks are written to the broker: an ack is stored at most this
+/// long after the frame arrived.
+pub const ACK_FLUSH_INTERVAL: Duration = Duration::from_millis(50);
+/// How long a sweeper's claim on a channel lasts: if the claiming node dies before it
+/// finishes, another node takes the channel again after this.
+pub const CLAIM_VISIBILITY: Duration = Duration::from_secs(10);
+/// Most channels one sweep claims.
+pub const CLAIM_BATCH: usize = 64;
+/// How long the sweeper waits for its consumer to confirm a batch before it gives up
+/// on it (the claim then runs out and the batch is reported again).
+pub const CONFIRM_TIMEOUT: Duration = Duration::from_secs(5);
+/// Smallest and largest `HERALD_ACK_TIMEOUT_MS` (0 turns unacked detection off).
+pub const ACK_TIMEOUT_RANGE: std::ops::RangeInclusive<u64> = 100..=3_600_000;
+
+/// Parses `HERALD_ACK_TIMEOUT_MS`: 0 (off) or a whole number of milliseconds in
+/// [`ACK_TIMEOUT_RANGE`].
+pub fn parse_ack_timeout(value: &str) -> Result<u64, String> {
+    let ms: u64 = value.parse().map_err(|e| format!("{e}"))?;
+    if ms == 0 || ACK_TIMEOUT_RANGE.contains(&ms) {
+        Ok(ms)
+    } else {
+        Err(format!(
+            "must be 0 (off) or {}..={} ms",
+            ACK_TIMEOUT_RANGE.start(),
+            ACK_TIMEOUT_RANGE.end()
+        ))
+    }
+}
+
+/// How often a node's sweeper looks for due channels: a quarter of the timeout, so a
+/// report comes at most about 25% late, between 50 ms and 1 s.
+pub fn sweep_interval(timeout: Duration) -> Duration {
+    (timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(1))
+}
+
+/// The due computation of one scan, as a pure function (the memory broker runs it; the
+/// Redis script `scan.lua` does the same in Lua): given a channel's retained messages
+/// after max(acked, reported) as (offset, age) in offset order, which are overdue (age
+/// at least `timeout`), at most `limit` of them, and when to look again: when the
+/// first pending one becomes overdue, or at once (zero) when more are overdue than
+/// `limit`; `None` when nothing is pending.
+pub fn due_messages(
+    ages: impl IntoIterator<Item = (u64, Duration)>,
+    timeout: Duration,
+    limit: usize,
+) -> (Vec<u64>, Option<Duration>) {
+    let mut overdue = Vec::new();
+    for (offset, age) in ages {
+        if age < timeout {
+            return (overdue, Some(timeout - age));
+        }
+        if overdue.len() >= limit.max(1) {
+            return (overdue, Some(Duration::ZERO));
+        }
+        overdue.push(offset);
+    }
+    (overdue, None)
+}
+
+/// Why an `ack` is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AckError {
+    /// Not the session's own personal channel.
+    #[error("only the own personal channel {0} can be acknowledged")]
+    NotOwnChannel(String),
+    /// The given epoch is not the one the session is in (history was lost meanwhile).
+    #[error("epoch {given:?} is not the channel's current epoch {current:?}; ack ignored")]
+    StaleEpoch {
+        /// The ack's epoch.
+        given: String,
+        /// The session's epoch of the channel.
+        current: String,
+    },
+    /// Beyond what the session has seen.
+    #[error(
+        "offset {offset} is beyond the last offset delivered on this connection ({delivered})"
+    )]
+    BeyondDelivered {
+        /// The ack's offset.
+        offset: u64,
+        /// The session's last delivered (or subscribed-at) offset.
+        delivered: u64,
+    },
+}
+
+impl AckError {
+    /// The reply's error code.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            AckError::NotOwnChannel(_) => ErrorCode::Forbidden,
+            AckError::StaleEpoch { .. } | AckError::BeyondDelivered { .. } => ErrorCode::BadRequest,
+        }
+    }
+}
+
+/// The rules of an `ack`, as a pure function: only the session's own personal channel
+/// (`personal`); if the ack names an epoch it must be the session's current one; the
+/// offset may not exceed what this connection was told about (`delivered`: the last
+/// offset delivered, or the position at subscribe). Refusing rather than clamping: an
+/// ack beyond that is a client bug, and acking messages no device saw would suppress
+/// their mobile push. Returns the epoch the ack applies to.
+pub fn check_ack<'a>(
+    channel: &str,
+    offset: u64,
+    epoch: Option<&str>,
+    personal: &str,
+    current: (&'a str, u64),
+) -> Result<&'a str, AckError> {
+    if channel != personal {
+        return Err(AckError::NotOwnChannel(personal.to_owned()));
+    }
+    let (current_epoch, delivered) = current;
+    if let Some(e) = epoch {
+        if e != current_epoch {
+            return Err(AckError::StaleEpoch {
+                given: e.to_owned(),
+                current: current_epoch.to_owned(),
+            });
+        }
+    }
+    if offset > delivered {
+        return Err(AckError::BeyondDelivered { offset, delivered });
+    }
+    Ok(current_epoch)
+}
+
+/// One coalesced ack: everything up to `offset` of `channel` in `epoch`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ack {
+    /// The personal channel.
+    pub channel: String,
+    /// The epoch the offset belongs to; a broker ignores an ack of another epoch than
+    /// the channel's current one (its messages are gone).
+    pub epoch: String,
+    /// Acknowledged up to here (cumulative); a broker keeps max(stored, offset), clamped
+    /// to the channel's latest offset.
+    pub offset: u64,
+}
+
+/// A channel's acknowledged position.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct AckPosition {
+    /// The epoch of `acked` (empty when nothing was ever acked).
+    pub epoch: String,
+    /// Acked up to here.
+    pub acked: u64,
+}
+
+/// A message to a personal channel that no device acknowledged in time: the payload
+/// of the `message.unacked` webhook event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unacked {
+    /// The personal channel (`user:<id>`).
+    pub channel: String,
+    /// The message's offset.
+    pub offset: u64,
+    /// The channel's epoch.
+    pub epoch: String,
+    /// The message's data (JSON text, as published).
+    pub data: Arc<str>,
+    /// Who published it, when known.
+    pub from: Option<Arc<str>>,
+    /// When it was published (Unix ms; the broker's clock).
+    pub published_at_ms: u64,
+}
+
+impl Unacked {
+    /// The event's id, the same whenever (and by whichever node) the message is
+    /// reported: `unacked:<channel>:<epoch>:<offset>`. A receiver deduplicates on it.
+    pub fn event_id(&self) -> String {
+        format!("unacked:{}:{}:{}", self.channel, self.epoch, self.offset)
+    }
+
+    /// The user the channel belongs to.
+    pub fn user(&self) -> Option<&str> {
+        personal_channel_owner(&self.channel)
+    }
+}
+
+/// What [`ReceiptStore::scan`] found in one claimed channel.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Scan {
+    /// The channel's epoch ('' when the channel has no stored state any more).
+    pub epoch: String,
+    /// Overdue, unacked, unreported messages, oldest first.
+    pub overdue: Vec<Unacked>,
+    /// When the channel must be looked at again, from now: the next pending message
+    /// becomes overdue (or more overdue ones than one scan returns). `None`: nothing
+    /// pending.
+    pub next_due_in: Option<Duration>,
+}
+
+/// What a broker stores for delivery receipts. Every method is one atomic step per
+/// channel (or on the due set).
+#[async_trait]
+pub trait ReceiptStore: Send + Sync {
+    /// Stores coalesced acks: per channel, max(stored, offset), clamped to the
+    /// channel's latest offset; an ack whose epoch is not the channel's current one is
+    /// ignored.
+    async fn store_acks(&self, acks: &[Ack]) -> Result<(), BrokerError>;
+
+    /// The channel's acknowledged position. An ack of an older epoch reads as nothing
+    /// acked in the current one.
+    async fn acked(&self, channel: &str) -> Result<AckPosition, BrokerError>;
+
+    /// Records that `channel` must be checked in `delay` (unless it already is due
+    /// earlier). Called before each publish to a personal channel.
+    async fn schedule(&self, channel: &str, delay: Duration) -> Result<(), BrokerError>;
+
+    /// Claims up to `limit` due channels for `visibility`: no other sweeper gets them
+    /// until [`ReceiptStore::finish`] or the visibility runs out.
+    async fn claim_due(
+        &self,
+        limit: usize,
+        visibility: Duration,
+    ) -> Result<Vec<String>, BrokerError>;
+
+    /// The channel's messages older than `timeout` after max(acked, reported), at most
+    /// `limit`.
+    async fn scan(
+        &self,
+        channel: &str,
+        timeout: Duration,
+        limit: usize,
+    ) -> Result<Scan, BrokerError>;
+
+    /// Marks the channel reported up to `reported` (in `epoch`; 0: nothing new), then
+    /// releases the claim and schedules the channel again in `next_due_in` if given.
+    async fn finish(
+        &self,
+        channel: &str,
+        epoch: &str,
+        reported: u64,
+        next_due_in: Option<Duration>,
+    ) -> Result<(), BrokerError>;
+}
+
+/// Overdue messages of one channel, handed from the sweeper to the node's consumer
+/// (for now a log and a metric; the webhook log once it is wired). The sweeper marks
+/// them reported only after [`UnackedBatch::confirm`]: drop the batch unconfirmed and
+/// the messages are reported again later (same event ids).
+#[derive(Debug)]
+pub struct UnackedBatch {
+    /// The messages, oldest first, all of one channel.
+    pub messages: Vec<Unacked>,
+    confirmed: oneshot::Sender<()>,
+}
+
+impl UnackedBatch {
+    /// The consumer took the messages durably: the sweeper may mark them reported.
+    pub fn confirm(self) {
+        let _ = self.confirmed.send(());
+    }
+}
+
+/// The node's delivery receipts. See the module doc.
+pub struct Receipts {
+    broker: Arc<dyn Broker>,
+    metrics: Arc<Metrics>,
+    /// `HERALD_ACK_TIMEOUT_MS`; `None`: unacked detection is off.
+    timeout: Option<Duration>,
+    /// Most messages one scan reads (the history size).
+    scan_limit: usize,
+    /// How long a claim lasts ([`CLAIM_VISIBILITY`] unless a test shortens it).
+    visibility: Duration,
+    /// Acks not yet written: channel → (epoch, offset). One entry per personal channel
+    /// with an ack since the last flush, so bounded by the users of local sessions. A
+    /// std `Mutex`: never held across an `.await`.
+    pending: Mutex<HashMap<String, (Arc<str>, u64)>>,
+}
+
+impl Receipts {
+    /// The node's receipts over `broker`; `timeout` 0 turns unacked detection off.
+    pub fn new(
+        broker: Arc<dyn Broker>,
+        metrics: Arc<Metrics>,
+        timeout_ms: u64,
+        scan_limit: usize,
+    ) -> Self {
+        Self {
+            broker,
+            metrics,
+            timeout: (timeout_ms > 0).then(|| Duration::from_millis(timeout_ms)),
+            scan_limit: scan_limit.max(1),
+            visibility: CLAIM_VISIBILITY,
+            pending: Mutex::default(),
+        }
+    }
+
+    /// The same with another claim visibility (tests of a sweeper that dies).
+    pub fn with_claim_visibility(mut self, visibility: Duration) -> Self {
+        self.visibility = visibility;
+        self
+    }
+
+    fn pending(&self) -> std::sync::MutexGuard<'_, HashMap<String, (Arc<str>, u64)>> {
+        self.pending.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues an ack (already checked with [`check_ack`]); written within
+    /// [`ACK_FLUSH_INTERVAL`]. Acks of a channel coalesce: the highest offset of the
+    /// latest epoch wins.
+    pub fn ack(&self, channel: &str, epoch: &Arc<str>, offset: u64) {
+        self.metrics.acks_received.inc();
+        if offset == 0 {
+            return;
+        }
+        let mut pending = self.pending();
+        match pending.get_mut(channel) {
+            Some((e, o)) if **e == **epoch => *o = (*o).max(offset),
+            Some(entry) => *entry = (epoch.clone(), offset),
+            None => {
+                pending.insert(channel.to_owned(), (epoch.clone(), offset));
+            }
+        }
+    }
+
+    /// Writes the queued acks. On a broker failure they are put back (merged with any
+    /// newer ones) for the next flush.
+    pub async fn flush(&self) {
+        let batch: Vec<Ack> = {
+            let mut pending = self.pending();
+            if pending.is_empty() {
+                return;
+            }
+            pending
+                .drain()
+                .map(|(channel, (epoch, offset))| Ack {
+                    channel,
+                    epoch: epoch.to_string(),
+                    offset,
+                })
+                .collect()
+        };
+        match self.broker.store_acks(&batch).await {
+            Ok(()) => {
+                self.metrics.acks_flushed.inc_by(batch.len() as u64);
+            }
+            Err(e) => {
+                self.metrics.broker_errors.inc();
+                tracing::warn!(error = %e, acks = batch.len(), "could not store acks; retrying");
+                let mut pending = self.pending();
+                for ack in batch {
+                    let epoch: Arc<str> = ack.epoch.into();
+                    pending.entry(ack.channel).or_insert((epoch, ack.offset));
+                }
+            }
+        }
+    }
+
+    /// Called before each publish to `channel`: a personal channel is scheduled for
+    /// the unacked check (when detection is on). Before, not after: a node that dies
+    /// between the two leaves a harmless entry, never an unchecked message.
+    pub async fn before_publish(&self, channel: &str) -> Result<(), BrokerError> {
+        match self.timeout {
+            Some(timeout) if personal_channel_owner(channel).is_some() => {
+                self.broker.schedule(channel, timeout).await
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Writes acks every [`ACK_FLUSH_INTERVAL`] until `stop`, then once more.
+    pub async fn run_flusher(self: Arc<Self>, stop: CancellationToken) {
+        let mut tick = tokio::time::interval(ACK_FLUSH_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                _ = tick.tick() => self.flush().await,
+            }
+        }
+        self.flush().await;
+    }
+
+    /// The sweeper: claims due channels and hands their overdue messages to `out`
+    /// until `stop`. Does nothing when detection is off.
+    pub async fn run_sweeper(
+        self: Arc<Self>,
+        out: mpsc::Sender<UnackedBatch>,
+        stop: CancellationToken,
+    ) {
+        let Some(timeout) = self.timeout else { return };
+        let mut tick = tokio::time::interval(sweep_interval(timeout));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            // Keep going while claims come back full: a backlog is worked off at once.
+            loop {
+                let claimed = match self.broker.claim_due(CLAIM_BATCH, self.visibility).await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "unacked sweep: claim failed");
+                        break;
+                    }
+                };
+                let full = claimed.len() >= CLAIM_BATCH;
+                for channel in claimed {
+                    if stop.is_cancelled() {
+                        // The claims run out and another node takes them.
+                        return;
+                    }
+                    if let Err(e) = self.sweep_channel(&channel, timeout, &out).await {
+                        tracing::warn!(error = %e, channel, "unacked sweep of a channel failed; retried after the claim runs out");
+                    }
+                }
+                if !full {
+                    break;
+                }
+            }
+        }
+    }
+
+    async fn sweep_channel(
+        &self,
+        channel: &str,
+        timeout: Duration,
+        out: &mpsc::Sender<UnackedBatch>,
+    ) -> Result<(), BrokerError> {
+        let scan = self.broker.scan(channel, timeout, self.scan_limit).await?;
+        let reported = scan.overdue.last().map_or(0, |m| m.offset);
+        if !scan.overdue.is_empty() {
+            let (confirmed, done) = oneshot::channel();
+            let count = scan.overdue.len() as u64;
+            let batch = UnackedBatch {
+                messages: scan.overdue,
+                confirmed,
+            };
+            if out.send(batch).await.is_err() {
+                return Err(BrokerError::Unavailable("unacked consumer stopped".into()));
+            }
+            match tokio::time::timeout(CONFIRM_TIMEOUT, done).await {
+                Ok(Ok(())) => {
+                    self.metrics.unacked_messages.inc_by(count);
+                }
+                _ => {
+                    return Err(BrokerError::Unavailable(
+                        "unacked consumer did not confirm".into(),
+                    ))
+                }
+            }
+        }
+        self.broker
+            .finish(channel, &scan.epoch, reported, scan.next_due_in)
+            .await
+    }
+}
+
+/// The node's consumer of unacked reports until the webhook log is wired: logs each
+/// message and confirms. (`herald_unacked_messages_total` is counted by the sweeper
+/// on confirmation.) Wiring the webhook: append `batch.messages` to the event log
+/// (ids from [`Unacked::event_id`]), then `batch.confirm()`.
+pub async fn log_unacked(mut reports: mpsc::Receiver<UnackedBatch>) {
+    while let Some(batch) = reports.recv().await {
+        for m in &batch.messages {
+            tracing::info!(
+                id = %m.event_id(),
+                channel = %m.channel,
+                offset = m.offset,
+                epoch = %m.epoch,
+                published_at_ms = m.published_at_ms,
+                "message.unacked"
+            );
+        }
+        batch.confirm();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn acks_only_the_own_channel_up_to_what_was_delivered() {
+        let me = "user:alice";
+        assert_eq!(check_ack(me, 5, None, me, ("e1", 7)), Ok("e1"));
+        assert_eq!(check_ack(me, 7, Some("e1"), me, ("e1", 7)), Ok("e1"));
+        assert_eq!(check_ack(me, 0, None, me, ("", 0)), Ok(""));
+        let e = check_ack("user:bob", 1, None, me, ("e1", 7)).unwrap_err();
+        assert_eq!(e.code(), ErrorCode::Forbidden);
+        assert_eq!(
+            check_ack(me, 8, None, me, ("e1", 7)),
+            Err(AckError::BeyondDelivered {
+                offset: 8,
+                delivered: 7
+            })
+        );
+        let e = check_ack(me, 1, Some("e0"), me, ("e1", 7)).unwrap_err();
+        assert!(matches!(e, AckError::StaleEpoch { .. }));
+        assert_eq!(e.code(), ErrorCode::BadRequest);
+    }
+
+    #[test]
+    fn due_messages_are_the_overdue_prefix() {
+        let ms = Duration::from_millis;
+        let t = ms(1000);
+        assert_eq!(due_messages([], t, 10), (vec![], None));
+        // Two overdue, the third due in 400 ms.
+        let ages = [(3, ms(2500)), (4, ms(1000)), (5, ms(600)), (6, ms(10))];
+        assert_eq!(due_messages(ages, t, 10), (vec![3, 4], Some(ms(400))));
+        // All overdue: nothing pending after them.
+        assert_eq!(
+            due_messages([(1, ms(5000)), (2, ms(4000))], t, 10),
+            (vec![1, 2], None)
+        );
+        // More overdue than the limit: look again at once.
+        let many = (1..=5).map(|o| (o, ms(9000)));
+        assert_eq!(due_messages(many, t, 2), (vec![1, 2], Some(Duration::ZERO)));
+        // None overdue yet.
+        assert_eq!(due_messages([(7, ms(1))], t, 2), (vec![], Some(ms(999))));
+    }
+
+    #[test]
+    fn ack_timeout_range() {
+        assert_eq!(parse_ack_timeout("0"), Ok(0));
+        assert_eq!(parse_ack_timeout("30000"), Ok(30_000));
+        assert_eq!(parse_ack_timeout("100"), Ok(100));
+        assert_eq!(parse_ack_timeout("3600000"), Ok(3_600_000));
+        for bad in ["99", "3600001", "-1", "x", ""] {
+            assert!(parse_ack_timeout(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn sweep_interval_is_a_quarter_of_the_timeout_within_bounds() {
+        let ms = Duration::from_millis;
+        assert_eq!(sweep_interval(ms(100)), ms(50));
+        assert_eq!(sweep_interval(ms(400)), ms(100));
+        assert_eq!(sweep_interval(ms(30_000)), Duration::from_secs(1));
+    }
+
+    #[test]
+    fn event_ids_are_deterministic() {
+        let m = Unacked {
+            channel: "user:bob".into(),
+            offset: 3,
+            epoch: "e1".into(),
+            data: "{}".into(),
+            from: None,
+            published_at_ms: 1,
+        };
+        assert_eq!(m.event_id(), "unacked:user:bob:e1:3");
+        assert_eq!(m.user(), Some("bob"));
+    }
+}
