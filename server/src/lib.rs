@@ -14,6 +14,8 @@
 //! - [`node`]: the state shared by all of the above, and connection admission;
 //! - [`limits`]: the pure rules of admission and recovery budgets;
 //! - [`listener`]: accepting connections and serving HTTP on them, with timeouts;
+//! - [`webhook`]: user online/offline and channel occupied/vacated events, delivered
+//!   to the backend's URLs at least once, signed;
 //! - [`metrics`]: Prometheus metrics;
 //! - [`web`]: the browser client (`/herald.js`), the demo page (`/`) and the cluster
 //!   dashboard (`/admin`), embedded.
@@ -33,6 +35,7 @@ pub mod node;
 pub mod presence;
 pub mod registry;
 pub mod web;
+pub mod webhook;
 pub mod ws;
 
 use std::future::Future;
@@ -62,6 +65,9 @@ pub enum StartError {
     /// The broker could not be set up (a malformed URL).
     #[error(transparent)]
     Broker(#[from] BrokerError),
+    /// The webhook settings break a rule ([`webhook::Settings::from_config`]).
+    #[error(transparent)]
+    Webhook(#[from] webhook::SettingsError),
     /// The listener failed.
     #[error("listener: {0}")]
     Io(#[from] std::io::Error),
@@ -119,6 +125,14 @@ pub async fn run(
     broker.start(Arc::new(HubSink(Arc::clone(&hub))));
     tokio::spawn(Arc::clone(&hub).load_revocations());
     let presence = Arc::new(Presence::new(id.clone(), Arc::clone(&broker)));
+    let webhooks = webhook::Settings::from_config(&config, keys.dev)?.map(|settings| {
+        Arc::new(webhook::Webhooks::new(
+            settings,
+            broker.as_ref(),
+            id.clone(),
+            Arc::clone(&metrics),
+        ))
+    });
     let node = Arc::new(Node::new(
         config,
         id,
@@ -127,6 +141,7 @@ pub async fn run(
         Arc::clone(&broker),
         Arc::clone(&hub),
         Arc::clone(&presence),
+        webhooks,
         metrics,
     ));
     announce(&node, local);
@@ -135,6 +150,9 @@ pub async fn run(
     let presence_ttl = node.config.broker_settings().presence_ttl;
     tokio::spawn(registry::heartbeat(Arc::clone(&node), background.clone()));
     tokio::spawn(Arc::clone(&presence).run(presence_ttl / 3, background.clone()));
+    if let Some(w) = &node.webhooks {
+        w.spawn(background.clone());
+    }
     tokio::spawn(housekeeping(
         Arc::clone(&hub),
         memory,
@@ -176,6 +194,10 @@ pub async fn run(
     stop_http.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(1), server).await;
     background.cancel();
+    if let Some(w) = &node.webhooks {
+        // The sessions are gone: report their departures, hand the URLs over.
+        let _ = tokio::time::timeout(Duration::from_secs(2), w.finish()).await;
+    }
     node.broker.shutdown().await;
     tracing::info!(node = %node.id, "stopped");
     Ok(())

@@ -18,6 +18,7 @@ use crate::hub::Hub;
 use crate::limits::{PendingAdmit, PendingQueue};
 use crate::metrics::{self, Metrics};
 use crate::presence::Presence;
+use crate::webhook::Webhooks;
 
 /// Everything shared by the node's HTTP handlers and WebSocket sessions.
 pub struct Node {
@@ -35,6 +36,9 @@ pub struct Node {
     pub hub: Arc<Hub>,
     /// Presence of local sessions.
     pub presence: Arc<Presence>,
+    /// Webhooks, when `HERALD_WEBHOOK_URL` is set: sessions report users and channels
+    /// here, and anything may append events ([`Webhooks::append`]).
+    pub webhooks: Option<Arc<Webhooks>>,
     /// Metrics.
     pub metrics: Arc<Metrics>,
     /// Every WebSocket session, so shutdown can wait for them (axum does not).
@@ -63,6 +67,7 @@ impl Node {
         broker: Arc<dyn Broker>,
         hub: Arc<Hub>,
         presence: Arc<Presence>,
+        webhooks: Option<Arc<Webhooks>>,
         metrics: Arc<Metrics>,
     ) -> Self {
         let pending = PendingQueue::new(config.max_pending_handshakes, PENDING_EVICT_AFTER);
@@ -74,6 +79,7 @@ impl Node {
             broker,
             hub,
             presence,
+            webhooks,
             metrics,
             sessions: TaskTracker::new(),
             drain: CancellationToken::new(),

@@ -14,6 +14,7 @@
 //! | `Pcontrol-reply:<id>` | hash | node id = sessions a user command affected there; expires in 10 s |
 //! | `Prevocations` | hash | user = `<before>\|<until>`; expires with the last revocation |
 //! | `Pprobe:<node>:{T}` | pub/sub channel | liveness probes of one node, one per Redis shard |
+//! | `P{#webhook}:…` | (several) | the webhook event log and presence state, all in one slot: see `webhook.lua` |
 //!
 //! The hash tag `{C}` puts every key of a channel and its sharded pub/sub channel in
 //! one cluster slot, which is what lets one Lua script touch them all. Channel names
@@ -252,6 +253,12 @@ impl Keys {
     /// The hash where nodes answer user command `id` (node id = sessions affected).
     pub(crate) fn control_reply(&self, id: &str) -> String {
         format!("{}control-reply:{id}", self.prefix)
+    }
+
+    /// What every webhook key starts with: `P{#webhook}:`. One hash tag, so the
+    /// webhook scripts run atomically on Redis Cluster too.
+    pub(crate) fn webhook(&self) -> String {
+        format!("{}{{#webhook}}:", self.prefix)
     }
 
     /// The herald channel of a pub/sub channel name, if it is one of ours.

@@ -31,6 +31,7 @@ mod keys;
 mod probe;
 mod scripts;
 mod subscriptions;
+mod webhook;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -914,6 +915,16 @@ impl Broker for RedisBroker {
             let _ = client.hdel::<Value, _, _>(key.as_str(), stale).await;
         }
         Ok(list)
+    }
+
+    fn webhooks(
+        &self,
+        settings: crate::broker::webhook::WebhookStoreSettings,
+    ) -> Arc<dyn crate::broker::webhook::WebhookStore> {
+        Arc::new(webhook::RedisWebhookStore::new(
+            Arc::clone(&self.inner),
+            settings,
+        ))
     }
 
     fn is_healthy(&self) -> bool {
