@@ -23,7 +23,7 @@ use axum::routing::post;
 use client::Client;
 use herald_server::webhook::{dispatch, sign};
 use herald_testkit::process::NodeProcess;
-use herald_testkit::redis::RedisServer;
+use herald_testkit::redis::{RedisCluster, RedisServer};
 use serde_json::{json, Value};
 
 const SECRET: &str = "webhook-secret-0123456789-abcdefghijkl";
@@ -179,6 +179,8 @@ impl Receiver {
                 other => panic!("unexpected event type {other}"),
             };
             let seq = e["seq"].as_u64().expect("seq");
+            // Numbered from the clock (ms × 1000), below 2^53.
+            assert!((1_600_000_000_000_000..1 << 53).contains(&seq), "{e}");
             assert!(e["at"].as_u64().expect("at") > 1_600_000_000_000);
             let on = matches!(kind, "user.online" | "channel.occupied");
             match last.get(&subject) {
@@ -206,9 +208,12 @@ fn prefix(test: &str) -> String {
 }
 
 fn start_nodes(redis: &RedisServer, prefix: &str, hook: &str, count: usize) -> Vec<NodeProcess> {
-    let url = redis.url();
+    start_nodes_on(&redis.url(), prefix, hook, count)
+}
+
+fn start_nodes_on(url: &str, prefix: &str, hook: &str, count: usize) -> Vec<NodeProcess> {
     let env = [
-        ("HERALD_REDIS_URL", url.as_str()),
+        ("HERALD_REDIS_URL", url),
         ("HERALD_REDIS_PREFIX", prefix),
         ("HERALD_WEBHOOK_URL", hook),
         ("HERALD_WEBHOOK_SECRET", SECRET),
@@ -376,6 +381,85 @@ async fn node_sigkill_and_a_receiver_that_fails_then_recovers() {
         sum
     };
     assert!(survivors >= 6.0, "the survivors delivered {survivors}");
+}
+
+/// On Redis Cluster every webhook key shares one slot, so the scripts run there too.
+#[tokio::test]
+async fn works_on_redis_cluster() {
+    let cluster = RedisCluster::start();
+    let rx = Receiver::start().await;
+    let nodes = start_nodes_on(&cluster.url(), &prefix("cluster"), &rx.url(), 2);
+    ready(&nodes).await;
+    let mut a0 = connect(&nodes[0], "alice").await;
+    join(&mut a0, "room:c").await;
+    rx.wait_kinds("user", "alice", &["user.online"]).await;
+    rx.wait_kinds("channel", "room:c", &["channel.occupied"])
+        .await;
+    // A hop to the other node: nothing.
+    let mut a1 = connect(&nodes[1], "alice").await;
+    join(&mut a1, "room:c").await;
+    a0.close().await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(rx.unique().len(), 2, "{:#?}", rx.unique());
+    a1.close().await;
+    rx.wait_kinds("user", "alice", &["user.online", "user.offline"])
+        .await;
+    rx.wait_kinds(
+        "channel",
+        "room:c",
+        &["channel.occupied", "channel.vacated"],
+    )
+    .await;
+    rx.check();
+}
+
+/// Redis frozen (SIGSTOP) while a user leaves: the node's report fails and is sent
+/// again after Redis is back, so the user still goes offline, once.
+#[tokio::test]
+async fn a_departure_while_redis_is_frozen_is_not_lost() {
+    let redis = RedisServer::start();
+    let rx = Receiver::start().await;
+    let nodes = start_nodes(&redis, &prefix("frozen"), &rx.url(), 1);
+    ready(&nodes).await;
+    let bob = connect(&nodes[0], "bob").await;
+    rx.wait_kinds("user", "bob", &["user.online"]).await;
+    redis.pause();
+    bob.close().await;
+    // Longer than the command timeout (2 s): the report fails at least once.
+    tokio::time::sleep(Duration::from_millis(3000)).await;
+    redis.resume();
+    rx.wait_kinds("user", "bob", &["user.online", "user.offline"])
+        .await;
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    assert_eq!(rx.unique().len(), 2, "{:#?}", rx.unique());
+    rx.check();
+}
+
+/// A node SIGKILLed and restarted at once under the same id, before its TTL ran out:
+/// the users of its previous life are not its users any more. They go offline after
+/// the grace (unless they come back), and are never stuck online.
+#[tokio::test]
+async fn a_node_restarted_under_its_id_lets_go_of_its_previous_life() {
+    let redis = RedisServer::start();
+    let rx = Receiver::start().await;
+    let mut nodes = start_nodes(&redis, &prefix("reborn"), &rx.url(), 1);
+    ready(&nodes).await;
+    let _erin = connect(&nodes[0], "erin").await;
+    let _finn = connect(&nodes[0], "finn").await;
+    rx.wait_kinds("user", "erin", &["user.online"]).await;
+    rx.wait_kinds("user", "finn", &["user.online"]).await;
+    nodes[0].restart();
+    ready(&nodes).await;
+    // finn reconnects to the new life within the grace: no event. erin does not.
+    let finn = connect(&nodes[0], "finn").await;
+    rx.wait_kinds("user", "erin", &["user.online", "user.offline"])
+        .await;
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    assert_eq!(rx.kinds_of("user", "finn"), ["user.online"]);
+    finn.close().await;
+    rx.wait_kinds("user", "finn", &["user.online", "user.offline"])
+        .await;
+    rx.check();
 }
 
 /// The memory broker (one node, dev mode): the same events, retried after failures,

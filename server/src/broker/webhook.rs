@@ -20,7 +20,8 @@
 //!   after node TTL + grace unless they reconnected elsewhere).
 //! - Every event gets the next number `n` of the log: the stream id, the event's
 //!   `seq` (increasing per subject, since it increases globally), and, with the log's
-//!   random epoch, its unique `id` `<epoch>-<n>`.
+//!   random epoch, its unique `id` `<epoch>-<n>`. A new log starts numbering at the
+//!   clock in ms × 1000, so `seq` keeps increasing even when Redis lost the log.
 //! - Each webhook target (a URL) has a cursor: the last `n` it acknowledged. Only the
 //!   holder of the target's lease (one node at a time) reads after the cursor and moves
 //!   it; when the holder dies, the lease expires and another node re-sends everything
@@ -274,10 +275,15 @@ impl MemState {
 impl MemoryWebhookStore {
     /// An empty store.
     pub fn new(settings: WebhookStoreSettings) -> Self {
+        // Numbered from the clock like the Redis log: see `webhook.lua`.
+        let state = MemState {
+            n: now_ms() * 1000,
+            ..MemState::default()
+        };
         Self {
             settings,
             epoch: super::memory::new_epoch(),
-            state: Mutex::default(),
+            state: Mutex::new(state),
         }
     }
 
@@ -469,13 +475,18 @@ mod tests {
         }
     }
 
+    /// Type and seq (relative to the log's first number) of each event.
     fn kinds(st: &MemoryWebhookStore) -> Vec<String> {
-        st.state()
+        let state = st.state();
+        let base = state.log.front().map_or(0, |e| e.n - 1);
+        state
             .log
             .iter()
             .map(|e| {
                 let v: serde_json::Value = serde_json::from_str(&e.json).unwrap();
-                format!("{} {}", v["type"].as_str().unwrap(), v["seq"])
+                let seq = v["seq"].as_u64().unwrap();
+                assert_eq!(seq, e.n);
+                format!("{} {}", v["type"].as_str().unwrap(), seq - base)
             })
             .collect()
     }
@@ -554,6 +565,7 @@ mod tests {
     #[tokio::test]
     async fn cursor_lease_and_retention() {
         let st = store(0);
+        let base = st.state().n; // event k (from 1) has number base + k
         for i in 0..8 {
             st.append(&NewEvent {
                 kind: "test".into(),
@@ -565,16 +577,19 @@ mod tests {
         }
         // Retention 5: events 4..=8 are kept; a new target starts at the oldest.
         let b = st.read("t", "n1", 2).await.unwrap().unwrap();
-        assert_eq!((b.events[0].n, b.events.len(), b.trimmed), (4, 2, 0));
+        assert_eq!((b.events[0].n - base, b.events.len(), b.trimmed), (4, 2, 0));
         assert!(
             st.read("t", "n2", 2).await.unwrap().is_none(),
             "n1 holds the lease"
         );
-        assert!(!st.ack("t", "n2", 5).await.unwrap());
-        assert!(st.ack("t", "n1", 5).await.unwrap());
+        assert!(!st.ack("t", "n2", base + 5).await.unwrap());
+        assert!(st.ack("t", "n1", base + 5).await.unwrap());
         let b = st.read("t", "n1", 10).await.unwrap().unwrap();
-        assert_eq!(b.events.iter().map(|e| e.n).collect::<Vec<_>>(), [6, 7, 8]);
-        st.ack("t", "n1", 8).await.unwrap();
+        assert_eq!(
+            b.events.iter().map(|e| e.n - base).collect::<Vec<_>>(),
+            [6, 7, 8]
+        );
+        st.ack("t", "n1", base + 8).await.unwrap();
         for _ in 0..7 {
             st.append(&NewEvent {
                 kind: "test".into(),
@@ -585,7 +600,11 @@ mod tests {
             .unwrap();
         }
         let b = st.read("t", "n1", 10).await.unwrap().unwrap();
-        assert_eq!((b.events[0].n, b.trimmed), (11, 2), "9 and 10 were trimmed");
+        assert_eq!(
+            (b.events[0].n - base, b.trimmed),
+            (11, 2),
+            "9 and 10 were trimmed"
+        );
         st.release("t", "n1").await.unwrap();
         assert!(st.claim("t", "n2").await.unwrap());
         assert!(st

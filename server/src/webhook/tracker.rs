@@ -135,10 +135,23 @@ pub(super) async fn run(webhooks: Arc<Webhooks>, stop: CancellationToken) {
     let jitter = |d: Duration| d.mul_f64(rand::rng().random_range(0.75..1.25));
     let mut next_sweep = tokio::time::Instant::now() + jitter(sweep);
     let mut all = true; // the first report asserts everything
+                        // A node restarted under the same HERALD_NODE_ID before the store noticed it was
+                        // gone: what the store thinks it holds belongs to its previous life. Let go of it
+                        // first (its users get the grace, like after a crash), then report afresh.
+    let mut previous_life = true;
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = flush.tick() => {}
+        }
+        if previous_life {
+            match webhooks.store.leave(&webhooks.node_id).await {
+                Ok(()) => previous_life = false,
+                Err(e) => {
+                    tracing::debug!(error = %e, "webhooks: could not reset this node's holds; will retry");
+                    continue;
+                }
+            }
         }
         let now = tokio::time::Instant::now();
         let dirty = !webhooks.tracker.state().dirty.is_empty();

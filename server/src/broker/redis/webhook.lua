@@ -1,7 +1,7 @@
 -- Webhook presence and the event log (see broker/webhook.rs for the model).
 --
 -- Every key starts with W = `<prefix>{#webhook}:` (one cluster slot):
---   W..'meta'      hash: epoch, n (the last event number)
+--   W..'meta'      hash: epoch, n (the last event number; a new log starts at ms x 1000)
 --   W..'log'       stream: id `<n>-0`, field e = the event's JSON
 --   W..'on'        set: subjects announced online / occupied
 --   W..'due'       zset: subject -> offline deadline (ms, Redis clock)
@@ -34,6 +34,10 @@ local function emit(kind, field, name, extra)
     epoch = ARGV[3]
     redis.call('HSET', KEYS[1], 'epoch', epoch)
   end
+  -- A new log numbers from the clock (ms x 1000), not from 1: a log that Redis lost
+  -- and started again still gives every user a larger seq than before (below 2^53,
+  -- so exact in Lua and in JavaScript).
+  redis.call('HSETNX', KEYS[1], 'n', string.format('%d', now * 1000))
   local n = redis.call('HINCRBY', KEYS[1], 'n', 1)
   local ntext = string.format('%d', n)
   local json = '{"id":' .. cjson.encode(epoch .. '-' .. ntext) .. ',"type":' .. cjson.encode(kind) ..
