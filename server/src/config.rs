@@ -236,7 +236,13 @@ pub struct Config {
     /// Webhook receivers: comma list of `http://` or `https://` URLs. Each gets every
     /// event (user.online/offline, channel.occupied/vacated, …) in signed batches, at
     /// least once. Unset: no webhooks.
-    #[arg(long, env = "HERALD_WEBHOOK_URL", value_delimiter = ',')]
+    // Hidden in `--help`: a URL may carry credentials.
+    #[arg(
+        long,
+        env = "HERALD_WEBHOOK_URL",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
     pub webhook_url: Option<Vec<String>>,
 
     /// HMAC-SHA256 key of the `Herald-Signature` header; required with

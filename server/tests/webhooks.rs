@@ -542,3 +542,98 @@ fn bad_settings_refuse_to_start() {
         assert!(r.stderr.contains(says), "{env:?}: {}", r.stderr);
     }
 }
+
+/// The Redis store itself: the log is trimmed to about its retention, a URL whose
+/// events were trimmed is told how many it lost (and the rest add up), and only the
+/// lease holder reads or moves the cursor.
+#[tokio::test]
+async fn redis_store_trims_counts_losses_and_respects_the_lease() {
+    use herald_server::broker::webhook::{NewEvent, WebhookStoreSettings};
+    let redis = RedisServer::start();
+    let broker = herald_server::broker::redis::connect(
+        &redis.url(),
+        &prefix("store"),
+        "n1",
+        herald_server::Config::default().broker_settings(),
+    )
+    .await
+    .unwrap();
+    let store = herald_server::broker::Broker::webhooks(
+        &broker,
+        WebhookStoreSettings {
+            grace: Duration::from_secs(5),
+            node_ttl: Duration::from_secs(10),
+            lease: Duration::from_secs(10),
+            retention: 10,
+        },
+    );
+    let append = |i: usize| NewEvent {
+        kind: "test.event".into(),
+        subject: format!("u:user{i}"),
+        extra: format!(r#""i":{i}"#),
+    };
+    // The connection comes up in the background.
+    let deadline = Instant::now() + WAIT;
+    while store.append(&append(0)).await.is_err() {
+        assert!(Instant::now() < deadline, "Redis never answered");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The target reads the first event and acknowledges it.
+    let first = store.read("t", "n1", 10).await.unwrap().unwrap();
+    assert_eq!(first.events.len(), 1);
+    let v: Value = serde_json::from_str(&first.events[0].json).unwrap();
+    assert_eq!(
+        (v["type"].as_str(), v["user"].as_str(), v["i"].as_u64()),
+        (Some("test.event"), Some("user0"), Some(0))
+    );
+    assert!(store.ack("t", "n1", first.events[0].n).await.unwrap());
+    // Another node neither reads nor acknowledges while n1 holds the lease.
+    assert!(store.read("t", "n2", 10).await.unwrap().is_none());
+    assert!(!store.claim("t", "n2").await.unwrap());
+    assert!(!store.ack("t", "n2", u64::MAX).await.unwrap());
+
+    for i in 1..=600 {
+        store.append(&append(i)).await.unwrap();
+    }
+    let len: usize = redis
+        .cli(&["XLEN", &format!("{}{{#webhook}}:log", prefix("store"))])
+        .trim()
+        .parse()
+        .unwrap();
+    assert!((10..=200).contains(&len), "the log holds {len}");
+    // Every event after the cursor is either delivered or counted as lost.
+    let mut delivered = 0u64;
+    let mut lost = 0u64;
+    let mut last = first.events[0].n;
+    loop {
+        let b = store.read("t", "n1", 100).await.unwrap().unwrap();
+        lost += b.trimmed;
+        let Some(end) = b.events.last() else { break };
+        for e in &b.events {
+            assert!(e.n > last, "in order");
+            last = e.n;
+        }
+        delivered += b.events.len() as u64;
+        assert!(store.ack("t", "n1", end.n).await.unwrap());
+    }
+    assert_eq!(delivered, len as u64);
+    assert_eq!(delivered + lost, 600);
+    // The holder gives the lease up; another node takes it at once.
+    store.release("t", "n1").await.unwrap();
+    assert!(store.claim("t", "n2").await.unwrap());
+    assert!(store
+        .read("t", "n2", 10)
+        .await
+        .unwrap()
+        .unwrap()
+        .events
+        .is_empty());
+    // A malformed subject is refused, not stored.
+    let bad = NewEvent {
+        kind: "x".into(),
+        subject: "nobody".into(),
+        extra: String::new(),
+    };
+    assert!(store.append(&bad).await.is_err());
+    herald_server::broker::Broker::shutdown(&broker).await;
+}
