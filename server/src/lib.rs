@@ -125,14 +125,15 @@ pub async fn run(
     broker.start(Arc::new(HubSink(Arc::clone(&hub))));
     tokio::spawn(Arc::clone(&hub).load_revocations());
     let presence = Arc::new(Presence::new(id.clone(), Arc::clone(&broker)));
-    let webhooks = webhook::Settings::from_config(&config, keys.dev)?.map(|settings| {
-        Arc::new(webhook::Webhooks::new(
+    let webhooks = match webhook::Settings::from_config(&config, keys.dev)? {
+        Some(settings) => Some(Arc::new(webhook::Webhooks::new(
             settings,
             broker.as_ref(),
             id.clone(),
             Arc::clone(&metrics),
-        ))
-    });
+        )?)),
+        None => None,
+    };
     let node = Arc::new(Node::new(
         config,
         id,

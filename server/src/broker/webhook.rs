@@ -71,6 +71,26 @@ pub struct NewEvent {
     pub extra: String,
 }
 
+impl NewEvent {
+    /// An event about `user` (it gets a `user` field); `extra` as in [`NewEvent::extra`].
+    pub fn for_user(kind: &str, user: &str, extra: String) -> Self {
+        Self {
+            kind: kind.to_owned(),
+            subject: user_subject(user),
+            extra,
+        }
+    }
+
+    /// An event about `channel` (it gets a `channel` field).
+    pub fn for_channel(kind: &str, channel: &str, extra: String) -> Self {
+        Self {
+            kind: kind.to_owned(),
+            subject: channel_subject(channel),
+            extra,
+        }
+    }
+}
+
 /// One event as stored: its number and its JSON object.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredEvent {

@@ -74,14 +74,13 @@ enum AttemptError {
 
 /// Builds the HTTP client: bounded time, no redirects (a webhook that moved is a
 /// configuration error, and following it would send signed events elsewhere).
-fn client(timeout: Duration) -> reqwest::Client {
+pub(super) fn client(timeout: Duration) -> Result<reqwest::Client, reqwest::Error> {
     reqwest::Client::builder()
         .timeout(timeout)
         .connect_timeout(timeout)
         .redirect(reqwest::redirect::Policy::none())
         .user_agent(concat!("herald/", env!("CARGO_PKG_VERSION")))
         .build()
-        .unwrap_or_else(|_| reqwest::Client::new())
 }
 
 /// One POST. The answer's body is never read: only the status counts.
@@ -217,7 +216,7 @@ fn redacted(url: &reqwest::Url) -> String {
 /// The dispatcher of one URL, until `stop`. See the module doc.
 pub(super) async fn run(webhooks: Arc<Webhooks>, url: reqwest::Url, stop: CancellationToken) {
     let target = target_id(&url);
-    let http = client(webhooks.settings.timeout);
+    let http = webhooks.http.clone();
     let m = &webhooks.metrics.webhooks;
     let standby = webhooks.settings.node_ttl / 2;
     loop {

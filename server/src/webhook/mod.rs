@@ -25,14 +25,13 @@ use herald_protocol::channel::personal_channel_owner;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::broker::webhook::{
-    channel_subject, user_subject, NewEvent, WebhookStore, WebhookStoreSettings,
-};
+use crate::broker::webhook::{WebhookStore, WebhookStoreSettings};
 use crate::broker::{Broker, BrokerError};
 use crate::config::Config;
 use crate::metrics::Metrics;
 
-pub use crate::broker::webhook::NewEvent as Event;
+/// What appending an event takes ([`Webhooks::append`]), and the subjects' names.
+pub use crate::broker::webhook::{channel_subject, user_subject, NewEvent};
 
 /// Most events per request that `HERALD_WEBHOOK_BATCH_SIZE` may ask for.
 pub const MAX_BATCH: usize = 1_000;
@@ -57,6 +56,9 @@ pub enum SettingsError {
     /// A number out of its range.
     #[error("{0}")]
     OutOfRange(String),
+    /// The HTTP client could not be built (its TLS setup failed).
+    #[error("webhook HTTP client: {0}")]
+    Http(String),
 }
 
 /// The webhook configuration, checked.
@@ -171,6 +173,8 @@ pub struct Webhooks {
     metrics: Arc<Metrics>,
     /// Wakes this node's dispatchers when it appended events.
     appended: Notify,
+    /// The HTTP client of every dispatcher (one connection pool).
+    http: reqwest::Client,
 }
 
 impl Webhooks {
@@ -180,15 +184,18 @@ impl Webhooks {
         broker: &dyn Broker,
         node_id: String,
         metrics: Arc<Metrics>,
-    ) -> Self {
-        Self {
+    ) -> Result<Self, SettingsError> {
+        let http =
+            dispatch::client(settings.timeout).map_err(|e| SettingsError::Http(e.to_string()))?;
+        Ok(Self {
+            http,
             store: broker.webhooks(settings.store_settings()),
             tracker: tracker::Tracker::default(),
             settings,
             node_id,
             metrics,
             appended: Notify::new(),
-        }
+        })
     }
 
     /// The settings.
