@@ -61,8 +61,9 @@ pub enum SettingsError {
     Http(String),
 }
 
-/// The webhook configuration, checked.
-#[derive(Debug, Clone)]
+/// The webhook configuration, checked. Its `Debug` shows neither the secret nor the
+/// URLs (a URL may carry credentials).
+#[derive(Clone)]
 pub struct Settings {
     /// Receivers.
     pub urls: Vec<reqwest::Url>,
@@ -83,10 +84,17 @@ pub struct Settings {
     pub node_ttl: Duration,
 }
 
-impl std::fmt::Debug for Webhooks {
+impl std::fmt::Debug for Settings {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Webhooks")
-            .field("urls", &self.settings.urls.len())
+        f.debug_struct("Settings")
+            .field("urls", &self.urls.len())
+            .field("secret", &"<redacted>")
+            .field("grace", &self.grace)
+            .field("batch_size", &self.batch_size)
+            .field("retention", &self.retention)
+            .field("timeout", &self.timeout)
+            .field("retry_max", &self.retry_max)
+            .field("node_ttl", &self.node_ttl)
             .finish()
     }
 }
@@ -287,6 +295,11 @@ mod tests {
         .unwrap()
         .unwrap();
         assert_eq!(s.urls.len(), 2);
+        let debug = format!("{s:?}");
+        assert!(
+            !debug.contains(&long) && !debug.contains("x.example"),
+            "{debug}"
+        );
         assert_eq!(
             (s.grace, s.batch_size, s.retention),
             (Duration::from_secs(5), 100, 100_000)
