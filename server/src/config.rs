@@ -249,6 +249,47 @@ pub struct Config {
     #[arg(long, env = "HERALD_NODE_TTL_SECS", default_value_t = 10)]
     pub node_ttl_secs: u64,
 
+    /// Webhook receivers: comma list of `http://` or `https://` URLs. Each gets every
+    /// event (user.online/offline, channel.occupied/vacated, …) in signed batches, at
+    /// least once. Unset: no webhooks.
+    // Hidden in `--help`: a URL may carry credentials.
+    #[arg(
+        long,
+        env = "HERALD_WEBHOOK_URL",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    pub webhook_url: Option<Vec<String>>,
+
+    /// HMAC-SHA256 key of the `Herald-Signature` header; required with
+    /// HERALD_WEBHOOK_URL (at least 32 bytes outside dev mode).
+    #[arg(long, env = "HERALD_WEBHOOK_SECRET", hide_env_values = true)]
+    pub webhook_secret: Option<String>,
+
+    /// Milliseconds a user (or channel) stays online after its last connection (or
+    /// subscriber) left; a reconnect within it sends no event.
+    #[arg(long, env = "HERALD_OFFLINE_GRACE_MS", default_value_t = 5_000)]
+    pub offline_grace_ms: u64,
+
+    /// Most events in one webhook request (1–1000).
+    #[arg(long, env = "HERALD_WEBHOOK_BATCH_SIZE", default_value_t = 100)]
+    pub webhook_batch_size: usize,
+
+    /// Events kept in the cluster's webhook log (about; at least 1000): a receiver down
+    /// for longer than the log lasts loses the oldest (logged and counted).
+    #[arg(long, env = "HERALD_WEBHOOK_RETENTION", default_value_t = 100_000)]
+    pub webhook_retention: usize,
+
+    /// Milliseconds a webhook request may take (connect to answer) before it counts as
+    /// failed and is retried.
+    #[arg(long, env = "HERALD_WEBHOOK_TIMEOUT_MS", default_value_t = 5_000)]
+    pub webhook_timeout_ms: u64,
+
+    /// Longest pause between two attempts of a failing webhook request, in ms (the
+    /// pause doubles from 500 ms up to it, with jitter).
+    #[arg(long, env = "HERALD_WEBHOOK_RETRY_MAX_MS", default_value_t = 60_000)]
+    pub webhook_retry_max_ms: u64,
+
     /// Log format: `text` or `json`.
     #[arg(long, env = "HERALD_LOG_FORMAT", default_value = "text")]
     pub log_format: String,

@@ -73,14 +73,19 @@ impl UserIndex {
     }
 
     /// Removes a session of `user`; the user's entry goes with its last session.
-    pub fn unregister(&self, user: &str, id: SessionId) {
+    /// Returns whether the session was registered.
+    pub fn unregister(&self, user: &str, id: SessionId) -> bool {
         let mut shard = self.shard(user);
-        if let Some(sessions) = shard.get_mut(user) {
-            sessions.retain(|(s, _)| *s != id);
-            if sessions.is_empty() {
-                shard.remove(user);
-            }
+        let Some(sessions) = shard.get_mut(user) else {
+            return false;
+        };
+        let before = sessions.len();
+        sessions.retain(|(s, _)| *s != id);
+        let removed = sessions.len() < before;
+        if sessions.is_empty() {
+            shard.remove(user);
         }
+        removed
     }
 
     /// Runs `f` on each local session of `user`, under the user's shard lock (so `f`

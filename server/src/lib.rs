@@ -15,6 +15,8 @@
 //! - [`node`]: the state shared by all of the above, and connection admission;
 //! - [`limits`]: the pure rules of admission and recovery budgets;
 //! - [`listener`]: accepting connections and serving HTTP on them, with timeouts;
+//! - [`webhook`]: user online/offline and channel occupied/vacated events, delivered
+//!   to the backend's URLs at least once, signed;
 //! - [`metrics`]: Prometheus metrics;
 //! - [`web`]: the browser client (`/herald.js`), the demo page (`/`) and the cluster
 //!   dashboard (`/admin`), embedded.
@@ -35,6 +37,7 @@ pub mod presence;
 pub mod receipts;
 pub mod registry;
 pub mod web;
+pub mod webhook;
 pub mod ws;
 
 use std::future::Future;
@@ -64,6 +67,9 @@ pub enum StartError {
     /// The broker could not be set up (a malformed URL).
     #[error(transparent)]
     Broker(#[from] BrokerError),
+    /// The webhook settings break a rule ([`webhook::Settings::from_config`]).
+    #[error(transparent)]
+    Webhook(#[from] webhook::SettingsError),
     /// The listener failed.
     #[error("listener: {0}")]
     Io(#[from] std::io::Error),
@@ -137,6 +143,15 @@ pub async fn run(
         config.ack_timeout_ms,
         config.history_size,
     ));
+    let webhooks = match webhook::Settings::from_config(&config, keys.dev)? {
+        Some(settings) => Some(Arc::new(webhook::Webhooks::new(
+            settings,
+            broker.as_ref(),
+            id.clone(),
+            Arc::clone(&metrics),
+        )?)),
+        None => None,
+    };
     let node = Arc::new(Node::new(
         config,
         id,
@@ -145,6 +160,7 @@ pub async fn run(
         Arc::clone(&broker),
         Arc::clone(&hub),
         Arc::clone(&presence),
+        webhooks,
         metrics,
         Arc::clone(&receipts),
     ));
@@ -154,13 +170,16 @@ pub async fn run(
     let presence_ttl = node.config.broker_settings().presence_ttl;
     tokio::spawn(registry::heartbeat(Arc::clone(&node), background.clone()));
     tokio::spawn(Arc::clone(&presence).run(presence_ttl / 3, background.clone()));
-    // Unacked reports: the sweeper hands them to this node's consumer, which for now
-    // logs them (the webhook log takes its place once wired: see `receipts::log_unacked`).
+    // Unacked reports: the sweeper hands them to this node's consumer, which appends
+    // them to the webhook log (`message.unacked`) before confirming.
     let (unacked_tx, unacked_rx) = tokio::sync::mpsc::channel(64);
-    tokio::spawn(receipts::log_unacked(unacked_rx));
+    tokio::spawn(receipts::forward_unacked(unacked_rx, node.webhooks.clone()));
     tokio::spawn(Arc::clone(&receipts).run_sweeper(unacked_tx, background.clone()));
     let stop_acks = CancellationToken::new();
     let acks_flushed = tokio::spawn(Arc::clone(&receipts).run_flusher(stop_acks.clone()));
+    if let Some(w) = &node.webhooks {
+        w.spawn(background.clone());
+    }
     tokio::spawn(housekeeping(
         Arc::clone(&hub),
         memory,
@@ -205,6 +224,10 @@ pub async fn run(
     stop_acks.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(2), acks_flushed).await;
     background.cancel();
+    if let Some(w) = &node.webhooks {
+        // The sessions are gone: report their departures, hand the URLs over.
+        let _ = tokio::time::timeout(Duration::from_secs(2), w.finish()).await;
+    }
     node.broker.shutdown().await;
     tracing::info!(node = %node.id, "stopped");
     Ok(())

@@ -26,6 +26,51 @@ pub struct CommandLabel {
     pub command: &'static str,
 }
 
+/// Label of webhook requests: how they ended.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabel {
+    /// `ok` (2xx) or `failed` (another status, a timeout, a connection error).
+    pub outcome: &'static str,
+}
+
+/// Webhook delivery metrics (`herald_webhook_*`).
+#[derive(Default)]
+pub struct WebhookMetrics {
+    /// Events delivered (a 2xx answered their request) by this node.
+    pub delivered: Counter,
+    /// Events of requests that failed and are retried (counted per attempt).
+    pub retried: Counter,
+    /// Requests, by outcome.
+    pub requests: Family<OutcomeLabel, Counter>,
+    /// Events trimmed from the log before this node could deliver them: lost.
+    pub trimmed: Counter,
+}
+
+impl WebhookMetrics {
+    fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "herald_webhook_events_delivered",
+            "Webhook events delivered (2xx)",
+            self.delivered.clone(),
+        );
+        registry.register(
+            "herald_webhook_events_retried",
+            "Webhook events in failed requests, retried (per attempt)",
+            self.retried.clone(),
+        );
+        registry.register(
+            "herald_webhook_requests",
+            "Webhook requests by outcome",
+            self.requests.clone(),
+        );
+        registry.register(
+            "herald_webhook_events_trimmed",
+            "Webhook events trimmed from the log before delivery (lost)",
+            self.trimmed.clone(),
+        );
+    }
+}
+
 /// The node's metrics. Cheap to clone handles live inside; share it behind an `Arc`.
 pub struct Metrics {
     registry: Registry,
@@ -90,6 +135,8 @@ pub struct Metrics {
     resident_memory: Gauge,
     /// Open file descriptors of the process, counted at each scrape.
     open_fds: Gauge,
+    /// Webhook deliveries.
+    pub webhooks: WebhookMetrics,
 }
 
 impl Default for Metrics {
@@ -131,6 +178,7 @@ impl Metrics {
             acks_received: Counter::default(),
             resident_memory: Gauge::default(),
             open_fds: Gauge::default(),
+            webhooks: WebhookMetrics::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -271,6 +319,7 @@ impl Metrics {
             "Number of open file descriptors",
             m.open_fds.clone(),
         );
+        m.webhooks.register(&mut registry);
         Self { registry, ..m }
     }
 

@@ -19,6 +19,7 @@ use crate::limits::{PendingAdmit, PendingQueue};
 use crate::metrics::{self, Metrics};
 use crate::presence::Presence;
 use crate::receipts::Receipts;
+use crate::webhook::Webhooks;
 
 /// Everything shared by the node's HTTP handlers and WebSocket sessions.
 pub struct Node {
@@ -36,6 +37,9 @@ pub struct Node {
     pub hub: Arc<Hub>,
     /// Presence of local sessions.
     pub presence: Arc<Presence>,
+    /// Webhooks, when `HERALD_WEBHOOK_URL` is set: sessions report users and channels
+    /// here, and anything may append events ([`Webhooks::append`]).
+    pub webhooks: Option<Arc<Webhooks>>,
     /// Metrics.
     pub metrics: Arc<Metrics>,
     /// Delivery receipts: coalesced acks, the unacked schedule.
@@ -66,6 +70,7 @@ impl Node {
         broker: Arc<dyn Broker>,
         hub: Arc<Hub>,
         presence: Arc<Presence>,
+        webhooks: Option<Arc<Webhooks>>,
         metrics: Arc<Metrics>,
         receipts: Arc<Receipts>,
     ) -> Self {
@@ -78,6 +83,7 @@ impl Node {
             broker,
             hub,
             presence,
+            webhooks,
             metrics,
             receipts,
             sessions: TaskTracker::new(),

@@ -275,7 +275,7 @@ pub trait ReceiptStore: Send + Sync {
 }
 
 /// Overdue messages of one channel, handed from the sweeper to the node's consumer
-/// (for now a log and a metric; the webhook log once it is wired). The sweeper marks
+/// (the webhook log: [`forward_unacked`]). The sweeper marks
 /// them reported only after [`UnackedBatch::confirm`]: drop the batch unconfirmed and
 /// the messages are reported again later (same event ids).
 #[derive(Debug)]
@@ -488,24 +488,60 @@ impl Receipts {
     }
 }
 
-/// The node's consumer of unacked reports until the webhook log is wired: logs each
-/// message and confirms. (`herald_unacked_messages_total` is counted by the sweeper
-/// on confirmation.) Wiring the webhook: append `batch.messages` to the event log
-/// (ids from [`Unacked::event_id`]), then `batch.confirm()`.
-pub async fn log_unacked(mut reports: mpsc::Receiver<UnackedBatch>) {
-    while let Some(batch) = reports.recv().await {
+/// The node's consumer of unacked reports: each message becomes a `message.unacked`
+/// event in the webhook log, then the batch is confirmed, so the sweeper marks the
+/// messages reported only once their events are stored (at least once: a node that
+/// dies in between leaves the claim to run out, and another node appends the same
+/// events again, with the same ids). A batch whose append fails is not confirmed: the
+/// claim runs out and the channel is swept again. Without `HERALD_WEBHOOK_URL` the
+/// reports are only logged and counted.
+pub async fn forward_unacked(
+    mut reports: mpsc::Receiver<UnackedBatch>,
+    webhooks: Option<Arc<crate::webhook::Webhooks>>,
+) {
+    'batches: while let Some(batch) = reports.recv().await {
         for m in &batch.messages {
-            tracing::info!(
-                id = %m.event_id(),
-                channel = %m.channel,
-                offset = m.offset,
-                epoch = %m.epoch,
-                published_at_ms = m.published_at_ms,
-                "message.unacked"
-            );
+            let Some(w) = &webhooks else {
+                tracing::info!(
+                    id = %m.event_id(),
+                    channel = %m.channel,
+                    offset = m.offset,
+                    epoch = %m.epoch,
+                    published_at_ms = m.published_at_ms,
+                    "message.unacked (no webhook configured)"
+                );
+                continue;
+            };
+            let Some(user) = m.user() else { continue };
+            let event = crate::webhook::NewEvent {
+                id: Some(m.event_id()),
+                ..crate::webhook::NewEvent::for_user("message.unacked", user, unacked_fields(m))
+            };
+            if let Err(e) = w.append(&event).await {
+                tracing::warn!(error = %e, channel = %m.channel, "message.unacked: could not append; the sweep repeats it");
+                continue 'batches;
+            }
         }
         batch.confirm();
     }
+}
+
+/// The members of a `message.unacked` event besides `id`, `type`, `user`, `seq` and
+/// `at`: `channel`, `offset`, `epoch`, `data` (as published), `from` when known and
+/// `published_at_ms` (Unix ms).
+pub fn unacked_fields(m: &Unacked) -> String {
+    let mut s = format!(
+        r#""channel":{},"offset":{},"epoch":{},"data":{}"#,
+        serde_json::Value::from(m.channel.as_str()),
+        m.offset,
+        serde_json::Value::from(m.epoch.as_str()),
+        m.data,
+    );
+    if let Some(from) = &m.from {
+        s.push_str(&format!(r#","from":{}"#, serde_json::Value::from(&**from)));
+    }
+    s.push_str(&format!(r#","published_at_ms":{}"#, m.published_at_ms));
+    s
 }
 
 #[cfg(test)]

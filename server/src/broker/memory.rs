@@ -430,6 +430,14 @@ impl Broker for MemoryBroker {
         Ok(self.revocations.list(crate::auth::now_secs()))
     }
 
+    fn webhooks(
+        &self,
+        settings: super::webhook::WebhookStoreSettings,
+    ) -> Arc<dyn super::webhook::WebhookStore> {
+        // A single node: the log lives in this process, and dies with it.
+        Arc::new(super::webhook::MemoryWebhookStore::new(settings))
+    }
+
     fn is_healthy(&self) -> bool {
         true
     }

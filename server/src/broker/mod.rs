@@ -13,6 +13,7 @@
 
 pub mod memory;
 pub mod redis;
+pub mod webhook;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -309,6 +310,11 @@ pub trait Broker: ReceiptStore + Send + Sync + 'static {
     /// Every stored revocation that is still in force (a node loads them at start and
     /// after a broker reconnect, when it may have missed a command).
     async fn revocations(&self) -> Result<Vec<Revocation>, BrokerError>;
+
+    /// The cluster's webhook state and event log ([`webhook`]) with these settings. The
+    /// node calls it once, when webhooks are configured; anything may append events
+    /// through it ([`webhook::WebhookStore::append`]).
+    fn webhooks(&self, settings: webhook::WebhookStoreSettings) -> Arc<dyn webhook::WebhookStore>;
 
     /// Whether the broker is connected and delivering; `/readyz` reports it.
     fn is_healthy(&self) -> bool;

@@ -132,6 +132,9 @@ impl Session {
         {
             return Err(End::Close(CloseCode::TooMany));
         }
+        if let Some(w) = &self.node.webhooks {
+            w.user_connected(&self.user);
+        }
         if self
             .node
             .hub
@@ -280,6 +283,9 @@ impl Session {
         node.hub.seed(channel, &position);
         let name: Arc<str> = channel.into();
         node.presence.join(&name, &self.user);
+        if let Some(w) = &node.webhooks {
+            w.channel_joined(&name);
+        }
         node.metrics.subscriptions.inc();
         self.handle
             .set_full(self.channels.len() + 1 >= node.config.max_subscriptions);
@@ -628,6 +634,9 @@ impl Session {
             Some((name, _)) => {
                 self.node.hub.leave(&name, self.id);
                 self.node.presence.leave(&name, &self.user);
+                if let Some(w) = &self.node.webhooks {
+                    w.channel_left(&name);
+                }
                 self.node.metrics.subscriptions.dec();
                 self.handle.set_full(false);
                 true
@@ -639,10 +648,17 @@ impl Session {
     /// Leaves every channel.
     pub(super) fn cleanup(&mut self) {
         self.handle.end();
-        self.node.hub.users.unregister(&self.user, self.id);
+        let registered = self.node.hub.users.unregister(&self.user, self.id);
+        let webhooks = self.node.webhooks.as_ref();
+        if let (true, Some(w)) = (registered, webhooks) {
+            w.user_disconnected(&self.user);
+        }
         for (name, _) in self.channels.drain() {
             self.node.hub.leave(&name, self.id);
             self.node.presence.leave(&name, &self.user);
+            if let Some(w) = webhooks {
+                w.channel_left(&name);
+            }
             self.node.metrics.subscriptions.dec();
         }
     }

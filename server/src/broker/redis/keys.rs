@@ -17,6 +17,7 @@
 //! | `P{C}:r` | hash | delivery receipts of a personal channel: `e` = epoch, `a` = acked offset, `p` = reported (unacked) up to; expires `meta_ttl` after the last write |
 //! | `P{#receipts}:due` | sorted set | personal channels to check for unacked messages, score = when (Redis clock, ms) |
 //! | `P{#receipts}:claimed` | sorted set | channels a node's sweeper is checking, score = when the claim runs out |
+//! | `P{#webhook}:…` | (several) | the webhook event log and presence state, all in one slot: see `webhook.lua` |
 //!
 //! The hash tag `{C}` puts every key of a channel and its sharded pub/sub channel in
 //! one cluster slot, which is what lets one Lua script touch them all. Channel names
@@ -270,6 +271,12 @@ impl Keys {
     /// The hash where nodes answer user command `id` (node id = sessions affected).
     pub(crate) fn control_reply(&self, id: &str) -> String {
         format!("{}control-reply:{id}", self.prefix)
+    }
+
+    /// What every webhook key starts with: `P{#webhook}:`. One hash tag, so the
+    /// webhook scripts run atomically on Redis Cluster too.
+    pub(crate) fn webhook(&self) -> String {
+        format!("{}{{#webhook}}:", self.prefix)
     }
 
     /// The herald channel of a pub/sub channel name, if it is one of ours.

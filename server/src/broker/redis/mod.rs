@@ -32,6 +32,7 @@ mod probe;
 mod receipts;
 mod scripts;
 mod subscriptions;
+mod webhook;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -945,6 +946,16 @@ impl Broker for RedisBroker {
             let _ = client.hdel::<Value, _, _>(key.as_str(), stale).await;
         }
         Ok(list)
+    }
+
+    fn webhooks(
+        &self,
+        settings: crate::broker::webhook::WebhookStoreSettings,
+    ) -> Arc<dyn crate::broker::webhook::WebhookStore> {
+        Arc::new(webhook::RedisWebhookStore::new(
+            Arc::clone(&self.inner),
+            settings,
+        ))
     }
 
     fn is_healthy(&self) -> bool {
