@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use herald_protocol::{StreamPosition, EMPTY_EPOCH};
 use herald_server::broker::redis::{connect, RedisBroker};
 use herald_server::broker::{
-    Broker, BrokerError, BrokerSettings, NodeInfo, PresenceChange, Publication, PublicationSink,
+    Broker, BrokerError, BrokerEvent, BrokerSettings, NodeInfo, PresenceChange, Publication,
     UserCommand,
 };
 use redis_server::{RedisCluster, RedisOptions, RedisServer};
@@ -56,26 +56,32 @@ enum Event {
     UserCommand(String, UserCommand),
 }
 
-/// A sink that forwards everything to the test.
-struct Recorder(mpsc::UnboundedSender<Event>);
-
-impl PublicationSink for Recorder {
-    fn on_publication(&self, channel: &str, publication: Publication) {
-        let _ = self
-            .0
-            .send(Event::Publication(channel.to_owned(), publication));
-    }
-
-    fn on_resubscribed(&self) {
-        let _ = self.0.send(Event::Resubscribed);
-    }
-
-    fn on_user_command(&self, user: &str, command: &UserCommand) -> u64 {
-        let _ = self
-            .0
-            .send(Event::UserCommand(user.to_owned(), command.clone()));
-        1
-    }
+/// Takes the broker's event stream and forwards everything to the test; every user
+/// command counts one session.
+fn record(broker: &dyn Broker) -> mpsc::UnboundedReceiver<Event> {
+    let mut events = broker.events().expect("the event stream, once");
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some(event) = events.recv().await {
+            let event = match event {
+                BrokerEvent::Publication {
+                    channel,
+                    publication,
+                } => Event::Publication(channel.to_string(), publication),
+                BrokerEvent::Resubscribed => Event::Resubscribed,
+                BrokerEvent::UserCommand {
+                    user,
+                    command,
+                    reply,
+                } => {
+                    let _ = reply.send(1);
+                    Event::UserCommand(user, command)
+                }
+            };
+            let _ = tx.send(event);
+        }
+    });
+    rx
 }
 
 struct Node {
@@ -87,8 +93,7 @@ impl Node {
     async fn start(url: &str, prefix: &str, id: &str, settings: BrokerSettings) -> Self {
         init_tracing();
         let broker = Arc::new(connect(url, prefix, id, settings).await.expect("connect"));
-        let (tx, events) = mpsc::unbounded_channel();
-        broker.start(Arc::new(Recorder(tx)));
+        let events = record(&*broker);
         wait_healthy(&broker).await;
         Self { broker, events }
     }
@@ -794,8 +799,7 @@ async fn unreachable_redis_at_start_then_connects() {
     let broker = connect(&url, &prefix("late"), "n1", settings())
         .await
         .expect("no Redis yet is not an error");
-    let (tx, mut events) = mpsc::unbounded_channel();
-    broker.start(Arc::new(Recorder(tx)));
+    let mut events = record(&broker);
     assert!(!broker.is_healthy());
     let started = Instant::now();
     let err = broker.publish("x", "1", None).await.unwrap_err();

@@ -1,14 +1,15 @@
 //! The in-memory broker: the embedded default for a single node.
 //!
-//! It keeps each channel's stream (offset, epoch, history) in sharded maps, and delivers
-//! a publication to the sink while still holding the channel's shard lock, so that
-//! publications of a channel reach the hub in offset order. The lock is a std `Mutex`,
-//! not a tokio one: no `.await` happens while it is held, and the sink never blocks.
+//! It keeps each channel's stream (offset, epoch, history) in sharded maps, and sends a
+//! publication to its event stream ([`BrokerEvent`]) while still holding the channel's
+//! shard lock, so that publications of a channel reach the hub in offset order. The lock
+//! is a std `Mutex`, not a tokio one: no `.await` happens while it is held, and sending
+//! to the unbounded stream never blocks.
 
 use std::collections::hash_map::DefaultHasher;
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::hash::{Hash, Hasher};
-use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -17,8 +18,8 @@ use herald_protocol::{StreamPosition, EMPTY_EPOCH};
 use crate::control::Revocations;
 
 use super::{
-    Broker, BrokerError, BrokerSettings, History, NodeInfo, NodePresence, PresenceChange,
-    Publication, PublicationSink, Revocation, SubscribeAck, UserCommand,
+    Broker, BrokerError, BrokerEvent, BrokerEventSender, BrokerEvents, BrokerSettings, History,
+    NodeInfo, NodePresence, PresenceChange, Publication, Revocation, SubscribeAck, UserCommand,
 };
 
 const SHARDS: usize = 16;
@@ -87,11 +88,13 @@ pub struct MemoryBroker {
     settings: BrokerSettings,
     shards: Vec<Mutex<Shard>>,
     shared: Mutex<Shared>,
-    /// Channels this node subscribed to. Its own lock, never held while calling the sink:
-    /// the hub calls `subscribe` under its lock, and the sink takes the hub's lock, so
-    /// keeping this apart from the stream shards rules out a lock-order cycle.
+    /// Channels this node subscribed to. Its own lock: the hub calls `subscribe` under
+    /// its shard lock, so this is never held while waiting for anything else.
     subscribed: RwLock<HashSet<String>>,
-    sink: OnceLock<Arc<dyn PublicationSink>>,
+    /// Where publications and user commands go (the hub).
+    events: BrokerEventSender,
+    /// The receiving side, until the hub takes it.
+    events_rx: Mutex<Option<BrokerEvents>>,
     /// The stored revocations (what Redis' `revocations` hash is to a cluster); expired
     /// ones are dropped whenever one is recorded.
     revocations: Revocations,
@@ -100,12 +103,14 @@ pub struct MemoryBroker {
 impl MemoryBroker {
     /// A new, empty broker.
     pub fn new(settings: BrokerSettings) -> Self {
+        let (events, events_rx) = tokio::sync::mpsc::unbounded_channel();
         Self {
             settings,
             shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
             shared: Mutex::default(),
             subscribed: RwLock::default(),
-            sink: OnceLock::new(),
+            events,
+            events_rx: Mutex::new(Some(events_rx)),
             revocations: Revocations::default(),
         }
     }
@@ -198,8 +203,11 @@ impl MemoryBroker {
 
 #[async_trait]
 impl Broker for MemoryBroker {
-    fn start(&self, sink: Arc<dyn PublicationSink>) {
-        let _ = self.sink.set(sink);
+    fn events(&self) -> Option<BrokerEvents> {
+        self.events_rx
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
     }
 
     async fn publish(
@@ -208,7 +216,7 @@ impl Broker for MemoryBroker {
         data: &str,
         from: Option<&str>,
     ) -> Result<StreamPosition, BrokerError> {
-        // The sink is called inside the stream's lock, so publications of a channel
+        // The event is sent inside the stream's lock, so publications of a channel
         // reach the hub in offset order.
         Ok(self.with_stream(channel, |stream, now| {
             stream.offset += 1;
@@ -226,9 +234,10 @@ impl Broker for MemoryBroker {
                 .unwrap_or_else(|e| e.into_inner())
                 .contains(channel);
             if subscribed {
-                if let Some(sink) = self.sink.get() {
-                    sink.on_publication(channel, publication);
-                }
+                let _ = self.events.send(BrokerEvent::Publication {
+                    channel: channel.into(),
+                    publication,
+                });
             }
             stream.position()
         }))
@@ -389,11 +398,18 @@ impl Broker for MemoryBroker {
             self.revocations
                 .insert(user, *before, *until, crate::auth::now_secs());
         }
-        // One node: the command reaches this node's sessions directly.
-        Ok(self
-            .sink
-            .get()
-            .map_or(0, |sink| sink.on_user_command(user, command)))
+        // One node: the command reaches this node's hub directly. No hub listening (it
+        // is gone, or never took the stream): nobody was affected.
+        let (reply, count) = tokio::sync::oneshot::channel();
+        let event = BrokerEvent::UserCommand {
+            user: user.to_owned(),
+            command: command.clone(),
+            reply,
+        };
+        if self.events.send(event).is_err() {
+            return Ok(0);
+        }
+        Ok(count.await.unwrap_or(0))
     }
 
     async fn revocations(&self) -> Result<Vec<Revocation>, BrokerError> {

@@ -22,6 +22,7 @@ use async_trait::async_trait;
 use futures_util::future::BoxFuture;
 use herald_protocol::StreamPosition;
 use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot};
 
 /// One published message as the broker numbered it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -182,20 +183,47 @@ pub enum BrokerError {
     Internal(String),
 }
 
-/// Where a broker delivers what it receives. The hub implements it.
-pub trait PublicationSink: Send + Sync + 'static {
+/// What a broker tells the node, in the order it happened: one direction, broker →
+/// hub. The hub consumes the stream ([`crate::hub::Hub::consume`]); the broker holds
+/// only the sending side, so nothing points back from the broker to the hub.
+#[derive(Debug)]
+pub enum BrokerEvent {
     /// A publication on a channel this node subscribed to, in the order the broker
-    /// received them. Must not block: it runs on the broker's reader.
-    fn on_publication(&self, channel: &str, publication: Publication);
-
-    /// The broker's subscriptions were re-established after a connection loss, and
-    /// messages may have been missed meanwhile: check the continuity of every channel.
-    fn on_resubscribed(&self);
-
-    /// A command for the sessions of `user` on this node. Returns how many local
-    /// sessions it affected. Must not block: it runs on the broker's reader.
-    fn on_user_command(&self, user: &str, command: &UserCommand) -> u64;
+    /// received them (per channel: offset order, as the broker numbered them).
+    Publication {
+        /// The channel.
+        channel: Arc<str>,
+        /// The publication.
+        publication: Publication,
+    },
+    /// The broker's subscriptions were re-established after a connection loss (or its
+    /// reader lagged), and messages may have been missed meanwhile: check the
+    /// continuity of every channel.
+    Resubscribed,
+    /// A command of the server API for the sessions of `user` on this node; the hub
+    /// answers on `reply` with how many local sessions it affected.
+    UserCommand {
+        /// The user.
+        user: String,
+        /// The command.
+        command: UserCommand,
+        /// Gets the count of affected local sessions.
+        reply: oneshot::Sender<u64>,
+    },
 }
+
+/// The receiving side of a broker's event stream.
+///
+/// Unbounded, because the sending side must never wait: the memory broker sends under
+/// its stream lock and the Redis reader must keep up with the subscriber connection.
+/// What bounds it is upstream: Redis' pub/sub output buffer and fred's broadcast buffer
+/// (`HERALD_SUBSCRIBER_BUFFER`, where a lag is detected and repaired from history), and
+/// for the memory broker the publishers themselves. The hub only decides and queues per
+/// event (no I/O), so the stream drains as fast as it fills.
+pub type BrokerEvents = mpsc::UnboundedReceiver<BrokerEvent>;
+
+/// The sending side of a broker's event stream (see [`BrokerEvents`]).
+pub type BrokerEventSender = mpsc::UnboundedSender<BrokerEvent>;
 
 /// A future that resolves when a subscription request was applied by the broker.
 pub type SubscribeAck = BoxFuture<'static, Result<(), BrokerError>>;
@@ -204,8 +232,10 @@ pub type SubscribeAck = BoxFuture<'static, Result<(), BrokerError>>;
 /// and the node registry.
 #[async_trait]
 pub trait Broker: Send + Sync + 'static {
-    /// Starts delivering publications of subscribed channels to `sink`. Called once.
-    fn start(&self, sink: Arc<dyn PublicationSink>);
+    /// Takes the broker's event stream: publications of subscribed channels,
+    /// resubscribes and user commands. `Some` once; later calls answer `None`. Events
+    /// that happen before it is taken wait in the stream.
+    fn events(&self) -> Option<BrokerEvents>;
 
     /// Publishes `data` (JSON text) to `channel` as one atomic step: the next offset,
     /// appended to history, routed to subscribed nodes. Returns the message's position.
