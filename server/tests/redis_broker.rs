@@ -973,3 +973,44 @@ async fn cluster_channels_spread_over_shards() {
     a.broker.shutdown().await;
     b.broker.shutdown().await;
 }
+
+/// No reference cycle between hub and broker: dropping the hub and the last handle on
+/// the broker (without `shutdown`) runs the Redis broker's `Drop`, which stops its tasks
+/// (the event stream closes, so the hub's consumer ends) and closes its connections.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn dropping_hub_and_broker_closes_redis_connections() {
+    use herald_server::hub::{Hub, SessionControl};
+    use herald_server::metrics::Metrics;
+    init_tracing();
+    let redis = RedisServer::start();
+    let connections = || {
+        // `redis-cli` itself is one of them.
+        redis.cli(&["client", "list"]).lines().count() - 1
+    };
+    let broker: Arc<dyn Broker> = Arc::new(
+        connect(&redis.url(), &prefix("drop"), "n1", settings())
+            .await
+            .expect("connect"),
+    );
+    wait_until("broker healthy", || broker.is_healthy()).await;
+    let events = broker.events().expect("events");
+    assert!(broker.events().is_none(), "the stream is taken once");
+    let hub = Arc::new(Hub::new(
+        Arc::new(Metrics::new()),
+        Arc::clone(&broker),
+        Duration::from_millis(10),
+        10,
+    ));
+    let consumer = Hub::consume(&hub, events);
+    hub.join("room", 1, Arc::new(SessionControl::new(10)))
+        .await
+        .expect("join");
+    assert!(connections() >= 2, "command and subscriber connections");
+    drop(broker);
+    drop(hub);
+    timeout(WAIT, consumer)
+        .await
+        .expect("the hub's consumer ends when the broker is gone")
+        .expect("no panic");
+    wait_until("every connection closed", || connections() == 0).await;
+}
