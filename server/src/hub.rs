@@ -1,6 +1,11 @@
 //! The hub: which local session is in which channel, and the fan-out of publications.
 //!
-//! The hub owns three invariants:
+//! The hot path reads in one direction: API → broker → hub → session. The broker hands
+//! the hub a stream of [`BrokerEvent`]s (publications, resubscribes, user commands),
+//! consumed by one task ([`Hub::consume`]); nothing calls back from the broker into the
+//! hub, and the hub holds the broker, not the other way round.
+//!
+//! The hub owns four invariants:
 //! - **One broker subscription per channel per node**, counted by local sessions. The
 //!   first session to join a channel subscribes the node at the broker; the last one to
 //!   leave schedules an unsubscribe after `unsubscribe_delay`, which a new session in
@@ -13,9 +18,19 @@
 //!   dispatched per channel. When the broker skips offsets (a dropped pub/sub message,
 //!   a lagging reader, a reconnect) the hub buffers the channel, repairs the gap from
 //!   history, and if history cannot fill it sends `resync` to the channel's sessions.
+//!   The rules themselves are pure, in [`crate::continuity`].
+//! - **Per-channel order without a shared lock on the fan-out.** What to deliver is
+//!   decided under the channel's shard lock (continuity, and an `Arc` snapshot of the
+//!   subscriber list, rebuilt only after a join or leave), and only queued there, in the
+//!   channel's [`Outlet`]. The offers to the sessions' mailboxes happen after the lock is
+//!   released, by one drainer per channel at a time, so other channels never wait
+//!   behind a fan-out and a later message never overtakes an earlier one. A fan-out to
+//!   more than [`PARALLEL_FANOUT`] sessions is split into chunks offered in parallel on
+//!   every worker of the runtime; the channel's next item starts when all are done.
 //!
 //! Locks are std `Mutex`es over shards of the channel map: no `.await` happens while one
-//! is held, and sharding keeps fan-outs of different channels from contending.
+//! is held, and sharding keeps decisions on different channels from contending. Lock
+//! order: shard, then outlet; never the other way.
 
 use std::collections::hash_map::DefaultHasher;
 use std::collections::{HashMap, VecDeque};

@@ -1,6 +1,10 @@
 //! The Redis broker against real Redis: one `redis-server`, and a local 3-master
 //! Redis Cluster (sharded pub/sub). Each test has its own Redis (or cluster) and key
 //! prefix; every wait has a timeout.
+//!
+//! What every broker must do (offsets, history, subscribe, presence, registry, user
+//! commands) is `broker_conformance.rs`, run against the memory broker too; this file
+//! keeps what only Redis has: several nodes, reconnects, lost keys, sharding.
 
 #[path = "support/redis_server.rs"]
 mod redis_server;
@@ -293,92 +297,6 @@ async fn offsets_without_gaps(backend: &Backend<'_>) {
     }
     reader.broker.shutdown().await;
     writer.broker.shutdown().await;
-}
-
-async fn history_since_limit_and_trim(backend: &Backend<'_>) {
-    let prefix = prefix("history");
-    let url = backend.url();
-    let small = BrokerSettings {
-        history_size: 5,
-        ..settings()
-    };
-    let node = Node::start(&url, &prefix, "n1", small).await;
-    let b = &node.broker;
-    let mut epoch = String::new();
-    for i in 1..=8u64 {
-        let pos = b
-            .publish("h", &format!(r#"{{"n":{i},"s":"a:b"}}"#), None)
-            .await
-            .unwrap();
-        assert_eq!(pos.offset, i);
-        epoch = pos.epoch;
-    }
-    let h = b.history("h", 0, 100).await.unwrap();
-    assert_eq!(h.position.offset, 8);
-    assert_eq!(h.position.epoch, epoch);
-    let offsets: Vec<u64> = h.publications.iter().map(|p| p.offset).collect();
-    assert_eq!(offsets, vec![4, 5, 6, 7, 8], "trimmed to the last 5");
-    assert_eq!(&*h.publications[0].data, r#"{"n":4,"s":"a:b"}"#);
-    assert!(h.publications.iter().all(|p| *p.epoch == *epoch));
-
-    let h = b.history("h", 5, 2).await.unwrap();
-    let offsets: Vec<u64> = h.publications.iter().map(|p| p.offset).collect();
-    assert_eq!(offsets, vec![6, 7]);
-    assert!(b.history("h", 8, 10).await.unwrap().publications.is_empty());
-    assert!(b
-        .history("h", u64::MAX, 10)
-        .await
-        .unwrap()
-        .publications
-        .is_empty());
-
-    // A new channel: position 0 with the empty epoch until the first publish, which
-    // starts a real one that then stays.
-    let p = b.position("fresh").await.unwrap();
-    assert_eq!(p, StreamPosition::new(0, EMPTY_EPOCH));
-    assert_eq!(b.position("fresh").await.unwrap(), p);
-    let first = b.publish("fresh", "1", None).await.unwrap();
-    assert_eq!(first.offset, 1);
-    assert_ne!(first.epoch, EMPTY_EPOCH);
-    assert_eq!(b.position("fresh").await.unwrap(), first);
-    node.broker.shutdown().await;
-
-    // Age: messages older than history_ttl leave history; the position stays.
-    let short = BrokerSettings {
-        history_ttl: Duration::from_millis(300),
-        ..settings()
-    };
-    let node = Node::start(&url, &prefix, "n2", short).await;
-    let pos = node.broker.publish("aged", "1", None).await.unwrap();
-    node.broker.publish("aged", "2", None).await.unwrap();
-    assert_eq!(
-        node.broker
-            .history("aged", 0, 10)
-            .await
-            .unwrap()
-            .publications
-            .len(),
-        2
-    );
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let h = node.broker.history("aged", 0, 10).await.unwrap();
-        if h.publications.is_empty() {
-            assert_eq!(h.position.offset, 2);
-            assert_eq!(h.position.epoch, pos.epoch);
-            break;
-        }
-        assert!(Instant::now() < deadline, "history did not age out");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    // Old entries are trimmed on publish too: only the new one is left.
-    node.broker.publish("aged", "3", None).await.unwrap();
-    let h = node.broker.history("aged", 0, 10).await.unwrap();
-    assert_eq!(
-        h.publications.iter().map(|p| p.offset).collect::<Vec<_>>(),
-        vec![3]
-    );
-    node.broker.shutdown().await;
 }
 
 async fn epoch_changes_when_keys_are_lost(backend: &Backend<'_>) {
@@ -721,12 +639,6 @@ async fn single_user_commands() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn single_history() {
-    let redis = RedisServer::start();
-    history_since_limit_and_trim(&Backend::Single(&redis)).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn single_epoch_changes_when_keys_are_lost() {
     let redis = RedisServer::start();
     epoch_changes_when_keys_are_lost(&Backend::Single(&redis)).await;
@@ -938,7 +850,6 @@ async fn cluster_scenarios() {
     let cluster = RedisCluster::start();
     let backend = Backend::Cluster(&cluster);
     offsets_without_gaps(&backend).await;
-    history_since_limit_and_trim(&backend).await;
     routing_between_nodes(&backend).await;
     presence_and_dead_nodes(&backend).await;
     epoch_changes_when_keys_are_lost(&backend).await;

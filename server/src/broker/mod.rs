@@ -7,6 +7,8 @@
 //! no stored state answers `(0, EMPTY_EPOCH)` and stores nothing, so that subscribing
 //! to ever new names cannot grow the broker (see [`herald_protocol::same_stream`] for
 //! why offset 0 needs no epoch).
+//! What a broker receives reaches the node as a stream of [`BrokerEvent`]s, taken once
+//! with [`Broker::events`] and consumed by the hub: the broker never calls into the hub.
 //! [`memory::MemoryBroker`] serves a single node; [`redis::RedisBroker`] a cluster. The
 //! rest of the server sees only the [`Broker`] trait, so changing the broker changes
 //! nothing outside this module.
