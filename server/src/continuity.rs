@@ -8,7 +8,8 @@
 //!   history read plus what was buffered meanwhile into the steps to deliver;
 //! - the **session** (one per client and channel): [`session_arrival`] judges a message
 //!   against what the client last got, [`resync_applies`] says whether a hub `resync` is
-//!   news to it, and [`fills_gap`] whether a history read fills its gap exactly.
+//!   news to it, [`fills_gap`] whether a history read fills its gap exactly, and
+//!   [`recovery`] whether a client resuming from a position is recovered completely.
 //!
 //! Epochs are compared only through [`herald_protocol::same_stream`] (offset 0 continues
 //! with any epoch). Nothing here does I/O or takes a lock, so every rule is unit-tested
@@ -289,6 +290,20 @@ pub fn fills_gap(last: u64, epoch: &str, want: usize, publications: &[Publicatio
             .all(|(i, p)| p.offset == last + 1 + i as u64 && *p.epoch == *epoch)
 }
 
+/// How a client at `since` (a `resume` or a `subscribe` with a position) is recovered
+/// from `history` (read after `since.offset`): `Some(n)` when the stream continues from
+/// `since` and the first `n` retained publications are exactly the ones missed up to
+/// the channel's position (`n` may be 0); `None` when it cannot be recovered completely.
+pub fn recovery(since: &StreamPosition, history: &History) -> Option<usize> {
+    let top = &history.position;
+    if !since.continues_with(&top.epoch) || since.offset > top.offset {
+        return None;
+    }
+    let missing = usize::try_from(top.offset - since.offset).ok()?;
+    let publications = history.publications.get(..missing)?;
+    fills_gap(since.offset, &top.epoch, missing, publications).then_some(missing)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -459,6 +474,23 @@ mod tests {
         assert!(fills_gap(2, "e", 2, &[p(3, "e"), p(4, "e")]));
         assert!(!fills_gap(2, "e", 2, &[p(3, "e")]));
         assert!(!fills_gap(2, "e", 1, &[p(3, "f")]));
+    }
+
+    #[test]
+    fn recovery_rules() {
+        let h = history(4, "e", vec![p(3, "e"), p(4, "e")]);
+        assert_eq!(recovery(&StreamPosition::new(2, "e"), &h), Some(2));
+        assert_eq!(recovery(&StreamPosition::new(4, "e"), &h), Some(0));
+        assert_eq!(recovery(&StreamPosition::new(1, "e"), &h), None, "trimmed");
+        assert_eq!(
+            recovery(&StreamPosition::new(2, "x"), &h),
+            None,
+            "other epoch"
+        );
+        assert_eq!(recovery(&StreamPosition::new(0, "x"), &h), None, "trimmed");
+        assert_eq!(recovery(&StreamPosition::new(9, "e"), &h), None, "ahead");
+        let full = history(2, "e", vec![p(1, "e"), p(2, "e")]);
+        assert_eq!(recovery(&StreamPosition::new(0, ""), &full), Some(2));
     }
 
     proptest! {

@@ -295,17 +295,15 @@ struct ChannelEntry {
     /// leave (copy on write): a delivery takes it under the shard lock in O(1) and
     /// offers outside the lock.
     snapshot: Option<Arc<[SessionHandle]>>,
-    /// The channel's ordered delivery queue (see [`Outlet`]).
-    outlet: Arc<Outlet>,
+    /// The channel's ordered delivery queue (see [`Outlet`]), made at the first
+    /// delivery: an idle connection's personal channel never needs one.
+    outlet: Option<Arc<Outlet>>,
 }
 
 impl ChannelEntry {
     fn new(name: Arc<str>) -> Self {
         Self {
-            outlet: Arc::new(Outlet {
-                channel: name.clone(),
-                state: Mutex::default(),
-            }),
+            outlet: None,
             name,
             sessions: HashMap::new(),
             subscription: None,
@@ -331,13 +329,20 @@ impl ChannelEntry {
                 s
             }
         };
-        let mut state = self.outlet.lock();
+        let name = &self.name;
+        let outlet = self.outlet.get_or_insert_with(|| {
+            Arc::new(Outlet {
+                channel: Arc::clone(name),
+                state: Mutex::default(),
+            })
+        });
+        let mut state = outlet.lock();
         state.queue.push_back((sessions, item));
         if state.draining {
             None
         } else {
             state.draining = true;
-            Some(Arc::clone(&self.outlet))
+            Some(Arc::clone(outlet))
         }
     }
 }
@@ -643,10 +648,18 @@ impl Hub {
     ) -> Result<(), BrokerError> {
         let ack = {
             let mut shard = self.shard(channel);
-            let entry = shard.channels.entry(Arc::from(channel)).or_insert_with(|| {
-                self.metrics.broker_channels.inc();
-                ChannelEntry::new(Arc::from(channel))
-            });
+            let entry = match shard.channels.get_mut(channel) {
+                Some(entry) => entry,
+                None => {
+                    self.metrics.broker_channels.inc();
+                    // One allocation of the name, shared by the key and the entry.
+                    let name: Arc<str> = Arc::from(channel);
+                    shard
+                        .channels
+                        .entry(Arc::clone(&name))
+                        .or_insert(ChannelEntry::new(name))
+                }
+            };
             entry.sessions.insert(id, handle);
             entry.snapshot = None;
             entry.generation += 1;
@@ -1098,10 +1111,14 @@ mod tests {
         let (hub, _consumer) = hub();
         let a = Arc::new(SessionControl::new(10));
         hub.join("c", 1, Arc::clone(&a)).await.expect("join");
-        // Take the channel's outlet as if a drainer were mid-delivery.
-        let outlet = Arc::clone(&hub.shard("c").channels["c"].outlet);
-        outlet.lock().draining = true;
+        assert!(hub.shard("c").channels["c"].outlet.is_none(), "made lazily");
         hub.broker().publish("c", "1", None).await.expect("publish");
+        wait_until("first delivery", || a.queue().len() == 1).await;
+        assert_eq!(offsets(&a), vec![1]);
+        // Take the channel's outlet as if a drainer were mid-delivery.
+        let outlet = hub.shard("c").channels["c"].outlet.clone().expect("outlet");
+        outlet.lock().draining = true;
+        hub.broker().publish("c", "2", None).await.expect("publish");
         // The publication is decided and queued; the shard lock is free meanwhile.
         wait_until("queued in the outlet", || outlet.lock().queue.len() == 1).await;
         assert!(hub.has_sessions("c"), "shard lock not held");
@@ -1115,7 +1132,7 @@ mod tests {
         assert_eq!(pending, 1);
         outlet.lock().draining = true;
         hub.drain(outlet);
-        assert_eq!(offsets(&a), vec![1]);
+        assert_eq!(offsets(&a), vec![2]);
     }
 
     /// No reference cycle: dropping the hub drops the broker, which closes the event

@@ -315,31 +315,23 @@ impl Session {
         let history = broker
             .history(channel, since.offset, self.node.config.history_size.max(1))
             .await?;
-        let top = history.position;
         let mut recovered = false;
         let mut pubs = Vec::new();
-        if since.continues_with(&top.epoch) && since.offset <= top.offset {
-            let missing = top.offset - since.offset;
-            let contiguous =
-                history.publications.iter().enumerate().all(|(i, p)| {
-                    p.offset == since.offset + 1 + i as u64 && *p.epoch == *top.epoch
-                });
-            if history.publications.len() as u64 >= missing && contiguous {
-                pubs = history.publications;
-                pubs.truncate(missing as usize);
-                recovered = budget.take(&pubs);
-                if !recovered {
-                    // Honest, never a silent gap: the client is told it was not
-                    // recovered and starts from the current position.
-                    self.node.metrics.recovery_over_budget.inc();
-                    pubs = Vec::new();
-                }
+        if let Some(missing) = continuity::recovery(&since, &history) {
+            pubs = history.publications;
+            pubs.truncate(missing);
+            recovered = budget.take(&pubs);
+            if !recovered {
+                // Honest, never a silent gap: the client is told it was not
+                // recovered and starts from the current position.
+                self.node.metrics.recovery_over_budget.inc();
+                pubs = Vec::new();
             }
         }
         Ok((
             SubscribeResult {
-                offset: top.offset,
-                epoch: top.epoch,
+                offset: history.position.offset,
+                epoch: history.position.epoch,
                 recovered,
             },
             pubs,
