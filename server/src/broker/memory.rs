@@ -3,8 +3,8 @@
 //! It keeps each channel's stream (offset, epoch, history) in sharded maps, and sends a
 //! publication to its event stream ([`BrokerEvent`]) while still holding the channel's
 //! shard lock, so that publications of a channel reach the hub in offset order. The lock
-//! is a std `Mutex`, not a tokio one: no `.await` happens while it is held, and sending
-//! to the unbounded stream never blocks.
+//! is a std `Mutex`, not a tokio one: no `.await` happens while it is held (room in the
+//! bounded stream is reserved before it is taken).
 
 use std::collections::hash_map::DefaultHasher;
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
@@ -103,7 +103,7 @@ pub struct MemoryBroker {
 impl MemoryBroker {
     /// A new, empty broker.
     pub fn new(settings: BrokerSettings) -> Self {
-        let (events, events_rx) = tokio::sync::mpsc::unbounded_channel();
+        let (events, events_rx) = super::event_stream();
         Self {
             settings,
             shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
@@ -216,8 +216,12 @@ impl Broker for MemoryBroker {
         data: &str,
         from: Option<&str>,
     ) -> Result<StreamPosition, BrokerError> {
-        // The event is sent inside the stream's lock, so publications of a channel
-        // reach the hub in offset order.
+        // Room in the event stream first (a hub that falls behind makes publishers
+        // wait), then the event is sent inside the stream's lock, so publications of a
+        // channel reach the hub in offset order. Whether the channel is subscribed is
+        // read under that lock too: a subscribe that returned before this publish
+        // numbered its message must get it.
+        let permit = self.events.reserve().await.ok();
         Ok(self.with_stream(channel, |stream, now| {
             stream.offset += 1;
             let publication = Publication {
@@ -233,8 +237,8 @@ impl Broker for MemoryBroker {
                 .read()
                 .unwrap_or_else(|e| e.into_inner())
                 .contains(channel);
-            if subscribed {
-                let _ = self.events.send(BrokerEvent::Publication {
+            if let (true, Some(permit)) = (subscribed, permit) {
+                permit.send(BrokerEvent::Publication {
                     channel: channel.into(),
                     publication,
                 });
@@ -406,7 +410,7 @@ impl Broker for MemoryBroker {
             command: command.clone(),
             reply,
         };
-        if self.events.send(event).is_err() {
+        if self.events.send(event).await.is_err() {
             return Ok(0);
         }
         Ok(count.await.unwrap_or(0))
@@ -514,5 +518,39 @@ mod tests {
         assert!(!b.presence("room").await.unwrap().contains_key("alice"));
         b.unregister_node("n1").await.unwrap();
         assert!(b.presence("room").await.unwrap().is_empty());
+    }
+
+    /// The event stream is bounded: with the hub behind by `EVENT_BUFFER` events, a
+    /// publish to a subscribed channel waits for room (and numbers nothing meanwhile),
+    /// then goes through once the hub reads.
+    #[tokio::test]
+    async fn a_hub_that_falls_behind_makes_publishers_wait() {
+        let b = Arc::new(MemoryBroker::new(settings()));
+        let mut events = b.events().expect("events");
+        assert!(b.events().is_none(), "taken once");
+        b.subscribe("c").await.expect("subscribe");
+        for _ in 0..super::super::EVENT_BUFFER {
+            b.publish("c", "1", None).await.expect("publish");
+        }
+        let broker = Arc::clone(&b);
+        let mut blocked = tokio::spawn(async move { broker.publish("c", "2", None).await });
+        assert!(
+            tokio::time::timeout(Duration::from_millis(200), &mut blocked)
+                .await
+                .is_err(),
+            "waits for room"
+        );
+        assert_eq!(
+            b.position("c").await.unwrap().offset,
+            super::super::EVENT_BUFFER as u64,
+            "nothing numbered while waiting"
+        );
+        events.recv().await.expect("an event");
+        let position = tokio::time::timeout(Duration::from_secs(5), blocked)
+            .await
+            .expect("room again")
+            .expect("no panic")
+            .expect("published");
+        assert_eq!(position.offset, super::super::EVENT_BUFFER as u64 + 1);
     }
 }

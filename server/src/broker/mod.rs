@@ -216,16 +216,24 @@ pub enum BrokerEvent {
 
 /// The receiving side of a broker's event stream.
 ///
-/// Unbounded, because the sending side must never wait: the memory broker sends under
-/// its stream lock and the Redis reader must keep up with the subscriber connection.
-/// What bounds it is upstream: Redis' pub/sub output buffer and fred's broadcast buffer
-/// (`HERALD_SUBSCRIBER_BUFFER`, where a lag is detected and repaired from history), and
-/// for the memory broker the publishers themselves. The hub only decides and queues per
-/// event (no I/O), so the stream drains as fast as it fills.
-pub type BrokerEvents = mpsc::UnboundedReceiver<BrokerEvent>;
+/// Bounded ([`EVENT_BUFFER`]), so that a hub that falls behind pushes back instead of
+/// growing a queue: the Redis reader then waits, fred's buffer between the subscriber
+/// connection and the reader (`HERALD_REDIS_SUBSCRIBER_BUFFER`) overflows, and the lag
+/// is detected and repaired from history as before; the memory broker's publishers wait
+/// for room before they number their message. The hub only decides and queues per event
+/// (no I/O, no waiting), so the stream normally drains as fast as it fills.
+pub type BrokerEvents = mpsc::Receiver<BrokerEvent>;
 
 /// The sending side of a broker's event stream (see [`BrokerEvents`]).
-pub type BrokerEventSender = mpsc::UnboundedSender<BrokerEvent>;
+pub type BrokerEventSender = mpsc::Sender<BrokerEvent>;
+
+/// Events a broker's stream holds at most before its sender waits.
+pub const EVENT_BUFFER: usize = 1024;
+
+/// A new event stream of [`EVENT_BUFFER`] events.
+pub fn event_stream() -> (BrokerEventSender, BrokerEvents) {
+    mpsc::channel(EVENT_BUFFER)
+}
 
 /// A future that resolves when a subscription request was applied by the broker.
 pub type SubscribeAck = BoxFuture<'static, Result<(), BrokerError>>;

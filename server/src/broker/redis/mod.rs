@@ -133,8 +133,9 @@ impl Inner {
         }
     }
 
-    fn on_resubscribed(&self) {
-        let _ = self.events.send(BrokerEvent::Resubscribed);
+    /// Tells the hub to check every channel (waits for room in the event stream).
+    async fn on_resubscribed(&self) {
+        let _ = self.events.send(BrokerEvent::Resubscribed).await;
     }
 }
 
@@ -244,7 +245,7 @@ pub async fn connect(
     };
     let keys = Keys::new(prefix, node_id);
     let (requests, requests_rx) = mpsc::unbounded_channel();
-    let (events, events_rx) = mpsc::unbounded_channel();
+    let (events, events_rx) = super::event_stream();
     let inner = Arc::new(Inner {
         settings,
         keys,
@@ -377,7 +378,7 @@ async fn read_publications(inner: Arc<Inner>, mut messages: broadcast::Receiver<
             message = messages.recv() => message,
         };
         match message {
-            Ok(message) => dispatch(&inner, &message),
+            Ok(message) => dispatch(&inner, &message).await,
             Err(broadcast::error::RecvError::Lagged(missed)) => {
                 // fred dropped messages we did not read in time: any channel may have
                 // a gap now. The hub checks every channel against history.
@@ -385,7 +386,7 @@ async fn read_publications(inner: Arc<Inner>, mut messages: broadcast::Receiver<
                     missed,
                     "redis subscriber lagged; checking channel continuity"
                 );
-                inner.on_resubscribed();
+                inner.on_resubscribed().await;
             }
             Err(broadcast::error::RecvError::Closed) => {
                 if inner.cancel.is_cancelled() {
@@ -393,13 +394,15 @@ async fn read_publications(inner: Arc<Inner>, mut messages: broadcast::Receiver<
                 }
                 messages = inner.sub.message_rx();
                 tokio::time::sleep(Duration::from_millis(100)).await;
-                inner.on_resubscribed();
+                inner.on_resubscribed().await;
             }
         }
     }
 }
 
-fn dispatch(inner: &Arc<Inner>, message: &Message) {
+/// Decodes one pub/sub message and sends it to the hub. Waits while the event stream is
+/// full: the reader falls behind, fred's buffer overflows, and the lag is repaired.
+async fn dispatch(inner: &Arc<Inner>, message: &Message) {
     let name: &str = &message.channel;
     let Some(text) = message.value.as_str() else {
         tracing::warn!(channel = name, "redis message without text payload");
@@ -415,22 +418,25 @@ fn dispatch(inner: &Arc<Inner>, message: &Message) {
         return;
     };
     if channel == keys::CONTROL {
-        on_control(inner, &text);
+        on_control(inner, &text).await;
         return;
     }
     let Some(payload) = keys::parse_payload(&text) else {
         tracing::warn!(channel, "malformed publication payload from redis");
         return;
     };
-    let _ = inner.events.send(BrokerEvent::Publication {
-        channel: channel.into(),
-        publication: Publication {
-            offset: payload.offset,
-            epoch: payload.epoch.into(),
-            data: payload.data.into(),
-            from: payload.from.map(Arc::from),
-        },
-    });
+    let _ = inner
+        .events
+        .send(BrokerEvent::Publication {
+            channel: channel.into(),
+            publication: Publication {
+                offset: payload.offset,
+                epoch: payload.epoch.into(),
+                data: payload.data.into(),
+                from: payload.from.map(Arc::from),
+            },
+        })
+        .await;
 }
 
 /// A user command as it travels over the control channel.
@@ -444,7 +450,7 @@ struct ControlMessage {
 
 /// Hands a user command from the control channel to the hub, then answers with the
 /// count of sessions it affected (in a task: the reader must not wait).
-fn on_control(inner: &Arc<Inner>, text: &str) {
+async fn on_control(inner: &Arc<Inner>, text: &str) {
     let message: ControlMessage = match serde_json::from_str(text) {
         Ok(m) => m,
         Err(e) => {
@@ -458,7 +464,7 @@ fn on_control(inner: &Arc<Inner>, text: &str) {
         command: message.command,
         reply,
     };
-    if inner.events.send(event).is_err() {
+    if inner.events.send(event).await.is_err() {
         return; // nobody listens: the node is stopping
     }
     let inner = Arc::clone(inner);
