@@ -1,6 +1,11 @@
 //! The hub: which local session is in which channel, and the fan-out of publications.
 //!
-//! The hub owns three invariants:
+//! The hot path reads in one direction: API → broker → hub → session. The broker hands
+//! the hub a stream of [`BrokerEvent`]s (publications, resubscribes, user commands),
+//! consumed by one task ([`Hub::consume`]); nothing calls back from the broker into the
+//! hub, and the hub holds the broker, not the other way round.
+//!
+//! The hub owns four invariants:
 //! - **One broker subscription per channel per node**, counted by local sessions. The
 //!   first session to join a channel subscribes the node at the broker; the last one to
 //!   leave schedules an unsubscribe after `unsubscribe_delay`, which a new session in
@@ -13,28 +18,40 @@
 //!   dispatched per channel. When the broker skips offsets (a dropped pub/sub message,
 //!   a lagging reader, a reconnect) the hub buffers the channel, repairs the gap from
 //!   history, and if history cannot fill it sends `resync` to the channel's sessions.
+//!   The rules themselves are pure, in [`crate::continuity`].
+//! - **Per-channel order without a shared lock on the fan-out.** What to deliver is
+//!   decided under the channel's shard lock (continuity, and an `Arc` snapshot of the
+//!   subscriber list, rebuilt only after a join or leave), and only queued there, in the
+//!   channel's [`Outlet`]. The offers to the sessions' mailboxes happen after the lock is
+//!   released, by one drainer per channel at a time, so other channels never wait
+//!   behind a fan-out and a later message never overtakes an earlier one. A fan-out to
+//!   more than [`PARALLEL_FANOUT`] sessions is split into chunks offered in parallel on
+//!   every worker of the runtime; the channel's next item starts when all are done.
 //!
 //! Locks are std `Mutex`es over shards of the channel map: no `.await` happens while one
-//! is held, and sharding keeps fan-outs of different channels from contending.
+//! is held, and sharding keeps decisions on different channels from contending. Lock
+//! order: shard, then outlet; never the other way.
 
 use std::collections::hash_map::DefaultHasher;
 use std::collections::{HashMap, VecDeque};
 use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use axum::extract::ws::Utf8Bytes;
 use futures_util::future::{FutureExt, Shared};
 use herald_protocol::frame::{encode_ephemeral, encode_message};
-use herald_protocol::{same_stream, StreamPosition};
+use herald_protocol::StreamPosition;
 use tokio::sync::Notify;
+use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::broker::{
-    Broker, BrokerError, Ephemeral, History, Publication, PublicationSink, SubscribeAck,
+    Broker, BrokerError, BrokerEvent, BrokerEvents, Ephemeral, History, Publication, SubscribeAck,
     UserCommand,
 };
+use crate::continuity::{plan_repair, Arrival, Check, Continuity, Step};
 use crate::control::{Revocations, UserIndex};
 use crate::metrics::Metrics;
 use herald_protocol::codes::CloseCode;
@@ -44,6 +61,9 @@ use herald_protocol::codes::CloseCode;
 const REPAIR_RETRY_WINDOW: Duration = Duration::from_secs(5);
 
 const SHARDS: usize = 64;
+/// Broker events taken from the stream at once (one upgrade of the hub's weak handle
+/// per batch).
+const EVENT_BATCH: usize = 256;
 
 /// A node-local session id (cheaper to hash than the session's uuid).
 pub type SessionId = u64;
@@ -292,27 +312,6 @@ impl SessionControl {
 /// The hub's handle on one session.
 pub type SessionHandle = Arc<SessionControl>;
 
-/// Where the hub stands in one channel's stream.
-#[derive(Debug, Clone)]
-enum Continuity {
-    /// Nothing known yet.
-    Unknown,
-    /// Positions read by sessions at subscribe, before any dispatch: the lowest one.
-    Seeded(Arc<str>, u64),
-    /// The last publication dispatched.
-    Dispatched(Arc<str>, u64),
-}
-
-impl Continuity {
-    /// The (epoch, offset) known, if any.
-    fn position(&self) -> Option<(Arc<str>, u64)> {
-        match self {
-            Continuity::Unknown => None,
-            Continuity::Seeded(e, o) | Continuity::Dispatched(e, o) => Some((e.clone(), *o)),
-        }
-    }
-}
-
 struct ChannelEntry {
     name: Arc<str>,
     sessions: HashMap<SessionId, SessionHandle>,
@@ -323,7 +322,115 @@ struct ChannelEntry {
     continuity: Continuity,
     /// While a gap is being repaired: publications that arrived meanwhile.
     repairing: Option<Vec<Publication>>,
+    /// The sessions as one shared list, rebuilt on the first delivery after a join or
+    /// leave (copy on write): a delivery takes it under the shard lock in O(1) and
+    /// offers outside the lock.
+    snapshot: Option<Arc<[SessionHandle]>>,
+    /// The channel's ordered delivery queue (see [`Outlet`]), made at the first
+    /// delivery: an idle connection's personal channel never needs one.
+    outlet: Option<Arc<Outlet>>,
 }
+
+impl ChannelEntry {
+    fn new(name: Arc<str>) -> Self {
+        Self {
+            outlet: None,
+            name,
+            sessions: HashMap::new(),
+            subscription: None,
+            generation: 0,
+            continuity: Continuity::Unknown,
+            repairing: None,
+            snapshot: None,
+        }
+    }
+
+    /// Queues `item` for every session of the channel now, in order after everything
+    /// queued before. Returns the outlet when the caller must drain it (after letting
+    /// go of the shard lock).
+    fn push(&mut self, item: Pending) -> Option<Arc<Outlet>> {
+        if self.sessions.is_empty() {
+            return None;
+        }
+        let sessions = match &self.snapshot {
+            Some(s) => Arc::clone(s),
+            None => {
+                let s: Arc<[SessionHandle]> = self.sessions.values().cloned().collect();
+                self.snapshot = Some(Arc::clone(&s));
+                s
+            }
+        };
+        let name = &self.name;
+        let outlet = self.outlet.get_or_insert_with(|| {
+            Arc::new(Outlet {
+                channel: Arc::clone(name),
+                state: Mutex::default(),
+            })
+        });
+        let mut state = outlet.lock();
+        state.queue.push_back((sessions, item));
+        if state.draining {
+            None
+        } else {
+            state.draining = true;
+            Some(Arc::clone(outlet))
+        }
+    }
+}
+
+/// What a channel's outlet hands to its sessions.
+enum Pending {
+    /// A publication, encoded when delivered (outside every lock).
+    Publication(Publication),
+    /// Continuity was lost: continue from here.
+    Resync(StreamPosition),
+    /// An ephemeral message: no offset, dropped rather than closing a full session.
+    Ephemeral(Ephemeral),
+}
+
+/// One channel's ordered delivery queue.
+///
+/// Deciding what to deliver (continuity, the subscriber list) happens under the shard
+/// lock and only appends here; offering to the sessions' mailboxes happens outside it,
+/// by one drainer at a time per channel (whoever found the outlet idle). So another
+/// channel's messages never wait behind this channel's fan-out, and one channel's items
+/// reach each session in the order they were decided: a later message can never
+/// overtake an earlier one, even when a big fan-out runs in parallel chunks (the next
+/// item starts only after every chunk of the previous one is done).
+struct Outlet {
+    channel: Arc<str>,
+    state: Mutex<OutletState>,
+}
+
+#[derive(Default)]
+struct OutletState {
+    queue: VecDeque<(Arc<[SessionHandle]>, Pending)>,
+    /// Someone is delivering this channel's items now.
+    draining: bool,
+}
+
+impl Outlet {
+    fn lock(&self) -> MutexGuard<'_, OutletState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The next item; `None` ends the caller's turn as the drainer.
+    fn pop(&self) -> Option<(Arc<[SessionHandle]>, Pending)> {
+        let mut state = self.lock();
+        let next = state.queue.pop_front();
+        if next.is_none() {
+            state.draining = false;
+        }
+        next
+    }
+}
+
+/// Fan-outs to more sessions than this are split into chunks offered in parallel on the
+/// runtime's workers.
+const PARALLEL_FANOUT: usize = 1024;
+/// The smallest chunk of a parallel fan-out: smaller ones cost more to schedule than
+/// they save.
+const MIN_CHUNK: usize = 512;
 
 #[derive(Default)]
 struct HubShard {
@@ -333,7 +440,7 @@ struct HubShard {
 /// The hub. See the module doc.
 pub struct Hub {
     shards: Box<[Mutex<HubShard>]>,
-    broker: OnceLock<Arc<dyn Broker>>,
+    broker: Arc<dyn Broker>,
     metrics: Arc<Metrics>,
     unsubscribe_delay: Duration,
     repair_limit: usize,
@@ -346,11 +453,17 @@ pub struct Hub {
 }
 
 impl Hub {
-    /// A hub. `repair_limit` bounds one history read when repairing a gap.
-    pub fn new(metrics: Arc<Metrics>, unsubscribe_delay: Duration, repair_limit: usize) -> Self {
+    /// A hub over `broker`. `repair_limit` bounds one history read when repairing a
+    /// gap. Start consuming the broker's events with [`Hub::consume`].
+    pub fn new(
+        metrics: Arc<Metrics>,
+        broker: Arc<dyn Broker>,
+        unsubscribe_delay: Duration,
+        repair_limit: usize,
+    ) -> Self {
         Self {
             shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
-            broker: OnceLock::new(),
+            broker,
             metrics,
             unsubscribe_delay,
             repair_limit,
@@ -470,13 +583,87 @@ impl Hub {
         }
     }
 
-    /// Connects the hub to its broker. Called once, before any session.
-    pub fn attach(&self, broker: Arc<dyn Broker>) {
-        let _ = self.broker.set(broker);
+    fn broker(&self) -> &Arc<dyn Broker> {
+        &self.broker
     }
 
-    fn broker(&self) -> &Arc<dyn Broker> {
-        self.broker.get().expect("hub attached to a broker")
+    /// Consumes the broker's events (publications, resubscribes, user commands) in a
+    /// task, in the order the broker sent them, until the broker closes the stream.
+    ///
+    /// The task holds the hub weakly: the hub owns the broker and the broker owns the
+    /// stream's sender, so a strong reference here would keep all three alive forever.
+    /// Dropping the hub (and the node) drops the broker, whose `Drop` stops its tasks and
+    /// closes the stream, which ends this task.
+    pub fn consume(hub: &Arc<Hub>, mut events: BrokerEvents) -> JoinHandle<()> {
+        let hub = Arc::downgrade(hub);
+        tokio::spawn(async move {
+            let mut batch = Vec::with_capacity(EVENT_BATCH);
+            while events.recv_many(&mut batch, EVENT_BATCH).await > 0 {
+                let Some(hub) = hub.upgrade() else { return };
+                for event in batch.drain(..) {
+                    hub.on_event(event);
+                }
+            }
+        })
+    }
+
+    /// Handles one broker event. Never blocks: deliveries are offered without waiting,
+    /// and anything that needs the broker runs in its own task.
+    fn on_event(self: &Arc<Self>, event: BrokerEvent) {
+        match event {
+            BrokerEvent::Publication {
+                channel,
+                publication,
+            } => self.on_publication(&channel, publication),
+            BrokerEvent::Resubscribed => {
+                for channel in self.channels() {
+                    tokio::spawn(Arc::clone(self).check_continuity(channel));
+                }
+                // A revocation sent while this node was cut off was missed: load them again.
+                tokio::spawn(Arc::clone(self).load_revocations());
+            }
+            BrokerEvent::UserCommand {
+                user,
+                command,
+                reply,
+            } => {
+                let _ = reply.send(self.on_user_command(&user, &command));
+            }
+            BrokerEvent::Ephemeral { channel, message } => {
+                self.fan_out_ephemeral(&channel, message);
+            }
+        }
+    }
+
+    /// A publication on a channel this node subscribed to, in the broker's order.
+    fn on_publication(self: &Arc<Self>, channel: &str, p: Publication) {
+        self.metrics.broker_messages_received.inc();
+        let outlet = {
+            let mut shard = self.shard(channel);
+            let Some(entry) = shard.channels.get_mut(channel) else {
+                return;
+            };
+            let arrival =
+                entry
+                    .continuity
+                    .on_publication(entry.repairing.is_some(), &p.epoch, p.offset);
+            match arrival {
+                Arrival::Duplicate => return,
+                Arrival::Buffer => {
+                    entry.repairing.get_or_insert_with(Vec::new).push(p);
+                    return;
+                }
+                Arrival::Gap { epoch, from } => {
+                    self.start_repair(entry, epoch, from, None);
+                    entry.repairing.get_or_insert_with(Vec::new).push(p);
+                    return;
+                }
+                Arrival::Deliver => self.dispatch(entry, p),
+            }
+        };
+        if let Some(outlet) = outlet {
+            self.drain(outlet);
+        }
     }
 
     fn shard(&self, channel: &str) -> MutexGuard<'_, HubShard> {
@@ -497,18 +684,20 @@ impl Hub {
     ) -> Result<(), BrokerError> {
         let ack = {
             let mut shard = self.shard(channel);
-            let entry = shard.channels.entry(Arc::from(channel)).or_insert_with(|| {
-                self.metrics.broker_channels.inc();
-                ChannelEntry {
-                    name: Arc::from(channel),
-                    sessions: HashMap::new(),
-                    subscription: None,
-                    generation: 0,
-                    continuity: Continuity::Unknown,
-                    repairing: None,
+            let entry = match shard.channels.get_mut(channel) {
+                Some(entry) => entry,
+                None => {
+                    self.metrics.broker_channels.inc();
+                    // One allocation of the name, shared by the key and the entry.
+                    let name: Arc<str> = Arc::from(channel);
+                    shard
+                        .channels
+                        .entry(Arc::clone(&name))
+                        .or_insert(ChannelEntry::new(name))
                 }
-            });
+            };
             entry.sessions.insert(id, handle);
+            entry.snapshot = None;
             entry.generation += 1;
             entry
                 .subscription
@@ -519,6 +708,7 @@ impl Hub {
             let mut shard = self.shard(channel);
             if let Some(entry) = shard.channels.get_mut(channel) {
                 entry.sessions.remove(&id);
+                entry.snapshot = None;
                 // Forget the failed request so that the next join asks the broker again.
                 entry.subscription = None;
                 if entry.sessions.is_empty() {
@@ -538,17 +728,7 @@ impl Hub {
     pub fn seed(&self, channel: &str, position: &StreamPosition) {
         let mut shard = self.shard(channel);
         if let Some(entry) = shard.channels.get_mut(channel) {
-            let lower = match &entry.continuity {
-                Continuity::Unknown => true,
-                Continuity::Seeded(epoch, offset) => {
-                    !same_stream(*offset, epoch, &position.epoch) || position.offset < *offset
-                }
-                Continuity::Dispatched(..) => false,
-            };
-            if lower {
-                entry.continuity =
-                    Continuity::Seeded(position.epoch.as_str().into(), position.offset);
-            }
+            entry.continuity.seed(position);
         }
     }
 
@@ -557,7 +737,11 @@ impl Hub {
     pub fn leave(&self, channel: &str, id: SessionId) {
         let mut shard = self.shard(channel);
         if let Some(entry) = shard.channels.get_mut(channel) {
-            if entry.sessions.remove(&id).is_some() && entry.sessions.is_empty() {
+            let removed = entry.sessions.remove(&id).is_some();
+            if removed {
+                entry.snapshot = None;
+            }
+            if removed && entry.sessions.is_empty() {
                 let item = (
                     Instant::now() + self.unsubscribe_delay,
                     entry.name.clone(),
@@ -611,26 +795,86 @@ impl Hub {
         out
     }
 
-    /// Offers one encoded publication to every session of the entry.
-    fn fan_out(&self, entry: &ChannelEntry, p: &Publication) {
-        if entry.sessions.is_empty() {
-            return;
+    /// Delivers what the outlet holds, as its one drainer, until it is empty. Small
+    /// fan-outs run right here; the first big one hands the rest of the turn to a task
+    /// that splits it over the runtime's workers.
+    fn drain(self: &Arc<Self>, outlet: Arc<Outlet>) {
+        while let Some((sessions, item)) = outlet.pop() {
+            if sessions.len() > PARALLEL_FANOUT {
+                let hub = Arc::clone(self);
+                tokio::spawn(async move { hub.drain_parallel(outlet, sessions, item).await });
+                return;
+            }
+            let item = self.outbound(&outlet.channel, item);
+            offer_all(&self.metrics, &sessions, &item);
         }
-        let frame = Utf8Bytes::from(encode_message(
-            &entry.name,
-            p.offset,
-            &p.epoch,
-            p.from.as_deref(),
-            &p.data,
-        ));
-        let delivery = Arc::new(Delivery {
-            channel: entry.name.clone(),
-            offset: p.offset,
-            epoch: p.epoch.clone(),
-            frame,
-        });
-        for handle in entry.sessions.values() {
-            self.offer(handle, Outbound::Message(delivery.clone()));
+    }
+
+    /// [`Hub::drain`] for a turn that met a big fan-out: each big item is offered in
+    /// chunks on every worker, and the next item starts once all chunks are done.
+    async fn drain_parallel(
+        self: Arc<Self>,
+        outlet: Arc<Outlet>,
+        sessions: Arc<[SessionHandle]>,
+        item: Pending,
+    ) {
+        let workers = tokio::runtime::Handle::current().metrics().num_workers();
+        let mut next = Some((sessions, item));
+        while let Some((sessions, item)) = next.take().or_else(|| outlet.pop()) {
+            let item = self.outbound(&outlet.channel, item);
+            let parts = workers.min(sessions.len() / MIN_CHUNK).max(1);
+            if parts == 1 {
+                offer_all(&self.metrics, &sessions, &item);
+                continue;
+            }
+            let chunk = sessions.len().div_ceil(parts);
+            let mut chunks = tokio::task::JoinSet::new();
+            for start in (chunk..sessions.len()).step_by(chunk) {
+                let (metrics, sessions, item) = (
+                    Arc::clone(&self.metrics),
+                    Arc::clone(&sessions),
+                    item.clone(),
+                );
+                chunks.spawn(async move {
+                    let end = (start + chunk).min(sessions.len());
+                    offer_all(&metrics, &sessions[start..end], &item);
+                });
+            }
+            // This task takes the first chunk itself.
+            offer_all(&self.metrics, &sessions[..chunk], &item);
+            while chunks.join_next().await.is_some() {}
+        }
+    }
+
+    /// Turns a queued item into what sessions receive (a publication is encoded here,
+    /// once for every recipient, outside every lock).
+    fn outbound(&self, channel: &Arc<str>, item: Pending) -> Outbound {
+        match item {
+            Pending::Publication(p) => {
+                let frame = Utf8Bytes::from(encode_message(
+                    channel,
+                    p.offset,
+                    &p.epoch,
+                    p.from.as_deref(),
+                    &p.data,
+                ));
+                Outbound::Message(Arc::new(Delivery {
+                    channel: Arc::clone(channel),
+                    offset: p.offset,
+                    epoch: p.epoch,
+                    frame,
+                }))
+            }
+            Pending::Resync(position) => {
+                Outbound::Resync(Box::new((Arc::clone(channel), position)))
+            }
+            Pending::Ephemeral(message) => {
+                let frame = encode_ephemeral(channel, message.from.as_deref(), &message.data);
+                Outbound::Ephemeral(Arc::new(EphemeralDelivery {
+                    channel: Arc::clone(channel),
+                    frame: Utf8Bytes::from(frame),
+                }))
+            }
         }
     }
 
@@ -640,42 +884,29 @@ impl Hub {
     /// queue (half full, see [`SessionControl::offer_droppable`]) drops it instead of
     /// closing the session: losing a typing indicator is
     /// harmless, and closing a session for one would cost a reconnect and a recovery.
-    pub fn fan_out_ephemeral(&self, channel: &str, message: &Ephemeral) {
-        let shard = self.shard(channel);
-        let Some(entry) = shard.channels.get(channel) else {
-            return;
+    pub fn fan_out_ephemeral(self: &Arc<Self>, channel: &str, message: Ephemeral) {
+        let outlet = {
+            let mut shard = self.shard(channel);
+            let Some(entry) = shard.channels.get_mut(channel) else {
+                return;
+            };
+            entry.push(Pending::Ephemeral(message))
         };
-        if entry.sessions.is_empty() {
-            return;
-        }
-        let frame = encode_ephemeral(&entry.name, message.from.as_deref(), &message.data);
-        let delivery = Arc::new(EphemeralDelivery {
-            channel: entry.name.clone(),
-            frame: Utf8Bytes::from(frame),
-        });
-        for handle in entry.sessions.values() {
-            match handle.offer_droppable(Outbound::Ephemeral(delivery.clone())) {
-                Ok(()) | Err(Refused::Gone) => {}
-                Err(Refused::Full) => {
-                    self.metrics.ephemeral_dropped.inc();
-                }
-            }
+        if let Some(outlet) = outlet {
+            self.drain(outlet);
         }
     }
 
     fn offer(&self, handle: &SessionHandle, item: Outbound) {
-        match handle.offer(item) {
-            Ok(()) => {}
-            Err(Refused::Full) => {
-                self.metrics.queue_drops.inc();
-                handle.close(herald_protocol::codes::CloseCode::SlowConsumer.code());
-            }
-            // The session is gone and will leave the channel itself.
-            Err(Refused::Gone) => {}
-        }
+        offer(&self.metrics, handle, item);
     }
 
-    fn resync_all(&self, entry: &ChannelEntry, position: StreamPosition) {
+    /// Queues a `resync` to `position` for every session of the entry.
+    fn resync_all(
+        &self,
+        entry: &mut ChannelEntry,
+        position: StreamPosition,
+    ) -> Option<Arc<Outlet>> {
         // Rare and meaningful (clients must reload state): worth a log line.
         tracing::warn!(
             channel = %entry.name,
@@ -685,84 +916,70 @@ impl Hub {
             "continuity lost; sending resync"
         );
         self.metrics.resyncs.inc();
-        for handle in entry.sessions.values() {
-            self.offer(
-                handle,
-                Outbound::Resync(Box::new((entry.name.clone(), position.clone()))),
-            );
-        }
+        entry.continuity = Continuity::Dispatched(position.epoch.as_str().into(), position.offset);
+        entry.push(Pending::Resync(position))
     }
 
-    /// Dispatches a publication that is next in line (continuity already checked).
-    fn dispatch(&self, entry: &mut ChannelEntry, p: &Publication) {
+    /// Queues a publication that is next in line (continuity already checked).
+    fn dispatch(&self, entry: &mut ChannelEntry, p: Publication) -> Option<Arc<Outlet>> {
         entry.continuity = Continuity::Dispatched(p.epoch.clone(), p.offset);
-        self.fan_out(entry, p);
+        entry.push(Pending::Publication(p))
     }
 
-    /// Starts repairing a channel from `from` (the last offset known good).
-    fn start_repair(self: &Arc<Self>, entry: &mut ChannelEntry, epoch: Arc<str>, from: u64) {
+    /// Starts repairing a channel from `from` (the last offset known good); `target`
+    /// is where the stream is known to stand, if known.
+    fn start_repair(
+        self: &Arc<Self>,
+        entry: &mut ChannelEntry,
+        epoch: Arc<str>,
+        from: u64,
+        target: Option<StreamPosition>,
+    ) {
         if entry.repairing.is_some() {
             return;
         }
         entry.repairing = Some(Vec::new());
         let hub = Arc::clone(self);
         let channel = entry.name.clone();
-        tokio::spawn(async move { hub.repair(channel, epoch, from).await });
+        tokio::spawn(async move { hub.repair(channel, epoch, from, target).await });
     }
 
-    async fn repair(self: Arc<Self>, channel: Arc<str>, epoch: Arc<str>, from: u64) {
+    async fn repair(
+        self: Arc<Self>,
+        channel: Arc<str>,
+        epoch: Arc<str>,
+        from: u64,
+        target: Option<StreamPosition>,
+    ) {
         let history = self.history_for_repair(&channel, from).await;
-        let mut shard = self.shard(&channel);
-        let Some(entry) = shard.channels.get_mut(&channel) else {
-            return;
-        };
-        let buffered = entry.repairing.take().unwrap_or_default();
-        let mut last = from;
-        let mut current_epoch = epoch;
-        match history {
-            Ok(h) if same_stream(from, &current_epoch, &h.position.epoch) => {
-                // From offset 0 any epoch continues: repair in the history's.
-                current_epoch = h.position.epoch.as_str().into();
-                for p in &h.publications {
-                    if *p.epoch == *current_epoch && p.offset == last + 1 {
-                        self.dispatch(entry, p);
-                        last = p.offset;
-                    }
-                }
-                if h.position.offset > last {
-                    // History no longer reaches back far enough.
-                    let resume_at = h.position.offset;
-                    self.resync_all(entry, StreamPosition::new(resume_at, &*current_epoch));
-                    last = resume_at;
-                    entry.continuity = Continuity::Dispatched(current_epoch.clone(), last);
-                } else if last > from {
-                    self.metrics.gaps_repaired.inc();
-                }
+        if let Err(e) = &history {
+            tracing::warn!(channel = %channel, error = %e, "gap repair failed; sending resync");
+            self.metrics.broker_errors.inc();
+        }
+        let mut drain = None;
+        {
+            let mut shard = self.shard(&channel);
+            let Some(entry) = shard.channels.get_mut(&channel) else {
+                return;
+            };
+            let buffered = entry.repairing.take().unwrap_or_default();
+            let plan = plan_repair(from, epoch, history.as_ref(), target.as_ref(), buffered);
+            for step in plan.steps {
+                let outlet = match step {
+                    Step::Deliver(p) => self.dispatch(entry, p),
+                    Step::Resync(position) => self.resync_all(entry, position),
+                };
+                drain = drain.or(outlet);
             }
-            Ok(h) => {
-                // The epoch changed: the history we would repair from is gone.
-                current_epoch = h.position.epoch.as_str().into();
-                last = h.position.offset;
-                self.resync_all(entry, h.position.clone());
-                entry.continuity = Continuity::Dispatched(current_epoch.clone(), last);
+            if let Some((epoch, last)) = plan.last {
+                entry.continuity = Continuity::Dispatched(epoch, last);
             }
-            Err(e) => {
-                tracing::warn!(channel = %channel, error = %e, "gap repair failed; sending resync");
-                self.metrics.broker_errors.inc();
+            if plan.repaired {
+                self.metrics.gaps_repaired.inc();
             }
         }
-        for p in buffered {
-            if same_stream(last, &current_epoch, &p.epoch) {
-                if p.offset <= last {
-                    continue;
-                }
-                if p.offset > last + 1 {
-                    self.resync_all(entry, StreamPosition::new(p.offset - 1, &*p.epoch));
-                }
-            }
-            current_epoch = p.epoch.clone();
-            last = p.offset;
-            self.dispatch(entry, &p);
+        if let Some(outlet) = drain {
+            self.drain(outlet);
         }
     }
 
@@ -824,83 +1041,181 @@ impl Hub {
                 }
             }
         };
-        let mut shard = self.shard(&channel);
-        let Some(entry) = shard.channels.get_mut(&channel) else {
-            return;
+        let outlet = {
+            let mut shard = self.shard(&channel);
+            let Some(entry) = shard.channels.get_mut(&channel) else {
+                return;
+            };
+            match entry.continuity.on_position(before.as_ref(), &position) {
+                Check::InStep => None,
+                Check::Resync(position) => self.resync_all(entry, position),
+                Check::Repair {
+                    epoch,
+                    from,
+                    target,
+                } => {
+                    self.start_repair(entry, epoch, from, Some(target));
+                    None
+                }
+            }
         };
-        let Some((epoch, last)) = entry.continuity.position() else {
-            return;
-        };
-        if before != Some((epoch.clone(), last)) {
-            return;
-        }
-        if !same_stream(last, &epoch, &position.epoch) {
-            self.resync_all(entry, position.clone());
-            entry.continuity =
-                Continuity::Dispatched(position.epoch.as_str().into(), position.offset);
-        } else if position.offset > last {
-            self.start_repair(entry, position.epoch.as_str().into(), last);
+        if let Some(outlet) = outlet {
+            self.drain(outlet);
         }
     }
 }
 
-/// The hub as the broker's sink. `Arc<Hub>` because repairs run in their own tasks.
-pub struct HubSink(pub Arc<Hub>);
-
-impl PublicationSink for HubSink {
-    fn on_publication(&self, channel: &str, p: Publication) {
-        let hub = &self.0;
-        hub.metrics.broker_messages_received.inc();
-        let mut shard = hub.shard(channel);
-        let Some(entry) = shard.channels.get_mut(channel) else {
-            return;
-        };
-        if let Some(buffer) = entry.repairing.as_mut() {
-            buffer.push(p);
-            return;
-        }
-        let (known, dispatched) = match &entry.continuity {
-            Continuity::Dispatched(epoch, last) => (Some((epoch.clone(), *last)), true),
-            Continuity::Seeded(epoch, last) => (Some((epoch.clone(), *last)), false),
-            Continuity::Unknown => (None, false),
-        };
-        if let Some((epoch, last)) = known {
-            if same_stream(last, &epoch, &p.epoch) {
-                if dispatched && p.offset <= last {
-                    return; // already dispatched
-                }
-                if p.offset > last + 1 {
-                    hub.start_repair(entry, p.epoch.clone(), last);
-                    if let Some(buffer) = entry.repairing.as_mut() {
-                        buffer.push(p);
-                    }
-                    return;
-                }
-            }
-        }
-        hub.dispatch(entry, &p);
+/// Offers `item` to each session, without waiting.
+fn offer_all(metrics: &Metrics, sessions: &[SessionHandle], item: &Outbound) {
+    for handle in sessions {
+        offer(metrics, handle, item.clone());
     }
+}
 
-    fn on_resubscribed(&self) {
-        for channel in self.0.channels() {
-            tokio::spawn(Arc::clone(&self.0).check_continuity(channel));
+fn offer(metrics: &Metrics, handle: &SessionHandle, item: Outbound) {
+    if matches!(item, Outbound::Ephemeral(_)) {
+        if let Err(Refused::Full) = handle.offer_droppable(item) {
+            metrics.ephemeral_dropped.inc();
         }
-        // A revocation sent while this node was cut off was missed: load them again.
-        tokio::spawn(Arc::clone(&self.0).load_revocations());
+        return;
     }
-
-    fn on_user_command(&self, user: &str, command: &UserCommand) -> u64 {
-        self.0.on_user_command(user, command)
-    }
-
-    fn on_ephemeral(&self, channel: &str, message: Ephemeral) {
-        self.0.fan_out_ephemeral(channel, &message);
+    match handle.offer(item) {
+        Ok(()) => {}
+        Err(Refused::Full) => {
+            metrics.queue_drops.inc();
+            handle.close(CloseCode::SlowConsumer.code());
+        }
+        // The session is gone and will leave the channel itself.
+        Err(Refused::Gone) => {}
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::broker::memory::MemoryBroker;
+    use crate::config::Config;
+
+    fn hub() -> (Arc<Hub>, JoinHandle<()>) {
+        let broker = Arc::new(MemoryBroker::new(Config::default().broker_settings()));
+        let events = broker.events().expect("events");
+        let hub = Arc::new(Hub::new(
+            Arc::new(Metrics::new()),
+            broker,
+            Duration::from_millis(10),
+            100,
+        ));
+        let consumer = Hub::consume(&hub, events);
+        (hub, consumer)
+    }
+
+    /// Offsets queued in a session's mailbox for `channel`, in queue order.
+    fn offsets(handle: &SessionControl) -> Vec<u64> {
+        let mut out = Vec::new();
+        while let Some(item) = handle.try_next() {
+            if let Outbound::Message(d) = item {
+                out.push(d.offset);
+            }
+        }
+        out
+    }
+
+    async fn wait_until(what: &str, mut check: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !check() {
+            assert!(Instant::now() < deadline, "timed out: {what}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// A fan-out big enough to run in parallel chunks keeps every session's order: a
+    /// later message never overtakes an earlier one, and nothing is lost or doubled.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn parallel_fan_out_keeps_per_session_order() {
+        let (hub, _consumer) = hub();
+        let sessions: Vec<SessionHandle> = (0..3 * PARALLEL_FANOUT as u64)
+            .map(|_| Arc::new(SessionControl::new(1_000)))
+            .collect();
+        for (id, handle) in sessions.iter().enumerate() {
+            hub.join("big", id as u64, Arc::clone(handle))
+                .await
+                .expect("join");
+        }
+        // A small channel alongside, published in between.
+        let small = Arc::new(SessionControl::new(1_000));
+        hub.join("small", u64::MAX, Arc::clone(&small))
+            .await
+            .expect("join");
+        const N: u64 = 60;
+        for i in 0..N {
+            hub.broker()
+                .publish("big", "1", None)
+                .await
+                .expect("publish");
+            if i % 3 == 0 {
+                hub.broker()
+                    .publish("small", "1", None)
+                    .await
+                    .expect("publish");
+            }
+        }
+        let last = &sessions[sessions.len() - 1];
+        wait_until("every delivery", || last.queue().len() as u64 == N).await;
+        // Every chunk of the last item is done before the drainer stops.
+        wait_until("drained", || {
+            sessions.iter().all(|s| s.queue().len() as u64 == N)
+        })
+        .await;
+        for s in &sessions {
+            assert_eq!(offsets(s), (1..=N).collect::<Vec<_>>());
+        }
+        assert_eq!(offsets(&small), (1..=N.div_ceil(3)).collect::<Vec<_>>());
+    }
+
+    /// Delivering offers outside the shard lock: while a channel's outlet is busy, the
+    /// shard (and so every other channel in it) stays free.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_busy_outlet_holds_no_shard_lock() {
+        let (hub, _consumer) = hub();
+        let a = Arc::new(SessionControl::new(10));
+        hub.join("c", 1, Arc::clone(&a)).await.expect("join");
+        assert!(hub.shard("c").channels["c"].outlet.is_none(), "made lazily");
+        hub.broker().publish("c", "1", None).await.expect("publish");
+        wait_until("first delivery", || a.queue().len() == 1).await;
+        assert_eq!(offsets(&a), vec![1]);
+        // Take the channel's outlet as if a drainer were mid-delivery.
+        let outlet = hub.shard("c").channels["c"].outlet.clone().expect("outlet");
+        outlet.lock().draining = true;
+        hub.broker().publish("c", "2", None).await.expect("publish");
+        // The publication is decided and queued; the shard lock is free meanwhile.
+        wait_until("queued in the outlet", || outlet.lock().queue.len() == 1).await;
+        assert!(hub.has_sessions("c"), "shard lock not held");
+        assert!(
+            a.try_next().is_none(),
+            "not delivered while the outlet is busy"
+        );
+        // The busy drainer finishes its turn and delivers what was queued, in order.
+        outlet.lock().draining = false;
+        let pending = outlet.lock().queue.len();
+        assert_eq!(pending, 1);
+        outlet.lock().draining = true;
+        hub.drain(outlet);
+        assert_eq!(offsets(&a), vec![2]);
+    }
+
+    /// No reference cycle: dropping the hub drops the broker, which closes the event
+    /// stream, which ends the consumer task.
+    #[tokio::test]
+    async fn dropping_the_hub_ends_the_consumer() {
+        let (hub, consumer) = hub();
+        let a = Arc::new(SessionControl::new(10));
+        hub.join("c", 1, Arc::clone(&a)).await.expect("join");
+        drop(hub);
+        tokio::time::timeout(Duration::from_secs(5), consumer)
+            .await
+            .expect("the consumer ends once the hub and its broker are gone")
+            .expect("no panic");
+    }
 
     fn ephemeral() -> Outbound {
         Outbound::Ephemeral(Arc::new(EphemeralDelivery {

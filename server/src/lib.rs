@@ -7,6 +7,8 @@
 //! - [`broker`]: numbering, history, routing between nodes, presence and registry
 //!   storage — the [`broker::Broker`] trait with a memory and a Redis implementation;
 //! - [`hub`]: which local session is in which channel; encode once, fan out, repair gaps;
+//! - [`continuity`]: the pure rules of a channel's stream (gap, buffer, repair, resync),
+//!   used by the hub and each session;
 //! - [`ws`]: the WebSocket upgrade and one session's protocol state machine;
 //! - [`control`]: the server API's control over users (sessions by user, revocations);
 //! - [`presence`]: this node's presence, sent to the broker in batches;
@@ -27,6 +29,7 @@ pub mod api;
 pub mod auth;
 pub mod broker;
 pub mod config;
+pub mod continuity;
 pub mod control;
 pub mod hub;
 pub mod limits;
@@ -53,7 +56,7 @@ use crate::auth::Keys;
 use crate::broker::memory::MemoryBroker;
 use crate::broker::{Broker, BrokerError};
 pub use crate::config::Config;
-use crate::hub::{Hub, HubSink};
+use crate::hub::Hub;
 use crate::metrics::Metrics;
 use crate::node::Node;
 use crate::presence::Presence;
@@ -106,11 +109,6 @@ pub async fn run(
         .clone()
         .unwrap_or_else(|| format!("ws://{local}/ws"));
     let metrics = Arc::new(Metrics::new());
-    let hub = Arc::new(Hub::new(
-        Arc::clone(&metrics),
-        Duration::from_millis(config.unsubscribe_delay_ms),
-        config.history_size.max(1),
-    ));
     let settings = config.broker_settings();
     let mut memory = None;
     let broker: Arc<dyn Broker> = match &config.redis_url {
@@ -123,8 +121,18 @@ pub async fn run(
             Arc::new(broker::redis::connect(url, &config.redis_prefix, &id, settings).await?)
         }
     };
-    hub.attach(Arc::clone(&broker));
-    broker.start(Arc::new(HubSink(Arc::clone(&hub))));
+    // One direction: the hub owns the broker and consumes its events; the broker holds
+    // nothing of the hub.
+    let events = broker
+        .events()
+        .ok_or_else(|| BrokerError::Internal("broker events already taken".into()))?;
+    let hub = Arc::new(Hub::new(
+        Arc::clone(&metrics),
+        Arc::clone(&broker),
+        Duration::from_millis(config.unsubscribe_delay_ms),
+        config.history_size.max(1),
+    ));
+    Hub::consume(&hub, events);
     tokio::spawn(Arc::clone(&hub).load_revocations());
     let presence = Arc::new(Presence::new(id.clone(), Arc::clone(&broker)));
     if config.ack_timeout_ms > 0

@@ -1,6 +1,10 @@
 //! The Redis broker against real Redis: one `redis-server`, and a local 3-master
 //! Redis Cluster (sharded pub/sub). Each test has its own Redis (or cluster) and key
 //! prefix; every wait has a timeout.
+//!
+//! What every broker must do (offsets, history, subscribe, presence, registry, user
+//! commands) is `broker_conformance.rs`, run against the memory broker too; this file
+//! keeps what only Redis has: several nodes, reconnects, lost keys, sharding.
 
 #[path = "support/redis_server.rs"]
 mod redis_server;
@@ -12,7 +16,7 @@ use std::time::{Duration, Instant};
 use herald_protocol::{StreamPosition, EMPTY_EPOCH};
 use herald_server::broker::redis::{connect, RedisBroker};
 use herald_server::broker::{
-    Broker, BrokerError, BrokerSettings, NodeInfo, PresenceChange, Publication, PublicationSink,
+    Broker, BrokerError, BrokerEvent, BrokerSettings, NodeInfo, PresenceChange, Publication,
     UserCommand,
 };
 use redis_server::{RedisCluster, RedisOptions, RedisServer};
@@ -56,26 +60,34 @@ enum Event {
     UserCommand(String, UserCommand),
 }
 
-/// A sink that forwards everything to the test.
-struct Recorder(mpsc::UnboundedSender<Event>);
-
-impl PublicationSink for Recorder {
-    fn on_publication(&self, channel: &str, publication: Publication) {
-        let _ = self
-            .0
-            .send(Event::Publication(channel.to_owned(), publication));
-    }
-
-    fn on_resubscribed(&self) {
-        let _ = self.0.send(Event::Resubscribed);
-    }
-
-    fn on_user_command(&self, user: &str, command: &UserCommand) -> u64 {
-        let _ = self
-            .0
-            .send(Event::UserCommand(user.to_owned(), command.clone()));
-        1
-    }
+/// Takes the broker's event stream and forwards everything to the test; every user
+/// command counts one session.
+fn record(broker: &dyn Broker) -> mpsc::UnboundedReceiver<Event> {
+    let mut events = broker.events().expect("the event stream, once");
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some(event) = events.recv().await {
+            let event = match event {
+                BrokerEvent::Publication {
+                    channel,
+                    publication,
+                } => Event::Publication(channel.to_string(), publication),
+                BrokerEvent::Resubscribed => Event::Resubscribed,
+                BrokerEvent::UserCommand {
+                    user,
+                    command,
+                    reply,
+                } => {
+                    let _ = reply.send(1);
+                    Event::UserCommand(user, command)
+                }
+                // Covered by broker_conformance.rs.
+                BrokerEvent::Ephemeral { .. } => continue,
+            };
+            let _ = tx.send(event);
+        }
+    });
+    rx
 }
 
 struct Node {
@@ -87,8 +99,7 @@ impl Node {
     async fn start(url: &str, prefix: &str, id: &str, settings: BrokerSettings) -> Self {
         init_tracing();
         let broker = Arc::new(connect(url, prefix, id, settings).await.expect("connect"));
-        let (tx, events) = mpsc::unbounded_channel();
-        broker.start(Arc::new(Recorder(tx)));
+        let events = record(&*broker);
         wait_healthy(&broker).await;
         Self { broker, events }
     }
@@ -288,92 +299,6 @@ async fn offsets_without_gaps(backend: &Backend<'_>) {
     }
     reader.broker.shutdown().await;
     writer.broker.shutdown().await;
-}
-
-async fn history_since_limit_and_trim(backend: &Backend<'_>) {
-    let prefix = prefix("history");
-    let url = backend.url();
-    let small = BrokerSettings {
-        history_size: 5,
-        ..settings()
-    };
-    let node = Node::start(&url, &prefix, "n1", small).await;
-    let b = &node.broker;
-    let mut epoch = String::new();
-    for i in 1..=8u64 {
-        let pos = b
-            .publish("h", &format!(r#"{{"n":{i},"s":"a:b"}}"#), None)
-            .await
-            .unwrap();
-        assert_eq!(pos.offset, i);
-        epoch = pos.epoch;
-    }
-    let h = b.history("h", 0, 100).await.unwrap();
-    assert_eq!(h.position.offset, 8);
-    assert_eq!(h.position.epoch, epoch);
-    let offsets: Vec<u64> = h.publications.iter().map(|p| p.offset).collect();
-    assert_eq!(offsets, vec![4, 5, 6, 7, 8], "trimmed to the last 5");
-    assert_eq!(&*h.publications[0].data, r#"{"n":4,"s":"a:b"}"#);
-    assert!(h.publications.iter().all(|p| *p.epoch == *epoch));
-
-    let h = b.history("h", 5, 2).await.unwrap();
-    let offsets: Vec<u64> = h.publications.iter().map(|p| p.offset).collect();
-    assert_eq!(offsets, vec![6, 7]);
-    assert!(b.history("h", 8, 10).await.unwrap().publications.is_empty());
-    assert!(b
-        .history("h", u64::MAX, 10)
-        .await
-        .unwrap()
-        .publications
-        .is_empty());
-
-    // A new channel: position 0 with the empty epoch until the first publish, which
-    // starts a real one that then stays.
-    let p = b.position("fresh").await.unwrap();
-    assert_eq!(p, StreamPosition::new(0, EMPTY_EPOCH));
-    assert_eq!(b.position("fresh").await.unwrap(), p);
-    let first = b.publish("fresh", "1", None).await.unwrap();
-    assert_eq!(first.offset, 1);
-    assert_ne!(first.epoch, EMPTY_EPOCH);
-    assert_eq!(b.position("fresh").await.unwrap(), first);
-    node.broker.shutdown().await;
-
-    // Age: messages older than history_ttl leave history; the position stays.
-    let short = BrokerSettings {
-        history_ttl: Duration::from_millis(300),
-        ..settings()
-    };
-    let node = Node::start(&url, &prefix, "n2", short).await;
-    let pos = node.broker.publish("aged", "1", None).await.unwrap();
-    node.broker.publish("aged", "2", None).await.unwrap();
-    assert_eq!(
-        node.broker
-            .history("aged", 0, 10)
-            .await
-            .unwrap()
-            .publications
-            .len(),
-        2
-    );
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let h = node.broker.history("aged", 0, 10).await.unwrap();
-        if h.publications.is_empty() {
-            assert_eq!(h.position.offset, 2);
-            assert_eq!(h.position.epoch, pos.epoch);
-            break;
-        }
-        assert!(Instant::now() < deadline, "history did not age out");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    // Old entries are trimmed on publish too: only the new one is left.
-    node.broker.publish("aged", "3", None).await.unwrap();
-    let h = node.broker.history("aged", 0, 10).await.unwrap();
-    assert_eq!(
-        h.publications.iter().map(|p| p.offset).collect::<Vec<_>>(),
-        vec![3]
-    );
-    node.broker.shutdown().await;
 }
 
 async fn epoch_changes_when_keys_are_lost(backend: &Backend<'_>) {
@@ -716,12 +641,6 @@ async fn single_user_commands() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn single_history() {
-    let redis = RedisServer::start();
-    history_since_limit_and_trim(&Backend::Single(&redis)).await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn single_epoch_changes_when_keys_are_lost() {
     let redis = RedisServer::start();
     epoch_changes_when_keys_are_lost(&Backend::Single(&redis)).await;
@@ -794,8 +713,7 @@ async fn unreachable_redis_at_start_then_connects() {
     let broker = connect(&url, &prefix("late"), "n1", settings())
         .await
         .expect("no Redis yet is not an error");
-    let (tx, mut events) = mpsc::unbounded_channel();
-    broker.start(Arc::new(Recorder(tx)));
+    let mut events = record(&broker);
     assert!(!broker.is_healthy());
     let started = Instant::now();
     let err = broker.publish("x", "1", None).await.unwrap_err();
@@ -934,7 +852,6 @@ async fn cluster_scenarios() {
     let cluster = RedisCluster::start();
     let backend = Backend::Cluster(&cluster);
     offsets_without_gaps(&backend).await;
-    history_since_limit_and_trim(&backend).await;
     routing_between_nodes(&backend).await;
     presence_and_dead_nodes(&backend).await;
     epoch_changes_when_keys_are_lost(&backend).await;
@@ -968,4 +885,45 @@ async fn cluster_channels_spread_over_shards() {
     assert_eq!(got.len(), channels.len());
     a.broker.shutdown().await;
     b.broker.shutdown().await;
+}
+
+/// No reference cycle between hub and broker: dropping the hub and the last handle on
+/// the broker (without `shutdown`) runs the Redis broker's `Drop`, which stops its tasks
+/// (the event stream closes, so the hub's consumer ends) and closes its connections.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn dropping_hub_and_broker_closes_redis_connections() {
+    use herald_server::hub::{Hub, SessionControl};
+    use herald_server::metrics::Metrics;
+    init_tracing();
+    let redis = RedisServer::start();
+    let connections = || {
+        // `redis-cli` itself is one of them.
+        redis.cli(&["client", "list"]).lines().count() - 1
+    };
+    let broker: Arc<dyn Broker> = Arc::new(
+        connect(&redis.url(), &prefix("drop"), "n1", settings())
+            .await
+            .expect("connect"),
+    );
+    wait_until("broker healthy", || broker.is_healthy()).await;
+    let events = broker.events().expect("events");
+    assert!(broker.events().is_none(), "the stream is taken once");
+    let hub = Arc::new(Hub::new(
+        Arc::new(Metrics::new()),
+        Arc::clone(&broker),
+        Duration::from_millis(10),
+        10,
+    ));
+    let consumer = Hub::consume(&hub, events);
+    hub.join("room", 1, Arc::new(SessionControl::new(10)))
+        .await
+        .expect("join");
+    assert!(connections() >= 2, "command and subscriber connections");
+    drop(broker);
+    drop(hub);
+    timeout(WAIT, consumer)
+        .await
+        .expect("the hub's consumer ends when the broker is gone")
+        .expect("no panic");
+    wait_until("every connection closed", || connections() == 0).await;
 }

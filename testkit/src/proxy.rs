@@ -17,6 +17,12 @@
 //!   `addr`): for instance only a node's pub/sub connection, while its commands flow.
 //! - [`FaultProxy::reject`]: closes every open connection and every new one at once,
 //!   until [`FaultProxy::restore`]. Models an upstream that cannot be reached.
+//! - [`FaultProxy::hold_matching`]: holds back every connection, open or new, from the
+//!   moment it sends a chunk containing a byte pattern (e.g. `SUBSCRIBE`: only a node's
+//!   pub/sub connection; `EVAL`: its command connection), until
+//!   [`FaultProxy::release`]: the chunk and what follows wait, unsent, in both
+//!   directions. A test then decides exactly when each kind of connection comes back,
+//!   whatever the order in which they reconnected.
 //!
 //! ```no_run
 //! # async fn demo() {
@@ -59,9 +65,46 @@ struct Shared {
     cuts: watch::Sender<u64>,
     open: AtomicUsize,
     accepted: AtomicUsize,
-    /// Open connections: local port towards the upstream, and the connection's own
-    /// black hole switch.
-    conns: Mutex<Vec<(u16, watch::Sender<bool>)>>,
+    /// Open connections.
+    conns: Mutex<Vec<Conn>>,
+    /// Hold rules, by id (index); an inactive rule holds nothing new.
+    rules: Mutex<Vec<(Vec<u8>, bool)>>,
+}
+
+/// One open connection.
+struct Conn {
+    /// Local port towards the upstream.
+    port: u16,
+    /// The connection's own black hole switch.
+    hold: watch::Sender<bool>,
+    /// The hold rule that holds it, if any.
+    held_by: Option<usize>,
+}
+
+/// A rule of [`FaultProxy::hold_matching`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HoldRule(usize);
+
+impl Shared {
+    fn conns(&self) -> std::sync::MutexGuard<'_, Vec<Conn>> {
+        self.conns.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Holds the connection on `port` if `window` contains an active rule's pattern.
+    fn inspect(&self, port: u16, window: &[u8]) {
+        let rules = self.rules.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(rule) = rules.iter().position(|(pattern, active)| {
+            *active && window.windows(pattern.len()).any(|w| w == &pattern[..])
+        }) else {
+            return;
+        };
+        for conn in self.conns().iter_mut() {
+            if conn.port == port && conn.held_by.is_none() {
+                conn.held_by = Some(rule);
+                conn.hold.send_replace(true);
+            }
+        }
+    }
 }
 
 /// A running fault proxy. See the module doc.
@@ -85,6 +128,7 @@ impl FaultProxy {
             open: AtomicUsize::new(0),
             accepted: AtomicUsize::new(0),
             conns: Mutex::new(Vec::new()),
+            rules: Mutex::new(Vec::new()),
         });
         let accept = tokio::spawn(accept_loop(listener, upstream, Arc::clone(&shared)));
         FaultProxy {
@@ -131,11 +175,11 @@ impl FaultProxy {
     /// Black-holes one open connection: the one whose local port towards the
     /// upstream is `port`. Returns whether there was one.
     pub fn black_hole_upstream_port(&self, port: u16) -> bool {
-        let conns = self.shared.conns.lock().unwrap_or_else(|e| e.into_inner());
+        let conns = self.shared.conns();
         let mut found = false;
-        for (p, hold) in conns.iter() {
-            if *p == port {
-                hold.send_replace(true);
+        for conn in conns.iter() {
+            if conn.port == port {
+                conn.hold.send_replace(true);
                 found = true;
             }
         }
@@ -144,18 +188,61 @@ impl FaultProxy {
 
     /// Local ports towards the upstream of the connections open now.
     pub fn upstream_ports(&self) -> Vec<u16> {
-        let conns = self.shared.conns.lock().unwrap_or_else(|e| e.into_inner());
-        conns.iter().map(|(p, _)| *p).collect()
+        self.shared.conns().iter().map(|c| c.port).collect()
     }
 
     /// Forwards again, every connection; bytes held by a black hole are delivered
-    /// first, in order.
+    /// first, in order. Hold rules stay active (see [`FaultProxy::release`]) but
+    /// release what they held.
     pub fn restore(&self) {
         self.shared.mode.send_replace(Mode::Forward);
-        let conns = self.shared.conns.lock().unwrap_or_else(|e| e.into_inner());
-        for (_, hold) in conns.iter() {
-            hold.send_replace(false);
+        for conn in self.shared.conns().iter_mut() {
+            conn.held_by = None;
+            conn.hold.send_replace(false);
         }
+    }
+
+    /// From now on, holds back every connection from the first chunk it sends (towards
+    /// the upstream) that contains `pattern`: that chunk and everything after it, both
+    /// ways, wait until [`FaultProxy::release`]. A pattern split over two reads is
+    /// still found.
+    pub fn hold_matching(&self, pattern: &[u8]) -> HoldRule {
+        assert!(
+            !pattern.is_empty() && pattern.len() <= TAIL,
+            "pattern of 1..={TAIL} bytes"
+        );
+        let mut rules = self.shared.rules.lock().unwrap_or_else(|e| e.into_inner());
+        rules.push((pattern.to_vec(), true));
+        HoldRule(rules.len() - 1)
+    }
+
+    /// Ends a hold rule: the connections it holds forward what they held, in order, and
+    /// new chunks are no longer checked against it.
+    pub fn release(&self, rule: HoldRule) {
+        if let Some(r) = self
+            .shared
+            .rules
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_mut(rule.0)
+        {
+            r.1 = false;
+        }
+        for conn in self.shared.conns().iter_mut() {
+            if conn.held_by == Some(rule.0) {
+                conn.held_by = None;
+                conn.hold.send_replace(false);
+            }
+        }
+    }
+
+    /// Connections a hold rule holds back now.
+    pub fn held(&self, rule: HoldRule) -> usize {
+        self.shared
+            .conns()
+            .iter()
+            .filter(|c| c.held_by == Some(rule.0))
+            .count()
     }
 
     /// Connections open through the proxy now.
@@ -197,42 +284,46 @@ async fn accept_loop(listener: TcpListener, upstream: SocketAddr, shared: Arc<Sh
             let _ = server.set_nodelay(true);
             let port = server.local_addr().map(|a| a.port()).unwrap_or(0);
             let hold = watch::Sender::new(false);
-            shared
-                .conns
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push((port, hold.clone()));
+            shared.conns().push(Conn {
+                port,
+                hold: hold.clone(),
+                held_by: None,
+            });
             shared.open.fetch_add(1, Ordering::SeqCst);
             let (client_read, client_write) = client.into_split();
             let (server_read, server_write) = server.into_split();
             // Whichever direction ends first (EOF, error, cut) ends the connection:
             // dropping both halves of both sockets closes them.
             tokio::select! {
-                _ = pipe(client_read, server_write, &shared, &hold) => {}
-                _ = pipe(server_read, client_write, &shared, &hold) => {}
+                _ = pipe(client_read, server_write, &shared, &hold, Some(port)) => {}
+                _ = pipe(server_read, client_write, &shared, &hold, None) => {}
                 _ = generation.cut() => {}
             }
-            shared
-                .conns
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .retain(|(p, _)| *p != port);
+            shared.conns().retain(|c| c.port != port);
             shared.open.fetch_sub(1, Ordering::SeqCst);
         });
     }
 }
 
+/// Bytes of the previous chunk kept to find a pattern split over two reads; also the
+/// longest pattern.
+const TAIL: usize = 64;
+
 /// Copies one direction, honouring the mode: nothing is read while black-holed, and a
 /// chunk read just before a black hole is held until the proxy forwards again.
+/// `inspect`: this is the direction towards the upstream of the connection on that port,
+/// checked against the hold rules.
 async fn pipe(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
     shared: &Shared,
     hold: &watch::Sender<bool>,
+    inspect: Option<u16>,
 ) {
     let mut mode = shared.mode.subscribe();
     let mut hold = hold.subscribe();
     let mut buf = vec![0u8; 16 * 1024];
+    let mut window: Vec<u8> = Vec::new();
     loop {
         if forwarding(&mut mode, &mut hold).await.is_err() {
             return;
@@ -241,6 +332,12 @@ async fn pipe(
             Ok(0) | Err(_) => return,
             Ok(n) => n,
         };
+        if let Some(port) = inspect {
+            window.extend_from_slice(&buf[..n]);
+            shared.inspect(port, &window);
+            let keep = window.len().saturating_sub(TAIL);
+            window.drain(..keep);
+        }
         if forwarding(&mut mode, &mut hold).await.is_err() {
             return;
         }

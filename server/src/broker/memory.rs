@@ -1,14 +1,15 @@
 //! The in-memory broker: the embedded default for a single node.
 //!
-//! It keeps each channel's stream (offset, epoch, history) in sharded maps, and delivers
-//! a publication to the sink while still holding the channel's shard lock, so that
-//! publications of a channel reach the hub in offset order. The lock is a std `Mutex`,
-//! not a tokio one: no `.await` happens while it is held, and the sink never blocks.
+//! It keeps each channel's stream (offset, epoch, history) in sharded maps, and sends a
+//! publication to its event stream ([`BrokerEvent`]) while still holding the channel's
+//! shard lock, so that publications of a channel reach the hub in offset order. The lock
+//! is a std `Mutex`, not a tokio one: no `.await` happens while it is held (room in the
+//! bounded stream is reserved before it is taken).
 
 use std::collections::hash_map::DefaultHasher;
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::hash::{Hash, Hasher};
-use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -17,8 +18,9 @@ use herald_protocol::{StreamPosition, EMPTY_EPOCH};
 use crate::control::Revocations;
 
 use super::{
-    Broker, BrokerError, BrokerSettings, Ephemeral, History, NodeInfo, NodePresence,
-    PresenceChange, Publication, PublicationSink, Revocation, SubscribeAck, UserCommand,
+    Broker, BrokerError, BrokerEvent, BrokerEventSender, BrokerEvents, BrokerSettings, Ephemeral,
+    History, NodeInfo, NodePresence, PresenceChange, Publication, Revocation, SubscribeAck,
+    UserCommand,
 };
 
 mod receipts;
@@ -89,11 +91,13 @@ pub struct MemoryBroker {
     settings: BrokerSettings,
     shards: Vec<Mutex<Shard>>,
     shared: Mutex<Shared>,
-    /// Channels this node subscribed to. Its own lock, never held while calling the sink:
-    /// the hub calls `subscribe` under its lock, and the sink takes the hub's lock, so
-    /// keeping this apart from the stream shards rules out a lock-order cycle.
+    /// Channels this node subscribed to. Its own lock: the hub calls `subscribe` under
+    /// its shard lock, so this is never held while waiting for anything else.
     subscribed: RwLock<HashSet<String>>,
-    sink: OnceLock<Arc<dyn PublicationSink>>,
+    /// Where publications and user commands go (the hub).
+    events: BrokerEventSender,
+    /// The receiving side, until the hub takes it.
+    events_rx: Mutex<Option<BrokerEvents>>,
     /// The stored revocations (what Redis' `revocations` hash is to a cluster); expired
     /// ones are dropped whenever one is recorded.
     revocations: Revocations,
@@ -104,12 +108,14 @@ pub struct MemoryBroker {
 impl MemoryBroker {
     /// A new, empty broker.
     pub fn new(settings: BrokerSettings) -> Self {
+        let (events, events_rx) = super::event_stream();
         Self {
             settings,
             shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
             shared: Mutex::default(),
             subscribed: RwLock::default(),
-            sink: OnceLock::new(),
+            events,
+            events_rx: Mutex::new(Some(events_rx)),
             revocations: Revocations::default(),
             receipts: Mutex::default(),
         }
@@ -204,8 +210,11 @@ impl MemoryBroker {
 
 #[async_trait]
 impl Broker for MemoryBroker {
-    fn start(&self, sink: Arc<dyn PublicationSink>) {
-        let _ = self.sink.set(sink);
+    fn events(&self) -> Option<BrokerEvents> {
+        self.events_rx
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
     }
 
     async fn publish(
@@ -214,8 +223,12 @@ impl Broker for MemoryBroker {
         data: &str,
         from: Option<&str>,
     ) -> Result<StreamPosition, BrokerError> {
-        // The sink is called inside the stream's lock, so publications of a channel
-        // reach the hub in offset order.
+        // Room in the event stream first (a hub that falls behind makes publishers
+        // wait), then the event is sent inside the stream's lock, so publications of a
+        // channel reach the hub in offset order. Whether the channel is subscribed is
+        // read under that lock too: a subscribe that returned before this publish
+        // numbered its message must get it.
+        let permit = self.events.reserve().await.ok();
         Ok(self.with_stream(channel, |stream, now| {
             stream.offset += 1;
             let publication = Publication {
@@ -231,10 +244,11 @@ impl Broker for MemoryBroker {
                 .read()
                 .unwrap_or_else(|e| e.into_inner())
                 .contains(channel);
-            if subscribed {
-                if let Some(sink) = self.sink.get() {
-                    sink.on_publication(channel, publication);
-                }
+            if let (true, Some(permit)) = (subscribed, permit) {
+                permit.send(BrokerEvent::Publication {
+                    channel: channel.into(),
+                    publication,
+                });
             }
             stream.position()
         }))
@@ -246,20 +260,23 @@ impl Broker for MemoryBroker {
         data: &str,
         from: Option<&str>,
     ) -> Result<(), BrokerError> {
-        // No stream is touched or created: straight to the hub when it listens.
+        // No stream is touched or created: into the event stream when this node is
+        // subscribed. Best effort: a stream that is full (a hub far behind) drops it
+        // rather than making the publisher wait.
         let subscribed = self
             .subscribed
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .contains(channel);
         if subscribed {
-            if let Some(sink) = self.sink.get() {
-                let message = Ephemeral {
-                    data: data.into(),
-                    from: from.map(Arc::from),
-                };
-                sink.on_ephemeral(channel, message);
-            }
+            let message = Ephemeral {
+                data: data.into(),
+                from: from.map(Arc::from),
+            };
+            let _ = self.events.try_send(BrokerEvent::Ephemeral {
+                channel: channel.into(),
+                message,
+            });
         }
         Ok(())
     }
@@ -419,11 +436,18 @@ impl Broker for MemoryBroker {
             self.revocations
                 .insert(user, *before, *until, crate::auth::now_secs());
         }
-        // One node: the command reaches this node's sessions directly.
-        Ok(self
-            .sink
-            .get()
-            .map_or(0, |sink| sink.on_user_command(user, command)))
+        // One node: the command reaches this node's hub directly. No hub listening (it
+        // is gone, or never took the stream): nobody was affected.
+        let (reply, count) = tokio::sync::oneshot::channel();
+        let event = BrokerEvent::UserCommand {
+            user: user.to_owned(),
+            command: command.clone(),
+            reply,
+        };
+        if self.events.send(event).await.is_err() {
+            return Ok(0);
+        }
+        Ok(count.await.unwrap_or(0))
     }
 
     async fn revocations(&self) -> Result<Vec<Revocation>, BrokerError> {
@@ -536,5 +560,39 @@ mod tests {
         assert!(!b.presence("room").await.unwrap().contains_key("alice"));
         b.unregister_node("n1").await.unwrap();
         assert!(b.presence("room").await.unwrap().is_empty());
+    }
+
+    /// The event stream is bounded: with the hub behind by `EVENT_BUFFER` events, a
+    /// publish to a subscribed channel waits for room (and numbers nothing meanwhile),
+    /// then goes through once the hub reads.
+    #[tokio::test]
+    async fn a_hub_that_falls_behind_makes_publishers_wait() {
+        let b = Arc::new(MemoryBroker::new(settings()));
+        let mut events = b.events().expect("events");
+        assert!(b.events().is_none(), "taken once");
+        b.subscribe("c").await.expect("subscribe");
+        for _ in 0..super::super::EVENT_BUFFER {
+            b.publish("c", "1", None).await.expect("publish");
+        }
+        let broker = Arc::clone(&b);
+        let mut blocked = tokio::spawn(async move { broker.publish("c", "2", None).await });
+        assert!(
+            tokio::time::timeout(Duration::from_millis(200), &mut blocked)
+                .await
+                .is_err(),
+            "waits for room"
+        );
+        assert_eq!(
+            b.position("c").await.unwrap().offset,
+            super::super::EVENT_BUFFER as u64,
+            "nothing numbered while waiting"
+        );
+        events.recv().await.expect("an event");
+        let position = tokio::time::timeout(Duration::from_secs(5), blocked)
+            .await
+            .expect("room again")
+            .expect("no panic")
+            .expect("published");
+        assert_eq!(position.offset, super::super::EVENT_BUFFER as u64 + 1);
     }
 }

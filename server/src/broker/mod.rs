@@ -7,6 +7,8 @@
 //! no stored state answers `(0, EMPTY_EPOCH)` and stores nothing, so that subscribing
 //! to ever new names cannot grow the broker (see [`herald_protocol::same_stream`] for
 //! why offset 0 needs no epoch).
+//! What a broker receives reaches the node as a stream of [`BrokerEvent`]s, taken once
+//! with [`Broker::events`] and consumed by the hub: the broker never calls into the hub.
 //! [`memory::MemoryBroker`] serves a single node; [`redis::RedisBroker`] a cluster. The
 //! rest of the server sees only the [`Broker`] trait, so changing the broker changes
 //! nothing outside this module.
@@ -23,6 +25,7 @@ use async_trait::async_trait;
 use futures_util::future::BoxFuture;
 use herald_protocol::StreamPosition;
 use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot};
 
 use crate::receipts::ReceiptStore;
 
@@ -185,27 +188,52 @@ pub enum BrokerError {
     Internal(String),
 }
 
-/// Where a broker delivers what it receives. The hub implements it.
-pub trait PublicationSink: Send + Sync + 'static {
+/// What a broker tells the node, in the order it happened: one direction, broker →
+/// hub. The hub consumes the stream ([`crate::hub::Hub::consume`]); the broker holds
+/// only the sending side, so nothing points back from the broker to the hub.
+#[derive(Debug)]
+pub enum BrokerEvent {
     /// A publication on a channel this node subscribed to, in the order the broker
-    /// received them. Must not block: it runs on the broker's reader.
-    fn on_publication(&self, channel: &str, publication: Publication);
-
-    /// The broker's subscriptions were re-established after a connection loss, and
-    /// messages may have been missed meanwhile: check the continuity of every channel.
-    fn on_resubscribed(&self);
-
-    /// A command for the sessions of `user` on this node. Returns how many local
-    /// sessions it affected. Must not block: it runs on the broker's reader.
-    fn on_user_command(&self, user: &str, command: &UserCommand) -> u64;
-
+    /// received them (per channel: offset order, as the broker numbered them).
+    Publication {
+        /// The channel.
+        channel: Arc<str>,
+        /// The publication.
+        publication: Publication,
+    },
+    /// The broker's subscriptions were re-established after a connection loss (or its
+    /// reader lagged), and messages may have been missed meanwhile: check the
+    /// continuity of every channel.
+    Resubscribed,
+    /// A command of the server API for the sessions of `user` on this node; the hub
+    /// answers on `reply` with how many local sessions it affected.
+    UserCommand {
+        /// The user.
+        user: String,
+        /// The command.
+        command: UserCommand,
+        /// Gets the count of affected local sessions.
+        reply: oneshot::Sender<u64>,
+    },
     /// An ephemeral message on a channel this node subscribed to (see
     /// [`Broker::publish_ephemeral`]): no offset, nothing to check continuity against.
-    /// Must not block. The default drops it, for sinks that only want the stream.
-    fn on_ephemeral(&self, channel: &str, message: Ephemeral) {
-        let _ = (channel, message);
-    }
+    Ephemeral {
+        /// The channel.
+        channel: Arc<str>,
+        /// The message.
+        message: Ephemeral,
+    },
 }
+
+/// The receiving side of a broker's event stream.
+///
+/// Bounded ([`EVENT_BUFFER`]), so that a hub that falls behind pushes back instead of
+/// growing a queue: the Redis reader then waits, fred's buffer between the subscriber
+/// connection and the reader (`HERALD_REDIS_SUBSCRIBER_BUFFER`) overflows, and the lag
+/// is detected and repaired from history as before; the memory broker's publishers wait
+/// for room before they number their message. The hub only decides and queues per event
+/// (no I/O, no waiting), so the stream normally drains as fast as it fills.
+pub type BrokerEvents = mpsc::Receiver<BrokerEvent>;
 
 /// An ephemeral message as the broker routes it: no offset, no epoch, never stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -216,6 +244,17 @@ pub struct Ephemeral {
     pub from: Option<Arc<str>>,
 }
 
+/// The sending side of a broker's event stream (see [`BrokerEvents`]).
+pub type BrokerEventSender = mpsc::Sender<BrokerEvent>;
+
+/// Events a broker's stream holds at most before its sender waits.
+pub const EVENT_BUFFER: usize = 1024;
+
+/// A new event stream of [`EVENT_BUFFER`] events.
+pub fn event_stream() -> (BrokerEventSender, BrokerEvents) {
+    mpsc::channel(EVENT_BUFFER)
+}
+
 /// A future that resolves when a subscription request was applied by the broker.
 pub type SubscribeAck = BoxFuture<'static, Result<(), BrokerError>>;
 
@@ -224,8 +263,10 @@ pub type SubscribeAck = BoxFuture<'static, Result<(), BrokerError>>;
 /// in its own module and files).
 #[async_trait]
 pub trait Broker: ReceiptStore + Send + Sync + 'static {
-    /// Starts delivering publications of subscribed channels to `sink`. Called once.
-    fn start(&self, sink: Arc<dyn PublicationSink>);
+    /// Takes the broker's event stream: publications of subscribed channels,
+    /// resubscribes and user commands. `Some` once; later calls answer `None`. Events
+    /// that happen before it is taken wait in the stream.
+    fn events(&self) -> Option<BrokerEvents>;
 
     /// Publishes `data` (JSON text) to `channel` as one atomic step: the next offset,
     /// appended to history, routed to subscribed nodes. Returns the message's position.

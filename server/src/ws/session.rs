@@ -9,12 +9,13 @@ use futures_util::SinkExt;
 use herald_protocol::channel::user_channel;
 use herald_protocol::codes::{CloseCode, ErrorCode};
 use herald_protocol::frame::{ErrorBody, Expiring, Resync, ServerFrame, SubscribeResult, Welcome};
-use herald_protocol::{same_stream, StreamPosition};
+use herald_protocol::StreamPosition;
 use rand::Rng;
 use tokio::time::{timeout, timeout_at, Instant};
 
 use crate::auth::{now_secs, Claims};
 use crate::broker::{BrokerError, Publication};
+use crate::continuity::{self, SessionArrival};
 use crate::hub::{CloseReason, Outbound, SessionControl, SessionHandle, SessionId};
 use crate::limits::RecoveryBudget;
 use crate::node::Node;
@@ -323,31 +324,23 @@ impl Session {
         let history = broker
             .history(channel, since.offset, self.node.config.history_size.max(1))
             .await?;
-        let top = history.position;
         let mut recovered = false;
         let mut pubs = Vec::new();
-        if since.continues_with(&top.epoch) && since.offset <= top.offset {
-            let missing = top.offset - since.offset;
-            let contiguous =
-                history.publications.iter().enumerate().all(|(i, p)| {
-                    p.offset == since.offset + 1 + i as u64 && *p.epoch == *top.epoch
-                });
-            if history.publications.len() as u64 >= missing && contiguous {
-                pubs = history.publications;
-                pubs.truncate(missing as usize);
-                recovered = budget.take(&pubs);
-                if !recovered {
-                    // Honest, never a silent gap: the client is told it was not
-                    // recovered and starts from the current position.
-                    self.node.metrics.recovery_over_budget.inc();
-                    pubs = Vec::new();
-                }
+        if let Some(missing) = continuity::recovery(&since, &history) {
+            pubs = history.publications;
+            pubs.truncate(missing);
+            recovered = budget.take(&pubs);
+            if !recovered {
+                // Honest, never a silent gap: the client is told it was not
+                // recovered and starts from the current position.
+                self.node.metrics.recovery_over_budget.inc();
+                pubs = Vec::new();
             }
         }
         Ok((
             SubscribeResult {
-                offset: top.offset,
-                epoch: top.epoch,
+                offset: history.position.offset,
+                epoch: history.position.epoch,
                 recovered,
             },
             pubs,
@@ -539,16 +532,19 @@ impl Session {
                 let Some(state) = self.channels.get(&d.channel) else {
                     return Ok(()); // unsubscribed meanwhile
                 };
-                let (epoch, last) = (state.epoch.clone(), state.last);
+                let last = state.last;
                 // The rare paths are boxed to keep them out of the task's size.
-                if !same_stream(last, &epoch, &d.epoch) {
-                    let position = StreamPosition::new(d.offset - 1, &*d.epoch);
-                    Box::pin(self.resync(socket, &d.channel, position)).await?;
-                } else if d.offset <= last {
-                    return Ok(()); // already delivered
-                } else if d.offset > last + 1 {
-                    // d's epoch: from offset 0 the gap is in whatever epoch d is in.
-                    Box::pin(self.fill_gap(socket, &d.channel, &d.epoch, last, d.offset)).await?;
+                match continuity::session_arrival(last, &state.epoch, d.offset, &d.epoch) {
+                    SessionArrival::Next => {}
+                    SessionArrival::Duplicate => return Ok(()), // already delivered
+                    SessionArrival::NewStream(position) => {
+                        Box::pin(self.resync(socket, &d.channel, position)).await?;
+                    }
+                    SessionArrival::Gap => {
+                        // d's epoch: from offset 0 the gap is in whatever epoch d is in.
+                        Box::pin(self.fill_gap(socket, &d.channel, &d.epoch, last, d.offset))
+                            .await?;
+                    }
                 }
                 self.send(socket, d.frame.clone()).await?;
                 self.node.metrics.messages_delivered.inc();
@@ -570,9 +566,10 @@ impl Session {
             Outbound::Control(command) => Box::pin(self.control(socket, &command)).await,
             Outbound::Resync(resync) => {
                 let (channel, position) = *resync;
-                let behind = self.channels.get(&channel).is_some_and(|s| {
-                    !same_stream(s.last, &s.epoch, &position.epoch) || s.last < position.offset
-                });
+                let behind = self
+                    .channels
+                    .get(&channel)
+                    .is_some_and(|s| continuity::resync_applies(s.last, &s.epoch, &position));
                 if behind {
                     Box::pin(self.resync(socket, &channel, position)).await?;
                 }
@@ -593,12 +590,7 @@ impl Session {
     ) -> Result<(), End> {
         let want = (next - last - 1) as usize;
         if let Ok(h) = self.node.broker.history(channel, last, want).await {
-            let complete = h.publications.len() == want
-                && h.publications
-                    .iter()
-                    .enumerate()
-                    .all(|(i, p)| p.offset == last + 1 + i as u64 && *p.epoch == **epoch);
-            if complete {
+            if continuity::fills_gap(last, epoch, want, &h.publications) {
                 self.send_publications(socket, channel, &h.publications)
                     .await?;
                 self.node.metrics.gaps_repaired.inc();

@@ -12,7 +12,8 @@
 //! - the *subscriber* client only (un)subscribes. One task, the subscription manager
 //!   (`subscriptions`), owns which channels are subscribed; the hub's requests reach it
 //!   in order over an unbounded queue and are applied in batches. Another task, the
-//!   reader, hands what arrives to the hub's [`PublicationSink`].
+//!   reader, decodes what arrives and sends it to the broker's event stream
+//!   ([`BrokerEvent`]), which the hub consumes: the reader does no fan-out.
 //!
 //! With `redis://` the classic PUBLISH / SUBSCRIBE is used; with `redis-cluster://` the
 //! sharded SPUBLISH / SSUBSCRIBE, so a message only travels inside the shard that owns
@@ -21,8 +22,8 @@
 //! Failure handling, in short: commands fail fast with [`BrokerError::Unavailable`]
 //! while a connection is down (short timeouts, no queueing while disconnected); fred
 //! reconnects with exponential backoff; after the subscriber reconnects, the manager
-//! subscribes every channel again itself and then calls
-//! [`PublicationSink::on_resubscribed`], so the hub checks every channel against
+//! subscribes every channel again itself and then sends
+//! [`BrokerEvent::Resubscribed`], so the hub checks every channel against
 //! history. A lagging fred broadcast receiver is treated the same way. A probe
 //! (`probe`) publishes to a per-node channel every second and forces a reconnect
 //! when the subscriber connection stops delivering.
@@ -36,7 +37,7 @@ mod webhook;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -54,8 +55,9 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    Broker, BrokerError, BrokerSettings, Ephemeral, History, NodeInfo, NodePresence,
-    PresenceChange, Publication, PublicationSink, Revocation, SubscribeAck, UserCommand,
+    Broker, BrokerError, BrokerEvent, BrokerEventSender, BrokerEvents, BrokerSettings, Ephemeral,
+    History, NodeInfo, NodePresence, PresenceChange, Publication, Revocation, SubscribeAck,
+    UserCommand,
 };
 use keys::{Keys, Topology};
 use probe::ProbeState;
@@ -81,6 +83,8 @@ const RECONNECT_MAX_MS: u32 = 2_000;
 pub struct RedisBroker {
     inner: Arc<Inner>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
+    /// The event stream's receiving side, until the hub takes it.
+    events: Mutex<Option<BrokerEvents>>,
 }
 
 /// State shared by the broker and its background tasks.
@@ -98,7 +102,8 @@ struct Inner {
     scripts: Scripts,
     /// The subscription manager's queue.
     requests: mpsc::UnboundedSender<Request>,
-    sink: OnceLock<Arc<dyn PublicationSink>>,
+    /// The broker's event stream towards the hub (see [`BrokerEvent`]).
+    events: BrokerEventSender,
     /// Every wanted subscription is in place on the current subscriber connection(s).
     synced: AtomicBool,
     /// The last liveness probe arrived in time.
@@ -131,10 +136,9 @@ impl Inner {
         }
     }
 
-    fn on_resubscribed(&self) {
-        if let Some(sink) = self.sink.get() {
-            sink.on_resubscribed();
-        }
+    /// Tells the hub to check every channel (waits for room in the event stream).
+    async fn on_resubscribed(&self) {
+        let _ = self.events.send(BrokerEvent::Resubscribed).await;
     }
 }
 
@@ -244,6 +248,7 @@ pub async fn connect(
     };
     let keys = Keys::new(prefix, node_id);
     let (requests, requests_rx) = mpsc::unbounded_channel();
+    let (events, events_rx) = super::event_stream();
     let inner = Arc::new(Inner {
         settings,
         keys,
@@ -253,7 +258,7 @@ pub async fn connect(
         publisher,
         scripts: Scripts::new(),
         requests,
-        sink: OnceLock::new(),
+        events,
         synced: AtomicBool::new(false),
         probe_ok: AtomicBool::new(false),
         probes: Mutex::new(ProbeState::default()),
@@ -298,6 +303,7 @@ pub async fn connect(
     Ok(RedisBroker {
         inner,
         tasks: Mutex::new(tasks),
+        events: Mutex::new(Some(events_rx)),
     })
 }
 
@@ -375,7 +381,7 @@ async fn read_publications(inner: Arc<Inner>, mut messages: broadcast::Receiver<
             message = messages.recv() => message,
         };
         match message {
-            Ok(message) => dispatch(&inner, &message),
+            Ok(message) => dispatch(&inner, &message).await,
             Err(broadcast::error::RecvError::Lagged(missed)) => {
                 // fred dropped messages we did not read in time: any channel may have
                 // a gap now. The hub checks every channel against history.
@@ -383,7 +389,7 @@ async fn read_publications(inner: Arc<Inner>, mut messages: broadcast::Receiver<
                     missed,
                     "redis subscriber lagged; checking channel continuity"
                 );
-                inner.on_resubscribed();
+                inner.on_resubscribed().await;
             }
             Err(broadcast::error::RecvError::Closed) => {
                 if inner.cancel.is_cancelled() {
@@ -391,13 +397,15 @@ async fn read_publications(inner: Arc<Inner>, mut messages: broadcast::Receiver<
                 }
                 messages = inner.sub.message_rx();
                 tokio::time::sleep(Duration::from_millis(100)).await;
-                inner.on_resubscribed();
+                inner.on_resubscribed().await;
             }
         }
     }
 }
 
-fn dispatch(inner: &Arc<Inner>, message: &Message) {
+/// Decodes one pub/sub message and sends it to the hub. Waits while the event stream is
+/// full: the reader falls behind, fred's buffer overflows, and the lag is repaired.
+async fn dispatch(inner: &Arc<Inner>, message: &Message) {
     let name: &str = &message.channel;
     let Some(text) = message.value.as_str() else {
         tracing::warn!(channel = name, "redis message without text payload");
@@ -413,34 +421,39 @@ fn dispatch(inner: &Arc<Inner>, message: &Message) {
         return;
     };
     if channel == keys::CONTROL {
-        on_control(inner, &text);
+        on_control(inner, &text).await;
         return;
     }
     if let Some((from, data)) = keys::parse_ephemeral(&text) {
-        if let Some(sink) = inner.sink.get() {
-            let message = Ephemeral {
-                data: data.into(),
-                from: from.map(Arc::from),
-            };
-            sink.on_ephemeral(channel, message);
-        }
+        let message = Ephemeral {
+            data: data.into(),
+            from: from.map(Arc::from),
+        };
+        let _ = inner
+            .events
+            .send(BrokerEvent::Ephemeral {
+                channel: channel.into(),
+                message,
+            })
+            .await;
         return;
     }
     let Some(payload) = keys::parse_payload(&text) else {
         tracing::warn!(channel, "malformed publication payload from redis");
         return;
     };
-    if let Some(sink) = inner.sink.get() {
-        sink.on_publication(
-            channel,
-            Publication {
+    let _ = inner
+        .events
+        .send(BrokerEvent::Publication {
+            channel: channel.into(),
+            publication: Publication {
                 offset: payload.offset,
                 epoch: payload.epoch.into(),
                 data: payload.data.into(),
                 from: payload.from.map(Arc::from),
             },
-        );
-    }
+        })
+        .await;
 }
 
 /// A user command as it travels over the control channel.
@@ -452,9 +465,9 @@ struct ControlMessage {
     command: UserCommand,
 }
 
-/// Applies a user command from the control channel to this node's sessions, then
-/// answers with the count (in a task: the reader must not wait on Redis).
-fn on_control(inner: &Arc<Inner>, text: &str) {
+/// Hands a user command from the control channel to the hub, then answers with the
+/// count of sessions it affected (in a task: the reader must not wait).
+async fn on_control(inner: &Arc<Inner>, text: &str) {
     let message: ControlMessage = match serde_json::from_str(text) {
         Ok(m) => m,
         Err(e) => {
@@ -462,12 +475,21 @@ fn on_control(inner: &Arc<Inner>, text: &str) {
             return;
         }
     };
-    let Some(sink) = inner.sink.get() else { return };
-    let sessions = sink.on_user_command(&message.user, &message.command);
+    let (reply, count) = oneshot::channel();
+    let event = BrokerEvent::UserCommand {
+        user: message.user,
+        command: message.command,
+        reply,
+    };
+    if inner.events.send(event).await.is_err() {
+        return; // nobody listens: the node is stopping
+    }
     let inner = Arc::clone(inner);
+    let id = message.id;
     tokio::spawn(async move {
+        let Ok(sessions) = count.await else { return };
         let Ok(client) = inner.ready() else { return };
-        let key = inner.keys.control_reply(&message.id);
+        let key = inner.keys.control_reply(&id);
         let reply = async {
             client
                 .hset::<Value, _, _>(key.as_str(), (inner.keys.node_id(), sessions.to_string()))
@@ -569,10 +591,8 @@ impl Drop for RedisBroker {
 
 #[async_trait]
 impl Broker for RedisBroker {
-    fn start(&self, sink: Arc<dyn PublicationSink>) {
-        if self.inner.sink.set(sink).is_err() {
-            tracing::warn!("redis broker started twice; keeping the first sink");
-        }
+    fn events(&self) -> Option<BrokerEvents> {
+        self.events.lock().unwrap_or_else(|e| e.into_inner()).take()
     }
 
     async fn publish(

@@ -227,7 +227,7 @@ impl Manager {
             );
             // Only now: every message published from here on is delivered live, so
             // the hub's history check covers whatever was missed before.
-            self.inner.on_resubscribed();
+            self.inner.on_resubscribed().await;
         } else if !complete {
             // Keep every channel wanted and rebuild all subscriptions a bit later;
             // the hub then checks continuity, as after a reconnect.

@@ -1,0 +1,448 @@
+//! One broker conformance suite: the same behaviours, written once over
+//! `Arc<dyn Broker>`, run against the in-memory broker, the Redis broker on one Redis,
+//! and the Redis broker on a 3-master Redis Cluster, so the backends cannot drift.
+//!
+//! What only Redis has (several nodes routing to each other, reconnects and the
+//! `Resubscribed` event, lost keys, sharded pub/sub spread) stays in `redis_broker.rs`.
+
+#[path = "support/redis_server.rs"]
+mod redis_server;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use herald_protocol::{StreamPosition, EMPTY_EPOCH};
+use herald_server::broker::memory::MemoryBroker;
+use herald_server::broker::redis::connect;
+use herald_server::broker::{
+    Broker, BrokerEvent, BrokerSettings, NodeInfo, PresenceChange, Publication, UserCommand,
+};
+use redis_server::{RedisCluster, RedisServer};
+use tokio::sync::mpsc;
+use tokio::time::timeout;
+
+/// Generous: includes reconnect backoff and cluster discovery on a shared machine.
+const WAIT: Duration = Duration::from_secs(15);
+
+fn settings() -> BrokerSettings {
+    BrokerSettings {
+        history_size: 10,
+        history_ttl: Duration::from_secs(60),
+        meta_ttl: Duration::from_secs(120),
+        node_ttl: Duration::from_secs(10),
+        presence_ttl: Duration::from_secs(10),
+        subscriber_buffer: 16_384,
+        wait_replicas: 0,
+        wait_timeout: Duration::from_millis(500),
+    }
+}
+
+/// Where the suite runs.
+enum Backend<'a> {
+    Memory,
+    Single(&'a RedisServer),
+    Cluster(&'a RedisCluster),
+}
+
+/// A broker under test, with its event stream (every user command counts 1 session).
+struct Subject {
+    broker: Arc<dyn Broker>,
+    events: mpsc::UnboundedReceiver<Event>,
+}
+
+#[derive(Debug)]
+enum Event {
+    Publication(String, Publication),
+    UserCommand(String, UserCommand),
+    Ephemeral(String, String, Option<String>),
+}
+
+impl Backend<'_> {
+    /// A fresh broker (its own key prefix on Redis).
+    async fn open(&self, test: &str, settings: BrokerSettings) -> Subject {
+        let broker: Arc<dyn Broker> = match self {
+            Backend::Memory => Arc::new(MemoryBroker::new(settings)),
+            Backend::Single(_) | Backend::Cluster(_) => {
+                let url = match self {
+                    Backend::Single(r) => r.url(),
+                    Backend::Cluster(c) => c.url(),
+                    Backend::Memory => unreachable!(),
+                };
+                let prefix = format!("conf:{}:{test}:{}:", std::process::id(), unique());
+                Arc::new(
+                    connect(&url, &prefix, "n1", settings)
+                        .await
+                        .expect("connect"),
+                )
+            }
+        };
+        let deadline = Instant::now() + WAIT;
+        while !broker.is_healthy() {
+            assert!(Instant::now() < deadline, "broker never healthy");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let events = record(&*broker);
+        Subject { broker, events }
+    }
+}
+
+fn unique() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    N.fetch_add(1, Ordering::Relaxed)
+}
+
+fn record(broker: &dyn Broker) -> mpsc::UnboundedReceiver<Event> {
+    let mut events = broker.events().expect("the event stream, once");
+    assert!(broker.events().is_none(), "taken once");
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some(event) = events.recv().await {
+            let event = match event {
+                BrokerEvent::Publication {
+                    channel,
+                    publication,
+                } => Event::Publication(channel.to_string(), publication),
+                BrokerEvent::Resubscribed => continue,
+                BrokerEvent::UserCommand {
+                    user,
+                    command,
+                    reply,
+                } => {
+                    let _ = reply.send(1);
+                    Event::UserCommand(user, command)
+                }
+                BrokerEvent::Ephemeral { channel, message } => Event::Ephemeral(
+                    channel.to_string(),
+                    message.data.to_string(),
+                    message.from.map(|f| f.to_string()),
+                ),
+            };
+            let _ = tx.send(event);
+        }
+    });
+    rx
+}
+
+impl Subject {
+    async fn next(&mut self) -> Event {
+        timeout(WAIT, self.events.recv())
+            .await
+            .expect("an event in time")
+            .expect("stream open")
+    }
+
+    async fn next_publication(&mut self) -> (String, Publication) {
+        loop {
+            if let Event::Publication(c, p) = self.next().await {
+                return (c, p);
+            }
+        }
+    }
+}
+
+fn info(id: &str) -> NodeInfo {
+    NodeInfo {
+        id: id.into(),
+        url: format!("ws://{id}/ws"),
+        connections: 0,
+        draining: false,
+        stats: Default::default(),
+    }
+}
+
+fn change(channel: &str, user: &str, connections: u32) -> PresenceChange {
+    PresenceChange {
+        channel: channel.into(),
+        user: user.into(),
+        connections,
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// The behaviours.
+
+/// Offsets from 1 without gaps under concurrent publishes, one epoch; a channel never
+/// published reads `(0, "")` however often it is read, and its first publish starts a
+/// real epoch.
+async fn offsets_and_epochs(backend: &Backend<'_>) {
+    let s = backend.open("offsets", settings()).await;
+    let mut tasks = Vec::new();
+    for t in 0..4 {
+        let b = Arc::clone(&s.broker);
+        tasks.push(tokio::spawn(async move {
+            let mut out = Vec::new();
+            for i in 0..10 {
+                out.push(b.publish("o", &format!("[{t},{i}]"), None).await.unwrap());
+            }
+            out
+        }));
+    }
+    let mut offsets = Vec::new();
+    let mut epochs = std::collections::BTreeSet::new();
+    for t in tasks {
+        for p in t.await.unwrap() {
+            offsets.push(p.offset);
+            epochs.insert(p.epoch);
+        }
+    }
+    offsets.sort_unstable();
+    assert_eq!(offsets, (1..=40).collect::<Vec<_>>());
+    assert_eq!(epochs.len(), 1);
+    let epoch = epochs.into_iter().next().unwrap();
+    assert_ne!(epoch, EMPTY_EPOCH);
+    assert_eq!(
+        s.broker.position("o").await.unwrap(),
+        StreamPosition::new(40, &epoch)
+    );
+
+    let empty = StreamPosition::new(0, EMPTY_EPOCH);
+    assert_eq!(s.broker.position("fresh").await.unwrap(), empty);
+    let h = s.broker.history("fresh", 0, 10).await.unwrap();
+    assert_eq!((h.position, h.publications.len()), (empty.clone(), 0));
+    assert_eq!(s.broker.position("fresh").await.unwrap(), empty);
+    let first = s.broker.publish("fresh", "1", None).await.unwrap();
+    assert_eq!(first.offset, 1);
+    assert_ne!(first.epoch, EMPTY_EPOCH);
+    assert_eq!(s.broker.position("fresh").await.unwrap(), first);
+    s.broker.shutdown().await;
+}
+
+/// History after `since`, at most `limit`, trimmed to `history_size` and aged out after
+/// `history_ttl` (the position stays); `from` and the data travel unchanged.
+async fn history_since_limit_trim_and_age(backend: &Backend<'_>) {
+    let small = BrokerSettings {
+        history_size: 5,
+        ..settings()
+    };
+    let s = backend.open("history", small).await;
+    let b = &s.broker;
+    let mut epoch = String::new();
+    for i in 1..=8u64 {
+        let from = (i == 8).then_some("alice");
+        let pos = b
+            .publish("h", &format!(r#"{{"n":{i},"s":"a:b"}}"#), from)
+            .await
+            .unwrap();
+        assert_eq!(pos.offset, i);
+        epoch = pos.epoch;
+    }
+    let h = b.history("h", 0, 100).await.unwrap();
+    assert_eq!(h.position, StreamPosition::new(8, &epoch));
+    let offsets: Vec<u64> = h.publications.iter().map(|p| p.offset).collect();
+    assert_eq!(offsets, vec![4, 5, 6, 7, 8], "trimmed to the last 5");
+    assert_eq!(&*h.publications[0].data, r#"{"n":4,"s":"a:b"}"#);
+    assert!(h.publications.iter().all(|p| *p.epoch == *epoch));
+    assert_eq!(h.publications[0].from, None);
+    assert_eq!(h.publications[4].from.as_deref(), Some("alice"));
+    let h = b.history("h", 5, 2).await.unwrap();
+    let offsets: Vec<u64> = h.publications.iter().map(|p| p.offset).collect();
+    assert_eq!(offsets, vec![6, 7]);
+    assert!(b.history("h", 8, 10).await.unwrap().publications.is_empty());
+    assert!(b
+        .history("h", u64::MAX, 10)
+        .await
+        .unwrap()
+        .publications
+        .is_empty());
+    b.shutdown().await;
+
+    let short = BrokerSettings {
+        history_ttl: Duration::from_millis(300),
+        ..settings()
+    };
+    let s = backend.open("aged", short).await;
+    let b = &s.broker;
+    let pos = b.publish("aged", "1", None).await.unwrap();
+    b.publish("aged", "2", None).await.unwrap();
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let h = b.history("aged", 0, 10).await.unwrap();
+        if h.publications.is_empty() {
+            assert_eq!(h.position, StreamPosition::new(2, &pos.epoch));
+            break;
+        }
+        assert!(Instant::now() < deadline, "history did not age out");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    b.shutdown().await;
+}
+
+/// A subscribed channel's publications arrive as events, in offset order, with their
+/// data and `from`; after an unsubscribe nothing more of it arrives.
+async fn subscribe_deliver_unsubscribe(backend: &Backend<'_>) {
+    let mut s = backend.open("routing", settings()).await;
+    s.broker.subscribe("room").await.expect("subscribe");
+    for i in 1..=10 {
+        let from = (i % 2 == 0).then_some("bob");
+        s.broker
+            .publish("room", &i.to_string(), from)
+            .await
+            .unwrap();
+    }
+    for i in 1..=10u64 {
+        let (channel, p) = s.next_publication().await;
+        assert_eq!((channel.as_str(), p.offset), ("room", i));
+        assert_eq!(&*p.data, i.to_string());
+        assert_eq!(p.from.as_deref(), (i % 2 == 0).then_some("bob"));
+    }
+    // Not subscribed: published, numbered, not delivered.
+    s.broker.publish("elsewhere", "1", None).await.unwrap();
+    s.broker.unsubscribe("room");
+    // Requests apply in order: once this subscribe is acknowledged, the unsubscribe
+    // before it is in place too.
+    s.broker.subscribe("marker").await.expect("subscribe");
+    s.broker.publish("room", "late", None).await.unwrap();
+    s.broker.publish("marker", "m", None).await.unwrap();
+    let (channel, p) = s.next_publication().await;
+    assert_eq!(
+        (channel.as_str(), &*p.data),
+        ("marker", "m"),
+        "only the still subscribed channel delivers"
+    );
+    s.broker.shutdown().await;
+}
+
+/// An ephemeral message reaches a subscribed broker in order with the publications,
+/// takes no offset (the next publish continues the sequence), stores nothing
+/// (history and position unchanged) and is not delivered where nobody subscribed.
+async fn ephemeral_messages(backend: &Backend<'_>) {
+    let mut s = backend.open("ephemeral", settings()).await;
+    s.broker.subscribe("room").await.expect("subscribe");
+    let first = s.broker.publish("room", "1", None).await.unwrap();
+    s.broker
+        .publish_ephemeral("room", r#"{"typing":true}"#, Some("bob"))
+        .await
+        .unwrap();
+    s.broker
+        .publish_ephemeral("nobody", "1", None)
+        .await
+        .unwrap();
+    let second = s.broker.publish("room", "2", None).await.unwrap();
+    assert_eq!(
+        second.offset,
+        first.offset + 1,
+        "the ephemeral took no offset"
+    );
+    let mut seen = Vec::new();
+    while seen.len() < 3 {
+        match s.next().await {
+            Event::Publication(c, p) => seen.push(format!("{c}#{}", p.offset)),
+            Event::Ephemeral(c, data, from) => {
+                assert_eq!(
+                    (data.as_str(), from.as_deref()),
+                    (r#"{"typing":true}"#, Some("bob"))
+                );
+                seen.push(format!("{c}~"));
+            }
+            Event::UserCommand(..) => {}
+        }
+    }
+    assert_eq!(seen, ["room#1", "room~", "room#2"]);
+    let history = s.broker.history("room", 0, 10).await.unwrap();
+    assert_eq!(history.publications.len(), 2, "nothing stored");
+    assert_eq!(
+        s.broker.position("nobody").await.unwrap().offset,
+        0,
+        "no state for an ephemeral-only channel"
+    );
+    s.broker.shutdown().await;
+}
+
+/// Presence per user and per node, 0 removes; the registry adds, lists, removes.
+async fn presence_and_registry(backend: &Backend<'_>) {
+    let s = backend.open("presence", settings()).await;
+    let b = &s.broker;
+    b.register_node(&info("n1")).await.unwrap();
+    b.register_node(&info("n2")).await.unwrap();
+    let ids: Vec<String> = b.nodes().await.unwrap().into_iter().map(|n| n.id).collect();
+    assert_eq!(ids, vec!["n1", "n2"]);
+    b.presence_update("n1", &[change("p", "alice", 2), change("p", "bob", 1)])
+        .await
+        .unwrap();
+    b.presence_update("n2", &[change("p", "alice", 1)])
+        .await
+        .unwrap();
+    b.presence_refresh("n1", &["p".to_owned()]).await.unwrap();
+    let all = b.presence("p").await.unwrap();
+    assert_eq!(
+        all,
+        BTreeMap::from([("alice".to_owned(), 3), ("bob".to_owned(), 1)])
+    );
+    let by_node = b.presence_by_node("p").await.unwrap();
+    assert_eq!(
+        by_node["alice"],
+        BTreeMap::from([("n1".to_owned(), 2), ("n2".to_owned(), 1)])
+    );
+    b.presence_update("n1", &[change("p", "bob", 0)])
+        .await
+        .unwrap();
+    assert!(!b.presence("p").await.unwrap().contains_key("bob"));
+    // A node that leaves the registry takes its presence with it.
+    b.unregister_node("n2").await.unwrap();
+    let ids: Vec<String> = b.nodes().await.unwrap().into_iter().map(|n| n.id).collect();
+    assert_eq!(ids, vec!["n1"]);
+    assert_eq!(b.presence("p").await.unwrap()["alice"], 2);
+    assert!(b.presence("nobody").await.unwrap().is_empty());
+    b.shutdown().await;
+}
+
+/// A user command reaches this node's event stream and is counted; a revocation is
+/// stored, merged (an earlier one does not shorten it) and listed.
+async fn user_commands_and_revocations(backend: &Backend<'_>) {
+    let mut s = backend.open("control", settings()).await;
+    let kick = UserCommand::Disconnect { reconnect: true };
+    assert_eq!(s.broker.user_command("alice", &kick).await.unwrap(), 1);
+    match s.next().await {
+        Event::UserCommand(user, command) => assert_eq!((user.as_str(), command), ("alice", kick)),
+        other => panic!("{other:?}"),
+    }
+    let now = herald_server::auth::now_secs();
+    let revoke = |before, until| UserCommand::Revoke { before, until };
+    assert_eq!(
+        s.broker
+            .user_command("bob", &revoke(now, now + 100))
+            .await
+            .unwrap(),
+        1
+    );
+    s.broker
+        .user_command("bob", &revoke(now - 50, now + 10))
+        .await
+        .unwrap();
+    let list = s.broker.revocations().await.unwrap();
+    assert_eq!(list.len(), 1, "{list:?}");
+    assert_eq!(
+        (list[0].user.as_str(), list[0].before, list[0].until),
+        ("bob", now, now + 100)
+    );
+    s.broker.shutdown().await;
+}
+
+/// Every behaviour, on one backend.
+async fn conformance(backend: Backend<'_>) {
+    offsets_and_epochs(&backend).await;
+    history_since_limit_trim_and_age(&backend).await;
+    subscribe_deliver_unsubscribe(&backend).await;
+    ephemeral_messages(&backend).await;
+    presence_and_registry(&backend).await;
+    user_commands_and_revocations(&backend).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_broker_conforms() {
+    conformance(Backend::Memory).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_broker_conforms() {
+    let redis = RedisServer::start();
+    conformance(Backend::Single(&redis)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_cluster_broker_conforms() {
+    let cluster = RedisCluster::start();
+    conformance(Backend::Cluster(&cluster)).await;
+}
