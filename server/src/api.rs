@@ -17,11 +17,12 @@ use herald_protocol::channel::{user_channel, validate_channel, validate_user};
 use herald_protocol::codes::ErrorCode;
 use herald_protocol::depth::{nests_deeper_than, MAX_DATA_DEPTH};
 use herald_protocol::frame::ErrorBody;
+use herald_protocol::StreamPosition;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{json, Value};
 
-use crate::broker::{BrokerError, UserCommand};
+use crate::broker::{BatchMessage, BrokerError, UserCommand};
 use crate::node::Node;
 use crate::registry::least_loaded;
 
@@ -232,9 +233,10 @@ struct BatchBody {
 /// `POST /v1/publish/batch` (an addition to the contract): up to
 /// [`MAX_BATCH_MESSAGES`] publishes in one request, each answered in the same order as
 /// `/v1/publish` would answer it. An application that pushes to many users at once
-/// saves one HTTP round trip per message, and the node sends the broker calls
-/// pipelined. Messages to the same channel are published in their batch order;
-/// different channels go concurrently.
+/// saves one HTTP round trip per message, and the node hands the whole batch to the
+/// broker at once ([`crate::broker::Broker::publish_batch`]: with Redis, one script
+/// call per cluster slot). Messages to the same channel are published in their batch
+/// order; different channels are independent.
 ///
 /// The answer is 200 with one result per message (an offset or an error), unless every
 /// message failed: then it is the first error's status, so that a caller that only
@@ -256,8 +258,7 @@ async fn publish_batch(
     }
     let limit = node.config.max_publish_bytes;
     let mut results: Vec<Option<Result<Value, ApiError>>> = (0..count).map(|_| None).collect();
-    // Per channel, the indexes of its messages in batch order.
-    let mut by_channel: HashMap<String, Vec<(usize, Target)>> = HashMap::new();
+    let mut targets = Vec::with_capacity(count);
     for (i, message) in batch.messages.into_iter().enumerate() {
         match message.target() {
             Ok(target) if target.data.get().len() > limit => {
@@ -267,30 +268,23 @@ async fn publish_batch(
                     format!("data larger than {limit} bytes"),
                 )));
             }
-            Ok(target) => by_channel
-                .entry(target.channel.clone())
-                .or_default()
-                .push((i, target)),
+            Ok(target) => targets.push((i, target)),
             Err(e) => results[i] = Some(Err(e)),
         }
     }
-    let node = &node;
-    let lanes = by_channel
-        .into_iter()
-        .map(|(channel, messages)| async move {
-            let mut out = Vec::with_capacity(messages.len());
-            for (i, t) in messages {
-                let result = publish_one(node, &channel, &t.data, t.from.as_deref()).await;
-                out.push((i, result));
-            }
-            out
-        });
-    for (i, result) in futures_util::future::join_all(lanes)
-        .await
-        .into_iter()
-        .flatten()
-    {
-        results[i] = Some(result);
+    // One broker call for the whole batch, in batch order: the broker keeps each
+    // channel's order and sends what shares a Redis slot as one script call.
+    let messages: Vec<BatchMessage<'_>> = targets
+        .iter()
+        .map(|(_, t)| BatchMessage {
+            channel: &t.channel,
+            data: t.data.get(),
+            from: t.from.as_deref(),
+        })
+        .collect();
+    let answers = node.broker.publish_batch(&messages).await;
+    for ((i, t), answer) in targets.iter().zip(answers) {
+        results[*i] = Some(published(&node, &t.channel, &t.data, answer));
     }
     let results: Vec<Result<Value, ApiError>> = results
         .into_iter()
@@ -339,13 +333,20 @@ async fn publish_one(
     data: &RawValue,
     from: Option<&str>,
 ) -> Result<Value, ApiError> {
-    let position = node
-        .broker
-        .publish(channel, data.get(), from)
-        .await
-        .inspect_err(|_| {
-            node.metrics.broker_errors.inc();
-        })?;
+    let answer = node.broker.publish(channel, data.get(), from).await;
+    published(node, channel, data, answer)
+}
+
+/// The answer to one publish, as `/v1/publish` gives it; counts it.
+fn published(
+    node: &Node,
+    channel: &str,
+    data: &RawValue,
+    answer: Result<StreamPosition, BrokerError>,
+) -> Result<Value, ApiError> {
+    let position = answer.inspect_err(|_| {
+        node.metrics.broker_errors.inc();
+    })?;
     node.metrics.messages_published.inc();
     node.metrics.message_bytes.observe(data.get().len() as f64);
     Ok(json!({
