@@ -143,7 +143,7 @@ pub enum Refused {
 }
 
 /// A drained queue keeps at most this many slots; more is given back.
-const KEEP_SLOTS: usize = 16;
+pub const KEEP_SLOTS: usize = 16;
 
 impl SessionControl {
     /// A mailbox holding at most `capacity` items.
@@ -249,6 +249,30 @@ impl SessionControl {
             queue.shrink_to(KEEP_SLOTS);
         }
         item
+    }
+
+    /// Moves up to `max` queued items, oldest first, to the back of `into`, under one
+    /// lock: a session drains a burst with one lock per batch, not per message. When
+    /// the whole queue fits and `into` is empty the two buffers are swapped, so neither
+    /// copies nor allocates; either gives memory back beyond [`KEEP_SLOTS`].
+    pub fn take_batch(&self, into: &mut VecDeque<Outbound>, max: usize) {
+        let mut queue = self.queue();
+        if into.is_empty() && queue.len() <= max {
+            std::mem::swap(&mut *queue, into);
+        } else {
+            let n = queue.len().min(max.saturating_sub(into.len()));
+            into.extend(queue.drain(..n));
+        }
+        if queue.is_empty() && queue.capacity() > KEEP_SLOTS {
+            queue.shrink_to(KEEP_SLOTS);
+        }
+    }
+
+    /// Waits until an item is queued (the session's task only); takes nothing.
+    pub async fn ready(&self) {
+        while self.queue().is_empty() {
+            self.ready.notified().await;
+        }
     }
 
     /// The session ended: refuse and drop whatever comes.
