@@ -1084,6 +1084,14 @@ async fn coalesced_publishes(backend: &Backend<'_>) {
         }
     }
     assert!(got[c].iter().any(|p| p.from.is_some()), "publishers travel");
+    // The stream is trimmed in steps of 16 offsets: at most history size + 15 entries.
+    let key = format!("{prefix}{{{c}}}:h");
+    let xlen = match backend {
+        Backend::Single(r) => r.cli(&["xlen", &key]),
+        Backend::Cluster(cluster) => cluster.cli(&["xlen", &key]),
+    };
+    let xlen: u64 = xlen.trim().parse().expect("xlen");
+    assert!((10..=25).contains(&xlen), "stream length {xlen}");
     reader.broker.shutdown().await;
     writer.broker.shutdown().await;
 }

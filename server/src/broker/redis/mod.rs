@@ -681,6 +681,7 @@ impl Broker for RedisBroker {
             limit.min(inner.settings.history_size).to_string(),
             millis(inner.settings.history_ttl),
             inner.topology.replid_flag().to_owned(),
+            inner.settings.history_size.to_string(),
         ];
         let answer: Vec<Value> = scripts::run(
             client,

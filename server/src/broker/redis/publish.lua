@@ -25,9 +25,8 @@
 -- This is the only script that creates a channel's keys.
 --
 -- Per call: TIME (and INFO in Sentinel mode) once. Per channel: HMGET, HSET, two
--- PEXPIREs, and every 16th offset a look at the head of the stream for expired entries.
--- Per message: XADD and PUBLISH. The exact MAXLEN trim is asked on the channel's last
--- XADD of the call only (a call holds a bounded number of messages, see coalesce.rs).
+-- PEXPIREs, and every 16th offset a look at the head of the stream for expired
+-- entries and one XTRIM (by count and age). Per message: XADD and PUBLISH.
 --
 -- Time comes from the Redis server (TIME), so every node judges a channel's
 -- history age by the same clock.
@@ -72,14 +71,9 @@ for g = 1, #KEYS / 2 do
     offset = offset + 1
     local id = string.format('%d', offset)
     if keep then
-      -- Fields in a fixed order (d, t, then f), which history.lua relies on.
-      if i == n then
-        if from == '' then
-          redis.call('XADD', stream, 'MAXLEN', size, id .. '-0', 'd', data, 't', nowtext)
-        else
-          redis.call('XADD', stream, 'MAXLEN', size, id .. '-0', 'd', data, 't', nowtext, 'f', from)
-        end
-      elseif from == '' then
+      -- Fields in a fixed order (d, t, then f), which history.lua relies on. No MAXLEN
+      -- here: an exact trim at every XADD costs about twice the XADD; see below.
+      if from == '' then
         redis.call('XADD', stream, id .. '-0', 'd', data, 't', nowtext)
       else
         redis.call('XADD', stream, id .. '-0', 'd', data, 't', nowtext, 'f', from)
@@ -92,31 +86,39 @@ for g = 1, #KEYS / 2 do
     end
   end
   if keep then
-    -- Age trim, amortised: only when this call passed a multiple of 16 offsets. Entries
-    -- are in time order, so expired ones form a prefix. Look at the head first (the
-    -- common case: nothing expired, one entry read); when it has expired, look at up to
-    -- 32, so that each trim removes more than the 16 publishes since the last one add
-    -- and the stream keeps up. Readers skip expired entries, and the stream's TTL and
-    -- MAXLEN bound it anyway, so this only saves memory sooner.
-    if not new and math.floor(offset / 16) ~= math.floor((first - 1) / 16) then
-      local head = redis.call('XRANGE', stream, '-', '+', 'COUNT', 1)
-      if head[1] and tonumber(head[1][2][4]) < now - ttl then
-        head = redis.call('XRANGE', stream, '-', '+', 'COUNT', 32)
-      else
-        head = {}
-      end
-      local last = nil
-      for _, entry in ipairs(head) do
-        if tonumber(entry[2][4]) < now - ttl then
-          last = entry[1]
+    -- Trims, amortised: only when this call passed a multiple of 16 offsets, so the
+    -- stream holds at most `size` + 15 entries between calls (plus the messages of the
+    -- call itself). history.lua never returns more than the last `size` offsets, so
+    -- what clients see is exactly `size` messages.
+    if math.floor(offset / 16) ~= math.floor((first - 1) / 16) then
+      -- By count: keep offsets above offset - size.
+      local minid = offset - size + 1
+      -- By age: entries are in time order, so expired ones form a prefix. Look at the
+      -- head first (the common case: nothing expired, one entry read); when it has
+      -- expired, look at up to 32, so that each trim removes more than the 16
+      -- publishes since the last one add and the stream keeps up. Readers skip expired
+      -- entries and the stream's TTL bounds it anyway, so this only saves memory sooner.
+      if not new then
+        local head = redis.call('XRANGE', stream, '-', '+', 'COUNT', 1)
+        if head[1] and tonumber(head[1][2][4]) < now - ttl then
+          head = redis.call('XRANGE', stream, '-', '+', 'COUNT', 32)
         else
-          break
+          head = {}
+        end
+        for _, entry in ipairs(head) do
+          if tonumber(entry[2][4]) < now - ttl then
+            -- ids are `<offset>-0`: everything up to this one goes.
+            local o = tonumber(string.match(entry[1], '^(%d+)')) + 1
+            if o > minid then
+              minid = o
+            end
+          else
+            break
+          end
         end
       end
-      if last then
-        -- ids are `<offset>-0`, so MINID `<offset>-1` drops everything up to `last`.
-        local o = string.match(last, '^(%d+)')
-        redis.call('XTRIM', stream, 'MINID', o .. '-1')
+      if minid > 1 then
+        redis.call('XTRIM', stream, 'MINID', string.format('%d', minid) .. '-0')
       end
     end
     redis.call('PEXPIRE', stream, ttl)
