@@ -84,9 +84,10 @@ pub struct Common {
     /// The redis-server binary for `--spawn-cluster`.
     #[arg(long, default_value = "redis-server")]
     pub redis_server: String,
-    /// The Redis of `--spawn-cluster`: `single` (one redis-server) or `sentinel` (a
-    /// primary, a replica and three sentinels; enables the `failover-redis` action).
-    #[arg(long, default_value = "single", value_parser = ["single", "sentinel"])]
+    /// The Redis of `--spawn-cluster`: `single` (one redis-server), `sentinel` (a
+    /// primary, a replica and three sentinels; enables the `failover-redis` action) or
+    /// `cluster` (a Redis Cluster of three masters; the reports show each master's CPU).
+    #[arg(long, default_value = "single", value_parser = ["single", "sentinel", "cluster"])]
     pub redis: String,
     /// Redis servers (`host:port`, comma-separated) whose `INFO cpu` the `push`,
     /// `chaos` and `broadcast` reports read: every master of a Redis Cluster. Default

@@ -16,6 +16,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
+use herald_testkit::redis::RedisCluster;
 use herald_testkit::sentinel::RedisSentinel;
 
 /// A node process started by the load generator.
@@ -34,6 +35,8 @@ pub struct Cluster {
     redis_addrs: Vec<String>,
     /// The Sentinel topology, with `--redis sentinel` (instead of `redis`).
     sentinel: Option<RedisSentinel>,
+    /// The Redis Cluster, with `--redis cluster` (instead of `redis`); stopped on drop.
+    _redis_cluster: Option<RedisCluster>,
     nodes: Vec<SpawnedNode>,
 }
 
@@ -53,6 +56,8 @@ pub struct ClusterOptions<'a> {
     pub drain_ms: u64,
     /// Start a Sentinel topology instead of one redis-server.
     pub sentinel: bool,
+    /// Start a Redis Cluster of three masters instead of one redis-server.
+    pub redis_cluster: bool,
 }
 
 fn free_port() -> anyhow::Result<u16> {
@@ -76,7 +81,19 @@ impl Cluster {
     pub async fn start(o: ClusterOptions<'_>) -> anyhow::Result<Cluster> {
         let dir = std::env::temp_dir().join(format!("herald-loadtest-{}", std::process::id()));
         std::fs::create_dir_all(&dir)?;
-        let (redis, sentinel, redis_url) = if o.sentinel {
+        let redis_cluster = if o.redis_cluster {
+            // Blocking and panicking like the Sentinel helper, so handled the same way.
+            Some(
+                tokio::task::spawn_blocking(RedisCluster::start)
+                    .await
+                    .map_err(|e| anyhow!("could not start the Redis Cluster: {e}"))?,
+            )
+        } else {
+            None
+        };
+        let (redis, sentinel, redis_url) = if let Some(c) = &redis_cluster {
+            (None, None, c.url())
+        } else if o.sentinel {
             // The testkit helper blocks (process starts, redis-cli) and panics on
             // failure: off the runtime, with the panic turned into an error.
             let topology = tokio::task::spawn_blocking(RedisSentinel::start)
@@ -90,6 +107,12 @@ impl Cluster {
         };
         // Both servers of a Sentinel topology: the replica's CPU is part of the cost.
         let redis_addrs = match (&sentinel, &redis_url) {
+            // Every master of a cluster: the report shows how the load spreads.
+            _ if redis_cluster.is_some() => redis_cluster
+                .iter()
+                .flat_map(|c| &c.nodes)
+                .map(|n| format!("127.0.0.1:{}", n.port()))
+                .collect(),
             (Some(t), _) => t
                 .servers
                 .iter()
@@ -103,6 +126,7 @@ impl Cluster {
             redis,
             redis_addrs,
             sentinel,
+            _redis_cluster: redis_cluster,
             nodes: Vec::new(),
         };
         for i in 0..o.nodes {

@@ -93,6 +93,7 @@ impl Setup {
                 api_key: &key,
                 drain_ms: c.node_drain_ms,
                 sentinel: c.redis == "sentinel",
+                redis_cluster: c.redis == "cluster",
             })
             .await?;
             if c.url.is_empty() {
