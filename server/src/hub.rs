@@ -857,3 +857,85 @@ impl PublicationSink for HubSink {
         self.0.on_user_command(user, command)
     }
 }
+
+#[cfg(test)]
+mod mailbox_tests {
+    use super::*;
+
+    fn resync(n: u64) -> Outbound {
+        Outbound::Resync(Box::new(("c".into(), StreamPosition::new(n, "e"))))
+    }
+
+    fn offsets(items: &VecDeque<Outbound>) -> Vec<u64> {
+        items
+            .iter()
+            .map(|i| match i {
+                Outbound::Resync(r) => r.1.offset,
+                _ => unreachable!(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn take_batch_drains_in_order_within_the_bound() {
+        let mailbox = SessionControl::new(100);
+        for n in 1..=5 {
+            mailbox.offer(resync(n)).unwrap();
+        }
+        let mut batch = VecDeque::new();
+        // Everything fits: taken at once (the buffers are swapped).
+        mailbox.take_batch(&mut batch, 8);
+        assert_eq!(offsets(&batch), vec![1, 2, 3, 4, 5]);
+        assert!(mailbox.try_next().is_none());
+        batch.clear();
+        // More than the bound: the oldest `max` first, the rest stays queued.
+        for n in 6..=15 {
+            mailbox.offer(resync(n)).unwrap();
+        }
+        mailbox.take_batch(&mut batch, 4);
+        assert_eq!(offsets(&batch), vec![6, 7, 8, 9]);
+        // A non-empty buffer is topped up to the bound, never past it.
+        mailbox.take_batch(&mut batch, 6);
+        assert_eq!(offsets(&batch), vec![6, 7, 8, 9, 10, 11]);
+        batch.clear();
+        mailbox.take_batch(&mut batch, 64);
+        assert_eq!(offsets(&batch), vec![12, 13, 14, 15]);
+        batch.clear();
+        mailbox.take_batch(&mut batch, 64);
+        assert!(batch.is_empty());
+    }
+
+    #[test]
+    fn a_drained_burst_gives_its_memory_back() {
+        let mailbox = SessionControl::new(1000);
+        for n in 0..500 {
+            mailbox.offer(resync(n)).unwrap();
+        }
+        let mut batch = VecDeque::new();
+        while {
+            batch.clear();
+            mailbox.take_batch(&mut batch, 64);
+            !batch.is_empty()
+        } {}
+        assert!(mailbox.queue().capacity() <= KEEP_SLOTS);
+    }
+
+    #[tokio::test]
+    async fn ready_waits_for_an_item_and_takes_nothing() {
+        let mailbox = Arc::new(SessionControl::new(10));
+        let waiter = {
+            let mailbox = mailbox.clone();
+            tokio::spawn(async move { mailbox.ready().await })
+        };
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished());
+        mailbox.offer(resync(1)).unwrap();
+        tokio::time::timeout(std::time::Duration::from_secs(5), waiter)
+            .await
+            .expect("ready resolves")
+            .unwrap();
+        // Still queued: ready() only waits.
+        mailbox.ready().await;
+        assert!(mailbox.try_next().is_some());
+    }
+}
