@@ -3,6 +3,10 @@
 //! Redis Cluster, give every master (`--redis-info`): the report has each one's share,
 //! so it shows whether the load spreads over the shards.
 //!
+//! The same `INFO` also gives `commandstats`: each server's calls and CPU µs per
+//! command over the window (commands run inside scripts included), which shows what
+//! one message costs in Redis commands, not only in seconds.
+//!
 //! `INFO` goes over a plain TCP connection in RESP, with short timeouts: the generator
 //! has no Redis client, and one command at each end of a run needs none.
 
@@ -25,14 +29,70 @@ pub fn parse_used_cpu(info: &str) -> Option<f64> {
     Some(field("used_cpu_sys")? + field("used_cpu_user")?)
 }
 
-/// Asks the Redis at `addr` (`host:port`) for its CPU seconds so far.
-pub fn used_cpu(addr: &str) -> Option<f64> {
+/// One command's line of `INFO commandstats`: `cmdstat_<name>:calls=N,usec=M,…`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct CommandStat {
+    /// The command, lower case (`evalsha`, `xadd`, …).
+    pub command: String,
+    /// Calls (in the window, once subtracted).
+    pub calls: u64,
+    /// CPU µs Redis spent in it.
+    pub usec: u64,
+}
+
+/// The commands of an `INFO commandstats` text.
+pub fn parse_commandstats(info: &str) -> Vec<CommandStat> {
+    info.lines()
+        .filter_map(|l| {
+            let (name, rest) = l.trim().strip_prefix("cmdstat_")?.split_once(':')?;
+            let field = |f: &str| -> Option<u64> {
+                rest.split(',')
+                    .find_map(|kv| kv.strip_prefix(f)?.strip_prefix('='))?
+                    .parse()
+                    .ok()
+            };
+            Some(CommandStat {
+                command: name.to_owned(),
+                calls: field("calls")?,
+                usec: field("usec")?,
+            })
+        })
+        .collect()
+}
+
+/// `after - before` per command, without commands that were not called.
+pub fn command_delta(before: &[CommandStat], after: &[CommandStat]) -> Vec<CommandStat> {
+    let mut out: Vec<CommandStat> = after
+        .iter()
+        .filter_map(|a| {
+            let b = before.iter().find(|b| b.command == a.command);
+            let calls = a.calls.saturating_sub(b.map_or(0, |b| b.calls));
+            let usec = a.usec.saturating_sub(b.map_or(0, |b| b.usec));
+            (calls > 0).then(|| CommandStat {
+                command: a.command.clone(),
+                calls,
+                usec,
+            })
+        })
+        .collect();
+    out.sort_by(|a, b| b.calls.cmp(&a.calls).then(a.command.cmp(&b.command)));
+    out
+}
+
+/// Asks the Redis at `addr` for its CPU seconds and command statistics so far.
+fn reading(addr: &str) -> Option<Reading> {
+    let text = info(addr)?;
+    Some((parse_used_cpu(&text)?, parse_commandstats(&text)))
+}
+
+/// `INFO cpu commandstats` of the Redis at `addr`.
+fn info(addr: &str) -> Option<String> {
     let sock = addr.to_socket_addrs().ok()?.next()?;
     let mut stream = TcpStream::connect_timeout(&sock, TIMEOUT).ok()?;
     stream.set_read_timeout(Some(TIMEOUT)).ok()?;
     stream.set_write_timeout(Some(TIMEOUT)).ok()?;
     stream
-        .write_all(b"*2\r\n$4\r\nINFO\r\n$3\r\ncpu\r\n")
+        .write_all(b"*3\r\n$4\r\nINFO\r\n$3\r\ncpu\r\n$12\r\ncommandstats\r\n")
         .ok()?;
     // A bulk string: `$<len>\r\n<text>\r\n`. Read until the whole text is in.
     let mut buf = Vec::with_capacity(1024);
@@ -47,9 +107,9 @@ pub fn used_cpu(addr: &str) -> Option<f64> {
         let (head, body) = text.split_once("\r\n")?;
         let len: usize = head.strip_prefix('$')?.parse().ok()?;
         if body.len() >= len {
-            return parse_used_cpu(&body[..len]);
+            return Some(body[..len].to_owned());
         }
-        if buf.len() > 64 * 1024 {
+        if buf.len() > 256 * 1024 {
             return None;
         }
     }
@@ -62,12 +122,18 @@ pub struct ServerCpu {
     pub addr: String,
     /// CPU seconds it used in the window.
     pub cpu_s: f64,
+    /// Calls and CPU µs per command in the window, most called first.
+    #[serde(default)]
+    pub commands: Vec<CommandStat>,
 }
 
 /// The reading at the start of a run.
 pub struct RedisCpu {
-    before: Vec<(String, Option<f64>)>,
+    before: Vec<(String, Option<Reading>)>,
 }
+
+/// CPU seconds and command statistics of one server at one moment.
+type Reading = (f64, Vec<CommandStat>);
 
 impl RedisCpu {
     /// Reads every server's CPU now, off the async runtime's threads.
@@ -89,7 +155,7 @@ impl RedisCpu {
     /// Reads every server's CPU now (blocking, at most a couple of seconds each).
     pub fn start(addrs: &[String]) -> RedisCpu {
         RedisCpu {
-            before: addrs.iter().map(|a| (a.clone(), used_cpu(a))).collect(),
+            before: addrs.iter().map(|a| (a.clone(), reading(a))).collect(),
         }
     }
 
@@ -103,9 +169,15 @@ impl RedisCpu {
         self.before
             .into_iter()
             .map(|(addr, before)| {
-                let after = used_cpu(&addr)?;
-                let cpu_s = after - before?;
-                (cpu_s >= 0.0).then_some(ServerCpu { addr, cpu_s })
+                let (after, after_stats) = reading(&addr)?;
+                let (before, before_stats) = before?;
+                let cpu_s = after - before;
+                let commands = command_delta(&before_stats, &after_stats);
+                (cpu_s >= 0.0).then_some(ServerCpu {
+                    addr,
+                    cpu_s,
+                    commands,
+                })
             })
             .collect()
     }
@@ -131,15 +203,47 @@ mod tests {
     }
 
     #[test]
+    fn parses_commandstats_and_subtracts() {
+        let before = parse_commandstats(
+            "# Commandstats\r\ncmdstat_evalsha:calls=10,usec=500,usec_per_call=50.00,\
+             rejected_calls=0,failed_calls=0\r\ncmdstat_xadd:calls=80,usec=160,usec_per_call=2.00\r\n",
+        );
+        assert_eq!(before.len(), 2);
+        assert_eq!((before[0].calls, before[0].usec), (10, 500));
+        let after = parse_commandstats(
+            "cmdstat_evalsha:calls=12,usec=600\r\ncmdstat_xadd:calls=80,usec=160\r\n\
+             cmdstat_publish:calls=5,usec=20\r\n",
+        );
+        let d = command_delta(&before, &after);
+        assert_eq!(
+            d,
+            vec![
+                CommandStat {
+                    command: "publish".into(),
+                    calls: 5,
+                    usec: 20
+                },
+                CommandStat {
+                    command: "evalsha".into(),
+                    calls: 2,
+                    usec: 100
+                },
+            ]
+        );
+    }
+
+    #[test]
     fn totals_per_message() {
         let s = vec![
             ServerCpu {
                 addr: "a".into(),
                 cpu_s: 0.5,
+                commands: Vec::new(),
             },
             ServerCpu {
                 addr: "b".into(),
                 cpu_s: 0.5,
+                commands: Vec::new(),
             },
         ];
         assert_eq!(totals(&s, 100_000), (1.0, Some(10.0)));

@@ -204,6 +204,28 @@ impl Report {
                 "redis CPU {cpu:.2} s: {per:.1} µs per message ({})\n",
                 servers.join(", ")
             );
+            // Calls per accepted message, by command, over every server.
+            let mut by_command: std::collections::BTreeMap<&str, (u64, u64)> =
+                std::collections::BTreeMap::new();
+            for server in &self.redis_cpu_per_server {
+                for c in &server.commands {
+                    let e = by_command.entry(c.command.as_str()).or_default();
+                    e.0 += c.calls;
+                    e.1 += c.usec;
+                }
+            }
+            if self.sent > 0 && !by_command.is_empty() {
+                let mut rows: Vec<(&str, (u64, u64))> = by_command.into_iter().collect();
+                rows.sort_by_key(|row| std::cmp::Reverse(row.1 .0));
+                let per = |n: u64| n as f64 / self.sent as f64;
+                let list: Vec<String> = rows
+                    .iter()
+                    .map(|(name, (calls, usec))| {
+                        format!("{name} {:.2} ({:.1} µs)", per(*calls), per(*usec))
+                    })
+                    .collect();
+                s += &format!("redis calls per message: {}\n", list.join(", "));
+            }
         }
         if let Some(g) = self.generator_cpu_s {
             s += &format!("load generator CPU {g:.2} s\n");

@@ -13,15 +13,18 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use herald_protocol::channel::{user_channel, validate_channel, validate_user};
+use herald_protocol::channel::{
+    personal_channel_owner, user_channel, validate_channel, validate_user,
+};
 use herald_protocol::codes::ErrorCode;
 use herald_protocol::depth::{nests_deeper_than, MAX_DATA_DEPTH};
 use herald_protocol::frame::ErrorBody;
+use herald_protocol::StreamPosition;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{json, Value};
 
-use crate::broker::{BrokerError, UserCommand};
+use crate::broker::{BatchMessage, BrokerError, UserCommand};
 use crate::node::Node;
 use crate::registry::least_loaded;
 
@@ -236,9 +239,10 @@ struct BatchBody {
 /// `POST /v1/publish/batch` (an addition to the contract): up to
 /// [`MAX_BATCH_MESSAGES`] publishes in one request, each answered in the same order as
 /// `/v1/publish` would answer it. An application that pushes to many users at once
-/// saves one HTTP round trip per message, and the node sends the broker calls
-/// pipelined. Messages to the same channel are published in their batch order;
-/// different channels go concurrently.
+/// saves one HTTP round trip per message, and the node hands the whole batch to the
+/// broker at once ([`crate::broker::Broker::publish_batch`]: with Redis, one script
+/// call per cluster slot). Messages to the same channel are published in their batch
+/// order; different channels are independent.
 ///
 /// The answer is 200 with one result per message (an offset or an error), unless every
 /// message failed: then it is the first error's status, so that a caller that only
@@ -260,8 +264,7 @@ async fn publish_batch(
     }
     let limit = node.config.max_publish_bytes;
     let mut results: Vec<Option<Result<Value, ApiError>>> = (0..count).map(|_| None).collect();
-    // Per channel, the indexes of its messages in batch order.
-    let mut by_channel: HashMap<String, Vec<(usize, Target)>> = HashMap::new();
+    let mut targets = Vec::with_capacity(count);
     for (i, message) in batch.messages.into_iter().enumerate() {
         match message.target() {
             Ok(target) if target.data.get().len() > limit => {
@@ -271,28 +274,59 @@ async fn publish_batch(
                     format!("data larger than {limit} bytes"),
                 )));
             }
-            Ok(target) => by_channel
-                .entry(target.channel.clone())
-                .or_default()
-                .push((i, target)),
+            Ok(target) => targets.push((i, target)),
             Err(e) => results[i] = Some(Err(e)),
         }
     }
-    let node = &node;
-    let lanes = by_channel.into_values().map(|messages| async move {
-        let mut out = Vec::with_capacity(messages.len());
-        for (i, t) in messages {
-            let result = publish_target(node, &t).await;
-            out.push((i, result));
-        }
-        out
+    // Ephemeral messages go out on their own (no offset, nothing to order).
+    let (ephemeral, ordinary): (Vec<_>, Vec<_>) =
+        targets.into_iter().partition(|(_, t)| t.ephemeral);
+    let node_ref = &node;
+    let sent = ephemeral.iter().map(|(i, t)| async move {
+        (
+            *i,
+            publish_ephemeral(node_ref, &t.channel, &t.data, t.from.as_deref()).await,
+        )
     });
-    for (i, result) in futures_util::future::join_all(lanes)
-        .await
-        .into_iter()
-        .flatten()
-    {
+    for (i, result) in futures_util::future::join_all(sent).await {
         results[i] = Some(result);
+    }
+    // Personal channels are scheduled for the unacked check first (receipts), each
+    // once; a message whose channel could not be scheduled is not published.
+    let personal: std::collections::BTreeSet<String> = ordinary
+        .iter()
+        .filter(|(_, t)| personal_channel_owner(&t.channel).is_some())
+        .map(|(_, t)| t.channel.clone())
+        .collect();
+    let scheduled = futures_util::future::join_all(personal.into_iter().map(|c| async move {
+        let result = node_ref.receipts.before_publish(&c).await;
+        (c, result)
+    }))
+    .await;
+    let refused: std::collections::HashMap<String, BrokerError> = scheduled
+        .into_iter()
+        .filter_map(|(c, r)| r.err().map(|e| (c, e)))
+        .collect();
+    let (refused_targets, targets): (Vec<_>, Vec<_>) = ordinary
+        .into_iter()
+        .partition(|(_, t)| refused.contains_key(t.channel.as_str()));
+    for (i, t) in refused_targets {
+        node.metrics.broker_errors.inc();
+        results[i] = Some(Err(refused[t.channel.as_str()].clone().into()));
+    }
+    // One broker call for the whole batch, in batch order: the broker keeps each
+    // channel's order and sends what shares a Redis slot as one script call.
+    let messages: Vec<BatchMessage<'_>> = targets
+        .iter()
+        .map(|(_, t)| BatchMessage {
+            channel: &t.channel,
+            data: t.data.get(),
+            from: t.from.as_deref(),
+        })
+        .collect();
+    let answers = node.broker.publish_batch(&messages).await;
+    for ((i, t), answer) in targets.iter().zip(answers) {
+        results[*i] = Some(published(&node, &t.channel, &t.data, answer));
     }
     let results: Vec<Result<Value, ApiError>> = results
         .into_iter()
@@ -375,13 +409,20 @@ async fn publish_one(
         .inspect_err(|_| {
             node.metrics.broker_errors.inc();
         })?;
-    let position = node
-        .broker
-        .publish(channel, data.get(), from)
-        .await
-        .inspect_err(|_| {
-            node.metrics.broker_errors.inc();
-        })?;
+    let answer = node.broker.publish(channel, data.get(), from).await;
+    published(node, channel, data, answer)
+}
+
+/// The answer to one publish, as `/v1/publish` gives it; counts it.
+fn published(
+    node: &Node,
+    channel: &str,
+    data: &RawValue,
+    answer: Result<StreamPosition, BrokerError>,
+) -> Result<Value, ApiError> {
+    let position = answer.inspect_err(|_| {
+        node.metrics.broker_errors.inc();
+    })?;
     node.metrics.messages_published.inc();
     node.metrics.message_bytes.observe(data.get().len() as f64);
     Ok(json!({

@@ -176,7 +176,7 @@ pub enum Refused {
 }
 
 /// A drained queue keeps at most this many slots; more is given back.
-const KEEP_SLOTS: usize = 16;
+pub const KEEP_SLOTS: usize = 16;
 
 impl SessionControl {
     /// A mailbox holding at most `capacity` items.
@@ -300,6 +300,30 @@ impl SessionControl {
             queue.shrink_to(KEEP_SLOTS);
         }
         item
+    }
+
+    /// Moves up to `max` queued items, oldest first, to the back of `into`, under one
+    /// lock: a session drains a burst with one lock per batch, not per message. When
+    /// the whole queue fits and `into` is empty the two buffers are swapped, so neither
+    /// copies nor allocates; either gives memory back beyond [`KEEP_SLOTS`].
+    pub fn take_batch(&self, into: &mut VecDeque<Outbound>, max: usize) {
+        let mut queue = self.queue();
+        if into.is_empty() && queue.len() <= max {
+            std::mem::swap(&mut *queue, into);
+        } else {
+            let n = queue.len().min(max.saturating_sub(into.len()));
+            into.extend(queue.drain(..n));
+        }
+        if queue.is_empty() && queue.capacity() > KEEP_SLOTS {
+            queue.shrink_to(KEEP_SLOTS);
+        }
+    }
+
+    /// Waits until an item is queued (the session's task only); takes nothing.
+    pub async fn ready(&self) {
+        while self.queue().is_empty() {
+            self.ready.notified().await;
+        }
     }
 
     /// The session ended: refuse and drop whatever comes.
@@ -1246,5 +1270,87 @@ mod tests {
         let tiny = SessionControl::new(1);
         assert_eq!(tiny.offer_droppable(ephemeral()), Ok(()));
         assert_eq!(tiny.offer_droppable(ephemeral()), Err(Refused::Full));
+    }
+}
+
+#[cfg(test)]
+mod mailbox_tests {
+    use super::*;
+
+    fn resync(n: u64) -> Outbound {
+        Outbound::Resync(Box::new(("c".into(), StreamPosition::new(n, "e"))))
+    }
+
+    fn offsets(items: &VecDeque<Outbound>) -> Vec<u64> {
+        items
+            .iter()
+            .map(|i| match i {
+                Outbound::Resync(r) => r.1.offset,
+                _ => unreachable!(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn take_batch_drains_in_order_within_the_bound() {
+        let mailbox = SessionControl::new(100);
+        for n in 1..=5 {
+            mailbox.offer(resync(n)).unwrap();
+        }
+        let mut batch = VecDeque::new();
+        // Everything fits: taken at once (the buffers are swapped).
+        mailbox.take_batch(&mut batch, 8);
+        assert_eq!(offsets(&batch), vec![1, 2, 3, 4, 5]);
+        assert!(mailbox.try_next().is_none());
+        batch.clear();
+        // More than the bound: the oldest `max` first, the rest stays queued.
+        for n in 6..=15 {
+            mailbox.offer(resync(n)).unwrap();
+        }
+        mailbox.take_batch(&mut batch, 4);
+        assert_eq!(offsets(&batch), vec![6, 7, 8, 9]);
+        // A non-empty buffer is topped up to the bound, never past it.
+        mailbox.take_batch(&mut batch, 6);
+        assert_eq!(offsets(&batch), vec![6, 7, 8, 9, 10, 11]);
+        batch.clear();
+        mailbox.take_batch(&mut batch, 64);
+        assert_eq!(offsets(&batch), vec![12, 13, 14, 15]);
+        batch.clear();
+        mailbox.take_batch(&mut batch, 64);
+        assert!(batch.is_empty());
+    }
+
+    #[test]
+    fn a_drained_burst_gives_its_memory_back() {
+        let mailbox = SessionControl::new(1000);
+        for n in 0..500 {
+            mailbox.offer(resync(n)).unwrap();
+        }
+        let mut batch = VecDeque::new();
+        while {
+            batch.clear();
+            mailbox.take_batch(&mut batch, 64);
+            !batch.is_empty()
+        } {}
+        assert!(mailbox.queue().capacity() <= KEEP_SLOTS);
+    }
+
+    #[tokio::test]
+    async fn ready_waits_for_an_item_and_takes_nothing() {
+        let mailbox = Arc::new(SessionControl::new(10));
+        let waiter = {
+            let mailbox = mailbox.clone();
+            tokio::spawn(async move { mailbox.ready().await })
+        };
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished());
+        mailbox.offer(resync(1)).unwrap();
+        tokio::time::timeout(std::time::Duration::from_secs(5), waiter)
+            .await
+            .expect("ready resolves")
+            .unwrap();
+        // Still queued: ready() only waits.
+        mailbox.ready().await;
+        assert!(mailbox.try_next().is_some());
     }
 }

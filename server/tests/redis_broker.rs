@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 use herald_protocol::{StreamPosition, EMPTY_EPOCH};
 use herald_server::broker::redis::{connect, RedisBroker};
 use herald_server::broker::{
-    Broker, BrokerError, BrokerEvent, BrokerSettings, NodeInfo, PresenceChange, Publication,
-    UserCommand,
+    BatchMessage, Broker, BrokerError, BrokerEvent, BrokerSettings, NodeInfo, PresenceChange,
+    Publication, UserCommand,
 };
 use redis_server::{RedisCluster, RedisOptions, RedisServer};
 use tokio::sync::mpsc;
@@ -568,7 +568,7 @@ async fn presence_and_dead_nodes(backend: &Backend<'_>) {
     n3.broker.shutdown().await;
 }
 
-/// A user command sent at one node reaches the sink of every node, and the answer sums
+/// A user command sent at one node reaches the event stream of every node, and the answer sums
 /// their counts; a revocation is stored, merged and listed.
 async fn user_commands_reach_every_node(backend: &Backend<'_>) {
     let prefix = prefix("control");
@@ -844,6 +844,182 @@ async fn paused_redis_is_detected() {
     a.broker.shutdown().await;
 }
 
+/// `EVALSHA` calls so far, over all masters (`INFO commandstats`).
+fn evalsha_calls(backend: &Backend<'_>) -> u64 {
+    let calls = |out: String| -> u64 {
+        out.lines()
+            .find_map(|l| l.trim().strip_prefix("cmdstat_evalsha:calls="))
+            .and_then(|rest| rest.split(',').next()?.parse().ok())
+            .unwrap_or(0)
+    };
+    match backend {
+        Backend::Single(r) => calls(r.cli(&["info", "commandstats"])),
+        Backend::Cluster(c) => c
+            .nodes
+            .iter()
+            .map(|n| calls(n.cli(&["info", "commandstats"])))
+            .sum(),
+    }
+}
+
+/// Publishes that arrive together share script calls: a batch is one call per Redis
+/// slot, concurrent single publishes coalesce, and every guarantee of one publish
+/// holds (offsets from 1 without gaps per channel, the batch's order within a channel,
+/// delivery in offset order, history with the publisher).
+async fn coalesced_publishes(backend: &Backend<'_>) {
+    let prefix = prefix("coalesce");
+    let url = backend.url();
+    let mut reader = Node::start(&url, &prefix, "reader", settings()).await;
+    let writer = Node::start(&url, &prefix, "writer", settings()).await;
+    let channels: Vec<String> = (0..12).map(|i| format!("co:{i}")).collect();
+    for c in &channels {
+        reader.broker.subscribe(c).await.expect("subscribe");
+    }
+    // Warm the script cache (the first call may be NOSCRIPT then EVAL).
+    for c in &channels {
+        writer.broker.publish(c, "0", None).await.expect("publish");
+    }
+    let mut expected: BTreeMap<String, Vec<String>> = channels
+        .iter()
+        .map(|c| (c.clone(), vec!["0".to_owned()]))
+        .collect();
+
+    // A batch of 240 messages over the 12 channels, some with a publisher.
+    let data: Vec<(String, String, Option<String>)> = (0..240)
+        .map(|i| {
+            let channel = channels[(i * 7) % channels.len()].clone();
+            let from = (i % 3 == 0).then(|| format!("user{i}"));
+            (channel, format!(r#"{{"i":{i}}}"#), from)
+        })
+        .collect();
+    let messages: Vec<BatchMessage<'_>> = data
+        .iter()
+        .map(|(channel, data, from)| BatchMessage {
+            channel,
+            data,
+            from: from.as_deref(),
+        })
+        .collect();
+    let slots: BTreeSet<u16> = match backend {
+        Backend::Single(_) => BTreeSet::from([0]),
+        Backend::Cluster(_) => channels
+            .iter()
+            .map(|c| fred::util::redis_keyslot(format!("{prefix}{{{c}}}:m").as_bytes()))
+            .collect(),
+    };
+    let before = evalsha_calls(backend);
+    let answers = writer.broker.publish_batch(&messages).await;
+    let calls = evalsha_calls(backend) - before;
+    assert!(
+        calls <= slots.len() as u64,
+        "a batch is one script call per slot: {calls} calls for {} slots",
+        slots.len()
+    );
+    let mut last: BTreeMap<&str, StreamPosition> = BTreeMap::new();
+    for ((channel, data, _), answer) in data.iter().zip(&answers) {
+        let position = answer.as_ref().expect("batch publish");
+        let next = last
+            .get(channel.as_str())
+            .map_or(2, |p: &StreamPosition| p.offset + 1);
+        assert_eq!(position.offset, next, "{channel}: batch order, no gaps");
+        last.insert(channel, position.clone());
+        expected.get_mut(channel).unwrap().push(data.clone());
+    }
+
+    // Concurrent single publishes: 16 tasks, each 20 messages over the channels.
+    let mut tasks = Vec::new();
+    for t in 0..16usize {
+        let broker = writer.broker.clone();
+        let channels = channels.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut sent = Vec::new();
+            for i in 0..20usize {
+                let channel = &channels[(t + i) % channels.len()];
+                let data = format!(r#"{{"t":{t},"i":{i}}}"#);
+                let p = broker.publish(channel, &data, None).await.expect("publish");
+                sent.push((channel.clone(), p.offset, data));
+            }
+            sent
+        }));
+    }
+    let before = evalsha_calls(backend);
+    let mut concurrent: BTreeMap<String, Vec<(u64, String)>> = BTreeMap::new();
+    for task in tasks {
+        for (channel, offset, data) in task.await.expect("task") {
+            concurrent.entry(channel).or_default().push((offset, data));
+        }
+    }
+    let calls = evalsha_calls(backend) - before;
+    assert!(
+        calls <= 320,
+        "never more than one call per message: {calls}"
+    );
+    eprintln!("320 concurrent publishes took {calls} script calls");
+    for (channel, mut sent) in concurrent {
+        sent.sort();
+        let first = last[channel.as_str()].offset + 1;
+        let offsets: Vec<u64> = sent.iter().map(|(o, _)| *o).collect();
+        assert_eq!(
+            offsets,
+            (first..first + offsets.len() as u64).collect::<Vec<_>>(),
+            "{channel}: no gaps"
+        );
+        expected
+            .get_mut(&channel)
+            .unwrap()
+            .extend(sent.into_iter().map(|(_, d)| d));
+    }
+
+    // Each channel delivered in offset order, each message once, with its data.
+    let total: usize = expected.values().map(Vec::len).sum();
+    let mut got: BTreeMap<String, Vec<Publication>> = BTreeMap::new();
+    for _ in 0..total {
+        let (channel, p) = reader.next_publication().await;
+        got.entry(channel).or_default().push(p);
+    }
+    for (channel, want) in &expected {
+        let pubs = &got[channel];
+        let offsets: Vec<u64> = pubs.iter().map(|p| p.offset).collect();
+        assert_eq!(
+            offsets,
+            (1..=want.len() as u64).collect::<Vec<_>>(),
+            "{channel}"
+        );
+        let datas: Vec<&str> = pubs.iter().map(|p| &*p.data).collect();
+        assert_eq!(datas, want.iter().map(String::as_str).collect::<Vec<_>>());
+    }
+    // History keeps the last `history_size` (10) with their publishers.
+    let c = &channels[0];
+    let h = writer.broker.history(c, 0, 100).await.expect("history");
+    let n = expected[c].len() as u64;
+    assert_eq!(h.position.offset, n);
+    let offsets: Vec<u64> = h.publications.iter().map(|p| p.offset).collect();
+    assert_eq!(offsets, (n - 9..=n).collect::<Vec<_>>());
+    for p in &got[c] {
+        if let Some(from) = &p.from {
+            let i: usize = from.trim_start_matches("user").parse().unwrap();
+            assert_eq!(&*p.data, format!(r#"{{"i":{i}}}"#));
+        }
+    }
+    assert!(got[c].iter().any(|p| p.from.is_some()), "publishers travel");
+    // The stream is trimmed in steps of 16 offsets: at most history size + 15 entries.
+    let key = format!("{prefix}{{{c}}}:h");
+    let xlen = match backend {
+        Backend::Single(r) => r.cli(&["xlen", &key]),
+        Backend::Cluster(cluster) => cluster.cli(&["xlen", &key]),
+    };
+    let xlen: u64 = xlen.trim().parse().expect("xlen");
+    assert!((10..=25).contains(&xlen), "stream length {xlen}");
+    reader.broker.shutdown().await;
+    writer.broker.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn single_coalesced_publishes() {
+    let redis = RedisServer::start();
+    coalesced_publishes(&Backend::Single(&redis)).await;
+}
+
 // ---------------------------------------------------------------------------------
 // Redis Cluster: the same scenarios over sharded pub/sub, on one cluster.
 
@@ -857,6 +1033,7 @@ async fn cluster_scenarios() {
     epoch_changes_when_keys_are_lost(&backend).await;
     user_commands_reach_every_node(&backend).await;
     reads_store_nothing_and_from_travels(&backend).await;
+    coalesced_publishes(&backend).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -36,9 +36,10 @@ fn publish(redis: &RedisServer, c: &str, data: &str, epoch: &str, flag: &str) ->
         format!("t:{{{c}}}:h"),
         format!("t:{{{c}}}:c"),
     );
+    // One channel with one message (publish.lua takes batches: see its header).
     let out = redis.cli(&[
-        "eval", PUBLISH, "2", &meta, &stream, &pubsub, data, epoch, "100", "60000", "120000",
-        "PUBLISH", "", flag,
+        "eval", PUBLISH, "2", &meta, &stream, "100", "60000", "120000", "PUBLISH", flag, epoch,
+        &pubsub, "1", "", data,
     ]);
     let mut lines = out.lines();
     let offset = lines

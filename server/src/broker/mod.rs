@@ -17,7 +17,7 @@ pub mod memory;
 pub mod redis;
 pub mod webhook;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -188,6 +188,17 @@ pub enum BrokerError {
     Internal(String),
 }
 
+/// One message of [`Broker::publish_batch`]: what [`Broker::publish`] takes.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchMessage<'a> {
+    /// The channel.
+    pub channel: &'a str,
+    /// The data (JSON text).
+    pub data: &'a str,
+    /// The publisher (a valid user id, checked by the caller).
+    pub from: Option<&'a str>,
+}
+
 /// What a broker tells the node, in the order it happened: one direction, broker →
 /// hub. The hub consumes the stream ([`crate::hub::Hub::consume`]); the broker holds
 /// only the sending side, so nothing points back from the broker to the hub.
@@ -292,6 +303,44 @@ pub trait Broker: ReceiptStore + Send + Sync + 'static {
         data: &str,
         from: Option<&str>,
     ) -> Result<(), BrokerError>;
+
+    /// Publishes several messages, each as [`Broker::publish`] would, and answers each
+    /// in the order given. Messages to one channel get their offsets in the order
+    /// given; different channels are independent, and one may fail while another
+    /// succeeds.
+    ///
+    /// The default publishes each channel's messages one after the other and the
+    /// channels concurrently. The Redis broker sends one script call per cluster slot.
+    async fn publish_batch(
+        &self,
+        messages: &[BatchMessage<'_>],
+    ) -> Vec<Result<StreamPosition, BrokerError>> {
+        let mut by_channel: HashMap<&str, Vec<usize>> = HashMap::new();
+        for (i, m) in messages.iter().enumerate() {
+            by_channel.entry(m.channel).or_default().push(i);
+        }
+        let lanes = by_channel.into_values().map(|indexes| async move {
+            let mut out = Vec::with_capacity(indexes.len());
+            for i in indexes {
+                let m = &messages[i];
+                out.push((i, self.publish(m.channel, m.data, m.from).await));
+            }
+            out
+        });
+        let mut results: Vec<Option<Result<StreamPosition, BrokerError>>> =
+            messages.iter().map(|_| None).collect();
+        for (i, result) in futures_util::future::join_all(lanes)
+            .await
+            .into_iter()
+            .flatten()
+        {
+            results[i] = Some(result);
+        }
+        results
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(BrokerError::Internal("no publish answer".into()))))
+            .collect()
+    }
 
     /// Subscribes this node to `channel`. The request is queued when this method is
     /// called, not when the future is polled, so requests made in order (the hub makes

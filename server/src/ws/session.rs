@@ -1,6 +1,6 @@
 //! One authenticated session: its channels, its main loop, delivery and recovery.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,7 +16,7 @@ use tokio::time::{timeout, timeout_at, Instant};
 use crate::auth::{now_secs, Claims};
 use crate::broker::{BrokerError, Publication};
 use crate::continuity::{self, SessionArrival};
-use crate::hub::{CloseReason, Outbound, SessionControl, SessionHandle, SessionId};
+use crate::hub::{CloseReason, Outbound, SessionControl, SessionHandle, SessionId, KEEP_SLOTS};
 use crate::limits::RecoveryBudget;
 use crate::node::Node;
 
@@ -412,6 +412,14 @@ impl Session {
         let control = Arc::clone(&self.handle);
         let drain = self.node.drain.clone();
         let force = self.node.force_close.clone();
+        // Created and pinned once per session, not per wakeup: these tokens are
+        // node-wide, and each new wait would register in (and leave) their shared waiter
+        // list under its mutex, for every session at every message.
+        let drain_wait = drain.cancelled();
+        let force_wait = force.cancelled();
+        tokio::pin!(drain_wait, force_wait);
+        // The session's own buffer for a batch drained from the mailbox in one lock.
+        let mut batch = VecDeque::new();
         let sleep = tokio::time::sleep_until(self.next_timer(heartbeat));
         tokio::pin!(sleep);
         loop {
@@ -433,7 +441,7 @@ impl Session {
                         Some(Err(e)) => return Err(read_error(&e)),
                     }
                 }
-                item = control.next() => {
+                () = control.ready() => {
                     // Nothing goes out after the token's `exp`, even when this branch
                     // wins the race against the timer.
                     let expires_at = self.expires_at;
@@ -444,7 +452,7 @@ impl Session {
                     // (`send`) or the token's expiry (a client that stops reading must
                     // not keep an expired session, and the messages behind it, open).
                     tokio::select! {
-                        r = self.write_batch(socket, item) => r?,
+                        r = self.write_batch(socket, &mut batch) => r?,
                         (code, reason) = control.closed() => return Err(End::CloseWith(code_of(code), reason)),
                         _ = tokio::time::sleep_until(expires_at) => {
                             return Err(End::CloseWith(CloseCode::Unauthorized, CloseReason::TokenExpired));
@@ -452,8 +460,8 @@ impl Session {
                     }
                 }
                 (code, reason) = control.closed() => return Err(End::CloseWith(code_of(code), reason)),
-                _ = force.cancelled() => return Err(End::Close(CloseCode::Draining)),
-                _ = drain.cancelled(), if self.drain_at.is_none() => {
+                _ = &mut force_wait => return Err(End::Close(CloseCode::Draining)),
+                _ = &mut drain_wait, if self.drain_at.is_none() => {
                     let spread = self.node.config.drain().mul_f64(0.8);
                     let delay = rand::rng().random_range(0..=spread.as_millis() as u64);
                     self.drain_at = Some(Instant::now() + Duration::from_millis(delay));
@@ -506,37 +514,48 @@ impl Session {
         t.min(self.expires_at)
     }
 
-    /// Writes `first` and whatever else is queued (up to a batch), then flushes once.
+    /// Writes what is queued (up to a batch, taken from the mailbox in one lock), then
+    /// flushes once. `batch` is the session's buffer, empty between calls; it keeps
+    /// what a failed write left, which no longer matters (the session ends).
     pub(super) async fn write_batch(
         &mut self,
         socket: &mut WebSocket,
-        first: Outbound,
+        batch: &mut VecDeque<Outbound>,
     ) -> Result<(), End> {
-        self.write_item(socket, first).await?;
-        for _ in 1..BATCH {
-            match self.handle.try_next() {
-                Some(item) => self.write_item(socket, item).await?,
-                None => break,
+        self.handle.take_batch(batch, BATCH);
+        let mut delivered = 0;
+        let result = async {
+            while let Some(item) = batch.pop_front() {
+                delivered += self.write_item(socket, item).await?;
             }
+            self.flush(socket).await
         }
-        self.flush(socket).await
+        .await;
+        // Counted per batch: one update of the node-wide counter, not one per frame.
+        self.node.metrics.messages_delivered.inc_by(delivered);
+        if batch.capacity() > KEEP_SLOTS {
+            batch.shrink_to(KEEP_SLOTS);
+        }
+        result
     }
 
+    /// Writes one queued item; returns how many messages it delivered (0 or 1) for the
+    /// batch's count. Recovered messages (gap fills) count themselves.
     pub(super) async fn write_item(
         &mut self,
         socket: &mut WebSocket,
         item: Outbound,
-    ) -> Result<(), End> {
+    ) -> Result<u64, End> {
         match item {
             Outbound::Message(d) => {
                 let Some(state) = self.channels.get(&d.channel) else {
-                    return Ok(()); // unsubscribed meanwhile
+                    return Ok(0); // unsubscribed meanwhile
                 };
                 let last = state.last;
                 // The rare paths are boxed to keep them out of the task's size.
                 match continuity::session_arrival(last, &state.epoch, d.offset, &d.epoch) {
                     SessionArrival::Next => {}
-                    SessionArrival::Duplicate => return Ok(()), // already delivered
+                    SessionArrival::Duplicate => return Ok(0), // already delivered
                     SessionArrival::NewStream(position) => {
                         Box::pin(self.resync(socket, &d.channel, position)).await?;
                     }
@@ -547,12 +566,15 @@ impl Session {
                     }
                 }
                 self.send(socket, d.frame.clone()).await?;
-                self.node.metrics.messages_delivered.inc();
                 if let Some(state) = self.channels.get_mut(&d.channel) {
                     state.epoch = d.epoch.clone();
                     state.last = d.offset;
                 }
-                Ok(())
+                Ok(1)
+            }
+            Outbound::Control(command) => {
+                Box::pin(self.control(socket, &command)).await?;
+                Ok(0)
             }
             Outbound::Ephemeral(e) => {
                 // Only while still in the channel; the channel's position (`last`) is
@@ -561,9 +583,8 @@ impl Session {
                     self.send(socket, e.frame.clone()).await?;
                     self.node.metrics.ephemeral_delivered.inc();
                 }
-                Ok(())
+                Ok(0)
             }
-            Outbound::Control(command) => Box::pin(self.control(socket, &command)).await,
             Outbound::Resync(resync) => {
                 let (channel, position) = *resync;
                 let behind = self
@@ -573,7 +594,7 @@ impl Session {
                 if behind {
                     Box::pin(self.resync(socket, &channel, position)).await?;
                 }
-                Ok(())
+                Ok(0)
             }
         }
     }

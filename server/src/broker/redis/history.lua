@@ -8,6 +8,8 @@
 -- ARGV[3]  max messages to return
 -- ARGV[4]  history ttl in ms
 -- ARGV[5]  '1': check the primary's replication id (Sentinel mode), '' otherwise
+-- ARGV[6]  history size: only the last this many offsets are history (publish.lua
+--          trims in steps, so the stream may hold a few more); absent: no cap
 --
 -- Returns {offset, epoch, id1, data1, from1, id2, data2, from2, ...}, oldest first, with
 -- from = '' when the message has no publisher (user ids are never empty). With a limit
@@ -44,8 +46,18 @@ end
 local time = redis.call('TIME')
 local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
 local cutoff = now - tonumber(ARGV[4])
--- The stream holds at most `history size` entries (MAXLEN), so this read is bounded.
-local entries = redis.call('XRANGE', stream, ARGV[2], '+')
+-- History is the last `size` offsets: start there when `since` is older. The stream
+-- holds at most `size` + 15 entries (publish.lua trims every 16th offset), so this
+-- read is bounded.
+local start = ARGV[2]
+local size = tonumber(ARGV[6] or '')
+if size then
+  local floor = offset - size + 1
+  if floor > tonumber(string.match(start, '^(%d+)')) then
+    start = string.format('%d', floor) .. '-0'
+  end
+end
+local entries = redis.call('XRANGE', stream, start, '+')
 local n = 0
 for _, entry in ipairs(entries) do
   local fields = entry[2]

@@ -6,7 +6,7 @@
 //! | name | type | what |
 //! |---|---|---|
 //! | `P{C}:m` | hash | `e` = epoch, `o` = last offset; created by the first publish only; expires `meta_ttl` after the last use |
-//! | `P{C}:h` | stream | history; entry id `<offset>-0`, fields `d` = data, `t` = ms (Redis clock), `f` = publisher (when known) |
+//! | `P{C}:h` | stream | history; entry id `<offset>-0`, fields `d` = data, `t` = ms (Redis clock), `f` = publisher (when known); trimmed by count and age every 16th offset, so it holds at most history size + 15 entries, of which reads return the last history size; expires `history_ttl` after the last publish |
 //! | `P{C}:c` | pub/sub channel | publications of `C` (sharded pub/sub in a cluster) |
 //! | `Ppresence:{C}` | hash | `<node>\|<user>` = that user's connections to `C` on that node |
 //! | `Pnodes` | hash | node id = `<heartbeat ms>\|<NodeInfo JSON>` |
@@ -30,7 +30,13 @@
 //!
 //! The stream id is the offset (`<offset>-0`): offsets only grow within an epoch, and
 //! the stream is deleted whenever a new epoch starts, so ids stay increasing, and a
-//! read "after offset N" is a plain `XRANGE <N+1>-0 +`. Age is kept in field `t`.
+//! read "after offset N" is a plain `XRANGE <N+1>-0 +` (from the last history size
+//! offsets at most). Age is kept in field `t`.
+//!
+//! Publishing is `publish.lua`, one call for every message of one cluster slot that is
+//! queued at the time (`coalesce`): per call `TIME`, per channel `HMGET` / `HSET` of
+//! `P{C}:m` and a `PEXPIRE` of each key, per message `XADD` and (S)`PUBLISH`, and every
+//! 16th offset of a channel one `XRANGE` of the stream head and one `XTRIM`.
 
 use std::fmt;
 

@@ -7,7 +7,8 @@
 //! - the *command* client runs the Lua scripts (publish, history, position, presence,
 //!   registry). Publishing is one script call: next offset, append to the history
 //!   stream, and (S)PUBLISH `<offset>:<epoch>:[<from>:]<data>` to the channel's pub/sub
-//!   channel. Only publishing creates a channel's keys; reads of a channel without them
+//!   channel. Publishes that arrive together (concurrent calls, or a batch) share one
+//!   script call per cluster slot (`coalesce`). Only publishing creates a channel's keys; reads of a channel without them
 //!   answer offset 0 with the empty epoch and write nothing.
 //! - the *subscriber* client only (un)subscribes. One task, the subscription manager
 //!   (`subscriptions`), owns which channels are subscribed; the hub's requests reach it
@@ -28,6 +29,7 @@
 //! (`probe`) publishes to a per-node channel every second and forces a reconnect
 //! when the subscriber connection stops delivering.
 
+mod coalesce;
 mod keys;
 mod probe;
 mod receipts;
@@ -55,9 +57,9 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    Broker, BrokerError, BrokerEvent, BrokerEventSender, BrokerEvents, BrokerSettings, Ephemeral,
-    History, NodeInfo, NodePresence, PresenceChange, Publication, Revocation, SubscribeAck,
-    UserCommand,
+    BatchMessage, Broker, BrokerError, BrokerEvent, BrokerEventSender, BrokerEvents,
+    BrokerSettings, Ephemeral, History, NodeInfo, NodePresence, PresenceChange, Publication,
+    Revocation, SubscribeAck, UserCommand,
 };
 use keys::{Keys, Topology};
 use probe::ProbeState;
@@ -100,6 +102,10 @@ struct Inner {
     /// (`wait_replicas` > 0): `WAIT` blocks its connection, so it gets its own.
     publisher: Option<Client>,
     scripts: Scripts,
+    /// Publishes waiting for their slot's script call (see `coalesce`).
+    lanes: coalesce::Lanes,
+    /// The publish script's constant arguments, built once.
+    publish_constants: coalesce::Constants,
     /// The subscription manager's queue.
     requests: mpsc::UnboundedSender<Request>,
     /// The broker's event stream towards the hub (see [`BrokerEvent`]).
@@ -247,6 +253,13 @@ pub async fn connect(
         None
     };
     let keys = Keys::new(prefix, node_id);
+    let publish_constants = coalesce::Constants::new([
+        settings.history_size.to_string(),
+        millis(settings.history_ttl),
+        millis(settings.meta_ttl),
+        topology.publish_command().to_owned(),
+        topology.replid_flag().to_owned(),
+    ]);
     let (requests, requests_rx) = mpsc::unbounded_channel();
     let (events, events_rx) = super::event_stream();
     let inner = Arc::new(Inner {
@@ -257,6 +270,8 @@ pub async fn connect(
         sub,
         publisher,
         scripts: Scripts::new(),
+        lanes: coalesce::Lanes::default(),
+        publish_constants,
         requests,
         events,
         synced: AtomicBool::new(false),
@@ -373,7 +388,7 @@ async fn watch_reconnects(
     }
 }
 
-/// The reader: hands each publication to the sink, in the order Redis sent them.
+/// The reader: hands each publication to the hub's event stream, in the order Redis sent them.
 async fn read_publications(inner: Arc<Inner>, mut messages: broadcast::Receiver<Message>) {
     loop {
         let message = tokio::select! {
@@ -545,6 +560,17 @@ fn parse_position(values: &[Value]) -> Result<StreamPosition, BrokerError> {
 }
 
 impl RedisBroker {
+    /// The coalescing lane of a channel: its cluster slot, or the one lane of a single
+    /// Redis (every key is on it, so one call may carry every channel).
+    fn lane(&self, channel: &str) -> u16 {
+        match self.inner.topology {
+            Topology::Cluster => {
+                fred::util::redis_keyslot(self.inner.keys.meta(channel).as_bytes())
+            }
+            Topology::Single | Topology::Sentinel => 0,
+        }
+    }
+
     fn channel_keys(&self, channel: &str) -> Vec<String> {
         vec![
             self.inner.keys.meta(channel),
@@ -601,35 +627,55 @@ impl Broker for RedisBroker {
         data: &str,
         from: Option<&str>,
     ) -> Result<StreamPosition, BrokerError> {
+        let message = BatchMessage {
+            channel,
+            data,
+            from,
+        };
+        self.publish_batch(&[message])
+            .await
+            .pop()
+            .unwrap_or_else(|| Err(BrokerError::Internal("no publish answer".into())))
+    }
+
+    async fn publish_batch(
+        &self,
+        messages: &[BatchMessage<'_>],
+    ) -> Vec<Result<StreamPosition, BrokerError>> {
         let inner = &self.inner;
-        let client = inner.publisher()?;
-        // Subscribed before the script runs: any reconnect from here on shows up in it.
-        let reconnects = inner.publisher.as_ref().map(|p| p.reconnect_rx());
-        let command = inner.topology.publish_command();
-        let args = vec![
-            inner.keys.pubsub(channel),
-            data.to_owned(),
-            keys::new_epoch(),
-            inner.settings.history_size.to_string(),
-            millis(inner.settings.history_ttl),
-            millis(inner.settings.meta_ttl),
-            command.to_owned(),
-            from.unwrap_or_default().to_owned(),
-            inner.topology.replid_flag().to_owned(),
-        ];
-        let answer: Vec<Value> = scripts::run(
-            client,
-            &inner.scripts.publish,
-            self.channel_keys(channel),
-            args,
-        )
-        .await
-        .map_err(broker_error)?;
-        let position = parse_position(&answer)?;
-        if let Some(reconnects) = reconnects {
-            wait_replicas(inner, client, reconnects).await?;
+        // Fail fast while disconnected, as every command does (nothing is queued).
+        if let Err(e) = inner.publisher() {
+            return messages.iter().map(|_| Err(e.clone())).collect();
         }
-        Ok(position)
+        // Queued in order under one lock: a channel's messages keep their order, and
+        // those of one slot go out in as few calls as the call bounds allow.
+        let mut answers = Vec::with_capacity(messages.len());
+        let queued: Vec<(u16, coalesce::Outgoing)> = messages
+            .iter()
+            .map(|m| {
+                let (done, answer) = oneshot::channel();
+                answers.push(answer);
+                let message = coalesce::Outgoing {
+                    channel: m.channel.to_owned(),
+                    data: Value::from(m.data),
+                    from: Value::from(m.from.unwrap_or_default()),
+                    done,
+                };
+                (self.lane(m.channel), message)
+            })
+            .collect();
+        for lane in inner.lanes.enqueue(queued) {
+            tokio::spawn(coalesce::flush(self.inner.clone(), lane));
+        }
+        let mut out = Vec::with_capacity(answers.len());
+        for answer in answers {
+            out.push(
+                answer.await.unwrap_or_else(|_| {
+                    Err(BrokerError::Unavailable("redis broker stopped".into()))
+                }),
+            );
+        }
+        out
     }
 
     async fn publish_ephemeral(
@@ -687,6 +733,7 @@ impl Broker for RedisBroker {
             limit.min(inner.settings.history_size).to_string(),
             millis(inner.settings.history_ttl),
             inner.topology.replid_flag().to_owned(),
+            inner.settings.history_size.to_string(),
         ];
         let answer: Vec<Value> = scripts::run(
             client,

@@ -9,11 +9,12 @@ use fred::clients::Client;
 use fred::error::Error;
 use fred::interfaces::LuaInterface;
 use fred::types::scripts::Script;
-use fred::types::FromValue;
+use fred::types::{FromValue, Key, Value};
 
 /// The broker's scripts, hashed once at start.
 pub(crate) struct Scripts {
-    /// Next offset, history append, publish.
+    /// Next offsets, history appends and publishes of a batch of messages (one or
+    /// more channels of one cluster slot).
     pub publish: Script,
     /// History after an offset and the current position (with limit 0: the position
     /// alone). Creates nothing for a channel that has no keys.
@@ -48,6 +49,22 @@ pub(crate) async fn run<R: FromValue>(
     script: &Script,
     keys: Vec<String>,
     args: Vec<String>,
+) -> Result<R, Error> {
+    // The strings move into fred's reference-counted types: no copy of their text.
+    let keys = keys.into_iter().map(Key::from).collect();
+    let args = args.into_iter().map(Value::from).collect();
+    run_values(client, script, keys, args).await
+}
+
+/// [`run`] with keys and arguments already in fred's types.
+///
+/// They are kept for the `EVAL` fallback: cloning them clones reference-counted
+/// handles (`Bytes`), never the data, so a large payload is not copied per call.
+pub(crate) async fn run_values<R: FromValue>(
+    client: &Client,
+    script: &Script,
+    keys: Vec<Key>,
+    args: Vec<Value>,
 ) -> Result<R, Error> {
     match client
         .evalsha(script.sha1().clone(), keys.clone(), args.clone())
