@@ -170,7 +170,8 @@ async fn clients_that_stop_reading_a_recovery_are_closed_4509_and_freed() {
     );
     // …and are gone: the node's memory comes back to within a third of what they held.
     let mut rss_after = u64::MAX;
-    let deadline = Instant::now() + Duration::from_secs(15);
+    // Generous: under a full parallel test run the allocator gives memory back late.
+    let deadline = Instant::now() + Duration::from_secs(40);
     loop {
         rss_after = rss_after.min(node.rss_kib().unwrap_or(u64::MAX));
         if rss_after < rss_before + held / 3 {
