@@ -26,7 +26,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use herald_protocol::channel::personal_channel_owner;
@@ -243,8 +243,10 @@ pub trait ReceiptStore: Send + Sync {
     async fn acked(&self, channel: &str) -> Result<AckPosition, BrokerError>;
 
     /// Records that `channel` must be checked in `delay` (unless it already is due
-    /// earlier). Called before each publish to a personal channel.
-    async fn schedule(&self, channel: &str, delay: Duration) -> Result<(), BrokerError>;
+    /// earlier). Called before each publish to a personal channel. Returns how long
+    /// until the channel's entry is due: until then the entry surely stays (only due
+    /// entries are claimed), which lets the node skip the call for further publishes.
+    async fn schedule(&self, channel: &str, delay: Duration) -> Result<Duration, BrokerError>;
 
     /// Claims up to `limit` due channels for `visibility`: no other sweeper gets them
     /// until [`ReceiptStore::finish`] or the visibility runs out.
@@ -306,6 +308,29 @@ pub struct Receipts {
     /// with an ack since the last flush, so bounded by the users of local sessions. A
     /// std `Mutex`: never held across an `.await`.
     pending: Mutex<HashMap<String, (Arc<str>, u64)>>,
+    /// Personal channels whose due entry surely exists until the instant given (see
+    /// [`schedule_valid_until`]): a publish to one of them needs no schedule call.
+    /// Bounded by [`MAX_SCHEDULE_CACHE`].
+    scheduled: Mutex<HashMap<String, Instant>>,
+}
+
+/// Most channels [`Receipts`] remembers as scheduled; beyond it (after dropping the
+/// expired ones) publishes simply call the broker.
+pub const MAX_SCHEDULE_CACHE: usize = 100_000;
+
+/// Until when a node may skip scheduling `channel` again, given that a schedule call
+/// started at `started` answered that the entry is due in `remaining`: the entry stays
+/// until then (only due entries are claimed). A margin of a quarter of the timeout is
+/// kept for a publish still on its way after the check: a message must reach history
+/// before the sweeper's scan of the entry, or the scan would not reschedule it. `None`:
+/// not worth remembering.
+pub fn schedule_valid_until(
+    started: Instant,
+    remaining: Duration,
+    timeout: Duration,
+) -> Option<Instant> {
+    let margin = timeout / 4;
+    (remaining > margin).then(|| started + (remaining - margin))
 }
 
 impl Receipts {
@@ -323,6 +348,7 @@ impl Receipts {
             scan_limit: scan_limit.max(1),
             visibility: CLAIM_VISIBILITY,
             pending: Mutex::default(),
+            scheduled: Mutex::default(),
         }
     }
 
@@ -390,13 +416,41 @@ impl Receipts {
     /// Called before each publish to `channel`: a personal channel is scheduled for
     /// the unacked check (when detection is on). Before, not after: a node that dies
     /// between the two leaves a harmless entry, never an unchecked message.
+    ///
+    /// One call per channel per about ¾ of the timeout, not one per publish: the answer
+    /// says how long the channel's entry stays due ([`schedule_valid_until`]), and until
+    /// then further publishes to it skip the call.
     pub async fn before_publish(&self, channel: &str) -> Result<(), BrokerError> {
-        match self.timeout {
-            Some(timeout) if personal_channel_owner(channel).is_some() => {
-                self.broker.schedule(channel, timeout).await
-            }
-            _ => Ok(()),
+        let Some(timeout) = self.timeout else {
+            return Ok(());
+        };
+        if personal_channel_owner(channel).is_none() {
+            return Ok(());
         }
+        let started = Instant::now();
+        if self
+            .scheduled()
+            .get(channel)
+            .is_some_and(|until| started < *until)
+        {
+            return Ok(());
+        }
+        let remaining = self.broker.schedule(channel, timeout).await?;
+        if let Some(until) = schedule_valid_until(started, remaining, timeout) {
+            let mut scheduled = self.scheduled();
+            if scheduled.len() >= MAX_SCHEDULE_CACHE {
+                let now = Instant::now();
+                scheduled.retain(|_, until| *until > now);
+            }
+            if scheduled.len() < MAX_SCHEDULE_CACHE {
+                scheduled.insert(channel.to_owned(), until);
+            }
+        }
+        Ok(())
+    }
+
+    fn scheduled(&self) -> std::sync::MutexGuard<'_, HashMap<String, Instant>> {
+        self.scheduled.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Writes acks every [`ACK_FLUSH_INTERVAL`] until `stop`, then once more.
@@ -547,6 +601,28 @@ pub fn unacked_fields(m: &Unacked) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_schedule_is_remembered_until_a_margin_before_it_is_due() {
+        let t0 = Instant::now();
+        let timeout = Duration::from_secs(30);
+        // A fresh entry, due in 30 s: skip calls for 22.5 s.
+        assert_eq!(
+            schedule_valid_until(t0, timeout, timeout),
+            Some(t0 + Duration::from_millis(22_500))
+        );
+        // An older entry due in 10 s: 2.5 s.
+        assert_eq!(
+            schedule_valid_until(t0, Duration::from_secs(10), timeout),
+            Some(t0 + Duration::from_millis(2_500))
+        );
+        // Due within the margin (or overdue): call every time.
+        assert_eq!(
+            schedule_valid_until(t0, Duration::from_secs(7), timeout),
+            None
+        );
+        assert_eq!(schedule_valid_until(t0, Duration::ZERO, timeout), None);
+    }
 
     #[test]
     fn acks_only_the_own_channel_up_to_what_was_delivered() {

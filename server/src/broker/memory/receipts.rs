@@ -63,9 +63,11 @@ impl ReceiptState {
         }
     }
 
-    fn schedule_at(&mut self, channel: &str, at: Instant) {
+    /// Schedules `channel` at `at` unless it is due earlier; returns when it is due.
+    fn schedule_at(&mut self, channel: &str, at: Instant) -> Instant {
         let due = self.due.entry(channel.to_owned()).or_insert(at);
         *due = (*due).min(at);
+        *due
     }
 }
 
@@ -129,9 +131,10 @@ impl ReceiptStore for MemoryBroker {
         })
     }
 
-    async fn schedule(&self, channel: &str, delay: Duration) -> Result<(), BrokerError> {
-        self.receipts().schedule_at(channel, Instant::now() + delay);
-        Ok(())
+    async fn schedule(&self, channel: &str, delay: Duration) -> Result<Duration, BrokerError> {
+        let now = Instant::now();
+        let due = self.receipts().schedule_at(channel, now + delay);
+        Ok(due.saturating_duration_since(now))
     }
 
     async fn claim_due(

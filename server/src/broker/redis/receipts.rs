@@ -98,15 +98,15 @@ impl ReceiptStore for RedisBroker {
         Ok(AckPosition { epoch, acked })
     }
 
-    async fn schedule(&self, channel: &str, delay: Duration) -> Result<(), BrokerError> {
+    async fn schedule(&self, channel: &str, delay: Duration) -> Result<Duration, BrokerError> {
         let inner = &self.inner;
         let client = inner.ready()?;
         let keys = vec![inner.keys.receipts_due()];
         let args = vec![channel.to_owned(), millis(delay)];
-        scripts::run::<Value>(client, &SCRIPTS.schedule, keys, args)
+        let remaining: i64 = scripts::run(client, &SCRIPTS.schedule, keys, args)
             .await
             .map_err(broker_error)?;
-        Ok(())
+        Ok(Duration::from_millis(remaining.max(0) as u64))
     }
 
     async fn claim_due(
