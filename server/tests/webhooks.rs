@@ -176,6 +176,8 @@ impl Receiver {
                 "channel.occupied" | "channel.vacated" => {
                     format!("c:{}", e["channel"].as_str().unwrap())
                 }
+                // Not a transition: checked by the test that expects them.
+                "message.unacked" => continue,
                 other => panic!("unexpected event type {other}"),
             };
             let seq = e["seq"].as_u64().expect("seq");
@@ -511,6 +513,102 @@ async fn memory_broker_single_node() {
     rx.check();
     assert!(n.metric("herald_webhook_events_retried_total").await >= 1.0);
     assert_eq!(n.metric("herald_webhook_events_delivered_total").await, 4.0);
+}
+
+/// `message.unacked` end to end: messages to a user who is offline, or who acks only
+/// part of them, reach the receiver as signed `message.unacked` events with the
+/// message, its deterministic id, and nothing for what was acked. Two nodes sweep; the
+/// publishes enter at one, the sessions sit on the other.
+#[tokio::test]
+async fn unacked_messages_reach_the_webhook() {
+    let redis = RedisServer::start();
+    let rx = Receiver::start().await;
+    let prefix = prefix("unacked");
+    let env = [
+        ("HERALD_REDIS_URL", redis.url()),
+        ("HERALD_REDIS_PREFIX", prefix.clone()),
+        ("HERALD_WEBHOOK_URL", rx.url()),
+        ("HERALD_WEBHOOK_SECRET", SECRET.to_owned()),
+        ("HERALD_OFFLINE_GRACE_MS", "2500".to_owned()),
+        ("HERALD_WEBHOOK_RETRY_MAX_MS", "400".to_owned()),
+        ("HERALD_ACK_TIMEOUT_MS", "600".to_owned()),
+    ];
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let nodes: Vec<NodeProcess> = (0..2)
+        .map(|i| NodeProcess::start(&format!("{prefix}n{i}"), &env))
+        .collect();
+    ready(&nodes).await;
+    let publish = |user: &'static str, n: u64| {
+        let http = nodes[0].http();
+        async move {
+            let r = reqwest::Client::new()
+                .post(format!("{http}/v1/publish"))
+                .bearer_auth(herald_testkit::API_KEY)
+                .json(&json!({"channel": format!("user:{user}"), "data": {"n": n}, "from": "app"}))
+                .send()
+                .await
+                .expect("publish");
+            assert!(r.status().is_success(), "{}", r.status());
+            r.json::<Value>().await.unwrap()
+        }
+    };
+    // Alice is online on the other node and acks her first message only.
+    let mut alice = connect(&nodes[1], "alice").await;
+    let first = publish("alice", 1).await;
+    publish("alice", 2).await;
+    let r = alice
+        .request(json!({"type": "ack", "channel": "user:alice", "offset": first["offset"]}))
+        .await;
+    assert!(r.get("error").is_none(), "{r}");
+    // Bob is offline: all three are reported.
+    for n in 1..=3 {
+        publish("bob", n).await;
+    }
+    rx.wait_until("bob's three and alice's second", |events| {
+        events
+            .iter()
+            .filter(|e| e["type"] == "message.unacked")
+            .count()
+            >= 4
+    })
+    .await;
+    // Some time for anything extra (a wrong report of alice's acked message).
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let unacked: Vec<Value> = rx
+        .unique()
+        .into_iter()
+        .filter(|e| e["type"] == "message.unacked")
+        .collect();
+    let mut got: Vec<(String, u64, u64)> = unacked
+        .iter()
+        .map(|e| {
+            let user = e["user"].as_str().unwrap().to_owned();
+            assert_eq!(e["channel"], format!("user:{user}"));
+            assert_eq!(e["from"], "app");
+            let epoch = e["epoch"].as_str().unwrap();
+            let offset = e["offset"].as_u64().unwrap();
+            assert_eq!(
+                e["id"],
+                format!("unacked:user:{user}:{epoch}:{offset}"),
+                "a deterministic id"
+            );
+            assert!(e["published_at_ms"].as_u64().unwrap() > 1_600_000_000_000);
+            (user, offset, e["data"]["n"].as_u64().unwrap())
+        })
+        .collect();
+    got.sort();
+    assert_eq!(
+        got,
+        [
+            ("alice".to_owned(), 2, 2),
+            ("bob".to_owned(), 1, 1),
+            ("bob".to_owned(), 2, 2),
+            ("bob".to_owned(), 3, 3),
+        ],
+        "each unacked message once, the acked one never"
+    );
+    rx.check();
+    alice.close().await;
 }
 
 /// A node refuses to start with a bad webhook setting.
