@@ -24,7 +24,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::{json, Value};
 
-use crate::broker::{BatchMessage, BrokerError, UserCommand};
+use crate::broker::{BatchMessage, BrokerError, Publication, UserCommand};
 use crate::node::Node;
 use crate::registry::least_loaded;
 
@@ -633,18 +633,7 @@ async fn history(
     let max = node.config.history_size as u64;
     let limit = number_param(&params, "limit")?.unwrap_or(max).min(max) as usize;
     let h = node.broker.history(&channel, since, limit).await?;
-    // `data` goes out exactly as it was published, like on the WebSocket: parsing it
-    // into a `Value` would turn big integers into floats, numbers out of f64's range and
-    // values nested deeper than serde_json's recursion limit into errors.
-    let messages: Vec<HistoryMessage> = h
-        .publications
-        .iter()
-        .map(|p| HistoryMessage {
-            offset: p.offset,
-            from: p.from.as_deref().map(str::to_owned),
-            data: raw_json(&p.data),
-        })
-        .collect();
+    let messages = history_messages(&h.publications);
     // Serialized straight from the struct: `json!` would go through `Value` again.
     Ok(Json(HistoryAnswer {
         channel,
@@ -652,6 +641,21 @@ async fn history(
         offset: h.position.offset,
         messages,
     }))
+}
+
+/// Stored messages as the API answers them. `data` goes out exactly as it was
+/// published, like on the WebSocket: parsing it into a `Value` would turn big integers
+/// into floats, numbers out of f64's range and values nested deeper than serde_json's
+/// recursion limit into errors.
+fn history_messages(publications: &[Publication]) -> Vec<HistoryMessage> {
+    publications
+        .iter()
+        .map(|p| HistoryMessage {
+            offset: p.offset,
+            from: p.from.as_deref().map(str::to_owned),
+            data: raw_json(&p.data),
+        })
+        .collect()
 }
 
 /// Messages `GET /v1/users/{user}/unread` returns without a `limit`.
@@ -681,15 +685,7 @@ async fn user_unread(
         acked = 0;
         h = node.broker.history(&channel, 0, limit).await?;
     }
-    let messages: Vec<HistoryMessage> = h
-        .publications
-        .iter()
-        .map(|p| HistoryMessage {
-            offset: p.offset,
-            from: p.from.as_deref().map(str::to_owned),
-            data: raw_json(&p.data),
-        })
-        .collect();
+    let messages = history_messages(&h.publications);
     Ok(Json(json!({
         "user": user,
         "acked": acked,

@@ -271,17 +271,23 @@ impl Session {
         }
     }
 
+    /// Whether the token lets the session publish to `channel` (ordinary or ephemeral).
+    fn may_publish(&self, channel: &str) -> Result<(), CommandError> {
+        if self.claims.may_publish(channel) {
+            return Ok(());
+        }
+        Err(CommandError(
+            ErrorCode::Forbidden,
+            format!("not allowed to publish to {channel}"),
+        ))
+    }
+
     pub(super) async fn publish(
         &self,
         channel: &str,
         data: &str,
     ) -> Result<serde_json::Value, CommandError> {
-        if !self.claims.may_publish(channel) {
-            return Err(CommandError(
-                ErrorCode::Forbidden,
-                format!("not allowed to publish to {channel}"),
-            ));
-        }
+        self.may_publish(channel)?;
         // A personal channel is scheduled for the unacked check first (receipts).
         self.node
             .receipts
@@ -313,12 +319,7 @@ impl Session {
         channel: &str,
         data: &str,
     ) -> Result<serde_json::Value, CommandError> {
-        if !self.claims.may_publish(channel) {
-            return Err(CommandError(
-                ErrorCode::Forbidden,
-                format!("not allowed to publish to {channel}"),
-            ));
-        }
+        self.may_publish(channel)?;
         if !self.ephemeral_rate.try_take() {
             self.node.metrics.rate_limited.inc();
             return Err(CommandError(
