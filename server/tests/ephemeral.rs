@@ -302,12 +302,21 @@ async fn two_nodes_on_redis_route_ephemeral_without_storing_it() {
     let (mut alice, _) = Client::hello(&a.ws_url(), &publisher_token(&a), json!({})).await;
     let (mut bob, _) = Client::hello(&b.ws_url(), &reader_token(&b, "bob"), json!({})).await;
     subscribe(&mut bob, "room:burst").await;
-    let before = eventually("bob's presence in room:burst is stored", async || {
-        let keys = redis_keys(&redis, prefix);
-        keys.iter()
-            .any(|k| k.contains("presence:{room:burst}"))
+    // Presence is written in the background (batched): wait for all three keys.
+    let before = eventually(
+        "alice's, bob's and room:burst's presence is stored",
+        async || {
+            let keys = redis_keys(&redis, prefix);
+            [
+                "presence:{room:burst}",
+                "presence:{user:alice}",
+                "presence:{user:bob}",
+            ]
+            .iter()
+            .all(|want| keys.iter().any(|k| k.contains(want)))
             .then_some(keys)
-    })
+        },
+    )
     .await;
     redis.cli(&["config", "resetstat"]);
     const BURST: usize = 200;
