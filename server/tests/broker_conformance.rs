@@ -5,6 +5,8 @@
 //! What only Redis has (several nodes routing to each other, reconnects and the
 //! `Resubscribed` event, lost keys, sharded pub/sub spread) stays in `redis_broker.rs`.
 
+#[path = "support/broker_events.rs"]
+mod broker_events;
 #[path = "support/redis_server.rs"]
 mod redis_server;
 
@@ -12,12 +14,11 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use broker_events::{change, info, record, Event};
 use herald_protocol::{StreamPosition, EMPTY_EPOCH};
 use herald_server::broker::memory::MemoryBroker;
 use herald_server::broker::redis::connect;
-use herald_server::broker::{
-    Broker, BrokerEvent, BrokerSettings, NodeInfo, PresenceChange, Publication, UserCommand,
-};
+use herald_server::broker::{Broker, BrokerSettings, Publication, UserCommand};
 use redis_server::{RedisCluster, RedisServer};
 use tokio::sync::mpsc;
 use tokio::time::timeout;
@@ -49,13 +50,6 @@ enum Backend<'a> {
 struct Subject {
     broker: Arc<dyn Broker>,
     events: mpsc::UnboundedReceiver<Event>,
-}
-
-#[derive(Debug)]
-enum Event {
-    Publication(String, Publication),
-    UserCommand(String, UserCommand),
-    Ephemeral(String, String, Option<String>),
 }
 
 impl Backend<'_> {
@@ -93,44 +87,19 @@ fn unique() -> u64 {
     N.fetch_add(1, Ordering::Relaxed)
 }
 
-fn record(broker: &dyn Broker) -> mpsc::UnboundedReceiver<Event> {
-    let mut events = broker.events().expect("the event stream, once");
-    assert!(broker.events().is_none(), "taken once");
-    let (tx, rx) = mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        while let Some(event) = events.recv().await {
-            let event = match event {
-                BrokerEvent::Publication {
-                    channel,
-                    publication,
-                } => Event::Publication(channel.to_string(), publication),
-                BrokerEvent::Resubscribed => continue,
-                BrokerEvent::UserCommand {
-                    user,
-                    command,
-                    reply,
-                } => {
-                    let _ = reply.send(1);
-                    Event::UserCommand(user, command)
-                }
-                BrokerEvent::Ephemeral { channel, message } => Event::Ephemeral(
-                    channel.to_string(),
-                    message.data.to_string(),
-                    message.from.map(|f| f.to_string()),
-                ),
-            };
-            let _ = tx.send(event);
-        }
-    });
-    rx
-}
-
 impl Subject {
+    /// The next event; resubscribes (Redis only, after a lag) are not part of the
+    /// behaviours compared here.
     async fn next(&mut self) -> Event {
-        timeout(WAIT, self.events.recv())
-            .await
-            .expect("an event in time")
-            .expect("stream open")
+        loop {
+            let event = timeout(WAIT, self.events.recv())
+                .await
+                .expect("an event in time")
+                .expect("stream open");
+            if !matches!(event, Event::Resubscribed) {
+                return event;
+            }
+        }
     }
 
     async fn next_publication(&mut self) -> (String, Publication) {
@@ -139,24 +108,6 @@ impl Subject {
                 return (c, p);
             }
         }
-    }
-}
-
-fn info(id: &str) -> NodeInfo {
-    NodeInfo {
-        id: id.into(),
-        url: format!("ws://{id}/ws"),
-        connections: 0,
-        draining: false,
-        stats: Default::default(),
-    }
-}
-
-fn change(channel: &str, user: &str, connections: u32) -> PresenceChange {
-    PresenceChange {
-        channel: channel.into(),
-        user: user.into(),
-        connections,
     }
 }
 
@@ -336,7 +287,7 @@ async fn ephemeral_messages(backend: &Backend<'_>) {
                 );
                 seen.push(format!("{c}~"));
             }
-            Event::UserCommand(..) => {}
+            Event::UserCommand(..) | Event::Resubscribed => {}
         }
     }
     assert_eq!(seen, ["room#1", "room~", "room#2"]);

@@ -6,6 +6,8 @@
 //! commands) is `broker_conformance.rs`, run against the memory broker too; this file
 //! keeps what only Redis has: several nodes, reconnects, lost keys, sharding.
 
+#[path = "support/broker_events.rs"]
+mod broker_events;
 #[path = "support/redis_server.rs"]
 mod redis_server;
 
@@ -13,11 +15,11 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use broker_events::{change, info, record, Event};
 use herald_protocol::{StreamPosition, EMPTY_EPOCH};
 use herald_server::broker::redis::{connect, RedisBroker};
 use herald_server::broker::{
-    BatchMessage, Broker, BrokerError, BrokerEvent, BrokerSettings, NodeInfo, PresenceChange,
-    Publication, UserCommand,
+    BatchMessage, Broker, BrokerError, BrokerSettings, NodeInfo, Publication, UserCommand,
 };
 use redis_server::{RedisCluster, RedisOptions, RedisServer};
 use tokio::sync::mpsc;
@@ -53,43 +55,6 @@ fn uuid_like() -> String {
     )
 }
 
-#[derive(Debug)]
-enum Event {
-    Publication(String, Publication),
-    Resubscribed,
-    UserCommand(String, UserCommand),
-}
-
-/// Takes the broker's event stream and forwards everything to the test; every user
-/// command counts one session.
-fn record(broker: &dyn Broker) -> mpsc::UnboundedReceiver<Event> {
-    let mut events = broker.events().expect("the event stream, once");
-    let (tx, rx) = mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        while let Some(event) = events.recv().await {
-            let event = match event {
-                BrokerEvent::Publication {
-                    channel,
-                    publication,
-                } => Event::Publication(channel.to_string(), publication),
-                BrokerEvent::Resubscribed => Event::Resubscribed,
-                BrokerEvent::UserCommand {
-                    user,
-                    command,
-                    reply,
-                } => {
-                    let _ = reply.send(1);
-                    Event::UserCommand(user, command)
-                }
-                // Covered by broker_conformance.rs.
-                BrokerEvent::Ephemeral { .. } => continue,
-            };
-            let _ = tx.send(event);
-        }
-    });
-    rx
-}
-
 struct Node {
     broker: Arc<RedisBroker>,
     events: mpsc::UnboundedReceiver<Event>,
@@ -111,7 +76,9 @@ impl Node {
             let left = deadline.saturating_duration_since(Instant::now());
             match timeout(left, self.events.recv()).await {
                 Ok(Some(Event::Publication(channel, p))) => return (channel, p),
-                Ok(Some(Event::Resubscribed | Event::UserCommand(..))) => continue,
+                Ok(Some(Event::Resubscribed | Event::UserCommand(..) | Event::Ephemeral(..))) => {
+                    continue
+                }
                 Ok(None) => panic!("sink closed"),
                 Err(_) => panic!("no publication within {WAIT:?}"),
             }
@@ -127,7 +94,7 @@ impl Node {
             match timeout(left, self.events.recv()).await {
                 Ok(Some(Event::Publication(channel, p))) => seen.push((channel, p)),
                 Ok(Some(Event::Resubscribed)) => return seen,
-                Ok(Some(Event::UserCommand(..))) => continue,
+                Ok(Some(Event::UserCommand(..) | Event::Ephemeral(..))) => continue,
                 Ok(None) => panic!("sink closed"),
                 Err(_) => panic!("no on_resubscribed within {WAIT:?}"),
             }
@@ -163,24 +130,6 @@ async fn wait_until(what: &str, mut check: impl FnMut() -> bool) {
     while !check() {
         assert!(Instant::now() < deadline, "timed out waiting for: {what}");
         tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-fn info(id: &str) -> NodeInfo {
-    NodeInfo {
-        id: id.into(),
-        url: format!("ws://{id}/ws"),
-        connections: 0,
-        draining: false,
-        stats: Default::default(),
-    }
-}
-
-fn change(channel: &str, user: &str, connections: u32) -> PresenceChange {
-    PresenceChange {
-        channel: channel.into(),
-        user: user.into(),
-        connections,
     }
 }
 
@@ -739,7 +688,7 @@ async fn unreachable_redis_at_start_then_connects() {
                 assert_eq!((channel.as_str(), p.offset), ("x", 1));
                 break;
             }
-            Some(Event::Resubscribed | Event::UserCommand(..)) => continue,
+            Some(Event::Resubscribed | Event::UserCommand(..) | Event::Ephemeral(..)) => continue,
             None => panic!("sink closed"),
         }
     }
