@@ -310,8 +310,9 @@ pub struct Receipts {
     pending: Mutex<HashMap<String, (Arc<str>, u64)>>,
     /// Personal channels whose due entry surely exists until the instant given (see
     /// [`schedule_valid_until`]): a publish to one of them needs no schedule call.
-    /// Bounded by [`MAX_SCHEDULE_CACHE`].
+    /// Bounded by `schedule_cache_limit` ([`MAX_SCHEDULE_CACHE`] unless a test lowers it).
     scheduled: Mutex<HashMap<String, Instant>>,
+    schedule_cache_limit: usize,
 }
 
 /// Most channels [`Receipts`] remembers as scheduled; beyond it (after dropping the
@@ -349,7 +350,14 @@ impl Receipts {
             visibility: CLAIM_VISIBILITY,
             pending: Mutex::default(),
             scheduled: Mutex::default(),
+            schedule_cache_limit: MAX_SCHEDULE_CACHE,
         }
+    }
+
+    /// The same remembering at most `limit` scheduled channels (tests of the bound).
+    pub fn with_schedule_cache_limit(mut self, limit: usize) -> Self {
+        self.schedule_cache_limit = limit;
+        self
     }
 
     /// The same with another claim visibility (tests of a sweeper that dies).
@@ -438,11 +446,11 @@ impl Receipts {
         let remaining = self.broker.schedule(channel, timeout).await?;
         if let Some(until) = schedule_valid_until(started, remaining, timeout) {
             let mut scheduled = self.scheduled();
-            if scheduled.len() >= MAX_SCHEDULE_CACHE {
+            if scheduled.len() >= self.schedule_cache_limit {
                 let now = Instant::now();
                 scheduled.retain(|_, until| *until > now);
             }
-            if scheduled.len() < MAX_SCHEDULE_CACHE {
+            if scheduled.len() < self.schedule_cache_limit {
                 scheduled.insert(channel.to_owned(), until);
             }
         }
@@ -601,6 +609,28 @@ pub fn unacked_fields(m: &Unacked) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The schedule cache never holds more than its limit; beyond it publishes still
+    /// schedule (a call each), and a remembered channel needs no call.
+    #[tokio::test]
+    async fn the_schedule_cache_is_bounded() {
+        let broker = Arc::new(crate::broker::memory::MemoryBroker::new(
+            crate::config::Config::default().broker_settings(),
+        ));
+        let receipts = Receipts::new(broker, Arc::new(Metrics::new()), 30_000, 10)
+            .with_schedule_cache_limit(3);
+        for i in 0..10 {
+            receipts
+                .before_publish(&format!("user:u{i}"))
+                .await
+                .unwrap();
+            assert!(receipts.scheduled().len() <= 3);
+        }
+        assert_eq!(receipts.scheduled().len(), 3);
+        // Other channels are never remembered.
+        receipts.before_publish("room:1").await.unwrap();
+        assert!(!receipts.scheduled().contains_key("room:1"));
+    }
 
     #[test]
     fn a_schedule_is_remembered_until_a_margin_before_it_is_due() {
