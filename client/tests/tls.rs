@@ -80,8 +80,14 @@ struct TlsBalancer {
 
 impl TlsBalancer {
     /// Starts HAProxy with `pem` (certificate and key) on `port` (all `nodes`) and on
-    /// `node_ports[i]` (node i), and waits until every port accepts connections.
-    fn start(pem: &str, port: u16, node_ports: &[u16], nodes: &[&NodeProcess]) -> TlsBalancer {
+    /// `node_ports[i]` (node i), and waits until every port accepts connections. `Err`
+    /// when HAProxy exits first (most likely a port taken since `free_port()` chose it).
+    fn start(
+        pem: &str,
+        port: u16,
+        node_ports: &[u16],
+        nodes: &[&NodeProcess],
+    ) -> Result<TlsBalancer, String> {
         static N: AtomicU64 = AtomicU64::new(0);
         let dir = std::env::temp_dir().join(format!(
             "herald-tls-{}-{}",
@@ -155,20 +161,22 @@ backend only_{id}
             .all(|p| TcpStream::connect(("127.0.0.1", *p)).is_ok())
         {
             if let Ok(Some(status)) = child.try_wait() {
-                panic!(
+                let err = format!(
                     "haproxy exited ({status}): {}",
                     std::fs::read_to_string(dir.join("haproxy.err")).unwrap_or_default()
                 );
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(err);
             }
             assert!(Instant::now() < deadline, "haproxy did not listen in 10 s");
             std::thread::sleep(Duration::from_millis(20));
         }
-        TlsBalancer {
+        Ok(TlsBalancer {
             port,
             node_ports: node_ports.to_vec(),
             dir,
             child,
-        }
+        })
     }
 
     /// `wss://127.0.0.1:<port>/ws`, through the balancer.
@@ -225,30 +233,40 @@ impl Setup {
         let redis = RedisServer::start();
         let url = redis.url();
         let prefix = format!("t{}:tls-{test}:", std::process::id());
-        let port = free_port();
-        let node_ports = [free_port(), free_port()];
-        let mut nodes = Vec::new();
-        for (i, p) in node_ports.iter().enumerate() {
-            let public = format!("wss://127.0.0.1:{p}/ws");
-            let mut env = vec![
-                ("HERALD_REDIS_URL", url.as_str()),
-                ("HERALD_REDIS_PREFIX", prefix.as_str()),
-                ("HERALD_HISTORY_SIZE", "10000"),
-            ];
-            if advertise_wss {
-                env.push(("HERALD_PUBLIC_URL", public.as_str()));
+        // The TLS ports are chosen before the nodes start (a node advertises its own), and
+        // any socket on the machine may take one before HAProxy binds it: then start over
+        // with new ports, as support/haproxy.rs does.
+        let mut failures = Vec::new();
+        let (lb, nodes) = loop {
+            let port = free_port();
+            let node_ports = [free_port(), free_port()];
+            let mut nodes = Vec::new();
+            for (i, p) in node_ports.iter().enumerate() {
+                let public = format!("wss://127.0.0.1:{p}/ws");
+                let mut env = vec![
+                    ("HERALD_REDIS_URL", url.as_str()),
+                    ("HERALD_REDIS_PREFIX", prefix.as_str()),
+                    ("HERALD_HISTORY_SIZE", "10000"),
+                ];
+                if advertise_wss {
+                    env.push(("HERALD_PUBLIC_URL", public.as_str()));
+                }
+                nodes.push(NodeProcess::start(&format!("node{i}"), &env));
             }
-            nodes.push(NodeProcess::start(&format!("node{i}"), &env));
-        }
-        for node in &nodes {
-            node.wait_ready(WAIT).await;
-        }
-        let lb = TlsBalancer::start(
-            &pki.server_pem,
-            port,
-            &node_ports,
-            &nodes.iter().collect::<Vec<_>>(),
-        );
+            for node in &nodes {
+                node.wait_ready(WAIT).await;
+            }
+            match TlsBalancer::start(
+                &pki.server_pem,
+                port,
+                &node_ports,
+                &nodes.iter().collect::<Vec<_>>(),
+            ) {
+                Ok(lb) => break (lb, nodes),
+                Err(e) if failures.len() < 4 => failures.push(e),
+                Err(e) => panic!("haproxy failed 5 times: {failures:?} {e}"),
+            }
+        };
         Setup {
             lb,
             nodes,

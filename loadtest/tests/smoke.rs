@@ -69,7 +69,18 @@ mod tempdir {
 }
 
 impl Balancer {
+    /// HAProxy in front of `cluster`. A port taken between `free_port()` and HAProxy's
+    /// bind makes HAProxy exit: then try again with another port (5 times at most).
     fn start(cluster: &Cluster) -> Balancer {
+        for _ in 0..5 {
+            if let Some(balancer) = Self::try_start(cluster) {
+                return balancer;
+            }
+        }
+        panic!("haproxy exited 5 times (ports taken?)");
+    }
+
+    fn try_start(cluster: &Cluster) -> Option<Balancer> {
         let port = herald_testkit::process::free_port();
         let dir =
             std::env::temp_dir().join(format!("herald-loadtest-lb-{}-{port}", std::process::id()));
@@ -84,7 +95,7 @@ impl Balancer {
         }
         let path = dir.join("haproxy.cfg");
         std::fs::write(&path, cfg).unwrap();
-        let child = std::process::Command::new("haproxy")
+        let mut child = std::process::Command::new("haproxy")
             .arg("-f")
             .arg(&path)
             .arg("-db")
@@ -94,17 +105,21 @@ impl Balancer {
             .expect("start haproxy");
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if let Ok(Some(_)) = child.try_wait() {
+                let _ = std::fs::remove_dir_all(&dir);
+                return None;
+            }
             assert!(
                 std::time::Instant::now() < deadline,
                 "haproxy did not listen"
             );
             std::thread::sleep(Duration::from_millis(20));
         }
-        Balancer {
+        Some(Balancer {
             child,
             port,
             _dir: tempdir::Dir(dir),
-        }
+        })
     }
 }
 

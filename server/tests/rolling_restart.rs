@@ -101,7 +101,20 @@ struct DevCluster {
 impl DevCluster {
     /// Free ports, a temporary state folder, this workspace's herald binary, the test
     /// keys (the environment wins over deploy/cluster.env) and a short drain window.
+    /// A port taken between `free_port()` and its bind fails `up`: then the cluster is
+    /// taken down and started again on other ports (3 times at most).
     fn up(lb_kind: &str) -> DevCluster {
+        let mut failures = Vec::new();
+        loop {
+            match Self::try_up(lb_kind) {
+                Ok(cluster) => return cluster,
+                Err(e) if failures.len() < 2 => failures.push(e),
+                Err(e) => panic!("{}\n{e}", failures.join("\n")),
+            }
+        }
+    }
+
+    fn try_up(lb_kind: &str) -> Result<DevCluster, String> {
         let dir = std::env::temp_dir().join(format!("herald-dev-cluster-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let lb_port = free_port();
@@ -127,14 +140,15 @@ impl DevCluster {
             scripts,
             lb: format!("127.0.0.1:{lb_port}").parse().unwrap(),
         };
-        assert!(
-            out.status.success(),
-            "scripts/dev-cluster up failed:\n{}\n{}\n{}",
-            cluster.up_output,
-            String::from_utf8_lossy(&out.stderr),
-            cluster.scripts.logs()
-        );
-        cluster
+        if !out.status.success() {
+            return Err(format!(
+                "scripts/dev-cluster up failed:\n{}\n{}\n{}",
+                cluster.up_output,
+                String::from_utf8_lossy(&out.stderr),
+                cluster.scripts.logs()
+            ));
+        }
+        Ok(cluster)
     }
 }
 
