@@ -793,6 +793,75 @@ async fn paused_redis_is_detected() {
     a.broker.shutdown().await;
 }
 
+/// A channel's keys are bounded in time: they expire no sooner than their TTL after the
+/// last publish (so history and epoch live as long as promised), no later than a TTL
+/// plus an eighth of the shorter TTL after it (so an abandoned channel leaves nothing
+/// in Redis), and their TTLs are refreshed once per eighth, not at every publish
+/// (each refresh is a PEXPIRE per key, the cost `publish.lua` amortises).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn channel_keys_expire_with_amortised_refreshes() {
+    let redis = RedisServer::start();
+    let prefix = prefix("ttl");
+    let mut s = settings();
+    s.history_ttl = Duration::from_millis(800);
+    s.meta_ttl = Duration::from_millis(1600);
+    let every = 100; // min(800, 1600) / 8
+    let node = Node::start(&redis.url(), &prefix, "n1", s).await;
+    let pttl = |suffix: &str| -> i64 {
+        let key = format!("{prefix}{{x}}:{suffix}");
+        redis.cli(&["pttl", &key]).trim().parse().unwrap()
+    };
+    let pexpires = || -> u64 {
+        redis
+            .cli(&["info", "commandstats"])
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("cmdstat_pexpire:calls="))
+            .and_then(|rest| rest.split(',').next()?.parse().ok())
+            .unwrap_or(0)
+    };
+    let before = pexpires();
+    let started = Instant::now();
+    let mut published = 0u64;
+    // Publish for longer than the history TTL: the keys must never expire meanwhile.
+    while started.elapsed() < Duration::from_millis(1400) {
+        let sent = Instant::now();
+        let p = node.broker.publish("x", "{}", None).await.unwrap();
+        published += 1;
+        assert_eq!(p.offset, published, "the channel never restarted");
+        let (h, m) = (pttl("h"), pttl("m"));
+        // At least the TTL from the publish on, which was `since` ms ago at most.
+        let since = sent.elapsed().as_millis() as i64 + 1;
+        assert!((800 - since..=800 + every).contains(&h), "history ttl {h}");
+        assert!((1600 - since..=1600 + every).contains(&m), "meta ttl {m}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let refreshes = pexpires() - before;
+    // Two keys, one refresh per `every` ms at most (plus the first publish), where a
+    // refresh per publish would be two PEXPIREs per publish.
+    let bound = 2 * (1400 / every + 2);
+    assert!(published > bound as u64, "{published} publishes");
+    assert!(
+        refreshes <= bound as u64,
+        "{refreshes} PEXPIREs for {published} publishes"
+    );
+    // Abandoned: everything is gone within the meta TTL plus `every` (and Redis's
+    // expiry sampling).
+    let gone = Instant::now();
+    wait_until("the channel's keys expire", || {
+        redis
+            .cli(&[
+                "exists",
+                &format!("{prefix}{{x}}:h"),
+                &format!("{prefix}{{x}}:m"),
+            ])
+            .trim()
+            == "0"
+    })
+    .await;
+    assert!(gone.elapsed() <= Duration::from_millis(1600 + every as u64 + 1000));
+    node.broker.shutdown().await;
+}
+
 /// `EVALSHA` calls so far, over all masters (`INFO commandstats`).
 fn evalsha_calls(backend: &Backend<'_>) -> u64 {
     let calls = |out: String| -> u64 {

@@ -37,7 +37,9 @@ if ARGV[5] == '1' then
   end
 end
 local offset = tonumber(redis.call('HGET', meta, 'o') or '0')
-redis.call('PEXPIRE', meta, ARGV[1])
+-- GT: a read only lengthens the TTL, never shortens one that publish.lua set with its
+-- slack (see there), so the meta hash still lives its TTL after the last publish.
+redis.call('PEXPIRE', meta, ARGV[1], 'GT')
 local out = {offset, epoch}
 local limit = tonumber(ARGV[3])
 if limit <= 0 then

@@ -5,8 +5,8 @@
 //!
 //! | name | type | what |
 //! |---|---|---|
-//! | `P{C}:m` | hash | `e` = epoch, `o` = last offset; created by the first publish only; expires `meta_ttl` after the last use |
-//! | `P{C}:h` | stream | history; entry id `<offset>-0`, fields `d` = data, `t` = ms (Redis clock), `f` = publisher (when known); trimmed by count and age every 16th offset, so it holds at most history size + 15 entries, of which reads return the last history size; expires `history_ttl` after the last publish |
+//! | `P{C}:m` | hash | `e` = epoch, `o` = last offset; `x` = when publish.lua last refreshed the TTLs; created by the first publish only; expires `meta_ttl` after the last use, at most an eighth of the shorter TTL later (TTLs are refreshed once per eighth, see publish.lua) |
+//! | `P{C}:h` | stream | history; entry id `<offset>-0`, fields `d` = data, `t` = ms (Redis clock), `f` = publisher (when known); trimmed by count and age every 16th offset, so it holds at most history size + 15 entries, of which reads return the last history size; expires `history_ttl` after the last publish, at most an eighth of the shorter TTL later |
 //! | `P{C}:c` | pub/sub channel | publications of `C` (sharded pub/sub in a cluster) |
 //! | `Ppresence:{C}` | hash | `<node>\|<user>` = that user's connections to `C` on that node |
 //! | `Pnodes` | hash | node id = `<heartbeat ms>\|<NodeInfo JSON>` |
@@ -35,8 +35,9 @@
 //!
 //! Publishing is `publish.lua`, one call for every message of one cluster slot that is
 //! queued at the time (`coalesce`): per call `TIME`, per channel `HMGET` / `HSET` of
-//! `P{C}:m` and a `PEXPIRE` of each key, per message `XADD` and (S)`PUBLISH`, and every
-//! 16th offset of a channel one `XRANGE` of the stream head and one `XTRIM`.
+//! `P{C}:m`, per message `XADD` and (S)`PUBLISH`, every 16th offset of a channel one
+//! `XRANGE` of the stream head and one `XTRIM`, and once per eighth of the shorter TTL
+//! a `PEXPIRE` of each key.
 
 use std::fmt;
 
