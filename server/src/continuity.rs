@@ -174,6 +174,27 @@ impl Continuity {
     }
 }
 
+/// What buffering `p` during a repair costs against the buffer bounds: its data and
+/// publisher plus the publication's own bookkeeping.
+pub fn buffered_size(p: &Publication) -> usize {
+    const BOOKKEEPING: usize = 64;
+    p.data.len() + p.from.as_ref().map_or(0, |f| f.len()) + BOOKKEEPING
+}
+
+/// Whether a repair buffer holding `channel` bytes, on a node whose repairs hold `node`
+/// bytes together, takes one more publication of `size` bytes. What it refuses is not
+/// lost: the repair's end reads it from history (see [`crate::hub`]).
+pub fn buffer_admits(
+    channel: usize,
+    node: usize,
+    size: usize,
+    channel_limit: usize,
+    node_limit: usize,
+) -> bool {
+    let within = |held: usize, limit: usize| held.checked_add(size).is_some_and(|n| n <= limit);
+    within(channel, channel_limit) && within(node, node_limit)
+}
+
 /// Plans the end of a repair that started from offset `from` of `epoch`: the history
 /// read (`Err` after its retries), then the publications `buffered` while it ran, in
 /// arrival order. `target` is a position known to exist (from a continuity check); when
@@ -411,6 +432,22 @@ mod tests {
                 target: StreamPosition::new(1, "n")
             }
         );
+    }
+
+    #[test]
+    fn repair_buffers_are_bounded_per_channel_and_per_node() {
+        assert!(buffer_admits(0, 0, 100, 100, 1000));
+        assert!(!buffer_admits(1, 0, 100, 100, 1000), "channel bound");
+        assert!(!buffer_admits(0, 901, 100, 100, 1000), "node bound");
+        assert!(
+            !buffer_admits(usize::MAX, 0, 1, usize::MAX, usize::MAX),
+            "no overflow"
+        );
+        let with_from = Publication {
+            from: Some("alice".into()),
+            ..p(1, "e")
+        };
+        assert_eq!(buffered_size(&with_from), buffered_size(&p(1, "e")) + 5);
     }
 
     #[test]

@@ -35,7 +35,7 @@
 use std::collections::hash_map::DefaultHasher;
 use std::collections::{HashMap, VecDeque};
 use std::hash::{Hash, Hasher};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -51,7 +51,9 @@ use crate::broker::{
     Broker, BrokerError, BrokerEvent, BrokerEvents, Ephemeral, History, Publication, SubscribeAck,
     UserCommand,
 };
-use crate::continuity::{plan_repair, Arrival, Check, Continuity, Step};
+use crate::continuity::{
+    buffer_admits, buffered_size, plan_repair, Arrival, Check, Continuity, Step,
+};
 use crate::control::{Revocations, UserIndex};
 use crate::metrics::Metrics;
 use herald_protocol::codes::CloseCode;
@@ -59,6 +61,11 @@ use herald_protocol::codes::CloseCode;
 /// How long a gap repair keeps retrying an unavailable history read before it sends
 /// `resync` (see `Hub::history_for_repair`).
 const REPAIR_RETRY_WINDOW: Duration = Duration::from_secs(5);
+/// Most bytes one channel buffers while its gap is repaired (see [`RepairBuffer`]).
+const REPAIR_BUFFER_CHANNEL_BYTES: usize = 1 << 20;
+/// Most bytes all of a node's repairs buffer together: after a broker reconnect every
+/// channel may be repairing at once.
+const REPAIR_BUFFER_NODE_BYTES: usize = 64 << 20;
 
 const SHARDS: usize = 64;
 /// Broker events taken from the stream at once (one upgrade of the hub's weak handle
@@ -336,6 +343,71 @@ impl SessionControl {
 /// The hub's handle on one session.
 pub type SessionHandle = Arc<SessionControl>;
 
+/// The bounds of the repair buffers, and what all of them hold now.
+struct RepairBudget {
+    /// Bytes held by every [`RepairBuffer`] of the node.
+    used: AtomicUsize,
+    channel_limit: usize,
+    node_limit: usize,
+}
+
+/// The live publications a channel receives while its gap is repaired, kept in order
+/// until the repair delivers them after the history it read. Bounded: a repair may
+/// wait up to [`REPAIR_RETRY_WINDOW`] for history while a busy channel keeps
+/// publishing. A publication over the bounds is not kept, and the buffer remembers
+/// that: when the repair is done the hub checks the channel against the broker again,
+/// which repairs what was refused from history (or resyncs if history lost it). Never
+/// silent, never unbounded.
+struct RepairBuffer {
+    items: Vec<Publication>,
+    bytes: usize,
+    /// Some publication was refused: check the channel again after the repair.
+    overflowed: bool,
+    budget: Arc<RepairBudget>,
+}
+
+impl RepairBuffer {
+    fn new(budget: &Arc<RepairBudget>) -> Self {
+        Self {
+            items: Vec::new(),
+            bytes: 0,
+            overflowed: false,
+            budget: Arc::clone(budget),
+        }
+    }
+
+    /// Keeps `p` if the bounds allow; returns whether it did.
+    fn push(&mut self, p: Publication) -> bool {
+        let size = buffered_size(&p);
+        let b = &self.budget;
+        let taken = b
+            .used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |node| {
+                buffer_admits(self.bytes, node, size, b.channel_limit, b.node_limit)
+                    .then_some(node + size)
+            })
+            .is_ok();
+        if taken {
+            self.bytes += size;
+            self.items.push(p);
+        } else {
+            self.overflowed = true;
+        }
+        taken
+    }
+
+    /// The buffered publications, and whether any was refused. Releases the bytes.
+    fn finish(mut self) -> (Vec<Publication>, bool) {
+        (std::mem::take(&mut self.items), self.overflowed)
+    }
+}
+
+impl Drop for RepairBuffer {
+    fn drop(&mut self) {
+        self.budget.used.fetch_sub(self.bytes, Ordering::AcqRel);
+    }
+}
+
 struct ChannelEntry {
     name: Arc<str>,
     sessions: HashMap<SessionId, SessionHandle>,
@@ -345,7 +417,7 @@ struct ChannelEntry {
     generation: u64,
     continuity: Continuity,
     /// While a gap is being repaired: publications that arrived meanwhile.
-    repairing: Option<Vec<Publication>>,
+    repairing: Option<RepairBuffer>,
     /// The sessions as one shared list, rebuilt on the first delivery after a join or
     /// leave (copy on write): a delivery takes it under the shard lock in O(1) and
     /// offers outside the lock.
@@ -468,6 +540,8 @@ pub struct Hub {
     metrics: Arc<Metrics>,
     unsubscribe_delay: Duration,
     repair_limit: usize,
+    /// Bounds of the buffers of running repairs.
+    repair_budget: Arc<RepairBudget>,
     /// Channels whose last session left: (deadline, channel, generation), in deadline order.
     reap_queue: Mutex<VecDeque<(Instant, Arc<str>, u64)>>,
     /// Local sessions by user, for the server API's user commands.
@@ -491,6 +565,11 @@ impl Hub {
             metrics,
             unsubscribe_delay,
             repair_limit,
+            repair_budget: Arc::new(RepairBudget {
+                used: AtomicUsize::new(0),
+                channel_limit: REPAIR_BUFFER_CHANNEL_BYTES,
+                node_limit: REPAIR_BUFFER_NODE_BYTES,
+            }),
             reap_queue: Mutex::default(),
             users: UserIndex::default(),
             revocations: Revocations::default(),
@@ -673,13 +752,16 @@ impl Hub {
                     .on_publication(entry.repairing.is_some(), &p.epoch, p.offset);
             match arrival {
                 Arrival::Duplicate => return,
-                Arrival::Buffer => {
-                    entry.repairing.get_or_insert_with(Vec::new).push(p);
-                    return;
-                }
-                Arrival::Gap { epoch, from } => {
-                    self.start_repair(entry, epoch, from, None);
-                    entry.repairing.get_or_insert_with(Vec::new).push(p);
+                Arrival::Buffer | Arrival::Gap { .. } => {
+                    if let Arrival::Gap { epoch, from } = arrival {
+                        self.start_repair(entry, epoch, from, None);
+                    }
+                    let buffer = entry
+                        .repairing
+                        .get_or_insert_with(|| RepairBuffer::new(&self.repair_budget));
+                    if !buffer.push(p) {
+                        self.metrics.repair_buffer_overflows.inc();
+                    }
                     return;
                 }
                 Arrival::Deliver => self.dispatch(entry, p),
@@ -962,7 +1044,7 @@ impl Hub {
         if entry.repairing.is_some() {
             return;
         }
-        entry.repairing = Some(Vec::new());
+        entry.repairing = Some(RepairBuffer::new(&self.repair_budget));
         let hub = Arc::clone(self);
         let channel = entry.name.clone();
         tokio::spawn(async move { hub.repair(channel, epoch, from, target).await });
@@ -976,17 +1058,35 @@ impl Hub {
         target: Option<StreamPosition>,
     ) {
         let history = self.history_for_repair(&channel, from).await;
+        self.finish_repair(channel, epoch, from, target, history);
+    }
+
+    /// Ends a repair with the history it read: delivers history and then what was
+    /// buffered, in order, or resyncs.
+    fn finish_repair(
+        self: Arc<Self>,
+        channel: Arc<str>,
+        epoch: Arc<str>,
+        from: u64,
+        target: Option<StreamPosition>,
+        history: Result<History, BrokerError>,
+    ) {
         if let Err(e) = &history {
             tracing::warn!(channel = %channel, error = %e, "gap repair failed; sending resync");
             self.metrics.broker_errors.inc();
         }
         let mut drain = None;
+        let overflowed;
         {
             let mut shard = self.shard(&channel);
             let Some(entry) = shard.channels.get_mut(&channel) else {
                 return;
             };
-            let buffered = entry.repairing.take().unwrap_or_default();
+            let buffered;
+            (buffered, overflowed) = entry
+                .repairing
+                .take()
+                .map_or((Vec::new(), false), RepairBuffer::finish);
             let plan = plan_repair(from, epoch, history.as_ref(), target.as_ref(), buffered);
             for step in plan.steps {
                 let outlet = match step {
@@ -1004,6 +1104,12 @@ impl Hub {
         }
         if let Some(outlet) = drain {
             self.drain(outlet);
+        }
+        if overflowed {
+            // Publications after the buffered ones were refused: the broker is ahead of
+            // what was dispatched. The check reads its position and repairs the rest
+            // (retrying until it can), even if the channel gets no further message.
+            tokio::spawn(Arc::clone(&self).check_continuity(channel));
         }
     }
 
@@ -1121,16 +1227,104 @@ mod tests {
     use crate::config::Config;
 
     fn hub() -> (Arc<Hub>, JoinHandle<()>) {
+        hub_with(|hub| hub)
+    }
+
+    /// A hub on a memory broker, changed by `setup` before it starts.
+    fn hub_with(setup: impl FnOnce(Hub) -> Hub) -> (Arc<Hub>, JoinHandle<()>) {
         let broker = Arc::new(MemoryBroker::new(Config::default().broker_settings()));
         let events = broker.events().expect("events");
-        let hub = Arc::new(Hub::new(
+        let hub = Arc::new(setup(Hub::new(
             Arc::new(Metrics::new()),
             broker,
             Duration::from_millis(10),
             100,
-        ));
+        )));
         let consumer = Hub::consume(&hub, events);
         (hub, consumer)
+    }
+
+    /// A repair's buffer holds what its bounds allow; what it refuses is read from
+    /// history once the repair is done, even with no later message on the channel. So
+    /// the bound costs a history read, never a message: the session gets every offset
+    /// once, in order, and the budget is released.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_full_repair_buffer_loses_nothing() {
+        // Ten publications of data "1" fill a channel's buffer.
+        let one = buffered_size(&Publication {
+            offset: 1,
+            epoch: "e".into(),
+            data: "1".into(),
+            from: None,
+        });
+        let (hub, _consumer) = hub_with(|mut hub| {
+            hub.repair_budget = Arc::new(RepairBudget {
+                used: AtomicUsize::new(0),
+                channel_limit: 10 * one,
+                node_limit: 1 << 20,
+            });
+            hub
+        });
+        let a = Arc::new(SessionControl::new(1_000));
+        hub.join("c", 1, Arc::clone(&a)).await.expect("join");
+        let first = hub.broker().publish("c", "1", None).await.expect("publish");
+        wait_until("first delivery", || a.queue().len() == 1).await;
+        assert_eq!(offsets(&a), vec![1]);
+        let received = || hub.metrics.broker_messages_received.get();
+
+        // A repair from offset 1 is running: live publications are buffered.
+        {
+            let mut shard = hub.shard("c");
+            let entry = shard.channels.get_mut("c").expect("entry");
+            entry.repairing = Some(RepairBuffer::new(&hub.repair_budget));
+        }
+        for _ in 2..=11 {
+            hub.broker().publish("c", "1", None).await.expect("publish");
+        }
+        wait_until("10 buffered", || received() == 11).await;
+        // The repair's history read happens here: it sees offsets 2..=11.
+        let history = hub.broker().history("c", 1, 100).await.expect("history");
+        assert_eq!(history.position.offset, 11);
+        // The buffer is full: 30 more are refused (and the session gets nothing yet).
+        for _ in 12..=41 {
+            hub.broker().publish("c", "1", None).await.expect("publish");
+        }
+        wait_until("all seen by the hub", || received() == 41).await;
+        {
+            let shard = hub.shard("c");
+            let buffer = shard.channels["c"].repairing.as_ref().expect("repairing");
+            assert_eq!(buffer.items.len(), 10, "bounded");
+            assert!(buffer.overflowed);
+            assert_eq!(hub.repair_budget.used.load(Ordering::Acquire), 10 * one);
+        }
+        assert_eq!(hub.metrics.repair_buffer_overflows.get(), 30);
+        assert!(
+            a.try_next().is_none(),
+            "nothing delivered during the repair"
+        );
+
+        // The repair ends with its (older) history; the check that follows repairs the
+        // refused ones from history.
+        Arc::clone(&hub).finish_repair(
+            "c".into(),
+            first.epoch.as_str().into(),
+            1,
+            None,
+            Ok(history),
+        );
+        let mut got = Vec::new();
+        wait_until("every offset", || {
+            got.extend(offsets(&a));
+            got.len() >= 40
+        })
+        .await;
+        assert_eq!(got, (2..=41).collect::<Vec<_>>());
+        assert_eq!(
+            hub.repair_budget.used.load(Ordering::Acquire),
+            0,
+            "released"
+        );
+        assert!(hub.shard("c").channels["c"].repairing.is_none());
     }
 
     /// Offsets queued in a session's mailbox for `channel`, in queue order.

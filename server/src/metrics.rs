@@ -116,6 +116,9 @@ pub struct Metrics {
     pub rate_limited: Counter,
     /// Gaps in a channel's stream repaired from history.
     pub gaps_repaired: Counter,
+    /// Live publications not buffered during a gap repair because the repair buffers
+    /// were full; each is read from history afterwards (or its sessions resync).
+    pub repair_buffer_overflows: Counter,
     /// `resync` frames sent because a gap could not be repaired.
     pub resyncs: Counter,
     /// Broker operations that failed.
@@ -170,6 +173,7 @@ impl Metrics {
             commands: Family::default(),
             rate_limited: Counter::default(),
             gaps_repaired: Counter::default(),
+            repair_buffer_overflows: Counter::default(),
             resyncs: Counter::default(),
             broker_errors: Counter::default(),
             memory_streams: Gauge::default(),
@@ -280,6 +284,11 @@ impl Metrics {
             "herald_gaps_repaired",
             "Stream gaps repaired from history",
             m.gaps_repaired.clone(),
+        );
+        registry.register(
+            "herald_repair_buffer_overflows",
+            "Publications not buffered during a gap repair (buffers full); read from history after it",
+            m.repair_buffer_overflows.clone(),
         );
         registry.register("herald_resyncs", "resync frames sent", m.resyncs.clone());
         registry.register(
