@@ -131,6 +131,23 @@ pub struct Config {
     #[arg(long, env = "HERALD_HEADER_READ_TIMEOUT_MS", default_value_t = 10_000)]
     pub header_read_timeout_ms: u64,
 
+    /// TCP connections still in their HTTP phase: accepted and not yet upgraded to a
+    /// WebSocket (a request head on its way, a keep-alive API connection between
+    /// requests). Each holds a file descriptor, and a node has at most 20,000: without
+    /// a count, sockets that never send a request could take every descriptor within
+    /// `HERALD_HEADER_READ_TIMEOUT_MS`, and with them the node's own connections to
+    /// Redis. A connection over it is closed at once, before reading anything, and
+    /// counted in `herald_http_connections_refused_total`. Upgraded WebSockets leave
+    /// this count (sessions have `HERALD_MAX_PENDING_HANDSHAKES` and
+    /// `HERALD_MAX_CONNECTIONS`). At least 1.
+    #[arg(
+        long,
+        env = "HERALD_MAX_HTTP_CONNECTIONS",
+        default_value_t = 4_096,
+        value_parser = parse_pending_budget
+    )]
+    pub max_http_connections: usize,
+
     /// Kernel send buffer of each client socket in bytes (SO_SNDBUF; Linux doubles it).
     /// Bounds what a client that stops reading can pin in kernel memory before its
     /// queue fills and it is closed with 4509. 0 keeps the OS default, which autotunes
@@ -431,6 +448,7 @@ mod tests {
         assert_eq!(c.max_recovery_bytes, 1_048_576);
         assert_eq!(c.max_ephemeral_per_sec, 10);
         assert_eq!(c.max_pending_handshakes, 1_000);
+        assert_eq!(c.max_http_connections, 4_096);
         assert_eq!(c.max_connections_per_user, 32);
         assert_eq!(c.ack_timeout_ms, 30_000);
     }

@@ -203,8 +203,12 @@ pub async fn run(
     let server = tokio::spawn(listener::serve(
         listener,
         app,
-        node.config.header_read_timeout(),
-        node.config.tcp_send_buffer,
+        listener::Limits {
+            header_read_timeout: node.config.header_read_timeout(),
+            send_buffer: node.config.tcp_send_buffer,
+            max_http_connections: node.config.max_http_connections,
+            refused: node.metrics.http_connections_refused.clone(),
+        },
         stop_http.clone(),
     ));
 

@@ -16,9 +16,14 @@
 //! autotuning a client that stops reading could otherwise pin up to 4 MiB of kernel
 //! memory before the node even notices it is slow.
 //!
+//! At most [`Limits::max_http_connections`] connections are in their HTTP phase at once
+//! (accepted, not yet upgraded): one more is closed as soon as it is accepted. A
+//! connection leaves the count when it closes or when its WebSocket upgrade completes.
+//!
 //! The router sees the peer address as `ConnectInfo<SocketAddr>`, as with
 //! `into_make_service_with_connect_info`.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
@@ -27,22 +32,37 @@ use axum::Router;
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
+use prometheus_client::metrics::counter::Counter;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower_service::Service;
+
+/// The bounds of the HTTP phase of a connection.
+pub struct Limits {
+    /// A request head must be complete within it (and keep-alive idles end with it).
+    pub header_read_timeout: Duration,
+    /// SO_SNDBUF of each accepted socket; 0 keeps the OS default.
+    pub send_buffer: usize,
+    /// Connections in their HTTP phase at once (at least 1).
+    pub max_http_connections: usize,
+    /// Counts the connections closed at accept for that bound.
+    pub refused: Counter,
+}
 
 /// Serves `app` on `listener` until `stop` is cancelled; then stops accepting, lets
 /// each connection finish its request in flight and returns once all have closed.
 /// Upgraded WebSockets are not waited for: they are no longer HTTP connections (the
 /// node drains them itself).
-pub async fn serve(
-    listener: TcpListener,
-    app: Router,
-    header_read_timeout: Duration,
-    send_buffer: usize,
-    stop: CancellationToken,
-) {
+pub async fn serve(listener: TcpListener, app: Router, limits: Limits, stop: CancellationToken) {
+    let Limits {
+        header_read_timeout,
+        send_buffer,
+        max_http_connections,
+        refused,
+    } = limits;
+    let http_phase = Arc::new(Semaphore::new(max_http_connections.max(1)));
     let connections = TaskTracker::new();
     loop {
         let accepted = tokio::select! {
@@ -55,6 +75,13 @@ pub async fn serve(
                 accept_error(e).await;
                 continue;
             }
+        };
+        // Closed before anything is read: dropping the socket costs nothing more.
+        let Ok(permit) = Arc::clone(&http_phase).try_acquire_owned() else {
+            refused.inc();
+            tracing::debug!(%peer, "http connection refused: HERALD_MAX_HTTP_CONNECTIONS reached");
+            drop(stream);
+            continue;
         };
         let _ = stream.set_nodelay(true);
         if send_buffer > 0 {
@@ -85,6 +112,9 @@ pub async fn serve(
                     connection.await
                 }
             };
+            // The HTTP phase is over: closed, or upgraded (the socket now belongs to
+            // the WebSocket session and its own budgets).
+            drop(permit);
             if let Err(e) = result {
                 // Timeouts, resets and malformed requests: the client's doing, not ours.
                 tracing::debug!(%peer, error = %e, "http connection ended");

@@ -78,6 +78,9 @@ pub struct Metrics {
     pub connections: Gauge,
     /// Connections accepted since start.
     pub connections_accepted: Counter,
+    /// TCP connections closed at accept: `HERALD_MAX_HTTP_CONNECTIONS` were in their
+    /// HTTP phase.
+    pub http_connections_refused: Counter,
     /// Open connections that have not finished `hello` (also in `connections`).
     pub pending_handshakes: Gauge,
     /// Pending connections closed 4429 to make room for a newcomer (the pending budget
@@ -155,6 +158,7 @@ impl Metrics {
         let m = Self {
             connections: Gauge::default(),
             connections_accepted: Counter::default(),
+            http_connections_refused: Counter::default(),
             pending_handshakes: Gauge::default(),
             pending_evicted: Counter::default(),
             recovery_over_budget: Counter::default(),
@@ -194,6 +198,11 @@ impl Metrics {
             "herald_connections_accepted",
             "Client connections accepted",
             m.connections_accepted.clone(),
+        );
+        registry.register(
+            "herald_http_connections_refused",
+            "TCP connections closed at accept because HERALD_MAX_HTTP_CONNECTIONS were in their HTTP phase",
+            m.http_connections_refused.clone(),
         );
         registry.register(
             "herald_pending_handshakes",

@@ -658,6 +658,92 @@ async fn slowloris_connections_are_cut_and_hold_nothing() {
     assert_eq!(welcome["type"], "welcome");
 }
 
+/// Sockets in their HTTP phase are counted: with `HERALD_MAX_HTTP_CONNECTIONS` silent
+/// sockets open, one more connection is closed at once (before anything is read), so
+/// they can't take the node's file descriptors. Upgraded WebSockets are not in that
+/// count (more sessions than the bound get in), they keep working while it is full,
+/// and once the silent sockets go, new connections are served again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_phase_connections_are_bounded() {
+    const MAX: usize = 20;
+    let node = NodeProcess::start(
+        "http-budget",
+        &[
+            ("HERALD_MAX_HTTP_CONNECTIONS", &MAX.to_string()),
+            ("HERALD_HEADER_READ_TIMEOUT_MS", "30000"),
+        ],
+    );
+    node.wait_ready(Duration::from_secs(10)).await;
+    let tok = node::token("alice", &["room:*"], &["room:*"]);
+    let mut sessions = Vec::new();
+    for _ in 0..MAX + 5 {
+        sessions.push(Client::hello(&node.ws_url(), &tok, json!({})).await.0);
+    }
+    let fds_before = node.open_fds().expect("/proc");
+    let mut silent = Vec::new();
+    for _ in 0..MAX {
+        silent.push(TcpStream::connect(node.addr).await.unwrap());
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while node.open_fds().unwrap() < fds_before + MAX {
+        assert!(
+            Instant::now() < deadline,
+            "the node did not accept the silent sockets"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Full: the next connection is closed without an answer, a WebSocket included.
+    for _ in 0..3 {
+        let mut extra = TcpStream::connect(node.addr).await.unwrap();
+        let _ = extra
+            .write_all(format!("GET /healthz HTTP/1.1\r\nHost: {}\r\n\r\n", node.addr).as_bytes())
+            .await;
+        let mut buf = [0u8; 256];
+        match tokio::time::timeout(Duration::from_secs(5), extra.read(&mut buf)).await {
+            Ok(Ok(0) | Err(_)) => {}
+            Ok(Ok(n)) => panic!(
+                "answered while full: {:?}",
+                String::from_utf8_lossy(&buf[..n])
+            ),
+            Err(_) => panic!("not closed while full"),
+        }
+    }
+    let refused = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio_tungstenite::connect_async(node.ws_url()),
+    )
+    .await
+    .expect("refused in time");
+    assert!(refused.is_err(), "a WebSocket got in while full");
+    assert!(
+        node.open_fds().unwrap() <= fds_before + MAX + 2,
+        "no descriptor kept"
+    );
+    // Sessions are not in the count and still work.
+    let reply = sessions[0]
+        .request(json!({"type": "subscribe", "id": 1, "channel": "room:1"}))
+        .await;
+    assert!(reply.get("result").is_some(), "{reply}");
+    // The silent sockets go: connections are served again, and the refusals were counted.
+    drop(silent);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let answer = reqwest::get(format!("{}/metrics", node.http())).await;
+        if let Ok(answer) = answer {
+            let text = answer.text().await.unwrap();
+            let refused =
+                herald_testkit::metric_value(&text, "herald_http_connections_refused_total");
+            assert!(refused >= 4.0, "{refused} refusals counted");
+            break;
+        }
+        assert!(Instant::now() < deadline, "never served again");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (_c, welcome) = Client::hello(&node.ws_url(), &tok, json!({})).await;
+    assert_eq!(welcome["type"], "welcome");
+    assert_no_server_panic();
+}
+
 /// A slowloris on the body: a publish whose head arrives at once and whose body never
 /// completes is answered 408 once `HERALD_HEADER_READ_TIMEOUT_MS` has passed, and its
 /// connection ends; a normal publish meanwhile goes through.
