@@ -738,3 +738,129 @@ async fn redis_store_trims_counts_losses_and_respects_the_lease() {
     assert!(store.append(&bad).await.is_err());
     herald_server::broker::Broker::shutdown(&broker).await;
 }
+
+/// A dead node's holdings are let go of in bounded steps (1,000 per sweep call), so a
+/// node with thousands of users never holds Redis for one long call; and a node that
+/// comes back under the same id in the middle keeps what it holds again: those users
+/// end online, everyone else offline, each transition once.
+#[tokio::test]
+async fn a_dead_node_is_dropped_in_bounded_steps() {
+    use herald_server::broker::webhook::{Holding, WebhookStoreSettings};
+    const USERS: usize = 2_500;
+    const BACK: usize = 100;
+    let redis = RedisServer::start();
+    let prefix = prefix("drop");
+    let broker = herald_server::broker::redis::connect(
+        &redis.url(),
+        &prefix,
+        "n1",
+        herald_server::Config::default().broker_settings(),
+    )
+    .await
+    .unwrap();
+    let store = herald_server::broker::Broker::webhooks(
+        &broker,
+        WebhookStoreSettings {
+            grace: Duration::ZERO,
+            node_ttl: Duration::from_millis(300),
+            lease: Duration::from_secs(10),
+            retention: 100_000,
+        },
+    );
+    let hold = |range: std::ops::Range<usize>| -> Vec<Holding> {
+        range
+            .map(|i| Holding {
+                subject: format!("u:user{i}"),
+                held: true,
+            })
+            .collect()
+    };
+    let deadline = Instant::now() + WAIT;
+    while store.report("dead", &hold(0..USERS)).await.is_err() {
+        assert!(Instant::now() < deadline, "Redis never answered");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Every user's last event so far, and how many events there were.
+    let mut last: BTreeMap<String, String> = BTreeMap::new();
+    let mut events = 0usize;
+    events += apply(&mut last, read_all(&*store).await);
+    assert_eq!(events, USERS);
+
+    // "dead" stops reporting; after its TTL the first sweep drops it, in one step of
+    // at most 1,000 (DROP_LIMIT).
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    store.sweep().await.unwrap();
+    let first = read_all(&*store).await;
+    assert!(
+        (1..=1_000).contains(&first.len()),
+        "{} users let go of in one call",
+        first.len()
+    );
+    apply(&mut last, first);
+    let left: usize = redis
+        .cli(&["SCARD", &format!("{prefix}{{#webhook}}:d:dead")])
+        .trim()
+        .parse()
+        .unwrap();
+    assert_eq!(left, USERS - 1_000, "the rest waits for the next sweeps");
+
+    // The node comes back under its id and holds the first BACK users again: it is
+    // unknown, so it reports everything it holds.
+    assert!(store.report("dead", &hold(0..BACK)).await.unwrap(), "fresh");
+    while redis
+        .cli(&["EXISTS", &format!("{prefix}{{#webhook}}:d:dead")])
+        .trim()
+        != "0"
+    {
+        store.report("dead", &[]).await.unwrap(); // stays alive meanwhile
+        store.sweep().await.unwrap();
+    }
+    apply(&mut last, read_all(&*store).await);
+    for i in 0..USERS {
+        let expected = if i < BACK {
+            "user.online"
+        } else {
+            "user.offline"
+        };
+        assert_eq!(last[&format!("user{i}")], expected, "user{i}");
+    }
+    herald_server::broker::Broker::shutdown(&broker).await;
+}
+
+/// Every event of target "t" not read yet (as holder "n1"), as (user, type), acked.
+async fn read_all(
+    store: &dyn herald_server::broker::webhook::WebhookStore,
+) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    loop {
+        let b = store.read("t", "n1", 1_000).await.unwrap().unwrap();
+        assert_eq!(b.trimmed, 0);
+        let Some(end) = b.events.last().map(|e| e.n) else {
+            return out;
+        };
+        for e in b.events {
+            let v: Value = serde_json::from_str(&e.json).unwrap();
+            out.push((
+                v["user"].as_str().unwrap().to_owned(),
+                v["type"].as_str().unwrap().to_owned(),
+            ));
+        }
+        assert!(store.ack("t", "n1", end).await.unwrap());
+    }
+}
+
+/// Applies events to each user's last event, checking they alternate (online first);
+/// returns how many there were.
+fn apply(last: &mut BTreeMap<String, String>, batch: Vec<(String, String)>) -> usize {
+    let n = batch.len();
+    for (user, kind) in batch {
+        let before = last.insert(user.clone(), kind.clone());
+        let expected = if before.as_deref() == Some("user.online") {
+            "user.offline"
+        } else {
+            "user.online"
+        };
+        assert_eq!(kind, expected, "{user}: {before:?} then {kind}");
+    }
+    n
+}

@@ -7,6 +7,8 @@
 --   W..'due'       zset: subject -> offline deadline (ms, Redis clock)
 --   W..'nodes'     hash: node -> last report (ms, Redis clock)
 --   W..'n:'..node  set: subjects the node holds
+--   W..'d:'..node  set: subjects of a dead or leaving node not let go of yet
+--   W..'dropping'  set: nodes with a W..'d:' set
 --   W..'s:'..subj  set: nodes holding the subject
 -- Keys other than KEYS[1..3] are built here from W: they share its hash tag, so they
 -- live in the same slot (and on the same shard).
@@ -19,8 +21,9 @@
 -- ARGV[5] retention (events, approximate)
 -- report: ARGV[6] node, then pairs (subject, '1' held | '0' not held)
 --         returns 1 if the node was unknown (it must report all its holdings again)
--- leave:  ARGV[6] node
--- sweep:  ARGV[6] node ttl ms, ARGV[7] max offline events per call; returns events emitted
+-- leave:  ARGV[6] node, ARGV[7] max subjects let go of in this call
+-- sweep:  ARGV[6] node ttl ms, ARGV[7] max offline events per call, ARGV[8] max subjects
+--         of dead nodes let go of per call; returns events emitted
 -- append: ARGV[6] type, ARGV[7] field (user | channel), ARGV[8] name, ARGV[9] extra JSON members,
 --         ARGV[10] the event's id ('' = `<epoch>-<n>`)
 local op, W = ARGV[1], ARGV[2]
@@ -73,13 +76,46 @@ local function let_go(node, subject)
   end
 end
 
-local function drop_node(node)
-  local held = redis.call('SMEMBERS', W .. 'n:' .. node)
-  for _, subject in ipairs(held) do
-    let_go(node, subject)
+-- A dead or leaving node is dropped in bounded steps: a node with 20,000 users would
+-- otherwise hold Redis (this whole slot) for tens of ms in one call. Its holdings move
+-- to W..'d:'..node and the node leaves W..'nodes' at once, so a node restarted under
+-- the same id is "unknown" and reports everything it holds again (into a fresh
+-- W..'n:' set); then each call lets go of a bounded number of the old holdings,
+-- skipping those the node holds again.
+local function start_drop(node)
+  local held, gone = W .. 'n:' .. node, W .. 'd:' .. node
+  if redis.call('EXISTS', held) == 1 then
+    if redis.call('EXISTS', gone) == 1 then
+      redis.call('SUNIONSTORE', gone, gone, held)
+      redis.call('DEL', held)
+    else
+      redis.call('RENAME', held, gone)
+    end
+    redis.call('SADD', W .. 'dropping', node)
   end
-  redis.call('DEL', W .. 'n:' .. node)
   redis.call('HDEL', KEYS[3], node)
+end
+
+-- Lets go of up to `budget` old holdings of dropped nodes; returns how many.
+local function continue_drops(budget)
+  local done = 0
+  for _, node in ipairs(redis.call('SMEMBERS', W .. 'dropping')) do
+    if done >= budget then
+      break
+    end
+    local gone = W .. 'd:' .. node
+    local items = redis.call('SPOP', gone, budget - done)
+    for _, subject in ipairs(items) do
+      if redis.call('SISMEMBER', W .. 'n:' .. node, subject) == 0 then
+        let_go(node, subject)
+      end
+    end
+    done = done + #items
+    if redis.call('EXISTS', gone) == 0 then
+      redis.call('SREM', W .. 'dropping', node)
+    end
+  end
+  return done
 end
 
 if op == 'report' then
@@ -102,16 +138,18 @@ if op == 'report' then
   end
   return fresh
 elseif op == 'leave' then
-  drop_node(ARGV[6])
+  start_drop(ARGV[6])
+  continue_drops(tonumber(ARGV[7]))
   return 1
 elseif op == 'sweep' then
   local ttl = tonumber(ARGV[6])
   local nodes = redis.call('HGETALL', KEYS[3])
   for i = 1, #nodes, 2 do
     if now - tonumber(nodes[i + 1]) > ttl then
-      drop_node(nodes[i])
+      start_drop(nodes[i])
     end
   end
+  continue_drops(tonumber(ARGV[8]))
   local due = redis.call('ZRANGEBYSCORE', W .. 'due', '-inf', now, 'LIMIT', 0, tonumber(ARGV[7]))
   local emitted = 0
   for _, subject in ipairs(due) do

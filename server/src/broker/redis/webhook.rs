@@ -19,6 +19,10 @@ use crate::broker::BrokerError;
 /// Redis; the rest are emitted by the next sweep.
 const SWEEP_LIMIT: usize = 1_000;
 
+/// Holdings of dead or leaving nodes let go of per call (see `webhook.lua`), for the
+/// same reason: a node with 20,000 users is dropped over 20 sweeps, not in one call.
+pub const DROP_LIMIT: usize = 1_000;
+
 /// Holdings per report call, for the same reason.
 const REPORT_CHUNK: usize = 512;
 
@@ -125,7 +129,7 @@ impl WebhookStore for RedisWebhookStore {
     }
 
     async fn leave(&self, node: &str) -> Result<(), BrokerError> {
-        self.presence::<Value>("leave", vec![node.to_owned()])
+        self.presence::<Value>("leave", vec![node.to_owned(), DROP_LIMIT.to_string()])
             .await?;
         Ok(())
     }
@@ -134,7 +138,11 @@ impl WebhookStore for RedisWebhookStore {
         let emitted: i64 = self
             .presence(
                 "sweep",
-                vec![millis(self.settings.node_ttl), SWEEP_LIMIT.to_string()],
+                vec![
+                    millis(self.settings.node_ttl),
+                    SWEEP_LIMIT.to_string(),
+                    DROP_LIMIT.to_string(),
+                ],
             )
             .await?;
         Ok(emitted.max(0) as u64)
