@@ -254,8 +254,10 @@ pub struct Config {
 
     /// Milliseconds within which some device of a user must acknowledge (`ack`) a
     /// message of the user's personal channel; a message not acknowledged by then is
-    /// reported once as `message.unacked` (for a mobile push). 0 turns the detection
-    /// off (no scheduling cost on publish); otherwise 100..=3600000. Keep it well
+    /// reported once as `message.unacked` (for a mobile push). Only with
+    /// `HERALD_WEBHOOK_URL`: the webhook is where reports go, so without one the
+    /// detection is off whatever this says. 0 turns the detection off (no scheduling
+    /// cost on publish); otherwise 100..=3600000. Keep it well
     /// below the history TTL: a message that left history before it is overdue cannot
     /// be reported.
     #[arg(long, env = "HERALD_ACK_TIMEOUT_MS", default_value_t = 30_000,

@@ -135,9 +135,23 @@ pub async fn run(
     Hub::consume(&hub, events);
     tokio::spawn(Arc::clone(&hub).load_revocations());
     let presence = Arc::new(Presence::new(id.clone(), Arc::clone(&broker)));
-    if config.ack_timeout_ms > 0
-        && config.ack_timeout_ms >= config.history_ttl_secs.saturating_mul(1000)
-    {
+    let webhook_settings = webhook::Settings::from_config(&config, keys.dev)?;
+    // Unacked reports have one consumer, the webhook log. Without a webhook the
+    // detection would schedule every personal message and sweep Redis for overdue ones
+    // only to log them: in a 30-minute soak whose clients never ack, that was about
+    // 200 µs of Redis CPU per message, five times the publish itself. So it runs only
+    // with `HERALD_WEBHOOK_URL`.
+    let ack_timeout_ms = if webhook_settings.is_some() {
+        config.ack_timeout_ms
+    } else {
+        if config.ack_timeout_ms > 0 {
+            tracing::info!(
+                "unacked detection is off: no HERALD_WEBHOOK_URL to report message.unacked to                  (acks and GET /v1/users/{{user}}/unread work as ever)"
+            );
+        }
+        0
+    };
+    if ack_timeout_ms > 0 && ack_timeout_ms >= config.history_ttl_secs.saturating_mul(1000) {
         tracing::warn!(
             ack_timeout_ms = config.ack_timeout_ms,
             history_ttl_secs = config.history_ttl_secs,
@@ -148,10 +162,10 @@ pub async fn run(
     let receipts = Arc::new(receipts::Receipts::new(
         Arc::clone(&broker),
         Arc::clone(&metrics),
-        config.ack_timeout_ms,
+        ack_timeout_ms,
         config.history_size,
     ));
-    let webhooks = match webhook::Settings::from_config(&config, keys.dev)? {
+    let webhooks = match webhook_settings {
         Some(settings) => Some(Arc::new(webhook::Webhooks::new(
             settings,
             broker.as_ref(),

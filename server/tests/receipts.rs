@@ -27,9 +27,17 @@ fn prefix(test: &str) -> String {
     format!("t{}:{test}:", std::process::id())
 }
 
+/// A webhook URL where nothing listens: unacked detection runs only with a webhook
+/// (its reports go to the webhook log, which is filled whether or not the receiver
+/// answers).
+const NOWHERE: &str = "http://127.0.0.1:9/hook";
+const SECRET: &str = "receipts-test-webhook-secret-of-32-bytes-or-more";
+
 fn memory_config(ack_timeout_ms: u64) -> Config {
     Config {
         ack_timeout_ms,
+        webhook_url: Some(vec![NOWHERE.into()]),
+        webhook_secret: Some(SECRET.into()),
         ..node::test_config()
     }
 }
@@ -364,6 +372,27 @@ async fn unacked_messages_are_reported_once_with_the_memory_broker() {
 async fn unacked_messages_are_reported_once_with_redis() {
     let redis = RedisServer::start();
     offline_and_unacked_are_reported(redis_config(&redis, "offline", 1_000)).await;
+}
+
+/// Without `HERALD_WEBHOOK_URL` there is nowhere to report to: nothing is scheduled,
+/// swept or reported, whatever `HERALD_ACK_TIMEOUT_MS` says, and acks and `unread`
+/// still work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn detection_runs_only_with_a_webhook() {
+    let redis = RedisServer::start();
+    let n = TestNode::start(Config {
+        webhook_url: None,
+        webhook_secret: None,
+        ..redis_config(&redis, "nohook", 200)
+    })
+    .await;
+    publish(&n, "bob", json!(1)).await;
+    let due = redis.cli(&["ZCARD", &format!("{}{{#receipts}}:due", prefix("nohook"))]);
+    assert_eq!(due.trim(), "0");
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    assert_eq!(n.metric("herald_unacked_messages_total").await, 0.0);
+    let u = unread(&n.http(), "bob").await;
+    assert_eq!(u["messages"].as_array().unwrap().len(), 1);
 }
 
 /// With `HERALD_ACK_TIMEOUT_MS=0` nothing is scheduled or reported (acks still work).

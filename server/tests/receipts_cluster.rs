@@ -14,10 +14,17 @@ fn prefix(test: &str) -> String {
 
 fn start(n: usize, redis: &RedisServer, prefix: &str, ack_timeout_ms: &str) -> Vec<NodeProcess> {
     let url = redis.url();
+    // Unacked detection runs only with a webhook; nothing needs to listen there (the
+    // reports go to the webhook log in Redis either way).
     let env = [
         ("HERALD_REDIS_URL", url.as_str()),
         ("HERALD_REDIS_PREFIX", prefix),
         ("HERALD_ACK_TIMEOUT_MS", ack_timeout_ms),
+        ("HERALD_WEBHOOK_URL", "http://127.0.0.1:9/hook"),
+        (
+            "HERALD_WEBHOOK_SECRET",
+            "receipts-test-webhook-secret-of-32-bytes-or-more",
+        ),
     ];
     (0..n)
         .map(|i| NodeProcess::start(&format!("node{i}"), &env))
