@@ -138,9 +138,9 @@ pub async fn run(
     let webhook_settings = webhook::Settings::from_config(&config, keys.dev)?;
     // Unacked reports have one consumer, the webhook log. Without a webhook the
     // detection would schedule every personal message and sweep Redis for overdue ones
-    // only to log them: in a 30-minute soak whose clients never ack, that was about
-    // 200 µs of Redis CPU per message, five times the publish itself. So it runs only
-    // with `HERALD_WEBHOOK_URL`.
+    // only to log them: about 120 µs of Redis CPU per message no client acks, three
+    // times the publish itself (docs/benchmarks.md). So it runs only with
+    // `HERALD_WEBHOOK_URL`.
     let ack_timeout_ms = if webhook_settings.is_some() {
         config.ack_timeout_ms
     } else {
