@@ -649,23 +649,17 @@ fn bad_settings_refuse_to_start() {
 async fn redis_store_trims_counts_losses_and_respects_the_lease() {
     use herald_server::broker::webhook::{NewEvent, WebhookStoreSettings};
     let redis = RedisServer::start();
-    let broker = herald_server::broker::redis::connect(
-        &redis.url(),
+    let (broker, store) = redis_store(
+        &redis,
         &prefix("store"),
-        "n1",
-        herald_server::Config::default().broker_settings(),
-    )
-    .await
-    .unwrap();
-    let store = herald_server::broker::Broker::webhooks(
-        &broker,
         WebhookStoreSettings {
             grace: Duration::from_secs(5),
             node_ttl: Duration::from_secs(10),
             lease: Duration::from_secs(10),
             retention: 10,
         },
-    );
+    )
+    .await;
     let append = |i: usize| NewEvent {
         kind: "test.event".into(),
         subject: format!("u:user{i}"),
@@ -750,23 +744,17 @@ async fn a_dead_node_is_dropped_in_bounded_steps() {
     const BACK: usize = 100;
     let redis = RedisServer::start();
     let prefix = prefix("drop");
-    let broker = herald_server::broker::redis::connect(
-        &redis.url(),
+    let (broker, store) = redis_store(
+        &redis,
         &prefix,
-        "n1",
-        herald_server::Config::default().broker_settings(),
-    )
-    .await
-    .unwrap();
-    let store = herald_server::broker::Broker::webhooks(
-        &broker,
         WebhookStoreSettings {
             grace: Duration::ZERO,
             node_ttl: Duration::from_millis(300),
             lease: Duration::from_secs(10),
             retention: 100_000,
         },
-    );
+    )
+    .await;
     let hold = |range: std::ops::Range<usize>| -> Vec<Holding> {
         range
             .map(|i| Holding {
@@ -863,4 +851,25 @@ fn apply(last: &mut BTreeMap<String, String>, batch: Vec<(String, String)>) -> u
         assert_eq!(kind, expected, "{user}: {before:?} then {kind}");
     }
     n
+}
+
+/// A Redis broker of node "n1" under `prefix` and its webhook store.
+async fn redis_store(
+    redis: &RedisServer,
+    prefix: &str,
+    settings: herald_server::broker::webhook::WebhookStoreSettings,
+) -> (
+    herald_server::broker::redis::RedisBroker,
+    std::sync::Arc<dyn herald_server::broker::webhook::WebhookStore>,
+) {
+    let broker = herald_server::broker::redis::connect(
+        &redis.url(),
+        prefix,
+        "n1",
+        herald_server::Config::default().broker_settings(),
+    )
+    .await
+    .unwrap();
+    let store = herald_server::broker::Broker::webhooks(&broker, settings);
+    (broker, store)
 }
