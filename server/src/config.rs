@@ -136,9 +136,9 @@ pub struct Config {
     /// requests). Each holds a file descriptor, and a node has at most 20,000: without
     /// a count, sockets that never send a request could take every descriptor within
     /// `HERALD_HEADER_READ_TIMEOUT_MS`, and with them the node's own connections to
-    /// Redis. A connection over it is closed at once, before reading anything, and
-    /// counted in `herald_http_connections_refused_total`. Upgraded WebSockets leave
-    /// this count (sessions have `HERALD_MAX_PENDING_HANDSHAKES` and
+    /// Redis. When it is full, a newcomer closes the oldest connection at least 1 s
+    /// old (one that never sent a request first); if all are younger, the newcomer is
+    /// closed at once. Upgraded WebSockets leave this count (sessions have `HERALD_MAX_PENDING_HANDSHAKES` and
     /// `HERALD_MAX_CONNECTIONS`). At least 1.
     #[arg(
         long,

@@ -376,8 +376,14 @@ impl RepairBuffer {
         }
     }
 
-    /// Keeps `p` if the bounds allow; returns whether it did.
+    /// Keeps `p` if the bounds allow; returns whether it did. After one refusal every
+    /// later publication is refused too, so the buffer is always one unbroken run of
+    /// offsets: a hole in it would end the repair in a `resync` that history could
+    /// have avoided.
     fn push(&mut self, p: Publication) -> bool {
+        if self.overflowed {
+            return false;
+        }
         let size = buffered_size(&p);
         let b = &self.budget;
         let taken = b
@@ -1298,6 +1304,23 @@ mod tests {
             assert_eq!(hub.repair_budget.used.load(Ordering::Acquire), 10 * one);
         }
         assert_eq!(hub.metrics.repair_buffer_overflows.get(), 30);
+        // Once one was refused, even one that would fit is refused: no hole.
+        {
+            let mut shard = hub.shard("c");
+            let buffer = shard
+                .channels
+                .get_mut("c")
+                .unwrap()
+                .repairing
+                .as_mut()
+                .unwrap();
+            assert!(!buffer.push(Publication {
+                offset: 42,
+                epoch: first.epoch.as_str().into(),
+                data: "".into(),
+                from: None,
+            }));
+        }
         assert!(
             a.try_next().is_none(),
             "nothing delivered during the repair"

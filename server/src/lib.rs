@@ -146,7 +146,8 @@ pub async fn run(
     } else {
         if config.ack_timeout_ms > 0 {
             tracing::info!(
-                "unacked detection is off: no HERALD_WEBHOOK_URL to report message.unacked to                  (acks and GET /v1/users/{{user}}/unread work as ever)"
+                "unacked detection is off: no HERALD_WEBHOOK_URL to report message.unacked to; \
+                 acks and GET /v1/users/{{user}}/unread work as ever"
             );
         }
         0
@@ -222,6 +223,7 @@ pub async fn run(
             send_buffer: node.config.tcp_send_buffer,
             max_http_connections: node.config.max_http_connections,
             refused: node.metrics.http_connections_refused.clone(),
+            evicted: node.metrics.http_connections_evicted.clone(),
         },
         stop_http.clone(),
     ));

@@ -11,6 +11,9 @@ use tracing_subscriber::EnvFilter;
 /// The allocator: mimalloc keeps per-thread free lists and returns memory to the OS in
 /// small pages. glibc's malloc showed up as about a tenth of the node's CPU under push
 /// load (`perf`), and its arenas hold on to freed memory after connection bursts.
+/// The `system-alloc` feature keeps the system allocator instead, for heap profilers
+/// that hook `malloc` (heaptrack; docs/benchmarks.md, "Memory per connection").
+#[cfg(not(feature = "system-alloc"))]
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

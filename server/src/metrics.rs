@@ -81,6 +81,9 @@ pub struct Metrics {
     /// TCP connections closed at accept: `HERALD_MAX_HTTP_CONNECTIONS` were in their
     /// HTTP phase.
     pub http_connections_refused: Counter,
+    /// Connections in their HTTP phase closed to make room for a newcomer (the oldest,
+    /// silent ones first).
+    pub http_connections_evicted: Counter,
     /// Open connections that have not finished `hello` (also in `connections`).
     pub pending_handshakes: Gauge,
     /// Pending connections closed 4429 to make room for a newcomer (the pending budget
@@ -159,6 +162,7 @@ impl Metrics {
             connections: Gauge::default(),
             connections_accepted: Counter::default(),
             http_connections_refused: Counter::default(),
+            http_connections_evicted: Counter::default(),
             pending_handshakes: Gauge::default(),
             pending_evicted: Counter::default(),
             recovery_over_budget: Counter::default(),
@@ -203,6 +207,11 @@ impl Metrics {
             "herald_http_connections_refused",
             "TCP connections closed at accept because HERALD_MAX_HTTP_CONNECTIONS were in their HTTP phase",
             m.http_connections_refused.clone(),
+        );
+        registry.register(
+            "herald_http_connections_evicted",
+            "Connections in their HTTP phase closed to make room for a newcomer",
+            m.http_connections_evicted.clone(),
         );
         registry.register(
             "herald_pending_handshakes",

@@ -785,8 +785,16 @@ async fn a_dead_node_is_dropped_in_bounded_steps() {
         first.len()
     );
     apply(&mut last, first);
+    let dropping = format!("{prefix}{{#webhook}}:dropping");
+    let drops = redis.cli(&["HGETALL", &dropping]);
+    let drops: Vec<&str> = drops.lines().map(str::trim).collect();
+    assert_eq!(
+        drops.get(1),
+        Some(&"dead"),
+        "one drop in progress: {drops:?}"
+    );
     let left: usize = redis
-        .cli(&["SCARD", &format!("{prefix}{{#webhook}}:d:dead")])
+        .cli(&["SCARD", &format!("{prefix}{{#webhook}}:d:{}", drops[0])])
         .trim()
         .parse()
         .unwrap();
@@ -795,11 +803,9 @@ async fn a_dead_node_is_dropped_in_bounded_steps() {
     // The node comes back under its id and holds the first BACK users again: it is
     // unknown, so it reports everything it holds.
     assert!(store.report("dead", &hold(0..BACK)).await.unwrap(), "fresh");
-    while redis
-        .cli(&["EXISTS", &format!("{prefix}{{#webhook}}:d:dead")])
-        .trim()
-        != "0"
-    {
+    let deadline = Instant::now() + WAIT;
+    while redis.cli(&["HLEN", &dropping]).trim() != "0" {
+        assert!(Instant::now() < deadline, "the drop never ended");
         store.report("dead", &[]).await.unwrap(); // stays alive meanwhile
         store.sweep().await.unwrap();
     }

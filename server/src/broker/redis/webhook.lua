@@ -7,8 +7,9 @@
 --   W..'due'       zset: subject -> offline deadline (ms, Redis clock)
 --   W..'nodes'     hash: node -> last report (ms, Redis clock)
 --   W..'n:'..node  set: subjects the node holds
---   W..'d:'..node  set: subjects of a dead or leaving node not let go of yet
---   W..'dropping'  set: nodes with a W..'d:' set
+--   W..'d:'..gen   set: subjects of a dead or leaving node not let go of yet, one per drop
+--   W..'dropping'  hash: gen -> node, the drops in progress
+--   W..'dgen'      counter numbering the drops
 --   W..'s:'..subj  set: nodes holding the subject
 -- Keys other than KEYS[1..3] are built here from W: they share its hash tag, so they
 -- live in the same slot (and on the same shard).
@@ -82,16 +83,14 @@ end
 -- the same id is "unknown" and reports everything it holds again (into a fresh
 -- W..'n:' set); then each call lets go of a bounded number of the old holdings,
 -- skipping those the node holds again.
+-- Each drop gets a set of its own (a RENAME, O(1)), so a node that dies again while an
+-- earlier drop of it is still running never merges sets in one call.
 local function start_drop(node)
-  local held, gone = W .. 'n:' .. node, W .. 'd:' .. node
+  local held = W .. 'n:' .. node
   if redis.call('EXISTS', held) == 1 then
-    if redis.call('EXISTS', gone) == 1 then
-      redis.call('SUNIONSTORE', gone, gone, held)
-      redis.call('DEL', held)
-    else
-      redis.call('RENAME', held, gone)
-    end
-    redis.call('SADD', W .. 'dropping', node)
+    local gen = string.format('%d', redis.call('INCR', W .. 'dgen'))
+    redis.call('RENAME', held, W .. 'd:' .. gen)
+    redis.call('HSET', W .. 'dropping', gen, node)
   end
   redis.call('HDEL', KEYS[3], node)
 end
@@ -99,11 +98,13 @@ end
 -- Lets go of up to `budget` old holdings of dropped nodes; returns how many.
 local function continue_drops(budget)
   local done = 0
-  for _, node in ipairs(redis.call('SMEMBERS', W .. 'dropping')) do
+  local drops = redis.call('HGETALL', W .. 'dropping')
+  for i = 1, #drops, 2 do
     if done >= budget then
       break
     end
-    local gone = W .. 'd:' .. node
+    local gen, node = drops[i], drops[i + 1]
+    local gone = W .. 'd:' .. gen
     local items = redis.call('SPOP', gone, budget - done)
     for _, subject in ipairs(items) do
       if redis.call('SISMEMBER', W .. 'n:' .. node, subject) == 0 then
@@ -112,7 +113,7 @@ local function continue_drops(budget)
     end
     done = done + #items
     if redis.call('EXISTS', gone) == 0 then
-      redis.call('SREM', W .. 'dropping', node)
+      redis.call('HDEL', W .. 'dropping', gen)
     end
   end
   return done
