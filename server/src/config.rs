@@ -138,8 +138,8 @@ pub struct Config {
     /// `HERALD_HEADER_READ_TIMEOUT_MS`, and with them the node's own connections to
     /// Redis. When it is full, a newcomer closes the oldest connection at least 1 s
     /// old (one that never sent a request first); if all are younger, the newcomer is
-    /// closed at once. Upgraded WebSockets leave this count (sessions have `HERALD_MAX_PENDING_HANDSHAKES` and
-    /// `HERALD_MAX_CONNECTIONS`). At least 1.
+    /// closed at once. Upgraded WebSockets leave this count (sessions have
+    /// `HERALD_MAX_PENDING_HANDSHAKES` and `HERALD_MAX_CONNECTIONS`). At least 1.
     #[arg(
         long,
         env = "HERALD_MAX_HTTP_CONNECTIONS",
