@@ -162,10 +162,12 @@ async fn clients_that_stop_reading_a_recovery_are_closed_4509_and_freed() {
     // 3 s of write timeout, then the close (1 s at most); the rest is slack for a busy
     // machine. Without the bound the sessions would wait forever.
     assert!(took < Duration::from_secs(20), "took {took:?}");
-    // The copies were there (8 × 6 MB)…
+    // The copies were there (8 × 6 MB; at least half of them at once: the samples run
+    // between other work, and on a loaded machine the first sessions may already be
+    // closed when the last ones fill)…
     let held = rss_stuck.saturating_sub(rss_before);
     assert!(
-        held > 40 * 1024,
+        held > 24 * 1024,
         "the stuck sessions held less than expected: {rss_before} KiB → {rss_stuck} KiB"
     );
     // …and are gone: the node's memory comes back to within a third of what they held.

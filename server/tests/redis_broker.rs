@@ -823,23 +823,27 @@ async fn channel_keys_expire_with_amortised_refreshes() {
     let started = Instant::now();
     let mut published = 0u64;
     // Publish for longer than the history TTL: the keys must never expire meanwhile.
+    // The TTLs are read after every 10th publish only, so publishes come much faster
+    // than `every` even on a loaded machine (each read starts two redis-cli).
     while started.elapsed() < Duration::from_millis(1400) {
         let sent = Instant::now();
         let p = node.broker.publish("x", "{}", None).await.unwrap();
         published += 1;
         assert_eq!(p.offset, published, "the channel never restarted");
-        let (h, m) = (pttl("h"), pttl("m"));
-        // At least the TTL from the publish on, which was `since` ms ago at most.
-        let since = sent.elapsed().as_millis() as i64 + 1;
-        assert!((800 - since..=800 + every).contains(&h), "history ttl {h}");
-        assert!((1600 - since..=1600 + every).contains(&m), "meta ttl {m}");
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        if published.is_multiple_of(10) {
+            let (h, m) = (pttl("h"), pttl("m"));
+            // At least the TTL from the publish on, which was `since` ms ago at most.
+            let since = sent.elapsed().as_millis() as i64 + 1;
+            assert!((800 - since..=800 + every).contains(&h), "history ttl {h}");
+            assert!((1600 - since..=1600 + every).contains(&m), "meta ttl {m}");
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
     }
     let refreshes = pexpires() - before;
     // Two keys, one refresh per `every` ms at most (plus the first publish), where a
     // refresh per publish would be two PEXPIREs per publish.
-    let bound = 2 * (1400 / every + 2);
-    assert!(published > bound as u64, "{published} publishes");
+    let bound = 2 * (started.elapsed().as_millis() as i64 / every + 2);
+    assert!(published > 2 * bound as u64, "{published} publishes");
     assert!(
         refreshes <= bound as u64,
         "{refreshes} PEXPIREs for {published} publishes"
