@@ -811,14 +811,7 @@ async fn channel_keys_expire_with_amortised_refreshes() {
         let key = format!("{prefix}{{x}}:{suffix}");
         redis.cli(&["pttl", &key]).trim().parse().unwrap()
     };
-    let pexpires = || -> u64 {
-        redis
-            .cli(&["info", "commandstats"])
-            .lines()
-            .find_map(|l| l.trim().strip_prefix("cmdstat_pexpire:calls="))
-            .and_then(|rest| rest.split(',').next()?.parse().ok())
-            .unwrap_or(0)
-    };
+    let pexpires = || command_calls(&Backend::Single(&redis), "pexpire");
     let before = pexpires();
     let started = Instant::now();
     let mut published = 0u64;
@@ -868,9 +861,15 @@ async fn channel_keys_expire_with_amortised_refreshes() {
 
 /// `EVALSHA` calls so far, over all masters (`INFO commandstats`).
 fn evalsha_calls(backend: &Backend<'_>) -> u64 {
+    command_calls(backend, "evalsha")
+}
+
+/// Calls of Redis command `name` so far, over all masters (`INFO commandstats`).
+fn command_calls(backend: &Backend<'_>, name: &str) -> u64 {
+    let prefix = format!("cmdstat_{name}:calls=");
     let calls = |out: String| -> u64 {
         out.lines()
-            .find_map(|l| l.trim().strip_prefix("cmdstat_evalsha:calls="))
+            .find_map(|l| l.trim().strip_prefix(prefix.as_str()))
             .and_then(|rest| rest.split(',').next()?.parse().ok())
             .unwrap_or(0)
     };

@@ -8,5 +8,5 @@ for i in $(seq 0 29); do
   ACTS+=(--action "at=${t}s ${op% *} node=${node}" --action "at=$((t + 30))s restart node=${node}")
 done
 timeout 2400 target/release/herald-loadtest chaos --spawn-cluster 3 --users 3000 --rate 1000 \
-  --duration 1800 "${ACTS[@]}" --check --report soak2.json
+  --duration 1800 "${ACTS[@]}" --check --report "${REPORT:-soak2.json}"
 echo "rc=$?"

@@ -1,12 +1,4 @@
 #!/bin/bash
-# Soak 2: kills and drains rotate over all three nodes (each restarted 30 s later), so
-# every failure moves clients (a killed or drained node's clients go to the next URL).
-ACTS=()
-ops=("kill 1" "drain 2" "kill 3" "drain 1" "kill 2" "drain 3")
-for i in $(seq 0 29); do
-  t=$((10 + i * 60)); op=${ops[$((i % 6))]}; node=${op#* }
-  ACTS+=(--action "at=${t}s ${op% *} node=${node}" --action "at=$((t + 30))s restart node=${node}")
-done
-timeout 2400 target/release/herald-loadtest chaos --spawn-cluster 3 --users 3000 --rate 1000 \
-  --duration 1800 "${ACTS[@]}" --check --report docs/bench/2026-12-01-r3/soak.json
-echo "rc=$?"
+# The 2026-12-01 r3 soak: soak 2 of 2026-11-26 (kills and drains rotating over three
+# nodes, 30 min), run from the repository root, its report written here.
+REPORT=docs/bench/2026-12-01-r3/soak.json exec "$(dirname "$0")/../2026-11-26/soak2.sh"
