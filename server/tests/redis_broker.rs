@@ -1085,6 +1085,159 @@ async fn cluster_channels_spread_over_shards() {
     b.broker.shutdown().await;
 }
 
+/// The master (index into `cluster.nodes`) that owns `slot`, from `CLUSTER NODES`.
+fn slot_owner(cluster: &RedisCluster, slot: u16) -> usize {
+    let nodes = cluster.nodes[0].cli(&["cluster", "nodes"]);
+    for line in nodes.lines() {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let Some(port) = fields
+            .get(1)
+            .and_then(|a| a.split('@').next()?.rsplit(':').next()?.parse::<u16>().ok())
+        else {
+            continue;
+        };
+        let owns = fields.iter().skip(8).any(|range| {
+            let mut ends = range.split('-').map(|n| n.parse::<u16>());
+            match (ends.next(), ends.next()) {
+                (Some(Ok(a)), Some(Ok(b))) => (a..=b).contains(&slot),
+                (Some(Ok(a)), None) => a == slot,
+                _ => false, // `[slot->-id]`: a migration marker
+            }
+        });
+        if owns {
+            return cluster
+                .nodes
+                .iter()
+                .position(|n| n.port() == port)
+                .expect("a master of ours");
+        }
+    }
+    panic!("no owner for slot {slot}:\n{nodes}");
+}
+
+/// Publishing through a slot migration (a Redis Cluster reshard). While a channel's
+/// slot migrates and its keys already moved, Redis answers ASK for it; a publish is
+/// written once, so it is not followed: that channel's messages fail with an error,
+/// and every other publish goes on, on the same connections (fred, left to follow the
+/// ASK with one attempt, dropped them all). Once the slot moved, Redis answers MOVED,
+/// the client syncs its slot map and the call goes again. No message is written twice
+/// or in part: offsets stay gapless and history holds each accepted message once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cluster_publishes_through_a_slot_migration() {
+    let cluster = RedisCluster::start();
+    let prefix = prefix("reshard");
+    let writer = Node::start(&cluster.url(), &prefix, "writer", settings()).await;
+    let slot = |c: &str| fred::util::redis_keyslot(format!("{prefix}{{{c}}}:m").as_bytes());
+    // Four channels of master 0, each in its own slot.
+    let mut used: Vec<String> = Vec::new();
+    for i in 0.. {
+        let c = format!("lane:{i}");
+        let s = slot(&c);
+        if slot_owner(&cluster, s) == 0 && used.iter().all(|p| slot(p) != s) {
+            used.push(c);
+        }
+        if used.len() == 4 {
+            break;
+        }
+    }
+    let batch = |round: usize, channels: &[String]| -> Vec<(String, String)> {
+        channels
+            .iter()
+            .flat_map(|c| (0..2).map(move |k| (c.clone(), format!(r#"{{"r":{round},"k":{k}}}"#))))
+            .collect()
+    };
+    let publish = |messages: Vec<(String, String)>| {
+        let broker = writer.broker.clone();
+        async move {
+            let list: Vec<BatchMessage<'_>> = messages
+                .iter()
+                .map(|(channel, data)| BatchMessage {
+                    channel,
+                    data,
+                    from: None,
+                })
+                .collect();
+            broker
+                .publish_batch(&list)
+                .await
+                .into_iter()
+                .map(|a| a.ok().map(|p| p.offset))
+                .collect::<Vec<Option<u64>>>()
+        }
+    };
+    let ok = |offsets: &[u64]| offsets.iter().map(|&o| Some(o)).collect::<Vec<_>>();
+    assert_eq!(
+        publish(batch(0, &used)).await,
+        ok(&[1, 2, 1, 2, 1, 2, 1, 2])
+    );
+    assert_eq!(
+        publish(batch(1, &used)).await,
+        ok(&[3, 4, 3, 4, 3, 4, 3, 4])
+    );
+
+    // used[1]'s slot migrates to master 1, and its keys are already there: master 0
+    // answers ASK for them, master 1 serves them after ASKING.
+    let moving = slot(&used[1]).to_string();
+    let id = |n: usize| cluster.nodes[n].cli(&["cluster", "myid"]).trim().to_owned();
+    let (source, target) = (id(0), id(1));
+    cluster.nodes[1].cli(&["cluster", "setslot", &moving, "importing", &source]);
+    cluster.nodes[0].cli(&["cluster", "setslot", &moving, "migrating", &target]);
+    let keys = [
+        format!("{prefix}{{{}}}:m", used[1]),
+        format!("{prefix}{{{}}}:h", used[1]),
+    ];
+    let port = cluster.nodes[1].port().to_string();
+    let out = cluster.nodes[0].cli(&[
+        "migrate",
+        "127.0.0.1",
+        &port,
+        "",
+        "0",
+        "5000",
+        "keys",
+        &keys[0],
+        &keys[1],
+    ]);
+    assert_eq!(out.trim(), "OK", "migrate: {out}");
+    assert_eq!(
+        publish(batch(2, &used[..3])).await,
+        vec![Some(5), Some(6), None, None, Some(5), Some(6)]
+    );
+    // The slot moved: the client's map still says master 0, which answers MOVED; the
+    // client syncs its map and the call goes again.
+    for n in &cluster.nodes {
+        n.cli(&["cluster", "setslot", &moving, "node", &target]);
+    }
+    assert_eq!(
+        publish(batch(3, &used)).await,
+        ok(&[7, 8, 5, 6, 7, 8, 5, 6])
+    );
+    // Each channel's history: every message once, in order, nothing in part.
+    for (c, skipped) in [
+        (&used[0], false),
+        (&used[1], true),
+        (&used[2], false),
+        (&used[3], true),
+    ] {
+        let h = writer.broker.history(c, 0, 100).await.expect("history");
+        let got: Vec<(u64, String)> = h
+            .publications
+            .iter()
+            .map(|p| (p.offset, p.data.to_string()))
+            .collect();
+        let want: Vec<(u64, String)> = (0..4)
+            .filter(|&r| r != 2 || !skipped)
+            .flat_map(|r| (0..2).map(move |k| format!(r#"{{"r":{r},"k":{k}}}"#)))
+            .enumerate()
+            .map(|(i, d)| (i as u64 + 1, d))
+            .collect();
+        assert_eq!(got, want, "{c}");
+    }
+    let stream = format!("{prefix}{{{}}}:h", used[1]);
+    assert_eq!(cluster.nodes[1].cli(&["xlen", &stream]).trim(), "6");
+    writer.broker.shutdown().await;
+}
+
 /// No reference cycle between hub and broker: dropping the hub and the last handle on
 /// the broker (without `shutdown`) runs the Redis broker's `Drop`, which stops its tasks
 /// (the event stream closes, so the hub's consumer ends) and closes its connections.

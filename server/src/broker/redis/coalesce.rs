@@ -19,6 +19,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 
+use fred::error::ErrorKind;
 use fred::interfaces::EventInterface;
 use fred::types::{Key, Value};
 use herald_protocol::StreamPosition;
@@ -167,7 +168,7 @@ impl Constants {
 /// Runs the lane's flush: one call per turn until the queue is empty.
 pub(super) async fn flush(inner: Arc<Inner>, lane: u16) {
     while let Some(batch) = inner.lanes.take(lane) {
-        match call(&inner, &batch).await {
+        match call_again_if_redirected(&inner, &batch).await {
             Ok(positions) => {
                 for (message, position) in batch.into_iter().zip(positions) {
                     let _ = message.done.send(Ok(position));
@@ -182,9 +183,36 @@ pub(super) async fn flush(inner: Arc<Inner>, lane: u16) {
     }
 }
 
+/// How one call failed.
+enum CallError {
+    /// Redis Cluster redirected the call (MOVED: the slot moved; ASK: it is moving and
+    /// the keys are gone) and the client did not follow: a publish is written once
+    /// (see `build_client`). It did not run.
+    Redirected(BrokerError),
+    Other(BrokerError),
+}
+
+/// [`call`], and once more when Redis redirected it: it did not run, and after a
+/// MOVED the client has synced its slot map, so the next call goes to the new owner.
+/// During a migration (ASK) the second call is redirected too, and the messages fail:
+/// the publisher gets an error, as for any publish Redis did not take.
+async fn call_again_if_redirected(
+    inner: &Inner,
+    batch: &[Outgoing],
+) -> Result<Vec<StreamPosition>, BrokerError> {
+    match call(inner, batch).await {
+        Ok(positions) => Ok(positions),
+        Err(CallError::Redirected(_)) => match call(inner, batch).await {
+            Ok(positions) => Ok(positions),
+            Err(CallError::Redirected(e) | CallError::Other(e)) => Err(e),
+        },
+        Err(CallError::Other(e)) => Err(e),
+    }
+}
+
 /// One script call for `batch` (all in one slot).
-async fn call(inner: &Inner, batch: &[Outgoing]) -> Result<Vec<StreamPosition>, BrokerError> {
-    let client = inner.publisher()?;
+async fn call(inner: &Inner, batch: &[Outgoing]) -> Result<Vec<StreamPosition>, CallError> {
+    let client = inner.publisher().map_err(CallError::Other)?;
     // Subscribed before the script runs: any reconnect from here on shows up in it.
     let reconnects = inner.publisher.as_ref().map(|p| p.reconnect_rx());
     let groups = group_by_channel(batch.iter().map(|m| m.channel.as_str()));
@@ -202,13 +230,22 @@ async fn call(inner: &Inner, batch: &[Outgoing]) -> Result<Vec<StreamPosition>, 
             args.push(batch[i].data.clone());
         }
     }
-    let answer: Vec<Value> = scripts::run_values(client, &inner.scripts.publish, keys, args)
-        .await
-        .map_err(broker_error)?;
-    let positions = positions(&answer, &groups, batch.len())?;
+    let answer: Vec<Value> =
+        match scripts::run_values(client, &inner.scripts.publish, keys, args).await {
+            Ok(answer) => answer,
+            // The client's own routing errors: it gave up on a redirection, before the
+            // script ran anywhere.
+            Err(e) if *e.kind() == ErrorKind::Routing => {
+                return Err(CallError::Redirected(broker_error(e)))
+            }
+            Err(e) => return Err(CallError::Other(broker_error(e))),
+        };
+    let positions = positions(&answer, &groups, batch.len()).map_err(CallError::Other)?;
     if let Some(reconnects) = reconnects {
         // One WAIT covers every write of the call.
-        wait_replicas(inner, client, reconnects).await?;
+        wait_replicas(inner, client, reconnects)
+            .await
+            .map_err(CallError::Other)?;
     }
     Ok(positions)
 }

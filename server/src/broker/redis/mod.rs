@@ -184,6 +184,8 @@ fn millis(d: Duration) -> String {
     d.as_millis().max(1).to_string()
 }
 
+/// A client with the broker's settings: the subscriber (`broadcast_capacity`: the
+/// buffer between its connection and the reader), or one that sends commands (`None`).
 fn build_client(config: Config, broadcast_capacity: Option<usize>) -> Result<Client, FredError> {
     let mut builder = Builder::from_config(Config {
         // Do not fail when Redis is unreachable at start: keep trying in the background.
@@ -203,6 +205,15 @@ fn build_client(config: Config, broadcast_capacity: Option<usize>) -> Result<Cli
             // One write attempt: a publish whose connection died after the write may
             // have run, and running it again would publish it twice.
             conn.max_command_attempts = 1;
+            // Redirections (MOVED, ASK: a Redis Cluster slot moved or is moving) are
+            // answered to the caller, which decides whether to send again: a MOVED
+            // syncs the slot map first. Following an ASK takes a second attempt, and
+            // with one attempt fred fails it by dropping every connection of the
+            // client (every command in flight). The subscriber keeps fred's default:
+            // its SSUBSCRIBEs are never redirected by ASK and fred follows MOVED itself.
+            if broadcast_capacity.is_none() {
+                conn.max_redirections = 0;
+            }
             conn.unresponsive = UnresponsiveConfig {
                 max_timeout: Some(UNRESPONSIVE_AFTER),
                 interval: Duration::from_secs(1),
