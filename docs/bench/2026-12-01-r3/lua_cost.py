@@ -8,6 +8,16 @@ node is), pipelined 32 calls deep, with the same argument layout as the broker. 
 Redis CPU (INFO cpu, user + sys) per message and INFO commandstats per message.
 
     python3 lua_cost.py [path/to/publish.lua]      # default: the repository's
+
+TAGGED=1 names the keys and channels with hash tags (`{N}:m`, `{N}:s`, `{N}:c`), so
+that the script also runs on a cluster-enabled Redis that owns every slot, one channel
+per call (`PER=1`). r4 used it to compare one Redis with a cluster node, each alone on
+the machine (docs/bench/2026-12-01-r4/lua_cost_tagged.txt):
+
+    redis-server --port 7799 --save '' --appendonly no
+    redis-server --port 7798 --cluster-enabled yes --cluster-config-file n.conf --save ''
+    redis-cli -p 7798 cluster addslotsrange 0 16383
+    TAGGED=1 PORT=7799 PER=1 python3 lua_cost.py; TAGGED=1 PORT=7798 PER=1 python3 lua_cost.py
 """
 import os, random, socket, sys, threading
 
@@ -15,6 +25,11 @@ PORT = int(os.environ.get("PORT", "7799"))
 NCHAN = int(os.environ.get("NCHAN", "1000"))
 PER = int(os.environ.get("PER", "4"))
 CALLS = int(os.environ.get("CALLS", "20000"))
+# Key and channel names of channel N (see TAGGED above).
+if os.environ.get("TAGGED") == "1":
+    META, STREAM, PUBSUB = "{%d}:m", "{%d}:s", "{%d}:c"
+else:
+    META, STREAM, PUBSUB = "m:%d", "s:%d", "ps:%d"
 HERE = os.path.dirname(os.path.abspath(__file__))
 SCRIPT = sys.argv[1] if len(sys.argv) > 1 else os.path.join(
     HERE, "../../../server/src/broker/redis/publish.lua")
@@ -66,7 +81,7 @@ def run(name, script):
     c.cmd("FLUSHALL")
     sha = c.cmd("SCRIPT", "LOAD", script).decode()
     sub = Conn()
-    sub.s.sendall(enc("SUBSCRIBE", *["ps:%d" % i for i in range(NCHAN)]))
+    sub.s.sendall(enc("SUBSCRIBE", *[PUBSUB % i for i in range(NCHAN)]))
     for _ in range(NCHAN):
         sub.read()
     threading.Thread(target=lambda: [None for _ in iter(lambda: sub.s.recv(1 << 20), b"")],
@@ -76,8 +91,8 @@ def run(name, script):
     for _ in range(CALLS):
         keys, argv = [], ["100", "300000", "3600000", "PUBLISH", "", "e%d" % random.getrandbits(30)]
         for ch in random.sample(range(NCHAN), PER):
-            keys += ["m:%d" % ch, "s:%d" % ch]
-            argv += ["ps:%d" % ch, "1", "", payload]
+            keys += [META % ch, STREAM % ch]
+            argv += [PUBSUB % ch, "1", "", payload]
         reqs.append(enc("EVALSHA", sha, len(keys), *keys, *argv))
     c.cmd("CONFIG", "RESETSTAT")
     cpu = lambda d: float(d["used_cpu_sys"]) + float(d["used_cpu_user"])
