@@ -758,23 +758,27 @@ impl Hub {
                     .on_publication(entry.repairing.is_some(), &p.epoch, p.offset);
             match arrival {
                 Arrival::Duplicate => return,
-                Arrival::Buffer | Arrival::Gap { .. } => {
-                    if let Arrival::Gap { epoch, from } = arrival {
-                        self.start_repair(entry, epoch, from, None);
-                    }
-                    let buffer = entry
-                        .repairing
-                        .get_or_insert_with(|| RepairBuffer::new(&self.repair_budget));
-                    if !buffer.push(p) {
-                        self.metrics.repair_buffer_overflows.inc();
-                    }
-                    return;
+                Arrival::Buffer => return self.buffer_during_repair(entry, p),
+                Arrival::Gap { epoch, from } => {
+                    self.start_repair(entry, epoch, from, None);
+                    return self.buffer_during_repair(entry, p);
                 }
                 Arrival::Deliver => self.dispatch(entry, p),
             }
         };
         if let Some(outlet) = outlet {
             self.drain(outlet);
+        }
+    }
+
+    /// Keeps a live publication for the repair in progress, within the buffer bounds
+    /// (a refusal is counted; the repair's end reads it from history).
+    fn buffer_during_repair(&self, entry: &mut ChannelEntry, p: Publication) {
+        let buffer = entry
+            .repairing
+            .get_or_insert_with(|| RepairBuffer::new(&self.repair_budget));
+        if !buffer.push(p) {
+            self.metrics.repair_buffer_overflows.inc();
         }
     }
 

@@ -98,6 +98,39 @@ impl<T> PendingQueue<T> {
                 _ => return PendingAdmit::Refused,
             }
         }
+        self.insert(now, item, evicted)
+    }
+
+    /// [`admit`](Self::admit), except that when the budget is full the oldest
+    /// connection for which `prefer` holds makes room first, among those that have
+    /// waited `evict_after`; only if there is none, the oldest of them. Scans the old
+    /// connections, so it is for budgets that are rarely full.
+    pub fn admit_preferring(
+        &mut self,
+        now: Instant,
+        item: T,
+        prefer: impl Fn(&T) -> bool,
+    ) -> PendingAdmit<T> {
+        let mut evicted = None;
+        if self.entries.len() >= self.limit {
+            // Admission order is time order: the old ones are a prefix.
+            let mut old = self.entries.iter().take_while(|(_, (since, _))| {
+                now.saturating_duration_since(*since) >= self.evict_after
+            });
+            let first_old = old.next().map(|(seq, (_, item))| (*seq, prefer(item)));
+            let victim = match first_old {
+                None => return PendingAdmit::Refused,
+                Some((seq, true)) => seq,
+                Some((seq, false)) => old
+                    .find(|(_, (_, item))| prefer(item))
+                    .map_or(seq, |(preferred, _)| *preferred),
+            };
+            evicted = self.entries.remove(&victim).map(|(_, item)| item);
+        }
+        self.insert(now, item, evicted)
+    }
+
+    fn insert(&mut self, now: Instant, item: T, evicted: Option<T>) -> PendingAdmit<T> {
         let seq = self.next;
         self.next += 1;
         self.entries.insert(seq, (now, item));
@@ -169,6 +202,33 @@ mod tests {
         assert_eq!(q.remove(1), Some("b"));
         assert_eq!(q.admit(t0, "e"), PendingAdmit::Admitted(3));
         assert_eq!(q.len(), 2);
+    }
+
+    #[test]
+    fn pending_can_prefer_whom_it_evicts() {
+        let t0 = Instant::now();
+        let second = Duration::from_secs(1);
+        let silent = |s: &&str| s.starts_with("silent");
+        let mut q = PendingQueue::new(3, second);
+        q.admit(t0, "busy a");
+        q.admit(t0, "silent b");
+        q.admit(t0 + second, "silent c");
+        // Only a and b are old: b, the oldest preferred one, goes.
+        assert_eq!(
+            q.admit_preferring(t0 + second, "d", silent),
+            PendingAdmit::Evicted(3, "silent b")
+        );
+        // No old preferred one (c is silent but young): the oldest old one goes.
+        assert_eq!(
+            q.admit_preferring(t0 + second, "e", silent),
+            PendingAdmit::Evicted(4, "busy a")
+        );
+        // All young: refused.
+        assert_eq!(
+            q.admit_preferring(t0 + second, "f", silent),
+            PendingAdmit::Refused
+        );
+        assert_eq!(q.len(), 3);
     }
 
     #[test]

@@ -19,7 +19,7 @@
 //! At most [`Limits::max_http_connections`] connections are in their HTTP phase at once
 //! (accepted, not yet upgraded; see [`HttpPhase`]). When they are all taken, a newcomer
 //! closes the oldest one that has been there for [`MIN_AGE`] (one that never sent a
-//! request first), as the pending-handshake budget does for WebSockets: so sockets that
+//! request first), with the queue of the pending-handshake budget for WebSockets: so sockets that
 //! sit there silently, or never read their answers, cannot lock real clients out, while
 //! the node's file descriptors stay bounded. Only when every connection is younger than
 //! that is the newcomer itself closed. A connection leaves the count when it closes or
@@ -28,10 +28,9 @@
 //! The router sees the peer address as `ConnectInfo<SocketAddr>`, as with
 //! `into_make_service_with_connect_info`.
 
-use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::extract::ConnectInfo;
@@ -41,10 +40,11 @@ use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus_client::metrics::counter::Counter;
 use tokio::net::TcpListener;
-use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower_service::Service;
+
+use crate::limits::{PendingAdmit, PendingQueue};
 
 /// The bounds of the HTTP phase of a connection.
 pub struct Limits {
@@ -66,93 +66,58 @@ pub const MIN_AGE: Duration = Duration::from_secs(1);
 
 /// One connection in its HTTP phase.
 struct Tracked {
-    since: Instant,
+    /// Its number in the phase's queue.
+    seq: AtomicU64,
     /// It sent a request (a silent one is evicted first).
     requested: AtomicBool,
-    /// Closed, upgraded or evicted: no longer counted.
-    done: AtomicBool,
     /// Cancelled to evict it.
     evict: CancellationToken,
 }
 
-/// The connections in their HTTP phase, oldest first, and how many are alive.
+/// The connections in their HTTP phase: the pending-handshake budget's queue
+/// ([`PendingQueue`]), preferring silent connections when it evicts.
 struct HttpPhase {
-    max: usize,
-    state: Mutex<PhaseState>,
-}
-
-#[derive(Default)]
-struct PhaseState {
-    alive: usize,
-    /// Accept order. Finished entries are dropped from the front, and all of them at
-    /// once when the queue is twice `max` long, so it stays O(max).
-    queue: VecDeque<Arc<Tracked>>,
+    queue: Mutex<PendingQueue<Arc<Tracked>>>,
 }
 
 impl HttpPhase {
     fn new(max: usize) -> Self {
         Self {
-            max: max.max(1),
-            state: Mutex::default(),
+            queue: Mutex::new(PendingQueue::new(max.max(1), MIN_AGE)),
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, PhaseState> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock(&self) -> std::sync::MutexGuard<'_, PendingQueue<Arc<Tracked>>> {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Admits a connection accepted at `now`, evicting the oldest one old enough if the
     /// phase is full. `None`: full of young connections, refuse the newcomer. The
     /// second value says whether one was evicted.
     fn admit(&self, now: Instant) -> (Option<Arc<Tracked>>, bool) {
-        let mut state = self.lock();
-        while state
-            .queue
-            .front()
-            .is_some_and(|t| t.done.load(Ordering::Acquire))
-        {
-            state.queue.pop_front();
-        }
-        if state.queue.len() >= 2 * self.max {
-            state.queue.retain(|t| !t.done.load(Ordering::Acquire));
-        }
-        let mut evicted = false;
-        if state.alive >= self.max {
-            let old = |t: &&Arc<Tracked>| {
-                !t.done.load(Ordering::Acquire) && now.saturating_duration_since(t.since) >= MIN_AGE
-            };
-            let victim = state
-                .queue
-                .iter()
-                .filter(old)
-                .find(|t| !t.requested.load(Ordering::Acquire))
-                .or_else(|| state.queue.iter().find(old))
-                .cloned();
-            let Some(victim) = victim else {
-                return (None, false);
-            };
-            if !victim.done.swap(true, Ordering::AcqRel) {
-                state.alive -= 1;
-            }
-            victim.evict.cancel();
-            evicted = true;
-        }
         let tracked = Arc::new(Tracked {
-            since: now,
+            seq: AtomicU64::new(0),
             requested: AtomicBool::new(false),
-            done: AtomicBool::new(false),
             evict: CancellationToken::new(),
         });
-        state.queue.push_back(Arc::clone(&tracked));
-        state.alive += 1;
+        let mut queue = self.lock();
+        let silent = |t: &Arc<Tracked>| !t.requested.load(Ordering::Acquire);
+        let (seq, evicted) = match queue.admit_preferring(now, Arc::clone(&tracked), silent) {
+            PendingAdmit::Admitted(seq) => (seq, false),
+            PendingAdmit::Evicted(seq, victim) => {
+                victim.evict.cancel();
+                (seq, true)
+            }
+            PendingAdmit::Refused => return (None, false),
+        };
+        // Under the lock, before anyone else holds `tracked`.
+        tracked.seq.store(seq, Ordering::Relaxed);
         (Some(tracked), evicted)
     }
 
-    /// The connection's HTTP phase is over (once; an evicted one was already counted).
+    /// The connection's HTTP phase is over (a no-op for an evicted one).
     fn finish(&self, tracked: &Tracked) {
-        if !tracked.done.swap(true, Ordering::AcqRel) {
-            self.lock().alive -= 1;
-        }
+        self.lock().remove(tracked.seq.load(Ordering::Relaxed));
     }
 }
 
@@ -292,13 +257,13 @@ mod tests {
         phase.finish(&c);
         phase.finish(&a);
         phase.finish(&b);
-        assert_eq!(phase.lock().alive, 2);
+        assert_eq!(phase.lock().len(), 2);
         let (f, evicted) = phase.admit(t0 + MIN_AGE);
         assert!(f.is_some() && !evicted);
         for _ in 0..100 {
             let (t, _) = phase.admit(t0 + MIN_AGE * 3);
             phase.finish(&t.expect("room after the finish"));
         }
-        assert!(phase.lock().queue.len() <= 2 * 3, "bounded");
+        assert!(phase.lock().len() <= 2 * 3, "bounded");
     }
 }
