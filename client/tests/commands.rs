@@ -181,7 +181,13 @@ async fn publish_waits_for_a_connection_only_as_long_as_the_request_timeout() {
             .any(|d| matches!(d.reason, DisconnectReason::ConnectFailed(_)))
     })
     .await;
-    assert_eq!(client.state(), State::Reconnecting);
+    // It keeps trying: between attempts it waits (`Reconnecting`), and the next
+    // attempt may already have begun (`Connecting`) when the state is read.
+    let state = client.state();
+    assert!(
+        matches!(state, State::Reconnecting | State::Connecting),
+        "{state:?}"
+    );
     client.close().await;
 }
 
