@@ -74,8 +74,12 @@ impl Presence {
     fn take_changes(&self, all: bool) -> Vec<PresenceChange> {
         let mut state = self.state();
         let keys: Vec<Key> = if all {
-            state.dirty.clear();
-            state.counts.keys().cloned().collect()
+            // Every entry, and every pending change: a leave that emptied its entry is
+            // only in `dirty`, and dropping it would keep the user present in the
+            // broker until the hash expires.
+            let mut keys: HashSet<Key> = state.dirty.drain().collect();
+            keys.extend(state.counts.keys().cloned());
+            keys.into_iter().collect()
         } else {
             state.dirty.drain().collect()
         };
@@ -194,5 +198,32 @@ mod tests {
             assert!(state.counts.is_empty() && state.dirty.is_empty());
         }
         assert_eq!(broker.presence_channel_count(), 0);
+    }
+
+    /// A leave that is still pending when the periodic full rewrite runs reaches the
+    /// broker with it: the rewrite sends the pending changes, not only the live entries.
+    #[tokio::test]
+    async fn a_full_rewrite_sends_pending_leaves() {
+        let broker = Arc::new(MemoryBroker::new(BrokerSettings {
+            history_size: 10,
+            history_ttl: Duration::from_secs(60),
+            meta_ttl: Duration::from_secs(60),
+            node_ttl: Duration::from_secs(10),
+            presence_ttl: Duration::from_secs(10),
+            subscriber_buffer: 16,
+            wait_replicas: 0,
+            wait_timeout: Duration::from_millis(500),
+        }));
+        let presence = Presence::new("n1".into(), Arc::clone(&broker) as Arc<dyn Broker>);
+        let user: Arc<str> = "alice".into();
+        let (gone, kept): (Arc<str>, Arc<str>) = ("room:gone".into(), "room:kept".into());
+        presence.join(&gone, &user);
+        presence.join(&kept, &user);
+        presence.flush(false).await;
+        assert_eq!(broker.presence_channel_count(), 2);
+        presence.leave(&gone, &user);
+        presence.flush(true).await;
+        assert_eq!(broker.presence_channel_count(), 1);
+        assert!(presence.state().dirty.is_empty());
     }
 }

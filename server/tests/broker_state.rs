@@ -164,11 +164,19 @@ async fn redis_node_keeps_o1_keys_after_a_subscribe_loop_over_new_names() {
         (n.metric("herald_broker_channels").await == 1.0).then_some(())
     })
     .await;
-    let keys = eventually("presence of the churned channels removed", async || {
+    // Polled by hand rather than with `eventually`, so that a failure names the keys.
+    let deadline = Instant::now() + WAIT;
+    let keys = loop {
         let keys = redis_keys(&redis, prefix);
-        (!keys.iter().any(|k| k.contains("room:"))).then_some(keys)
-    })
-    .await;
+        if !keys.iter().any(|k| k.contains("room:")) {
+            break keys;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "presence of the churned channels not removed: {keys:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     eprintln!(
         "measured: {} keys under the prefix after {CHURN} subscribe/unsubscribe rounds: {keys:?}",
         keys.len()
