@@ -165,10 +165,8 @@ mod tests {
     use crate::broker::memory::MemoryBroker;
     use crate::broker::BrokerSettings;
 
-    /// Joining and leaving ever new channels leaves nothing behind, here or in the
-    /// broker, whether the leave comes before or after a flush.
-    #[tokio::test]
-    async fn churn_over_new_channels_leaves_nothing() {
+    /// Node `n1`'s presence, stored in a fresh in-memory broker.
+    fn presence_on_memory_broker() -> (Arc<MemoryBroker>, Presence) {
         let broker = Arc::new(MemoryBroker::new(BrokerSettings {
             history_size: 10,
             history_ttl: Duration::from_secs(60),
@@ -180,6 +178,14 @@ mod tests {
             wait_timeout: Duration::from_millis(500),
         }));
         let presence = Presence::new("n1".into(), Arc::clone(&broker) as Arc<dyn Broker>);
+        (broker, presence)
+    }
+
+    /// Joining and leaving ever new channels leaves nothing behind, here or in the
+    /// broker, whether the leave comes before or after a flush.
+    #[tokio::test]
+    async fn churn_over_new_channels_leaves_nothing() {
+        let (broker, presence) = presence_on_memory_broker();
         let user: Arc<str> = "alice".into();
         for i in 0..2000 {
             let channel: Arc<str> = format!("room:{i}").into();
@@ -204,17 +210,7 @@ mod tests {
     /// broker with it: the rewrite sends the pending changes, not only the live entries.
     #[tokio::test]
     async fn a_full_rewrite_sends_pending_leaves() {
-        let broker = Arc::new(MemoryBroker::new(BrokerSettings {
-            history_size: 10,
-            history_ttl: Duration::from_secs(60),
-            meta_ttl: Duration::from_secs(60),
-            node_ttl: Duration::from_secs(10),
-            presence_ttl: Duration::from_secs(10),
-            subscriber_buffer: 16,
-            wait_replicas: 0,
-            wait_timeout: Duration::from_millis(500),
-        }));
-        let presence = Presence::new("n1".into(), Arc::clone(&broker) as Arc<dyn Broker>);
+        let (broker, presence) = presence_on_memory_broker();
         let user: Arc<str> = "alice".into();
         let (gone, kept): (Arc<str>, Arc<str>) = ("room:gone".into(), "room:kept".into());
         presence.join(&gone, &user);
