@@ -414,16 +414,30 @@ impl Drop for RepairBuffer {
     }
 }
 
+/// The node's broker subscription of a channel.
+enum Subscription {
+    /// Not asked yet, or the last request failed.
+    None,
+    /// Asked: every session joining meanwhile waits for the same answer.
+    Pending(Shared<SubscribeAck>),
+    /// Confirmed: later joins need not wait. The shared request is dropped then, since
+    /// it kept about 200 bytes per channel for good, and most channels are one
+    /// session's personal channel.
+    Live,
+}
+
 struct ChannelEntry {
     name: Arc<str>,
     sessions: HashMap<SessionId, SessionHandle>,
-    /// The broker subscription, shared by every session waiting for it.
-    subscription: Option<Shared<SubscribeAck>>,
+    /// The node's broker subscription of the channel.
+    subscription: Subscription,
     /// Bumped on every join: a delayed unsubscribe only applies to its own generation.
     generation: u64,
     continuity: Continuity,
-    /// While a gap is being repaired: publications that arrived meanwhile.
-    repairing: Option<RepairBuffer>,
+    /// While a gap is being repaired: publications that arrived meanwhile. Boxed: it
+    /// is rare, and the entry's size counts once per channel (most channels are one
+    /// idle session's personal channel).
+    repairing: Option<Box<RepairBuffer>>,
     /// The sessions as one shared list, rebuilt on the first delivery after a join or
     /// leave (copy on write): a delivery takes it under the shard lock in O(1) and
     /// offers outside the lock.
@@ -439,7 +453,7 @@ impl ChannelEntry {
             outlet: None,
             name,
             sessions: HashMap::new(),
-            subscription: None,
+            subscription: Subscription::None,
             generation: 0,
             continuity: Continuity::Unknown,
             repairing: None,
@@ -776,7 +790,7 @@ impl Hub {
     fn buffer_during_repair(&self, entry: &mut ChannelEntry, p: Publication) {
         let buffer = entry
             .repairing
-            .get_or_insert_with(|| RepairBuffer::new(&self.repair_budget));
+            .get_or_insert_with(|| Box::new(RepairBuffer::new(&self.repair_budget)));
         if !buffer.push(p) {
             self.metrics.repair_buffer_overflows.inc();
         }
@@ -815,27 +829,46 @@ impl Hub {
             entry.sessions.insert(id, handle);
             entry.snapshot = None;
             entry.generation += 1;
-            entry
-                .subscription
-                .get_or_insert_with(|| self.broker().subscribe(channel).shared())
-                .clone()
+            match &entry.subscription {
+                Subscription::Live => return Ok(()),
+                Subscription::Pending(ack) => ack.clone(),
+                Subscription::None => {
+                    let ack = self.broker().subscribe(channel).shared();
+                    entry.subscription = Subscription::Pending(ack.clone());
+                    ack
+                }
+            }
         };
-        if let Err(e) = ack.await {
-            let mut shard = self.shard(channel);
-            if let Some(entry) = shard.channels.get_mut(channel) {
+        let result = ack.clone().await;
+        let mut shard = self.shard(channel);
+        let Some(entry) = shard.channels.get_mut(channel) else {
+            return result;
+        };
+        // Only the request this join waited for: the entry may have been dropped and
+        // made again meanwhile, with a request of its own.
+        let ours = matches!(&entry.subscription, Subscription::Pending(a) if a.ptr_eq(&ack));
+        match result {
+            Ok(()) => {
+                if ours {
+                    entry.subscription = Subscription::Live;
+                }
+                Ok(())
+            }
+            Err(e) => {
                 entry.sessions.remove(&id);
                 entry.snapshot = None;
                 // Forget the failed request so that the next join asks the broker again.
-                entry.subscription = None;
+                if ours {
+                    entry.subscription = Subscription::None;
+                }
                 if entry.sessions.is_empty() {
                     shard.channels.remove(channel);
                     self.metrics.broker_channels.dec();
                     self.broker().unsubscribe(channel);
                 }
+                Err(e)
             }
-            return Err(e);
         }
-        Ok(())
     }
 
     /// Tells the hub where a session found the channel when it joined (from `position`
@@ -1054,7 +1087,7 @@ impl Hub {
         if entry.repairing.is_some() {
             return;
         }
-        entry.repairing = Some(RepairBuffer::new(&self.repair_budget));
+        entry.repairing = Some(Box::new(RepairBuffer::new(&self.repair_budget)));
         let hub = Arc::clone(self);
         let channel = entry.name.clone();
         tokio::spawn(async move { hub.repair(channel, epoch, from, target).await });
@@ -1096,7 +1129,7 @@ impl Hub {
             (buffered, overflowed) = entry
                 .repairing
                 .take()
-                .map_or((Vec::new(), false), RepairBuffer::finish);
+                .map_or((Vec::new(), false), |b| b.finish());
             let plan = plan_repair(from, epoch, history.as_ref(), target.as_ref(), buffered);
             for step in plan.steps {
                 let outlet = match step {
@@ -1254,6 +1287,39 @@ mod tests {
         (hub, consumer)
     }
 
+    /// Once the broker confirmed a channel's subscription, the entry keeps only that
+    /// fact (not the shared request, ~200 bytes per channel), and later joins return
+    /// without asking or waiting.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_confirmed_subscription_is_kept_as_a_fact() {
+        let (hub, _consumer) = hub();
+        let live = |hub: &Hub| {
+            matches!(
+                hub.shard("c").channels["c"].subscription,
+                Subscription::Live
+            )
+        };
+        hub.join("c", 1, Arc::new(SessionControl::new(10)))
+            .await
+            .expect("join");
+        assert!(live(&hub));
+        hub.join("c", 2, Arc::new(SessionControl::new(10)))
+            .await
+            .expect("join");
+        assert!(live(&hub));
+        assert_eq!(hub.shard("c").channels["c"].sessions.len(), 2);
+        // The last session leaves and the entry is reaped: a new join asks again.
+        hub.leave("c", 1);
+        hub.leave("c", 2);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        hub.reap();
+        assert!(!hub.shard("c").channels.contains_key("c"));
+        hub.join("c", 3, Arc::new(SessionControl::new(10)))
+            .await
+            .expect("join");
+        assert!(live(&hub));
+    }
+
     /// A repair's buffer holds what its bounds allow; what it refuses is read from
     /// history once the repair is done, even with no later message on the channel. So
     /// the bound costs a history read, never a message: the session gets every offset
@@ -1286,7 +1352,7 @@ mod tests {
         {
             let mut shard = hub.shard("c");
             let entry = shard.channels.get_mut("c").expect("entry");
-            entry.repairing = Some(RepairBuffer::new(&hub.repair_budget));
+            entry.repairing = Some(Box::new(RepairBuffer::new(&hub.repair_budget)));
         }
         for _ in 2..=11 {
             hub.broker().publish("c", "1", None).await.expect("publish");
