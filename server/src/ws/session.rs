@@ -441,24 +441,10 @@ impl Session {
                         Some(Err(e)) => return Err(read_error(&e)),
                     }
                 }
-                () = control.ready() => {
-                    // Nothing goes out after the token's `exp`, even when this branch
-                    // wins the race against the timer.
-                    let expires_at = self.expires_at;
-                    if Instant::now() >= expires_at {
-                        return Err(End::CloseWith(CloseCode::Unauthorized, CloseReason::TokenExpired));
-                    }
-                    // A write that stalls loses against a close request, its deadline
-                    // (`send`) or the token's expiry (a client that stops reading must
-                    // not keep an expired session, and the messages behind it, open).
-                    tokio::select! {
-                        r = self.write_batch(socket, &mut batch) => r?,
-                        (code, reason) = control.closed() => return Err(End::CloseWith(code_of(code), reason)),
-                        _ = tokio::time::sleep_until(expires_at) => {
-                            return Err(End::CloseWith(CloseCode::Unauthorized, CloseReason::TokenExpired));
-                        }
-                    }
-                }
+                // Boxed: the write's futures (the frames' writes, their deadline, the
+                // token's expiry) would otherwise be part of every idle connection's
+                // task, about a third of its size (docs/benchmarks.md, r3 memory).
+                () = control.ready() => Box::pin(self.deliver(socket, &mut batch, &control)).await?,
                 (code, reason) = control.closed() => return Err(End::CloseWith(code_of(code), reason)),
                 _ = &mut force_wait => return Err(End::Close(CloseCode::Draining)),
                 _ = &mut drain_wait, if self.drain_at.is_none() => {
@@ -466,36 +452,72 @@ impl Session {
                     let delay = rand::rng().random_range(0..=spread.as_millis() as u64);
                     self.drain_at = Some(Instant::now() + Duration::from_millis(delay));
                 }
-                _ = &mut sleep => {
-                    let now = Instant::now();
-                    if self.drain_at.is_some_and(|t| now >= t) {
-                        let _ = timeout(CLOSE_TIMEOUT, send_reconnect(socket)).await;
-                        return Err(End::Close(CloseCode::Draining));
-                    }
-                    if now >= self.last_recv + heartbeat * 2 {
-                        return Err(End::Close(CloseCode::Timeout));
-                    }
-                    if now >= self.expires_at {
-                        return Err(End::CloseWith(CloseCode::Unauthorized, CloseReason::TokenExpired));
-                    }
-                    if self.notice_at.is_some_and(|t| now >= t) {
-                        self.notice_at = None;
-                        let in_ms = self.expires_at.saturating_duration_since(now).as_millis() as u64;
-                        let frame = ServerFrame::Expiring(Expiring { in_ms }).to_json();
-                        // Bounded like every write (`send`).
-                        self.send(socket, frame).await?;
-                        self.flush(socket).await?;
-                    }
-                    // Ping after a heartbeat of silence either way: ours (keeps
-                    // intermediaries from timing out) or the client's (it must answer, even
-                    // on a channel so busy that we are never silent).
-                    let client_silent = !self.pinged && now >= self.last_recv + heartbeat;
-                    if client_silent || now >= self.last_send + heartbeat {
-                        self.pinged = true;
-                        self.send(socket, ServerFrame::Ping.to_json()).await?;
-                        self.flush(socket).await?;
-                    }
-                }
+                // Boxed for the same reason: timers fire once per heartbeat at most.
+                _ = &mut sleep => Box::pin(self.on_timer(socket, heartbeat)).await?,
+            }
+        }
+    }
+
+    /// The session's timer: drain, liveness, the token's expiry and its notice, pings.
+    async fn on_timer(&mut self, socket: &mut WebSocket, heartbeat: Duration) -> Result<(), End> {
+        let now = Instant::now();
+        if self.drain_at.is_some_and(|t| now >= t) {
+            let _ = timeout(CLOSE_TIMEOUT, send_reconnect(socket)).await;
+            return Err(End::Close(CloseCode::Draining));
+        }
+        if now >= self.last_recv + heartbeat * 2 {
+            return Err(End::Close(CloseCode::Timeout));
+        }
+        if now >= self.expires_at {
+            return Err(End::CloseWith(
+                CloseCode::Unauthorized,
+                CloseReason::TokenExpired,
+            ));
+        }
+        if self.notice_at.is_some_and(|t| now >= t) {
+            self.notice_at = None;
+            let in_ms = self.expires_at.saturating_duration_since(now).as_millis() as u64;
+            let frame = ServerFrame::Expiring(Expiring { in_ms }).to_json();
+            // Bounded like every write (`send`).
+            self.send(socket, frame).await?;
+            self.flush(socket).await?;
+        }
+        // Ping after a heartbeat of silence either way: ours (keeps intermediaries from
+        // timing out) or the client's (it must answer, even on a channel so busy that
+        // we are never silent).
+        let client_silent = !self.pinged && now >= self.last_recv + heartbeat;
+        if client_silent || now >= self.last_send + heartbeat {
+            self.pinged = true;
+            self.send(socket, ServerFrame::Ping.to_json()).await?;
+            self.flush(socket).await?;
+        }
+        Ok(())
+    }
+
+    /// Writes what the mailbox holds, unless the token has expired. A write that stalls
+    /// loses against a close request, its deadline (`send`) or the token's expiry (a
+    /// client that stops reading must not keep an expired session, and the messages
+    /// behind it, open).
+    async fn deliver(
+        &mut self,
+        socket: &mut WebSocket,
+        batch: &mut VecDeque<Outbound>,
+        control: &SessionHandle,
+    ) -> Result<(), End> {
+        // Nothing goes out after the token's `exp`, even when delivery wins the race
+        // against the timer.
+        let expires_at = self.expires_at;
+        if Instant::now() >= expires_at {
+            return Err(End::CloseWith(
+                CloseCode::Unauthorized,
+                CloseReason::TokenExpired,
+            ));
+        }
+        tokio::select! {
+            r = self.write_batch(socket, batch) => r,
+            (code, reason) = control.closed() => Err(End::CloseWith(code_of(code), reason)),
+            _ = tokio::time::sleep_until(expires_at) => {
+                Err(End::CloseWith(CloseCode::Unauthorized, CloseReason::TokenExpired))
             }
         }
     }
