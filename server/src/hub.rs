@@ -786,11 +786,13 @@ impl Hub {
     }
 
     /// Keeps a live publication for the repair in progress, within the buffer bounds
-    /// (a refusal is counted; the repair's end reads it from history).
+    /// (a refusal is counted; the repair's end reads it from history). Only called
+    /// while a repair runs: `start_repair` creates the buffer that the repair drains.
     fn buffer_during_repair(&self, entry: &mut ChannelEntry, p: Publication) {
-        let buffer = entry
-            .repairing
-            .get_or_insert_with(|| Box::new(RepairBuffer::new(&self.repair_budget)));
+        let Some(buffer) = entry.repairing.as_mut() else {
+            debug_assert!(false, "buffering with no repair in progress");
+            return;
+        };
         if !buffer.push(p) {
             self.metrics.repair_buffer_overflows.inc();
         }

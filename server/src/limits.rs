@@ -86,19 +86,10 @@ impl<T> PendingQueue<T> {
     }
 
     /// Admits a connection arriving at `now`, holding `item` (what closes it if evicted).
+    /// When the budget is full, the oldest connection makes room, if it has waited
+    /// `evict_after`.
     pub fn admit(&mut self, now: Instant, item: T) -> PendingAdmit<T> {
-        let mut evicted = None;
-        if self.entries.len() >= self.limit {
-            match self.entries.first_key_value() {
-                Some((_, (since, _)))
-                    if now.saturating_duration_since(*since) >= self.evict_after =>
-                {
-                    evicted = self.entries.pop_first().map(|(_, (_, item))| item);
-                }
-                _ => return PendingAdmit::Refused,
-            }
-        }
-        self.insert(now, item, evicted)
+        self.admit_preferring(now, item, |_| true)
     }
 
     /// [`admit`](Self::admit), except that when the budget is full the oldest
@@ -127,10 +118,6 @@ impl<T> PendingQueue<T> {
             };
             evicted = self.entries.remove(&victim).map(|(_, item)| item);
         }
-        self.insert(now, item, evicted)
-    }
-
-    fn insert(&mut self, now: Instant, item: T, evicted: Option<T>) -> PendingAdmit<T> {
         let seq = self.next;
         self.next += 1;
         self.entries.insert(seq, (now, item));

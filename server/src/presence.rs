@@ -77,9 +77,9 @@ impl Presence {
             // Every entry, and every pending change: a leave that emptied its entry is
             // only in `dirty`, and dropping it would keep the user present in the
             // broker until the hash expires.
-            let mut keys: HashSet<Key> = state.dirty.drain().collect();
-            keys.extend(state.counts.keys().cloned());
-            keys.into_iter().collect()
+            let State { counts, dirty } = &mut *state;
+            let gone = dirty.drain().filter(|k| !counts.contains_key(k));
+            counts.keys().cloned().chain(gone).collect()
         } else {
             state.dirty.drain().collect()
         };

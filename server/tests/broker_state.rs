@@ -59,12 +59,24 @@ async fn start(config: Config) -> TestNode {
 
 /// Polls `check` until it returns `Some`, within [`WAIT`].
 async fn eventually<T>(what: &str, mut check: impl AsyncFnMut() -> Option<T>) -> T {
+    eventually_or(what, async || check().await.ok_or(())).await
+}
+
+/// [`eventually`] for a check that says what it saw: a timeout names the last `Err`.
+async fn eventually_or<T, E: std::fmt::Debug>(
+    what: &str,
+    mut check: impl AsyncFnMut() -> Result<T, E>,
+) -> T {
     let deadline = Instant::now() + WAIT;
     loop {
-        if let Some(v) = check().await {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        let last = match check().await {
+            Ok(v) => return v,
+            Err(e) => e,
+        };
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for: {what} (last seen: {last:?})"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -164,19 +176,15 @@ async fn redis_node_keeps_o1_keys_after_a_subscribe_loop_over_new_names() {
         (n.metric("herald_broker_channels").await == 1.0).then_some(())
     })
     .await;
-    // Polled by hand rather than with `eventually`, so that a failure names the keys.
-    let deadline = Instant::now() + WAIT;
-    let keys = loop {
+    let keys = eventually_or("presence of the churned channels removed", async || {
         let keys = redis_keys(&redis, prefix);
-        if !keys.iter().any(|k| k.contains("room:")) {
-            break keys;
+        if keys.iter().any(|k| k.contains("room:")) {
+            Err(keys)
+        } else {
+            Ok(keys)
         }
-        assert!(
-            Instant::now() < deadline,
-            "presence of the churned channels not removed: {keys:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    })
+    .await;
     eprintln!(
         "measured: {} keys under the prefix after {CHURN} subscribe/unsubscribe rounds: {keys:?}",
         keys.len()

@@ -68,16 +68,12 @@ where
 /// One round of [`SLOW`] clients that never read, each asking for the whole backlog
 /// (half with `subscribe` + `since`, half with a `hello` resume), so that each stuck
 /// session holds its own copy of the history. Waits until every one is closed 4509
-/// (`closed_before` is the disconnect counter before the round) and the connection
-/// gauge is back to `connections`. Returns the highest RSS seen and how long the
-/// closes took.
-async fn stuck_round(
-    node: &NodeProcess,
-    epoch: &str,
-    closed_before: f64,
-    connections: f64,
-) -> (u64, Duration) {
+/// and the connection gauge is back to `connections`. Returns the highest RSS seen
+/// and how long the closes took.
+async fn stuck_round(node: &NodeProcess, epoch: &str, connections: f64) -> (u64, Duration) {
     let http = node.http();
+    let closed_before =
+        herald_testkit::metric(&http, "herald_slow_consumer_disconnects_total").await;
     let started = Instant::now();
     let mut slow = Vec::new();
     for i in 0..SLOW {
@@ -183,8 +179,7 @@ async fn clients_that_stop_reading_a_recovery_are_closed_4509_and_freed() {
 
     let mut peaks = Vec::new();
     for round in 0..ROUNDS {
-        let closed = herald_testkit::metric(&http, "herald_slow_consumer_disconnects_total").await;
-        let (peak, took) = stuck_round(&node, &epoch, closed, connections).await;
+        let (peak, took) = stuck_round(&node, &epoch, connections).await;
         // 3 s of write timeout, then the close (1 s at most); the rest is slack for a
         // busy machine. Without the bound the sessions would wait forever.
         assert!(
