@@ -20,6 +20,22 @@ use crate::connection::{Command, Reply};
 use crate::error::Error;
 use crate::event::{Event, State, Subscription};
 
+impl ClientBuilder {
+    /// Checks the settings and starts the client's connection task on the current tokio
+    /// runtime. Returns at once; connecting happens in the background and is reported
+    /// on [`Events`].
+    pub fn start(self) -> Result<(Client, Events), Error> {
+        let config = self.check()?;
+        let runtime = tokio::runtime::Handle::try_current()
+            .map_err(|_| Error::Config("start must be called inside a tokio runtime".into()))?;
+        let h = crate::connection::spawn(&runtime, config);
+        Ok((
+            Client::new(h.commands, h.state, h.closing, h.request_timeout),
+            Events::new(h.events),
+        ))
+    }
+}
+
 /// A handle to a Herald client. Cheap to clone; the client stops when [`Client::close`]
 /// is called or the last handle is dropped.
 ///

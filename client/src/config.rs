@@ -9,7 +9,8 @@ use herald_protocol::channel::validate_channel;
 use herald_protocol::StreamPosition;
 use tokio_tungstenite::tungstenite::http::{HeaderName, HeaderValue};
 
-use crate::client::{Client, Events};
+use crate::endpoints::has_scheme;
+pub use crate::endpoints::Endpoint;
 use crate::error::Error;
 
 /// An error from a token callback.
@@ -17,22 +18,6 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// The future a token callback returns.
 pub type TokenFuture = Pin<Box<dyn Future<Output = Result<String, BoxError>> + Send>>;
-
-/// Where the client can connect. Endpoints are tried in the order they were added; after
-/// a disconnect or a failed attempt the client moves on to the next one, so it prefers
-/// another node than the one it just lost.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Endpoint {
-    /// A WebSocket URL to connect to directly (`ws://host:port/ws`, or `wss://` with the
-    /// `tls` feature).
-    WebSocket(String),
-    /// The HTTP base URL of any node or of the balancer (`http://host:port`, or
-    /// `https://` with the `tls` feature): the client asks its `GET /v1/connect` for the
-    /// least-loaded node's URL, then connects there directly. Asked again before every
-    /// attempt. An `https://` endpoint must answer `wss://` URLs: a `ws://` one is refused,
-    /// as the token would then travel in clear.
-    Discover(String),
-}
 
 /// Where tokens come from.
 #[derive(Clone)]
@@ -247,17 +232,8 @@ impl ClientBuilder {
         self
     }
 
-    /// Checks the settings and starts the client's connection task on the current tokio
-    /// runtime. Returns at once; connecting happens in the background and is reported
-    /// on [`Events`].
-    pub fn start(self) -> Result<(Client, Events), Error> {
-        let config = self.check()?;
-        let runtime = tokio::runtime::Handle::try_current()
-            .map_err(|_| Error::Config("start must be called inside a tokio runtime".into()))?;
-        Ok(crate::connection::spawn(&runtime, config))
-    }
-
-    fn check(self) -> Result<Config, Error> {
+    /// The checked settings, or what is wrong with them.
+    pub(crate) fn check(self) -> Result<Config, Error> {
         if self.endpoints.is_empty() {
             return Err(Error::Config(
                 "no endpoint: add a url() or discover()".into(),
@@ -334,12 +310,6 @@ fn check_endpoint(endpoint: &Endpoint) -> Result<(), String> {
         format!("{plain} ({secure} needs the `tls` feature)")
     };
     Err(format!("{url:?} should start with {allowed}"))
-}
-
-/// Whether `url` starts with `scheme` (`"wss://"`), ignoring ASCII case as URL schemes do.
-pub(crate) fn has_scheme(url: &str, scheme: &str) -> bool {
-    url.get(..scheme.len())
-        .is_some_and(|start| start.eq_ignore_ascii_case(scheme))
 }
 
 /// Checks a channel name locally, so a bad name never reaches (or closes) a connection.

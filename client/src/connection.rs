@@ -51,7 +51,6 @@ use tokio_tungstenite::tungstenite::Message as WsMessage;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use crate::backoff::{jitter, Backoff};
-use crate::client::{Client, Events};
 use crate::config::{check_channel, Config, TokenSource};
 use crate::endpoints::Endpoints;
 use crate::error::Error;
@@ -119,8 +118,8 @@ pub(crate) enum Command {
     },
 }
 
-/// Starts the connection task.
-pub(crate) fn spawn(runtime: &tokio::runtime::Handle, config: Config) -> (Client, Events) {
+/// Starts the connection task; the handles become a `Client` and its `Events`.
+pub(crate) fn spawn(runtime: &tokio::runtime::Handle, config: Config) -> Handles {
     let config = Arc::new(config);
     let (commands_tx, commands) = mpsc::channel(64);
     let (events_tx, events) = mpsc::channel(config.event_buffer);
@@ -149,10 +148,27 @@ pub(crate) fn spawn(runtime: &tokio::runtime::Handle, config: Config) -> (Client
         ack_at: None,
     };
     runtime.spawn(driver.run());
-    (
-        Client::new(commands_tx, state, closing_tx, config.request_timeout),
-        Events::new(events),
-    )
+    Handles {
+        commands: commands_tx,
+        state,
+        closing: closing_tx,
+        request_timeout: config.request_timeout,
+        events,
+    }
+}
+
+/// What the application's handles hold of a started connection task.
+pub(crate) struct Handles {
+    /// Where the `Client` handles send their commands.
+    pub(crate) commands: mpsc::Sender<Command>,
+    /// The connection state.
+    pub(crate) state: watch::Receiver<State>,
+    /// Set by `close()`, so the task stops waiting on a full event buffer.
+    pub(crate) closing: watch::Sender<bool>,
+    /// How long a request waits for an answer.
+    pub(crate) request_timeout: Duration,
+    /// The application's events.
+    pub(crate) events: mpsc::Receiver<Event>,
 }
 
 /// How a session or an attempt ended.

@@ -15,7 +15,27 @@ use std::future::Future;
 
 use serde::Deserialize;
 
-use crate::config::{has_scheme, Endpoint};
+/// Where the client can connect. Endpoints are tried in the order they were added; after
+/// a disconnect or a failed attempt the client moves on to the next one, so it prefers
+/// another node than the one it just lost.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Endpoint {
+    /// A WebSocket URL to connect to directly (`ws://host:port/ws`, or `wss://` with the
+    /// `tls` feature).
+    WebSocket(String),
+    /// The HTTP base URL of any node or of the balancer (`http://host:port`, or
+    /// `https://` with the `tls` feature): the client asks its `GET /v1/connect` for the
+    /// least-loaded node's URL, then connects there directly. Asked again before every
+    /// attempt. An `https://` endpoint must answer `wss://` URLs: a `ws://` one is refused,
+    /// as the token would then travel in clear.
+    Discover(String),
+}
+
+/// Whether `url` starts with `scheme` (`"wss://"`), ignoring ASCII case as URL schemes do.
+pub(crate) fn has_scheme(url: &str, scheme: &str) -> bool {
+    url.get(..scheme.len())
+        .is_some_and(|start| start.eq_ignore_ascii_case(scheme))
+}
 
 /// The most redirects one `/v1/connect` request follows.
 const MAX_REDIRECTS: usize = 5;

@@ -110,8 +110,9 @@ mod tls;
 mod tracker;
 
 pub use client::{Client, Events};
-pub use config::{BoxError, ClientBuilder, Endpoint, TokenFuture};
+pub use config::{BoxError, ClientBuilder, TokenFuture};
 pub use connection::ACK_DELAY;
+pub use endpoints::Endpoint;
 pub use error::Error;
 pub use event::{
     Connected, DisconnectReason, Disconnected, EphemeralMessage, Event, Message, Resync,

@@ -8,8 +8,6 @@ use std::time::Duration;
 
 use clap::Parser;
 
-use crate::broker::BrokerSettings;
-
 /// Presence TTL in node TTLs (10 s → 300 s).
 pub const PRESENCE_TTL_FACTOR: u32 = 30;
 
@@ -261,7 +259,7 @@ pub struct Config {
     /// below the history TTL: a message that left history before it is overdue cannot
     /// be reported.
     #[arg(long, env = "HERALD_ACK_TIMEOUT_MS", default_value_t = 30_000,
-          value_parser = crate::receipts::parse_ack_timeout)]
+          value_parser = parse_ack_timeout)]
     pub ack_timeout_ms: u64,
 
     /// Seconds after which a silent node is dropped from the registry and presence.
@@ -355,8 +353,26 @@ pub fn parse_pending_budget(value: &str) -> Result<usize, String> {
     }
 }
 
+/// Smallest and largest `HERALD_ACK_TIMEOUT_MS` (0 turns unacked detection off).
+pub const ACK_TIMEOUT_RANGE: std::ops::RangeInclusive<u64> = 100..=3_600_000;
+
+/// Parses `HERALD_ACK_TIMEOUT_MS`: 0 (off) or a whole number of milliseconds in
+/// [`ACK_TIMEOUT_RANGE`].
+pub fn parse_ack_timeout(value: &str) -> Result<u64, String> {
+    let ms: u64 = value.parse().map_err(|e| format!("{e}"))?;
+    if ms == 0 || ACK_TIMEOUT_RANGE.contains(&ms) {
+        Ok(ms)
+    } else {
+        Err(format!(
+            "must be 0 (off) or {}..={} ms",
+            ACK_TIMEOUT_RANGE.start(),
+            ACK_TIMEOUT_RANGE.end()
+        ))
+    }
+}
+
 /// The longest `WAIT` a publish may do: it must end well before the command timeout.
-const MAX_WAIT_TIMEOUT_MS: u64 = 1_500;
+pub const MAX_WAIT_TIMEOUT_MS: u64 = 1_500;
 
 impl Default for Config {
     /// The documented defaults, without reading the environment (for tests and embedding).
@@ -395,27 +411,6 @@ impl Config {
     /// The drain window.
     pub fn drain(&self) -> Duration {
         Duration::from_millis(self.drain_ms)
-    }
-
-    /// The broker tunables derived from this configuration.
-    pub fn broker_settings(&self) -> BrokerSettings {
-        let node_ttl = Duration::from_secs(self.node_ttl_secs.max(1));
-        BrokerSettings {
-            history_size: self.history_size.max(1),
-            history_ttl: Duration::from_secs(self.history_ttl_secs.max(1)),
-            meta_ttl: Duration::from_secs(self.history_meta_ttl_secs.max(self.history_ttl_secs)),
-            node_ttl,
-            // Presence entries are filtered by the registry on every read, so a dead
-            // node drops out within the node TTL whatever this is. The TTL only
-            // collects the hashes of channels whose nodes all died; a long one keeps
-            // refreshing cheap (one PEXPIRE per channel every TTL/3).
-            presence_ttl: node_ttl.saturating_mul(PRESENCE_TTL_FACTOR),
-            subscriber_buffer: self.redis_subscriber_buffer.max(1),
-            wait_replicas: self.redis_wait_replicas,
-            wait_timeout: Duration::from_millis(
-                self.redis_wait_timeout_ms.clamp(1, MAX_WAIT_TIMEOUT_MS),
-            ),
-        }
     }
 }
 
@@ -498,15 +493,13 @@ mod tests {
     }
 
     #[test]
-    fn redis_wait_timeout_is_bounded_by_the_command_timeout() {
-        let mut c = Config::default();
-        assert_eq!(c.broker_settings().wait_replicas, 0);
-        c.redis_wait_timeout_ms = 60_000;
-        assert_eq!(
-            c.broker_settings().wait_timeout,
-            Duration::from_millis(MAX_WAIT_TIMEOUT_MS)
-        );
-        c.redis_wait_timeout_ms = 0;
-        assert_eq!(c.broker_settings().wait_timeout, Duration::from_millis(1));
+    fn ack_timeout_range() {
+        assert_eq!(parse_ack_timeout("0"), Ok(0));
+        assert_eq!(parse_ack_timeout("30000"), Ok(30_000));
+        assert_eq!(parse_ack_timeout("100"), Ok(100));
+        assert_eq!(parse_ack_timeout("3600000"), Ok(3_600_000));
+        for bad in ["99", "3600001", "-1", "x", ""] {
+            assert!(parse_ack_timeout(bad).is_err(), "{bad:?}");
+        }
     }
 }

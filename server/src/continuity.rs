@@ -19,7 +19,8 @@ use std::sync::Arc;
 
 use herald_protocol::{same_stream, StreamPosition};
 
-use crate::broker::{BrokerError, History, Publication};
+use crate::backend::error::BackendError;
+use crate::backend::streams::{History, Publication};
 
 /// Where the hub stands in one channel's stream on this node.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -203,7 +204,7 @@ pub fn buffer_admits(
 pub fn plan_repair(
     from: u64,
     epoch: Arc<str>,
-    history: Result<&History, &BrokerError>,
+    history: Result<&History, &BackendError>,
     target: Option<&StreamPosition>,
     buffered: Vec<Publication>,
 ) -> RepairPlan {
@@ -479,7 +480,7 @@ mod tests {
 
     #[test]
     fn failed_repair_never_ends_in_silence() {
-        let err = BrokerError::Unavailable("down".into());
+        let err = BackendError::Unavailable("down".into());
         // Nothing buffered but the stream is known to have moved: resync there.
         let target = StreamPosition::new(1, "n");
         let plan = plan_repair(0, "n".into(), Err(&err), Some(&target), vec![]);
@@ -552,7 +553,7 @@ mod tests {
             buf.sort_unstable();
             buf.dedup();
             let buf: Vec<_> = buf.into_iter().map(|o| p(o, epoch)).collect();
-            let err = BrokerError::Unavailable("x".into());
+            let err = BackendError::Unavailable("x".into());
             let target = StreamPosition::new(top, epoch);
             let history = if fail { Err(&err) } else { Ok(&h) };
             let plan = plan_repair(from, "e".into(), history, Some(&target), buf);

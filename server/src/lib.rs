@@ -27,18 +27,23 @@
 
 pub mod api;
 pub mod auth;
-pub mod broker;
+pub mod backend;
+pub mod clock;
 pub mod config;
 pub mod continuity;
-pub mod control;
+pub mod events;
 pub mod hub;
 pub mod limits;
 pub mod listener;
+pub mod mailbox;
+pub mod membership;
 pub mod metrics;
 pub mod node;
 pub mod presence;
+pub mod publish;
 pub mod receipts;
 pub mod registry;
+pub mod users;
 pub mod web;
 pub mod webhook;
 pub mod ws;
@@ -53,13 +58,18 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::Keys;
-use crate::broker::memory::MemoryBroker;
-use crate::broker::{Broker, BrokerError};
+use crate::backend::error::BackendError;
+use crate::backend::memory::MemoryBackend;
+use crate::backend::settings::BackendSettings;
+use crate::backend::Backend;
 pub use crate::config::Config;
 use crate::hub::Hub;
+use crate::membership::Membership;
 use crate::metrics::Metrics;
-use crate::node::Node;
+use crate::node::{Identity, Node, Reads, Services};
 use crate::presence::Presence;
+use crate::publish::Publisher;
+use crate::users::Users;
 
 /// Why the node could not start.
 #[derive(Debug, thiserror::Error)]
@@ -69,7 +79,7 @@ pub enum StartError {
     Keys(#[from] auth::KeyError),
     /// The broker could not be set up (a malformed URL).
     #[error(transparent)]
-    Broker(#[from] BrokerError),
+    Broker(#[from] BackendError),
     /// The webhook settings break a rule ([`webhook::Settings::from_config`]).
     #[error(transparent)]
     Webhook(#[from] webhook::SettingsError),
@@ -109,33 +119,30 @@ pub async fn run(
         .clone()
         .unwrap_or_else(|| format!("ws://{local}/ws"));
     let metrics = Arc::new(Metrics::new());
-    let settings = config.broker_settings();
-    let mut memory = None;
-    let broker: Arc<dyn Broker> = match &config.redis_url {
-        None => {
-            let m = Arc::new(MemoryBroker::new(settings));
-            memory = Some(Arc::clone(&m));
-            m
-        }
-        Some(url) => {
-            Arc::new(broker::redis::connect(url, &config.redis_prefix, &id, settings).await?)
-        }
-    };
-    // One direction: the hub owns the broker and consumes its events; the broker holds
-    // nothing of the hub.
-    let events = broker
+    let webhook_settings = webhook::Settings::from_config(&config, keys.dev)?;
+    let backend = Backend::connect(
+        &config,
+        &id,
+        webhook_settings.as_ref().map(|s| s.store_settings()),
+    )
+    .await?;
+    // One direction: the backend hands its events to the node's one consumer and holds
+    // nothing of the node.
+    let events = backend
+        .routing
         .events()
-        .ok_or_else(|| BrokerError::Internal("broker events already taken".into()))?;
+        .ok_or_else(|| BackendError::Internal("backend events already taken".into()))?;
     let hub = Arc::new(Hub::new(
         Arc::clone(&metrics),
-        Arc::clone(&broker),
+        Arc::clone(&backend.routing),
+        Arc::clone(&backend.streams),
         Duration::from_millis(config.unsubscribe_delay_ms),
         config.history_size.max(1),
     ));
-    Hub::consume(&hub, events);
-    tokio::spawn(Arc::clone(&hub).load_revocations());
-    let presence = Arc::new(Presence::new(id.clone(), Arc::clone(&broker)));
-    let webhook_settings = webhook::Settings::from_config(&config, keys.dev)?;
+    let users = Arc::new(Users::new(Arc::clone(&backend.users)));
+    events::consume(&hub, &users, events);
+    tokio::spawn(Arc::clone(&users).load_revocations());
+    let presence = Arc::new(Presence::new(id.clone(), Arc::clone(&backend.presence)));
     // Unacked reports have one consumer, the webhook log. Without a webhook the
     // detection would schedule every personal message and sweep Redis for overdue ones
     // only to log them: about 120 µs of Redis CPU per message no client acks, three
@@ -161,42 +168,76 @@ pub async fn run(
         );
     }
     let receipts = Arc::new(receipts::Receipts::new(
-        Arc::clone(&broker),
+        Arc::clone(&backend.receipts),
         Arc::clone(&metrics),
         ack_timeout_ms,
         config.history_size,
     ));
-    let webhooks = match webhook_settings {
-        Some(settings) => Some(Arc::new(webhook::Webhooks::new(
+    let webhooks = match (webhook_settings, &backend.webhooks) {
+        (Some(settings), Some(store)) => Some(Arc::new(webhook::Webhooks::new(
             settings,
-            broker.as_ref(),
+            Arc::clone(store),
             id.clone(),
             Arc::clone(&metrics),
         )?)),
-        None => None,
+        _ => None,
     };
-    let node = Arc::new(Node::new(
-        config,
-        id,
-        public_url,
-        keys,
-        Arc::clone(&broker),
-        Arc::clone(&hub),
-        Arc::clone(&presence),
-        webhooks,
-        metrics,
+    let publisher = Publisher::new(
+        Arc::clone(&backend.streams),
+        Arc::clone(&backend.routing),
         Arc::clone(&receipts),
+        Arc::clone(&metrics),
+    );
+    let membership = Membership::new(
+        Arc::clone(&hub),
+        Arc::clone(&users),
+        Arc::clone(&presence),
+        webhooks.clone(),
+        Arc::clone(&backend.streams),
+        Arc::clone(&metrics),
+        config.history_size,
+    );
+    let settings = BackendSettings::from_config(&config);
+    let node = Arc::new(Node::new(
+        Identity {
+            config,
+            id,
+            public_url,
+            keys,
+        },
+        Services {
+            publisher,
+            membership,
+            users,
+            webhooks,
+            metrics,
+            receipts: Arc::clone(&receipts),
+            reads: Reads {
+                streams: Arc::clone(&backend.streams),
+                presence: Arc::clone(&backend.presence),
+                nodes: Arc::clone(&backend.nodes),
+                health: Arc::clone(&backend.health),
+            },
+        },
     ));
     announce(&node, local);
 
     let background = CancellationToken::new();
-    let presence_ttl = node.config.broker_settings().presence_ttl;
-    tokio::spawn(registry::heartbeat(Arc::clone(&node), background.clone()));
-    tokio::spawn(Arc::clone(&presence).run(presence_ttl / 3, background.clone()));
+    tokio::spawn(registry::heartbeat(
+        Arc::clone(&node) as Arc<dyn registry::Announce>,
+        Arc::clone(&backend.nodes),
+        Arc::clone(&presence),
+        settings.node_ttl,
+        background.clone(),
+    ));
+    tokio::spawn(Arc::clone(&presence).run(settings.presence_ttl / 3, background.clone()));
     // Unacked reports: the sweeper hands them to this node's consumer, which appends
     // them to the webhook log (`message.unacked`) before confirming.
     let (unacked_tx, unacked_rx) = tokio::sync::mpsc::channel(64);
-    tokio::spawn(receipts::forward_unacked(unacked_rx, node.webhooks.clone()));
+    tokio::spawn(webhook::unacked::forward_unacked(
+        unacked_rx,
+        node.webhooks.clone(),
+    ));
     tokio::spawn(Arc::clone(&receipts).run_sweeper(unacked_tx, background.clone()));
     let stop_acks = CancellationToken::new();
     let acks_flushed = tokio::spawn(Arc::clone(&receipts).run_flusher(stop_acks.clone()));
@@ -205,7 +246,7 @@ pub async fn run(
     }
     tokio::spawn(housekeeping(
         Arc::clone(&hub),
-        memory,
+        backend.memory.clone(),
         Arc::clone(&node.metrics),
         background.clone(),
     ));
@@ -231,7 +272,7 @@ pub async fn run(
     shutdown.await;
     tracing::info!(node = %node.id, "draining");
     node.start_draining();
-    if let Err(e) = node.broker.unregister_node(&node.id).await {
+    if let Err(e) = backend.nodes.unregister_node(&node.id).await {
         tracing::warn!(error = %e, "could not leave the registry; it will expire");
     }
     node.sessions.close();
@@ -256,7 +297,7 @@ pub async fn run(
         // The sessions are gone: report their departures, hand the URLs over.
         let _ = tokio::time::timeout(Duration::from_secs(2), w.finish()).await;
     }
-    node.broker.shutdown().await;
+    backend.health.shutdown().await;
     tracing::info!(node = %node.id, "stopped");
     Ok(())
 }
@@ -264,7 +305,7 @@ pub async fn run(
 /// Periodic work: delayed broker unsubscribes and the memory broker's expiry.
 async fn housekeeping(
     hub: Arc<Hub>,
-    memory: Option<Arc<MemoryBroker>>,
+    memory: Option<Arc<MemoryBackend>>,
     metrics: Arc<Metrics>,
     stop: CancellationToken,
 ) {

@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use crate::broker::Publication;
+use crate::backend::streams::Publication;
 
 /// How many bytes of message data one `hello` (all its resumed channels together) or one
 /// `subscribe` may recover. A channel is recovered completely or not at all: one that

@@ -12,14 +12,62 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::Keys;
-use crate::broker::{Broker, NodeInfo, NodeStats};
+use crate::backend::error::BackendError;
+use crate::backend::health::Health;
+use crate::backend::nodes::{NodeInfo, NodeRegistry, NodeStats};
+use crate::backend::presence::{NodePresence, PresenceStore};
+use crate::backend::streams::{History, Streams};
 use crate::config::Config;
-use crate::hub::Hub;
 use crate::limits::{PendingAdmit, PendingQueue};
+use crate::membership::Membership;
 use crate::metrics::{self, Metrics};
-use crate::presence::Presence;
+use crate::publish::Publisher;
 use crate::receipts::Receipts;
+use crate::users::Users;
 use crate::webhook::Webhooks;
+
+/// Who this node is.
+pub struct Identity {
+    /// The configuration.
+    pub config: Config,
+    /// This node's id.
+    pub id: String,
+    /// The WebSocket URL clients use to reach this node directly.
+    pub public_url: String,
+    /// Token and API keys.
+    pub keys: Keys,
+}
+
+/// The backend capabilities the node reads for its handlers (history, presence, the
+/// registry, health); every write goes through a verb or a service.
+pub struct Reads {
+    /// History.
+    pub streams: Arc<dyn Streams>,
+    /// Presence.
+    pub presence: Arc<dyn PresenceStore>,
+    /// The registry.
+    pub nodes: Arc<dyn NodeRegistry>,
+    /// Connection health.
+    pub health: Arc<dyn Health>,
+}
+
+/// The node's verbs and services, built by the wiring (`lib.rs`).
+pub struct Services {
+    /// The publish verb.
+    pub publisher: Publisher,
+    /// The membership verbs.
+    pub membership: Membership,
+    /// Users.
+    pub users: Arc<Users>,
+    /// Webhooks, when configured.
+    pub webhooks: Option<Arc<Webhooks>>,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Delivery receipts.
+    pub receipts: Arc<Receipts>,
+    /// Backend reads.
+    pub reads: Reads,
+}
 
 /// Everything shared by the node's HTTP handlers and WebSocket sessions.
 pub struct Node {
@@ -31,19 +79,19 @@ pub struct Node {
     pub public_url: String,
     /// Token and API keys.
     pub keys: Keys,
-    /// The broker.
-    pub broker: Arc<dyn Broker>,
-    /// Local sessions by channel.
-    pub hub: Arc<Hub>,
-    /// Presence of local sessions.
-    pub presence: Arc<Presence>,
-    /// Webhooks, when `HERALD_WEBHOOK_URL` is set: sessions report users and channels
-    /// here, and anything may append events ([`Webhooks::append`]).
+    /// The publish verb (single, batch, ephemeral).
+    pub publisher: Publisher,
+    /// The membership verbs (a session arriving, entering and leaving channels).
+    pub membership: Membership,
+    /// This node's users: sessions by user, revocations, user commands.
+    pub users: Arc<Users>,
+    /// Webhooks, when `HERALD_WEBHOOK_URL` is set (anything may append events).
     pub webhooks: Option<Arc<Webhooks>>,
     /// Metrics.
     pub metrics: Arc<Metrics>,
     /// Delivery receipts: coalesced acks, the unacked schedule.
     pub receipts: Arc<Receipts>,
+    reads: Reads,
     /// Every WebSocket session, so shutdown can wait for them (axum does not).
     pub sessions: TaskTracker,
     /// Cancelled when the node starts draining.
@@ -60,32 +108,27 @@ pub struct Node {
 }
 
 impl Node {
-    /// Assembles a node.
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        config: Config,
-        id: String,
-        public_url: String,
-        keys: Keys,
-        broker: Arc<dyn Broker>,
-        hub: Arc<Hub>,
-        presence: Arc<Presence>,
-        webhooks: Option<Arc<Webhooks>>,
-        metrics: Arc<Metrics>,
-        receipts: Arc<Receipts>,
-    ) -> Self {
+    /// Assembles a node from its identity and its services.
+    pub fn new(identity: Identity, services: Services) -> Self {
+        let Identity {
+            config,
+            id,
+            public_url,
+            keys,
+        } = identity;
         let pending = PendingQueue::new(config.max_pending_handshakes, PENDING_EVICT_AFTER);
         Self {
             config,
             id,
             public_url,
             keys,
-            broker,
-            hub,
-            presence,
-            webhooks,
-            metrics,
-            receipts,
+            publisher: services.publisher,
+            membership: services.membership,
+            users: services.users,
+            webhooks: services.webhooks,
+            metrics: services.metrics,
+            receipts: services.receipts,
+            reads: services.reads,
             sessions: TaskTracker::new(),
             drain: CancellationToken::new(),
             force_close: CancellationToken::new(),
@@ -110,7 +153,48 @@ impl Node {
 
     /// Whether the node accepts clients: not draining and the broker is healthy.
     pub fn is_ready(&self) -> bool {
-        !self.is_draining() && self.broker.is_healthy()
+        !self.is_draining() && self.backend_healthy()
+    }
+
+    /// Whether the backend is connected and delivering.
+    pub fn backend_healthy(&self) -> bool {
+        self.reads.health.is_healthy()
+    }
+
+    /// Retained publications of `channel` after `since`, at most `limit`, and where the
+    /// channel stands (see [`Streams::history`]).
+    pub async fn history(
+        &self,
+        channel: &str,
+        since: u64,
+        limit: usize,
+    ) -> Result<History, BackendError> {
+        self.counted(self.reads.streams.history(channel, since, limit).await)
+    }
+
+    /// Users present in `channel` over the live nodes, with their connections.
+    pub async fn presence(
+        &self,
+        channel: &str,
+    ) -> Result<std::collections::BTreeMap<String, u32>, BackendError> {
+        self.counted(self.reads.presence.presence(channel).await)
+    }
+
+    /// Users present in `channel` per live node.
+    pub async fn presence_by_node(&self, channel: &str) -> Result<NodePresence, BackendError> {
+        self.counted(self.reads.presence.presence_by_node(channel).await)
+    }
+
+    /// The live nodes.
+    pub async fn nodes(&self) -> Result<Vec<NodeInfo>, BackendError> {
+        self.counted(self.reads.nodes.nodes().await)
+    }
+
+    /// Counts a failed backend read in `herald_broker_errors_total`.
+    fn counted<T>(&self, r: Result<T, BackendError>) -> Result<T, BackendError> {
+        r.inspect_err(|_| {
+            self.metrics.broker_errors.inc();
+        })
     }
 
     /// Open authenticated client connections (those past `hello`).
@@ -135,9 +219,7 @@ impl Node {
         let gauge = |g: &prometheus_client::metrics::gauge::Gauge| g.get().max(0) as u64;
         let m = &self.metrics;
         NodeStats {
-            sampled_at_ms: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis() as u64),
+            sampled_at_ms: crate::clock::now_ms(),
             subscriptions: gauge(&m.subscriptions),
             channels: gauge(&m.broker_channels),
             rss_bytes: metrics::resident_memory_bytes().map_or(0, |b| b.max(0) as u64),
@@ -218,6 +300,16 @@ impl Node {
     }
 }
 
+impl crate::registry::Announce for Node {
+    fn info(&self) -> NodeInfo {
+        Node::info(self)
+    }
+
+    fn is_draining(&self) -> bool {
+        Node::is_draining(self)
+    }
+}
+
 /// Locks a std mutex, ignoring poison: every critical section here leaves the map
 /// consistent, and no await happens while holding it.
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -250,7 +342,7 @@ impl Pending {
     /// Moves the connection from the pending budget into an authenticated slot, or
     /// refuses it (4429) when the node's authenticated slots are all taken. (The
     /// per-user limit is checked where the session registers with its user, in
-    /// [`crate::control::UserIndex::register`].)
+    /// [`crate::users::UserIndex::register`].)
     pub fn authenticate(mut self) -> Result<Admission, CloseCode> {
         let node = Arc::clone(&self.node);
         let total = node.connections.fetch_add(1, Ordering::AcqRel) + 1;

@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::broker::{Broker, PresenceChange};
+use crate::backend::presence::{PresenceChange, PresenceStore};
 
 type Key = (Arc<str>, Arc<str>);
 
@@ -32,16 +32,16 @@ struct State {
 /// This node's presence. See the module doc.
 pub struct Presence {
     node_id: String,
-    broker: Arc<dyn Broker>,
+    store: Arc<dyn PresenceStore>,
     state: Mutex<State>,
 }
 
 impl Presence {
     /// Presence of node `node_id`, stored in `broker`.
-    pub fn new(node_id: String, broker: Arc<dyn Broker>) -> Self {
+    pub fn new(node_id: String, store: Arc<dyn PresenceStore>) -> Self {
         Self {
             node_id,
-            broker,
+            store,
             state: Mutex::default(),
         }
     }
@@ -106,7 +106,7 @@ impl Presence {
     pub async fn flush(&self, all: bool) {
         let changes = self.take_changes(all);
         for (i, chunk) in changes.chunks(CHUNK).enumerate() {
-            if let Err(e) = self.broker.presence_update(&self.node_id, chunk).await {
+            if let Err(e) = self.store.presence_update(&self.node_id, chunk).await {
                 tracing::debug!(error = %e, "presence update failed; will retry");
                 // This chunk and the ones not sent yet.
                 self.mark_dirty(&changes[i * CHUNK..]);
@@ -123,7 +123,7 @@ impl Presence {
             set.into_iter().map(|c| c.to_string()).collect()
         };
         for chunk in channels.chunks(CHUNK) {
-            if let Err(e) = self.broker.presence_refresh(&self.node_id, chunk).await {
+            if let Err(e) = self.store.presence_refresh(&self.node_id, chunk).await {
                 tracing::debug!(error = %e, "presence refresh failed");
                 return;
             }
@@ -162,12 +162,12 @@ impl Presence {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::broker::memory::MemoryBroker;
-    use crate::broker::BrokerSettings;
+    use crate::backend::memory::MemoryBackend;
+    use crate::backend::settings::BackendSettings;
 
     /// Node `n1`'s presence, stored in a fresh in-memory broker.
-    fn presence_on_memory_broker() -> (Arc<MemoryBroker>, Presence) {
-        let broker = Arc::new(MemoryBroker::new(BrokerSettings {
+    fn presence_on_memory_broker() -> (Arc<MemoryBackend>, Presence) {
+        let broker = Arc::new(MemoryBackend::new(BackendSettings {
             history_size: 10,
             history_ttl: Duration::from_secs(60),
             meta_ttl: Duration::from_secs(60),
@@ -177,7 +177,7 @@ mod tests {
             wait_replicas: 0,
             wait_timeout: Duration::from_millis(500),
         }));
-        let presence = Presence::new("n1".into(), Arc::clone(&broker) as Arc<dyn Broker>);
+        let presence = Presence::new("n1".into(), Arc::clone(&broker) as Arc<dyn PresenceStore>);
         (broker, presence)
     }
 

@@ -8,9 +8,8 @@
 //!   [`ACK_FLUSH_INTERVAL`], so that acks cost the broker at most one call per channel
 //!   per interval however many frames clients send; it schedules a personal channel for
 //!   the unacked check before each publish to it; and it runs the sweeper;
-//! - [`ReceiptStore`], what a broker stores for it (a supertrait of
-//!   [`crate::broker::Broker`]; Redis in `broker/redis/receipts.rs`, memory in
-//!   `broker/memory/receipts.rs`).
+//! - over [`ReceiptStore`], what the backend stores for it (`backend/receipts.rs`;
+//!   Redis in `backend/redis/receipts.rs`, memory in `backend/memory/receipts.rs`).
 //!
 //! Unacked detection, at least once and surviving node death: a publish to a personal
 //! channel first records the channel in a *due set* with the time its message becomes
@@ -28,13 +27,13 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use async_trait::async_trait;
 use herald_protocol::channel::personal_channel_owner;
 use herald_protocol::codes::ErrorCode;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use crate::broker::{Broker, BrokerError};
+use crate::backend::error::BackendError;
+use crate::backend::receipts::{Ack, AckPosition, ReceiptStore, Unacked};
 use crate::metrics::Metrics;
 
 /// How often coalesced acks are written to the broker: an ack is stored at most this
@@ -48,52 +47,10 @@ pub const CLAIM_BATCH: usize = 64;
 /// How long the sweeper waits for its consumer to confirm a batch before it gives up
 /// on it (the claim then runs out and the batch is reported again).
 pub const CONFIRM_TIMEOUT: Duration = Duration::from_secs(5);
-/// Smallest and largest `HERALD_ACK_TIMEOUT_MS` (0 turns unacked detection off).
-pub const ACK_TIMEOUT_RANGE: std::ops::RangeInclusive<u64> = 100..=3_600_000;
-
-/// Parses `HERALD_ACK_TIMEOUT_MS`: 0 (off) or a whole number of milliseconds in
-/// [`ACK_TIMEOUT_RANGE`].
-pub fn parse_ack_timeout(value: &str) -> Result<u64, String> {
-    let ms: u64 = value.parse().map_err(|e| format!("{e}"))?;
-    if ms == 0 || ACK_TIMEOUT_RANGE.contains(&ms) {
-        Ok(ms)
-    } else {
-        Err(format!(
-            "must be 0 (off) or {}..={} ms",
-            ACK_TIMEOUT_RANGE.start(),
-            ACK_TIMEOUT_RANGE.end()
-        ))
-    }
-}
-
 /// How often a node's sweeper looks for due channels: a quarter of the timeout, so a
 /// report comes at most about 25% late, between 50 ms and 1 s.
 pub fn sweep_interval(timeout: Duration) -> Duration {
     (timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(1))
-}
-
-/// The due computation of one scan, as a pure function (the memory broker runs it; the
-/// Redis script `scan.lua` does the same in Lua): given a channel's retained messages
-/// after max(acked, reported) as (offset, age) in offset order, which are overdue (age
-/// at least `timeout`), at most `limit` of them, and when to look again: when the
-/// first pending one becomes overdue, or at once (zero) when more are overdue than
-/// `limit`; `None` when nothing is pending.
-pub fn due_messages(
-    ages: impl IntoIterator<Item = (u64, Duration)>,
-    timeout: Duration,
-    limit: usize,
-) -> (Vec<u64>, Option<Duration>) {
-    let mut overdue = Vec::new();
-    for (offset, age) in ages {
-        if age < timeout {
-            return (overdue, Some(timeout - age));
-        }
-        if overdue.len() >= limit.max(1) {
-            return (overdue, Some(Duration::ZERO));
-        }
-        overdue.push(offset);
-    }
-    (overdue, None)
 }
 
 /// Why an `ack` is refused.
@@ -163,121 +120,8 @@ pub fn check_ack<'a>(
     Ok(current_epoch)
 }
 
-/// One coalesced ack: everything up to `offset` of `channel` in `epoch`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Ack {
-    /// The personal channel.
-    pub channel: String,
-    /// The epoch the offset belongs to; a broker ignores an ack of another epoch than
-    /// the channel's current one (its messages are gone).
-    pub epoch: String,
-    /// Acknowledged up to here (cumulative); a broker keeps max(stored, offset), clamped
-    /// to the channel's latest offset.
-    pub offset: u64,
-}
-
-/// A channel's acknowledged position.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct AckPosition {
-    /// The epoch of `acked` (empty when nothing was ever acked).
-    pub epoch: String,
-    /// Acked up to here.
-    pub acked: u64,
-}
-
-/// A message to a personal channel that no device acknowledged in time: the payload
-/// of the `message.unacked` webhook event.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Unacked {
-    /// The personal channel (`user:<id>`).
-    pub channel: String,
-    /// The message's offset.
-    pub offset: u64,
-    /// The channel's epoch.
-    pub epoch: String,
-    /// The message's data (JSON text, as published).
-    pub data: Arc<str>,
-    /// Who published it, when known.
-    pub from: Option<Arc<str>>,
-    /// When it was published (Unix ms; the broker's clock).
-    pub published_at_ms: u64,
-}
-
-impl Unacked {
-    /// The event's id, the same whenever (and by whichever node) the message is
-    /// reported: `unacked:<channel>:<epoch>:<offset>`. A receiver deduplicates on it.
-    pub fn event_id(&self) -> String {
-        format!("unacked:{}:{}:{}", self.channel, self.epoch, self.offset)
-    }
-
-    /// The user the channel belongs to.
-    pub fn user(&self) -> Option<&str> {
-        personal_channel_owner(&self.channel)
-    }
-}
-
-/// What [`ReceiptStore::scan`] found in one claimed channel.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct Scan {
-    /// The channel's epoch ('' when the channel has no stored state any more).
-    pub epoch: String,
-    /// Overdue, unacked, unreported messages, oldest first.
-    pub overdue: Vec<Unacked>,
-    /// When the channel must be looked at again, from now: the next pending message
-    /// becomes overdue (or more overdue ones than one scan returns). `None`: nothing
-    /// pending.
-    pub next_due_in: Option<Duration>,
-}
-
-/// What a broker stores for delivery receipts. Every method is one atomic step per
-/// channel (or on the due set).
-#[async_trait]
-pub trait ReceiptStore: Send + Sync {
-    /// Stores coalesced acks: per channel, max(stored, offset), clamped to the
-    /// channel's latest offset; an ack whose epoch is not the channel's current one is
-    /// ignored.
-    async fn store_acks(&self, acks: &[Ack]) -> Result<(), BrokerError>;
-
-    /// The channel's acknowledged position. An ack of an older epoch reads as nothing
-    /// acked in the current one.
-    async fn acked(&self, channel: &str) -> Result<AckPosition, BrokerError>;
-
-    /// Records that `channel` must be checked in `delay` (unless it already is due
-    /// earlier). Called before each publish to a personal channel. Returns how long
-    /// until the channel's entry is due: until then the entry surely stays (only due
-    /// entries are claimed), which lets the node skip the call for further publishes.
-    async fn schedule(&self, channel: &str, delay: Duration) -> Result<Duration, BrokerError>;
-
-    /// Claims up to `limit` due channels for `visibility`: no other sweeper gets them
-    /// until [`ReceiptStore::finish`] or the visibility runs out.
-    async fn claim_due(
-        &self,
-        limit: usize,
-        visibility: Duration,
-    ) -> Result<Vec<String>, BrokerError>;
-
-    /// The channel's messages older than `timeout` after max(acked, reported), at most
-    /// `limit`.
-    async fn scan(
-        &self,
-        channel: &str,
-        timeout: Duration,
-        limit: usize,
-    ) -> Result<Scan, BrokerError>;
-
-    /// Marks the channel reported up to `reported` (in `epoch`; 0: nothing new), then
-    /// releases the claim and schedules the channel again in `next_due_in` if given.
-    async fn finish(
-        &self,
-        channel: &str,
-        epoch: &str,
-        reported: u64,
-        next_due_in: Option<Duration>,
-    ) -> Result<(), BrokerError>;
-}
-
 /// Overdue messages of one channel, handed from the sweeper to the node's consumer
-/// (the webhook log: [`forward_unacked`]). The sweeper marks
+/// (the webhook log: `webhook::unacked::forward_unacked`). The sweeper marks
 /// them reported only after [`UnackedBatch::confirm`]: drop the batch unconfirmed and
 /// the messages are reported again later (same event ids).
 #[derive(Debug)]
@@ -296,7 +140,7 @@ impl UnackedBatch {
 
 /// The node's delivery receipts. See the module doc.
 pub struct Receipts {
-    broker: Arc<dyn Broker>,
+    store: Arc<dyn ReceiptStore>,
     metrics: Arc<Metrics>,
     /// `HERALD_ACK_TIMEOUT_MS`; `None`: unacked detection is off.
     timeout: Option<Duration>,
@@ -337,13 +181,13 @@ pub fn schedule_valid_until(
 impl Receipts {
     /// The node's receipts over `broker`; `timeout` 0 turns unacked detection off.
     pub fn new(
-        broker: Arc<dyn Broker>,
+        store: Arc<dyn ReceiptStore>,
         metrics: Arc<Metrics>,
         timeout_ms: u64,
         scan_limit: usize,
     ) -> Self {
         Self {
-            broker,
+            store,
             metrics,
             timeout: (timeout_ms > 0).then(|| Duration::from_millis(timeout_ms)),
             scan_limit: scan_limit.max(1),
@@ -368,6 +212,13 @@ impl Receipts {
 
     fn pending(&self) -> std::sync::MutexGuard<'_, HashMap<String, (Arc<str>, u64)>> {
         self.pending.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The channel's acknowledged position, as stored.
+    pub async fn acked(&self, channel: &str) -> Result<AckPosition, BackendError> {
+        self.store.acked(channel).await.inspect_err(|_| {
+            self.metrics.broker_errors.inc();
+        })
     }
 
     /// Queues an ack (already checked with [`check_ack`]); written within
@@ -405,7 +256,7 @@ impl Receipts {
                 })
                 .collect()
         };
-        match self.broker.store_acks(&batch).await {
+        match self.store.store_acks(&batch).await {
             Ok(()) => {
                 self.metrics.acks_flushed.inc_by(batch.len() as u64);
             }
@@ -428,7 +279,7 @@ impl Receipts {
     /// One call per channel per about ¾ of the timeout, not one per publish: the answer
     /// says how long the channel's entry stays due ([`schedule_valid_until`]), and until
     /// then further publishes to it skip the call.
-    pub async fn before_publish(&self, channel: &str) -> Result<(), BrokerError> {
+    pub async fn before_publish(&self, channel: &str) -> Result<(), BackendError> {
         let Some(timeout) = self.timeout else {
             return Ok(());
         };
@@ -443,7 +294,7 @@ impl Receipts {
         {
             return Ok(());
         }
-        let remaining = self.broker.schedule(channel, timeout).await?;
+        let remaining = self.store.schedule(channel, timeout).await?;
         if let Some(until) = schedule_valid_until(started, remaining, timeout) {
             let mut scheduled = self.scheduled();
             if scheduled.len() >= self.schedule_cache_limit {
@@ -491,7 +342,7 @@ impl Receipts {
             }
             // Keep going while claims come back full: a backlog is worked off at once.
             loop {
-                let claimed = match self.broker.claim_due(CLAIM_BATCH, self.visibility).await {
+                let claimed = match self.store.claim_due(CLAIM_BATCH, self.visibility).await {
                     Ok(c) => c,
                     Err(e) => {
                         tracing::debug!(error = %e, "unacked sweep: claim failed");
@@ -520,8 +371,8 @@ impl Receipts {
         channel: &str,
         timeout: Duration,
         out: &mpsc::Sender<UnackedBatch>,
-    ) -> Result<(), BrokerError> {
-        let scan = self.broker.scan(channel, timeout, self.scan_limit).await?;
+    ) -> Result<(), BackendError> {
+        let scan = self.store.scan(channel, timeout, self.scan_limit).await?;
         let reported = scan.overdue.last().map_or(0, |m| m.offset);
         if !scan.overdue.is_empty() {
             let (confirmed, done) = oneshot::channel();
@@ -531,79 +382,23 @@ impl Receipts {
                 confirmed,
             };
             if out.send(batch).await.is_err() {
-                return Err(BrokerError::Unavailable("unacked consumer stopped".into()));
+                return Err(BackendError::Unavailable("unacked consumer stopped".into()));
             }
             match tokio::time::timeout(CONFIRM_TIMEOUT, done).await {
                 Ok(Ok(())) => {
                     self.metrics.unacked_messages.inc_by(count);
                 }
                 _ => {
-                    return Err(BrokerError::Unavailable(
+                    return Err(BackendError::Unavailable(
                         "unacked consumer did not confirm".into(),
                     ))
                 }
             }
         }
-        self.broker
+        self.store
             .finish(channel, &scan.epoch, reported, scan.next_due_in)
             .await
     }
-}
-
-/// The node's consumer of unacked reports: each message becomes a `message.unacked`
-/// event in the webhook log, then the batch is confirmed, so the sweeper marks the
-/// messages reported only once their events are stored (at least once: a node that
-/// dies in between leaves the claim to run out, and another node appends the same
-/// events again, with the same ids). A batch whose append fails is not confirmed: the
-/// claim runs out and the channel is swept again. Without `HERALD_WEBHOOK_URL` the
-/// reports are only logged and counted.
-pub async fn forward_unacked(
-    mut reports: mpsc::Receiver<UnackedBatch>,
-    webhooks: Option<Arc<crate::webhook::Webhooks>>,
-) {
-    'batches: while let Some(batch) = reports.recv().await {
-        for m in &batch.messages {
-            let Some(w) = &webhooks else {
-                tracing::info!(
-                    id = %m.event_id(),
-                    channel = %m.channel,
-                    offset = m.offset,
-                    epoch = %m.epoch,
-                    published_at_ms = m.published_at_ms,
-                    "message.unacked (no webhook configured)"
-                );
-                continue;
-            };
-            let Some(user) = m.user() else { continue };
-            let event = crate::webhook::NewEvent {
-                id: Some(m.event_id()),
-                ..crate::webhook::NewEvent::for_user("message.unacked", user, unacked_fields(m))
-            };
-            if let Err(e) = w.append(&event).await {
-                tracing::warn!(error = %e, channel = %m.channel, "message.unacked: could not append; the sweep repeats it");
-                continue 'batches;
-            }
-        }
-        batch.confirm();
-    }
-}
-
-/// The members of a `message.unacked` event besides `id`, `type`, `user`, `seq` and
-/// `at`: `channel`, `offset`, `epoch`, `data` (as published), `from` when known and
-/// `published_at_ms` (Unix ms).
-pub fn unacked_fields(m: &Unacked) -> String {
-    let mut s = format!(
-        r#""channel":{},"offset":{},"epoch":{},"data":{}"#,
-        serde_json::Value::from(m.channel.as_str()),
-        m.offset,
-        serde_json::Value::from(m.epoch.as_str()),
-        m.data,
-    );
-    if let Some(from) = &m.from {
-        s.push_str(&format!(r#","from":{}"#, serde_json::Value::from(&**from)));
-    }
-    s.push_str(&format!(r#","published_at_ms":{}"#, m.published_at_ms));
-    s
 }
 
 #[cfg(test)]
@@ -614,8 +409,10 @@ mod tests {
     /// schedule (a call each), and a remembered channel needs no call.
     #[tokio::test]
     async fn the_schedule_cache_is_bounded() {
-        let broker = Arc::new(crate::broker::memory::MemoryBroker::new(
-            crate::config::Config::default().broker_settings(),
+        let broker = Arc::new(crate::backend::memory::MemoryBackend::new(
+            crate::backend::settings::BackendSettings::from_config(
+                &crate::config::Config::default(),
+            ),
         ));
         let receipts = Receipts::new(broker, Arc::new(Metrics::new()), 30_000, 10)
             .with_schedule_cache_limit(3);
@@ -672,37 +469,6 @@ mod tests {
         let e = check_ack(me, 1, Some("e0"), me, ("e1", 7)).unwrap_err();
         assert!(matches!(e, AckError::StaleEpoch { .. }));
         assert_eq!(e.code(), ErrorCode::BadRequest);
-    }
-
-    #[test]
-    fn due_messages_are_the_overdue_prefix() {
-        let ms = Duration::from_millis;
-        let t = ms(1000);
-        assert_eq!(due_messages([], t, 10), (vec![], None));
-        // Two overdue, the third due in 400 ms.
-        let ages = [(3, ms(2500)), (4, ms(1000)), (5, ms(600)), (6, ms(10))];
-        assert_eq!(due_messages(ages, t, 10), (vec![3, 4], Some(ms(400))));
-        // All overdue: nothing pending after them.
-        assert_eq!(
-            due_messages([(1, ms(5000)), (2, ms(4000))], t, 10),
-            (vec![1, 2], None)
-        );
-        // More overdue than the limit: look again at once.
-        let many = (1..=5).map(|o| (o, ms(9000)));
-        assert_eq!(due_messages(many, t, 2), (vec![1, 2], Some(Duration::ZERO)));
-        // None overdue yet.
-        assert_eq!(due_messages([(7, ms(1))], t, 2), (vec![], Some(ms(999))));
-    }
-
-    #[test]
-    fn ack_timeout_range() {
-        assert_eq!(parse_ack_timeout("0"), Ok(0));
-        assert_eq!(parse_ack_timeout("30000"), Ok(30_000));
-        assert_eq!(parse_ack_timeout("100"), Ok(100));
-        assert_eq!(parse_ack_timeout("3600000"), Ok(3_600_000));
-        for bad in ["99", "3600001", "-1", "x", ""] {
-            assert!(parse_ack_timeout(bad).is_err(), "{bad:?}");
-        }
     }
 
     #[test]

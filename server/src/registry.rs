@@ -5,7 +5,7 @@
 //! `/v1/nodes`, `/v1/connect` and presence, within the TTL. A draining node removes its
 //! entry at once and stops refreshing.
 //!
-//! The entry also carries the node's load figures ([`crate::broker::NodeStats`]) for the
+//! The entry also carries the node's load figures ([`crate::backend::nodes::NodeStats`]) for the
 //! dashboard, so it is refreshed at least every [`STATS_EVERY`]: the dashboard polls
 //! every 2 s and its figures are then at most a second old.
 
@@ -14,8 +14,17 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::broker::{BrokerError, NodeInfo};
-use crate::node::Node;
+use crate::backend::error::BackendError;
+use crate::backend::nodes::{NodeInfo, NodeRegistry};
+use crate::presence::Presence;
+
+/// What the heartbeat reads of its node.
+pub trait Announce: Send + Sync + 'static {
+    /// The node's registry entry now. Walks `/proc`: called off the async workers.
+    fn info(&self) -> NodeInfo;
+    /// Whether the node is draining (it has left the registry and must stay out).
+    fn is_draining(&self) -> bool;
+}
 
 /// Longest time between two heartbeats: how stale `/v1/nodes` figures may be. One small
 /// Redis script call per node per second.
@@ -40,8 +49,14 @@ pub fn least_loaded(nodes: &[NodeInfo]) -> Option<&NodeInfo> {
 /// retried quickly (the broker may still be connecting at start), and after a failure
 /// this node's presence is written again in full, since the broker may have dropped it
 /// while the node looked dead.
-pub async fn heartbeat(node: Arc<Node>, stop: CancellationToken) {
-    let every = heartbeat_period(node.config.broker_settings().node_ttl);
+pub async fn heartbeat(
+    node: Arc<dyn Announce>,
+    registry: Arc<dyn NodeRegistry>,
+    presence: Arc<Presence>,
+    node_ttl: Duration,
+    stop: CancellationToken,
+) {
+    let every = heartbeat_period(node_ttl);
     let retry = Duration::from_millis(200);
     let mut failing = false;
     let mut first = true;
@@ -60,20 +75,20 @@ pub async fn heartbeat(node: Arc<Node>, stop: CancellationToken) {
                 move || node.info()
             })
             .await
-            .map_err(|e| BrokerError::Internal(format!("reading the node's figures: {e}")))
+            .map_err(|e| BackendError::Internal(format!("reading the node's figures: {e}")))
         };
         if node.is_draining() {
             // Drain began meanwhile and removed the entry: don't write it back.
             return;
         }
         let registered = match info {
-            Ok(info) => node.broker.register_node(&info).await,
+            Ok(info) => registry.register_node(&info).await,
             Err(e) => Err(e),
         };
         let next = match registered {
             Ok(()) => {
                 if failing {
-                    node.presence.flush(true).await;
+                    presence.flush(true).await;
                 }
                 failing = false;
                 every

@@ -1,10 +1,12 @@
 //! One broker conformance suite: the same behaviours, written once over
-//! `Arc<dyn Broker>`, run against the in-memory broker, the Redis broker on one Redis,
+//! `Arc<dyn TestBackend>`, run against the in-memory broker, the Redis broker on one Redis,
 //! and the Redis broker on a 3-master Redis Cluster, so the backends cannot drift.
 //!
 //! What only Redis has (several nodes routing to each other, reconnects and the
 //! `Resubscribed` event, lost keys, sharded pub/sub spread) stays in `redis_broker.rs`.
 
+#[path = "support/backend.rs"]
+mod backend;
 #[path = "support/broker_events.rs"]
 mod broker_events;
 #[path = "support/redis_server.rs"]
@@ -14,11 +16,14 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use backend::*;
 use broker_events::{change, info, record, Event};
 use herald_protocol::{StreamPosition, EMPTY_EPOCH};
-use herald_server::broker::memory::MemoryBroker;
-use herald_server::broker::redis::connect;
-use herald_server::broker::{Broker, BrokerSettings, Publication, UserCommand};
+use herald_server::backend::memory::MemoryBackend;
+use herald_server::backend::redis::connect;
+use herald_server::backend::settings::BackendSettings;
+use herald_server::backend::streams::Publication;
+use herald_server::backend::users::UserCommand;
 use redis_server::{RedisCluster, RedisServer};
 use tokio::sync::mpsc;
 use tokio::time::timeout;
@@ -26,8 +31,8 @@ use tokio::time::timeout;
 /// Generous: includes reconnect backoff and cluster discovery on a shared machine.
 const WAIT: Duration = Duration::from_secs(15);
 
-fn settings() -> BrokerSettings {
-    BrokerSettings {
+fn settings() -> BackendSettings {
+    BackendSettings {
         history_size: 10,
         history_ttl: Duration::from_secs(60),
         meta_ttl: Duration::from_secs(120),
@@ -48,15 +53,15 @@ enum Backend<'a> {
 
 /// A broker under test, with its event stream (every user command counts 1 session).
 struct Subject {
-    broker: Arc<dyn Broker>,
+    broker: Arc<dyn TestBackend>,
     events: mpsc::UnboundedReceiver<Event>,
 }
 
 impl Backend<'_> {
     /// A fresh broker (its own key prefix on Redis).
-    async fn open(&self, test: &str, settings: BrokerSettings) -> Subject {
-        let broker: Arc<dyn Broker> = match self {
-            Backend::Memory => Arc::new(MemoryBroker::new(settings)),
+    async fn open(&self, test: &str, settings: BackendSettings) -> Subject {
+        let broker: Arc<dyn TestBackend> = match self {
+            Backend::Memory => Arc::new(MemoryBackend::new(settings)),
             Backend::Single(_) | Backend::Cluster(_) => {
                 let url = match self {
                     Backend::Single(r) => r.url(),
@@ -163,7 +168,7 @@ async fn offsets_and_epochs(backend: &Backend<'_>) {
 /// History after `since`, at most `limit`, trimmed to `history_size` and aged out after
 /// `history_ttl` (the position stays); `from` and the data travel unchanged.
 async fn history_since_limit_trim_and_age(backend: &Backend<'_>) {
-    let small = BrokerSettings {
+    let small = BackendSettings {
         history_size: 5,
         ..settings()
     };
@@ -199,7 +204,7 @@ async fn history_since_limit_trim_and_age(backend: &Backend<'_>) {
         .is_empty());
     b.shutdown().await;
 
-    let short = BrokerSettings {
+    let short = BackendSettings {
         history_ttl: Duration::from_millis(300),
         ..settings()
     };

@@ -12,6 +12,8 @@
 //! stream goes on while node 0 suffers. Followers (resilient recording clients) sit on
 //! node 0 and record exactly what an application would see.
 
+#[path = "support/backend.rs"]
+mod backend;
 #[path = "support/follower.rs"]
 mod follower;
 #[path = "support/node.rs"]
@@ -22,6 +24,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use backend::*;
 use follower::{Follower, Record};
 use herald_testkit::process::NodeProcess;
 use herald_testkit::proxy::FaultProxy;
@@ -373,14 +376,16 @@ async fn subscriber_lag_is_repaired_from_history() {
     let f = Follower::on_nodes(vec![s.nodes[0].addr], node::token("burst", &[], &[]), 0);
     assert!(f.wait_for("user:burst", 0, Duration::from_secs(10)).await);
     // Publishing trims history to the publisher's size: keep the whole burst.
-    let mut settings = herald_server::Config::default().broker_settings();
+    let mut settings = herald_server::backend::settings::BackendSettings::from_config(
+        &herald_server::Config::default(),
+    );
     settings.history_size = 5_000;
     let publisher =
-        herald_server::broker::redis::connect(&s.redis.url(), &s.prefix, "publisher", settings)
+        herald_server::backend::redis::connect(&s.redis.url(), &s.prefix, "publisher", settings)
             .await
             .unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !herald_server::broker::Broker::is_healthy(&publisher) {
+    while !publisher.is_healthy() {
         assert!(Instant::now() < deadline, "publisher never connected");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -393,7 +398,7 @@ async fn subscriber_lag_is_repaired_from_history() {
     let calls = (0..BURST).map(|i| {
         let publisher = &publisher;
         async move {
-            herald_server::broker::Broker::publish(publisher, "user:burst", &i.to_string(), None)
+            Streams::publish(publisher, "user:burst", &i.to_string(), None)
                 .await
                 .unwrap()
         }
@@ -423,7 +428,7 @@ async fn subscriber_lag_is_repaired_from_history() {
         "measured: subscriber lag: a burst of {BURST} through a buffer of 1: {repaired} gap \
          repairs, the client had all {BURST} in order {took:?} after the burst started"
     );
-    herald_server::broker::Broker::shutdown(&publisher).await;
+    publisher.shutdown().await;
 }
 
 /// A node killed (SIGKILL) while 150 clients are connected to three nodes and messages

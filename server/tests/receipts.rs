@@ -2,6 +2,8 @@
 //! detection, on real nodes (memory broker and a real redis-server), and the sweepers
 //! of several nodes against one Redis, whose reports are checked one by one.
 
+#[path = "support/backend.rs"]
+mod backend;
 #[path = "support/client.rs"]
 mod client;
 #[path = "support/node.rs"]
@@ -11,9 +13,11 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use backend::*;
 use client::Client;
-use herald_server::broker::memory::MemoryBroker;
-use herald_server::broker::Broker;
+use herald_server::backend::memory::MemoryBackend;
+
+use herald_server::backend::settings::BackendSettings;
 use herald_server::metrics::Metrics;
 use herald_server::receipts::{Receipts, UnackedBatch};
 use herald_server::Config;
@@ -445,7 +449,7 @@ async fn collect(
 
 /// What several nodes' sweepers must report: users 0..5 get 6 messages each; user k
 /// acks k of them. Publishes go through the three "nodes" in turn.
-async fn drive(brokers: &[Arc<dyn Broker>], receipts: &[Arc<Receipts>]) -> Vec<String> {
+async fn drive(brokers: &[Arc<dyn TestBackend>], receipts: &[Arc<Receipts>]) -> Vec<String> {
     let mut expected = Vec::new();
     for user in 0..5u64 {
         let channel = format!("user:u{user}");
@@ -472,11 +476,18 @@ async fn drive(brokers: &[Arc<dyn Broker>], receipts: &[Arc<Receipts>]) -> Vec<S
     expected
 }
 
-async fn sweepers_report_each_message_once(brokers: Vec<Arc<dyn Broker>>) {
+async fn sweepers_report_each_message_once(brokers: Vec<Arc<dyn TestBackend>>) {
     let metrics = Arc::new(Metrics::new());
     let receipts: Vec<Arc<Receipts>> = brokers
         .iter()
-        .map(|b| Arc::new(Receipts::new(Arc::clone(b), Arc::clone(&metrics), 400, 100)))
+        .map(|b| {
+            Arc::new(Receipts::new(
+                Arc::clone(b) as Arc<dyn ReceiptStore>,
+                Arc::clone(&metrics),
+                400,
+                100,
+            ))
+        })
         .collect();
     let stop = CancellationToken::new();
     let (tx, mut rx) = mpsc::channel(16);
@@ -492,12 +503,12 @@ async fn sweepers_report_each_message_once(brokers: Vec<Arc<dyn Broker>>) {
 }
 
 /// Waits until a Redis broker is connected, so the first script call does not fail.
-async fn connected(url: &str, prefix: &str, id: &str) -> Arc<dyn Broker> {
-    let settings = Config::default().broker_settings();
-    let b = herald_server::broker::redis::connect(url, prefix, id, settings)
+async fn connected(url: &str, prefix: &str, id: &str) -> Arc<dyn TestBackend> {
+    let settings = BackendSettings::from_config(&Config::default());
+    let b = herald_server::backend::redis::connect(url, prefix, id, settings)
         .await
         .unwrap();
-    let b: Arc<dyn Broker> = Arc::new(b);
+    let b: Arc<dyn TestBackend> = Arc::new(b);
     eventually(Duration::from_secs(10), "redis broker connected", || {
         let b = Arc::clone(&b);
         async move { b.position("x").await.is_ok() }
@@ -532,18 +543,25 @@ async fn three_sweepers_on_redis_cluster_report_each_unacked_message_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_sweepers_on_the_memory_broker_report_each_unacked_message_once() {
-    let b: Arc<dyn Broker> = Arc::new(MemoryBroker::new(Config::default().broker_settings()));
+    let b: Arc<dyn TestBackend> = Arc::new(MemoryBackend::new(BackendSettings::from_config(
+        &Config::default(),
+    )));
     sweepers_report_each_message_once(vec![Arc::clone(&b), Arc::clone(&b), b]).await;
 }
 
 /// A sweeper whose consumer does not confirm a batch (a node that dies after handing a
 /// report on) does not mark it reported: after the claim's visibility the same messages
 /// are reported again, with the same event ids, and then never again.
-async fn unconfirmed_reports_repeat_with_the_same_ids(broker: Arc<dyn Broker>) {
+async fn unconfirmed_reports_repeat_with_the_same_ids(broker: Arc<dyn TestBackend>) {
     let metrics = Arc::new(Metrics::new());
     let r = Arc::new(
-        Receipts::new(Arc::clone(&broker), metrics, 200, 100)
-            .with_claim_visibility(Duration::from_millis(600)),
+        Receipts::new(
+            Arc::clone(&broker) as Arc<dyn ReceiptStore>,
+            metrics,
+            200,
+            100,
+        )
+        .with_claim_visibility(Duration::from_millis(600)),
     );
     let stop = CancellationToken::new();
     let (tx, mut rx) = mpsc::channel(4);
@@ -578,14 +596,16 @@ async fn an_unconfirmed_report_is_repeated_with_the_same_ids_redis() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unconfirmed_report_is_repeated_with_the_same_ids_memory() {
-    let b: Arc<dyn Broker> = Arc::new(MemoryBroker::new(Config::default().broker_settings()));
+    let b: Arc<dyn TestBackend> = Arc::new(MemoryBackend::new(BackendSettings::from_config(
+        &Config::default(),
+    )));
     unconfirmed_reports_repeat_with_the_same_ids(b).await;
 }
 
 /// The store's own rules: an ack is clamped to the channel's latest offset, an ack of
 /// another epoch is ignored, and acks never go back.
-async fn store_rules(broker: Arc<dyn Broker>) {
-    use herald_server::receipts::Ack;
+async fn store_rules(broker: Arc<dyn TestBackend>) {
+    use herald_server::backend::receipts::Ack;
     let p = broker.publish("user:sam", "1", None).await.unwrap();
     broker.publish("user:sam", "2", None).await.unwrap();
     let ack = |offset: u64, epoch: &str| Ack {
@@ -609,8 +629,8 @@ async fn store_rules(broker: Arc<dyn Broker>) {
 async fn the_store_clamps_and_ignores_other_epochs() {
     let redis = RedisServer::start();
     store_rules(connected(&redis.url(), &prefix("store"), "n0").await).await;
-    store_rules(Arc::new(MemoryBroker::new(
-        Config::default().broker_settings(),
-    )))
+    store_rules(Arc::new(MemoryBackend::new(BackendSettings::from_config(
+        &Config::default(),
+    ))))
     .await;
 }

@@ -6,6 +6,8 @@
 //! commands) is `broker_conformance.rs`, run against the memory broker too; this file
 //! keeps what only Redis has: several nodes, reconnects, lost keys, sharding.
 
+#[path = "support/backend.rs"]
+mod backend;
 #[path = "support/broker_events.rs"]
 mod broker_events;
 #[path = "support/redis_server.rs"]
@@ -15,12 +17,15 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use backend::*;
 use broker_events::{change, info, record, Event};
 use herald_protocol::{StreamPosition, EMPTY_EPOCH};
-use herald_server::broker::redis::{connect, RedisBroker};
-use herald_server::broker::{
-    BatchMessage, Broker, BrokerError, BrokerSettings, NodeInfo, Publication, UserCommand,
-};
+use herald_server::backend::error::BackendError;
+use herald_server::backend::nodes::NodeInfo;
+use herald_server::backend::redis::{connect, RedisBackend};
+use herald_server::backend::settings::BackendSettings;
+use herald_server::backend::streams::{BatchMessage, Publication};
+use herald_server::backend::users::UserCommand;
 use redis_server::{RedisCluster, RedisOptions, RedisServer};
 use tokio::sync::mpsc;
 use tokio::time::timeout;
@@ -28,8 +33,8 @@ use tokio::time::timeout;
 /// Generous: includes reconnect backoff and cluster discovery.
 const WAIT: Duration = Duration::from_secs(15);
 
-fn settings() -> BrokerSettings {
-    BrokerSettings {
+fn settings() -> BackendSettings {
+    BackendSettings {
         history_size: 10,
         history_ttl: Duration::from_secs(60),
         meta_ttl: Duration::from_secs(120),
@@ -56,12 +61,12 @@ fn uuid_like() -> String {
 }
 
 struct Node {
-    broker: Arc<RedisBroker>,
+    broker: Arc<RedisBackend>,
     events: mpsc::UnboundedReceiver<Event>,
 }
 
 impl Node {
-    async fn start(url: &str, prefix: &str, id: &str, settings: BrokerSettings) -> Self {
+    async fn start(url: &str, prefix: &str, id: &str, settings: BackendSettings) -> Self {
         init_tracing();
         let broker = Arc::new(connect(url, prefix, id, settings).await.expect("connect"));
         let events = record(&*broker);
@@ -121,7 +126,7 @@ fn init_tracing() {
         .try_init();
 }
 
-async fn wait_healthy(broker: &RedisBroker) {
+async fn wait_healthy(broker: &RedisBackend) {
     wait_until("broker healthy", || broker.is_healthy()).await;
 }
 
@@ -491,7 +496,7 @@ async fn presence_and_dead_nodes(backend: &Backend<'_>) {
     n2.broker.shutdown().await;
 
     // Expiry: refreshed presence stays, unrefreshed presence expires.
-    let short = BrokerSettings {
+    let short = BackendSettings {
         presence_ttl: Duration::from_millis(700),
         ..settings()
     };
@@ -616,7 +621,7 @@ async fn single_presence_and_dead_nodes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn registry_drops_nodes_that_stop_refreshing() {
     let redis = RedisServer::start();
-    let fast = BrokerSettings {
+    let fast = BackendSettings {
         node_ttl: Duration::from_secs(1),
         ..settings()
     };
@@ -666,7 +671,7 @@ async fn unreachable_redis_at_start_then_connects() {
     assert!(!broker.is_healthy());
     let started = Instant::now();
     let err = broker.publish("x", "1", None).await.unwrap_err();
-    assert!(matches!(err, BrokerError::Unavailable(_)), "{err:?}");
+    assert!(matches!(err, BackendError::Unavailable(_)), "{err:?}");
     assert!(started.elapsed() < Duration::from_secs(1), "fails fast");
     let subscribed = broker.subscribe("x");
 
@@ -716,14 +721,14 @@ async fn redis_killed_and_restarted() {
     .await;
     let started = Instant::now();
     let err = b.broker.publish("c", "2", None).await.unwrap_err();
-    assert!(matches!(err, BrokerError::Unavailable(_)), "{err:?}");
+    assert!(matches!(err, BackendError::Unavailable(_)), "{err:?}");
     assert!(matches!(
         b.broker.history("c", 0, 10).await,
-        Err(BrokerError::Unavailable(_))
+        Err(BackendError::Unavailable(_))
     ));
     assert!(matches!(
         a.broker.subscribe("c2").await,
-        Err(BrokerError::Unavailable(_))
+        Err(BackendError::Unavailable(_))
     ));
     assert!(started.elapsed() < Duration::from_secs(3), "fails fast");
     // Drop events from before the outage.
@@ -783,7 +788,7 @@ async fn paused_redis_is_detected() {
     redis.pause();
     wait_until("unhealthy while paused", || !a.broker.is_healthy()).await;
     let err = a.broker.publish("p", "1", None).await.unwrap_err();
-    assert!(matches!(err, BrokerError::Unavailable(_)), "{err:?}");
+    assert!(matches!(err, BackendError::Unavailable(_)), "{err:?}");
     let _ = a.drain();
     redis.resume();
     wait_healthy(&a.broker).await;
@@ -1243,15 +1248,18 @@ async fn cluster_publishes_through_a_slot_migration() {
 /// (the event stream closes, so the hub's consumer ends) and closes its connections.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn dropping_hub_and_broker_closes_redis_connections() {
-    use herald_server::hub::{Hub, SessionControl};
+    use herald_server::backend::memory::MemoryBackend;
+    use herald_server::hub::Hub;
+    use herald_server::mailbox::Mailbox;
     use herald_server::metrics::Metrics;
+    use herald_server::users::Users;
     init_tracing();
     let redis = RedisServer::start();
     let connections = || {
         // `redis-cli` itself is one of them.
         redis.cli(&["client", "list"]).lines().count() - 1
     };
-    let broker: Arc<dyn Broker> = Arc::new(
+    let broker: Arc<dyn TestBackend> = Arc::new(
         connect(&redis.url(), &prefix("drop"), "n1", settings())
             .await
             .expect("connect"),
@@ -1261,17 +1269,22 @@ async fn dropping_hub_and_broker_closes_redis_connections() {
     assert!(broker.events().is_none(), "the stream is taken once");
     let hub = Arc::new(Hub::new(
         Arc::new(Metrics::new()),
-        Arc::clone(&broker),
+        Arc::clone(&broker) as Arc<dyn Routing>,
+        Arc::clone(&broker) as Arc<dyn Streams>,
         Duration::from_millis(10),
         10,
     ));
-    let consumer = Hub::consume(&hub, events);
-    hub.join("room", 1, Arc::new(SessionControl::new(10)))
+    // The users' commands go through a backend of their own here: this test is about
+    // the hub's hold on the Redis backend.
+    let users = Arc::new(Users::new(Arc::new(MemoryBackend::new(settings()))));
+    let consumer = herald_server::events::consume(&hub, &users, events);
+    hub.join("room", 1, Arc::new(Mailbox::new(10)))
         .await
         .expect("join");
     assert!(connections() >= 2, "command and subscriber connections");
     drop(broker);
     drop(hub);
+    drop(users);
     timeout(WAIT, consumer)
         .await
         .expect("the hub's consumer ends when the broker is gone")

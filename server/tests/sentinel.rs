@@ -26,8 +26,8 @@ use herald_testkit::sentinel::RedisSentinel;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
-const PUBLISH: &str = include_str!("../src/broker/redis/publish.lua");
-const HISTORY: &str = include_str!("../src/broker/redis/history.lua");
+const PUBLISH: &str = include_str!("../src/backend/redis/publish.lua");
+const HISTORY: &str = include_str!("../src/backend/redis/history.lua");
 
 /// Runs publish.lua on `redis` for channel `c`; returns (offset, epoch).
 fn publish(redis: &RedisServer, c: &str, data: &str, epoch: &str, flag: &str) -> (u64, String) {

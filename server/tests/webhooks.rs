@@ -5,6 +5,8 @@
 //! SIGKILLed while it holds undelivered events. Every test counts: none lost, none
 //! invented, duplicates only with the same id and the same content.
 
+#[path = "support/backend.rs"]
+mod backend;
 #[path = "support/client.rs"]
 mod client;
 #[path = "support/node.rs"]
@@ -20,6 +22,7 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::post;
+use backend::*;
 use client::Client;
 use herald_server::webhook::{dispatch, sign};
 use herald_testkit::process::NodeProcess;
@@ -647,7 +650,7 @@ fn bad_settings_refuse_to_start() {
 /// lease holder reads or moves the cursor.
 #[tokio::test]
 async fn redis_store_trims_counts_losses_and_respects_the_lease() {
-    use herald_server::broker::webhook::{NewEvent, WebhookStoreSettings};
+    use herald_server::backend::webhooks::{NewEvent, WebhookStoreSettings};
     let redis = RedisServer::start();
     let (broker, store) = redis_store(
         &redis,
@@ -730,7 +733,7 @@ async fn redis_store_trims_counts_losses_and_respects_the_lease() {
         id: None,
     };
     assert!(store.append(&bad).await.is_err());
-    herald_server::broker::Broker::shutdown(&broker).await;
+    broker.shutdown().await;
 }
 
 /// A dead node's holdings are let go of in bounded steps (1,000 per sweep call), so a
@@ -739,7 +742,7 @@ async fn redis_store_trims_counts_losses_and_respects_the_lease() {
 /// end online, everyone else offline, each transition once.
 #[tokio::test]
 async fn a_dead_node_is_dropped_in_bounded_steps() {
-    use herald_server::broker::webhook::{Holding, WebhookStoreSettings};
+    use herald_server::backend::webhooks::{Holding, WebhookStoreSettings};
     const USERS: usize = 2_500;
     const BACK: usize = 100;
     let redis = RedisServer::start();
@@ -818,12 +821,12 @@ async fn a_dead_node_is_dropped_in_bounded_steps() {
         };
         assert_eq!(last[&format!("user{i}")], expected, "user{i}");
     }
-    herald_server::broker::Broker::shutdown(&broker).await;
+    broker.shutdown().await;
 }
 
 /// Every event of target "t" not read yet (as holder "n1"), as (user, type), acked.
 async fn read_all(
-    store: &dyn herald_server::broker::webhook::WebhookStore,
+    store: &dyn herald_server::backend::webhooks::WebhookStore,
 ) -> Vec<(String, String)> {
     let mut out = Vec::new();
     loop {
@@ -863,19 +866,21 @@ fn apply(last: &mut BTreeMap<String, String>, batch: Vec<(String, String)>) -> u
 async fn redis_store(
     redis: &RedisServer,
     prefix: &str,
-    settings: herald_server::broker::webhook::WebhookStoreSettings,
+    settings: herald_server::backend::webhooks::WebhookStoreSettings,
 ) -> (
-    herald_server::broker::redis::RedisBroker,
-    std::sync::Arc<dyn herald_server::broker::webhook::WebhookStore>,
+    herald_server::backend::redis::RedisBackend,
+    std::sync::Arc<dyn herald_server::backend::webhooks::WebhookStore>,
 ) {
-    let broker = herald_server::broker::redis::connect(
+    let broker = herald_server::backend::redis::connect(
         &redis.url(),
         prefix,
         "n1",
-        herald_server::Config::default().broker_settings(),
+        herald_server::backend::settings::BackendSettings::from_config(
+            &herald_server::Config::default(),
+        ),
     )
     .await
     .unwrap();
-    let store = herald_server::broker::Broker::webhooks(&broker, settings);
+    let store = broker.webhook_store(settings);
     (broker, store)
 }

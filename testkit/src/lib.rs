@@ -4,11 +4,30 @@
 //! - [`sentinel`]: a primary, a replica and three sentinels, for failover tests;
 //! - [`process`]: the real `herald` binary as a child process (SIGKILL, SIGTERM, restart);
 //! - [`proxy`]: a TCP fault proxy that cuts, black-holes and restores connections;
+//! - [`layers`]: the import graph of a crate's modules and its cycles (see below);
 //! - [`SECRET`], [`API_KEY`] and [`token`]: the keys every test node shares;
 //! - [`metric`] and [`metric_value`]: one value from a node's `/metrics`.
 //!
 //! Nothing here is a mock: tests talk to the same programs that run in production.
+//!
+//! # Import cycles
+//!
+//! `tests/import_cycles.rs` runs [`layers`] on `server/src` and `client/src` and fails
+//! on any import cycle: a set of module files that reach one another through `use`
+//! declarations or paths in code (`crate::x::f()`, `super::y::Z`), so that none of them
+//! can be read, tested or changed without the others. The modules must form layers:
+//!
+//! - a module may use its ancestors (a child that adds `impl Parent` blocks imports its
+//!   parent) and anything below it, but no two modules may depend on each other, directly
+//!   or through others;
+//! - the crate root (`lib.rs`, `main.rs`) is the wiring on top and is not checked;
+//! - `#[cfg(test)]` items (`mod tests { ... }`) are not counted: tests import freely.
+//!
+//! A failure lists each cycle's modules and every edge inside it with the file and line
+//! of a reference that makes it (`crate::a -> crate::b (src/a.rs:12)`): removing enough
+//! of those references breaks the cycle.
 
+pub mod layers;
 pub mod process;
 pub mod proxy;
 pub mod redis;

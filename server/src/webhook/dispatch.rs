@@ -11,14 +11,14 @@
 //! events the dead node had not delivered are delivered by another.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use rand::Rng;
 use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 
 use super::{sign, Webhooks};
-use crate::broker::webhook::{Batch, StoredEvent};
+use crate::backend::webhooks::{Batch, StoredEvent};
 
 /// First pause after a failed attempt; it doubles up to the configured cap.
 pub const RETRY_BASE: Duration = Duration::from_millis(500);
@@ -57,12 +57,6 @@ pub fn body(events: &[StoredEvent]) -> String {
     s
 }
 
-fn now_secs() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
-
 /// Why an attempt failed, for the log.
 #[derive(Debug, thiserror::Error)]
 enum AttemptError {
@@ -90,7 +84,7 @@ async fn post(
     secret: &[u8],
     body: &str,
 ) -> Result<(), AttemptError> {
-    let signature = sign::header(secret, now_secs(), body.as_bytes());
+    let signature = sign::header(secret, crate::clock::now_secs(), body.as_bytes());
     let response = http
         .post(url.clone())
         .header(reqwest::header::CONTENT_TYPE, "application/json")

@@ -5,7 +5,7 @@
 //! - [`tracker`]: this node's side of presence: counts local sessions per user and per
 //!   channel, and reports the first / last one to the broker in batches, off the
 //!   session's path. The broker decides what is a real transition, cluster-wide
-//!   ([`crate::broker::webhook`]).
+//!   ([`crate::backend::webhook`]).
 //! - [`dispatch`]: for each URL, the one node holding its lease POSTs batches of the
 //!   log, signed ([`sign`]), retrying the same batch with backoff until a 2xx.
 //! - [`Settings`]: the configuration, checked at startup.
@@ -17,6 +17,7 @@
 pub mod dispatch;
 pub mod sign;
 pub mod tracker;
+pub mod unacked;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,13 +26,13 @@ use herald_protocol::channel::personal_channel_owner;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::broker::webhook::{WebhookStore, WebhookStoreSettings};
-use crate::broker::{Broker, BrokerError};
+use crate::backend::error::BackendError;
+use crate::backend::webhooks::{WebhookStore, WebhookStoreSettings};
 use crate::config::Config;
 use crate::metrics::Metrics;
 
 /// What appending an event takes ([`Webhooks::append`]), and the subjects' names.
-pub use crate::broker::webhook::{channel_subject, user_subject, NewEvent};
+pub use crate::backend::webhooks::{channel_subject, user_subject, NewEvent};
 
 /// Most events per request that `HERALD_WEBHOOK_BATCH_SIZE` may ask for.
 pub const MAX_BATCH: usize = 1_000;
@@ -154,7 +155,7 @@ impl Settings {
             retention: config.webhook_retention,
             timeout: Duration::from_millis(config.webhook_timeout_ms),
             retry_max: Duration::from_millis(config.webhook_retry_max_ms),
-            node_ttl: config.broker_settings().node_ttl,
+            node_ttl: crate::backend::settings::BackendSettings::from_config(config).node_ttl,
         }))
     }
 
@@ -186,10 +187,11 @@ pub struct Webhooks {
 }
 
 impl Webhooks {
-    /// Webhooks of node `node_id`, stored in `broker`.
+    /// Webhooks of node `node_id`, kept in `store` (opened with
+    /// [`Settings::store_settings`]).
     pub fn new(
         settings: Settings,
-        broker: &dyn Broker,
+        store: Arc<dyn WebhookStore>,
         node_id: String,
         metrics: Arc<Metrics>,
     ) -> Result<Self, SettingsError> {
@@ -197,7 +199,7 @@ impl Webhooks {
             dispatch::client(settings.timeout).map_err(|e| SettingsError::Http(e.to_string()))?;
         Ok(Self {
             http,
-            store: broker.webhooks(settings.store_settings()),
+            store,
             tracker: tracker::Tracker::default(),
             settings,
             node_id,
@@ -239,7 +241,7 @@ impl Webhooks {
     /// there) and wakes this node's dispatchers. On an error the event may still have
     /// been appended (an answer lost after Redis ran the script); appending it again
     /// makes a second event with another id.
-    pub async fn append(&self, event: &NewEvent) -> Result<(), BrokerError> {
+    pub async fn append(&self, event: &NewEvent) -> Result<(), BackendError> {
         self.store.append(event).await?;
         self.appended.notify_waiters();
         Ok(())

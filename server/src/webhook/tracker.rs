@@ -18,7 +18,7 @@ use rand::Rng;
 use tokio_util::sync::CancellationToken;
 
 use super::Webhooks;
-use crate::broker::webhook::Holding;
+use crate::backend::webhooks::Holding;
 
 /// How often dirty subjects are reported.
 pub const FLUSH_EVERY: Duration = Duration::from_millis(100);

@@ -9,30 +9,15 @@ use herald_protocol::frame::{
 };
 use serde_json::json;
 
-use crate::auth::now_secs;
-use crate::broker::{BrokerError, UserCommand};
+use crate::backend::users::UserCommand;
+use crate::clock::now_secs;
 use crate::limits::RecoveryBudget;
+use crate::publish::{Message, Published};
 
+use super::error::CommandError;
 use super::rate::Rate;
 use super::session::{token_timers, Session};
 use super::End;
-
-pub(super) struct CommandError(pub(super) ErrorCode, pub(super) String);
-
-impl From<BrokerError> for CommandError {
-    /// A fixed, generic message: the broker's own error text names addresses and
-    /// internals no client should see. The log keeps the detail.
-    fn from(e: BrokerError) -> Self {
-        tracing::warn!(error = %e, "broker error answering a client command");
-        match e {
-            BrokerError::Unavailable(_) => CommandError(
-                ErrorCode::Unavailable,
-                "broker unavailable; try again".into(),
-            ),
-            BrokerError::Internal(_) => CommandError(ErrorCode::Internal, "internal error".into()),
-        }
-    }
-}
 
 impl Session {
     /// Handles one text frame after `welcome`.
@@ -66,7 +51,7 @@ impl Session {
             }
             Rate::Refuse => {
                 self.node.metrics.rate_limited.inc();
-                let err = CommandError(
+                let err = CommandError::new(
                     ErrorCode::RateLimited,
                     "too many commands; slow down".into(),
                 );
@@ -77,7 +62,7 @@ impl Session {
         let command = match parsed {
             Ok(c) => c,
             Err(ParseError::BadArgument { message, .. }) => {
-                let err = CommandError(ErrorCode::BadRequest, message);
+                let err = CommandError::new(ErrorCode::BadRequest, message);
                 return self.reply(socket, id, Err(err)).await;
             }
             Err(ParseError::NotACommand(_)) => return Err(End::Close(CloseCode::BadRequest)),
@@ -149,7 +134,7 @@ impl Session {
 
     pub(super) fn unsubscribe(&mut self, channel: &str) -> Result<(), CommandError> {
         if *channel == *self.personal {
-            return Err(CommandError(
+            return Err(CommandError::new(
                 ErrorCode::Forbidden,
                 "the personal channel cannot be left".into(),
             ));
@@ -172,21 +157,22 @@ impl Session {
             Ok(c) => c,
             Err(e) => {
                 tracing::debug!(error = %e, "refresh token refused");
-                let err = CommandError(ErrorCode::Unauthorized, "invalid or expired token".into());
+                let err =
+                    CommandError::new(ErrorCode::Unauthorized, "invalid or expired token".into());
                 return self.reply(socket, Some(id), Err(err)).await;
             }
         };
         if claims.sub != self.claims.sub {
-            let err = CommandError(ErrorCode::Forbidden, "the token is for another user".into());
+            let err =
+                CommandError::new(ErrorCode::Forbidden, "the token is for another user".into());
             return self.reply(socket, Some(id), Err(err)).await;
         }
         if self
             .node
-            .hub
-            .revocations
+            .users
             .is_revoked(&claims.sub, claims.issued_at(), now_secs())
         {
-            let err = CommandError(ErrorCode::Unauthorized, "token revoked".into());
+            let err = CommandError::new(ErrorCode::Unauthorized, "token revoked".into());
             return self.reply(socket, Some(id), Err(err)).await;
         }
         let lost: Vec<Arc<str>> = self
@@ -248,10 +234,11 @@ impl Session {
                         self.send(socket, frame.to_json()).await?;
                         self.flush(socket).await
                     }
-                    Err(CommandError(code, message)) => {
+                    Err(e) => {
                         // At its subscription limit, or the broker is down: the session
                         // stays as it is; the API caller sees the user's presence.
-                        tracing::debug!(?code, %message, channel, "server subscribe not applied");
+                        e.log("server subscribe not applied");
+                        tracing::debug!(code = ?e.code, message = %e.message, channel, "server subscribe not applied");
                         Ok(())
                     }
                 }
@@ -276,7 +263,7 @@ impl Session {
         if self.claims.may_publish(channel) {
             return Ok(());
         }
-        Err(CommandError(
+        Err(CommandError::new(
             ErrorCode::Forbidden,
             format!("not allowed to publish to {channel}"),
         ))
@@ -288,26 +275,24 @@ impl Session {
         data: &str,
     ) -> Result<serde_json::Value, CommandError> {
         self.may_publish(channel)?;
-        // A personal channel is scheduled for the unacked check first (receipts).
-        self.node
-            .receipts
-            .before_publish(channel)
-            .await
-            .inspect_err(|_| {
-                self.node.metrics.broker_errors.inc();
-            })?;
         // `from` is always the session's user: a client cannot choose it (any `from` in
         // its frame is not even parsed).
-        let position = self
+        let published = self
             .node
-            .broker
-            .publish(channel, data, Some(&self.user))
-            .await
-            .inspect_err(|_| {
-                self.node.metrics.broker_errors.inc();
-            })?;
-        self.node.metrics.messages_published.inc();
-        self.node.metrics.message_bytes.observe(data.len() as f64);
+            .publisher
+            .publish(Message {
+                channel,
+                data,
+                from: Some(&self.user),
+                ephemeral: false,
+            })
+            .await?;
+        let Published::Stored(position) = published else {
+            return Err(CommandError::new(
+                ErrorCode::Internal,
+                "internal error".into(),
+            ));
+        };
         Ok(json!({"offset": position.offset, "epoch": position.epoch}))
     }
 
@@ -322,7 +307,7 @@ impl Session {
         self.may_publish(channel)?;
         if !self.ephemeral_rate.try_take() {
             self.node.metrics.rate_limited.inc();
-            return Err(CommandError(
+            return Err(CommandError::new(
                 ErrorCode::RateLimited,
                 format!(
                     "more than {} ephemeral messages per second; slow down",
@@ -332,13 +317,14 @@ impl Session {
         }
         // `from` is the session's user, as for an ordinary publish.
         self.node
-            .broker
-            .publish_ephemeral(channel, data, Some(&self.user))
-            .await
-            .inspect_err(|_| {
-                self.node.metrics.broker_errors.inc();
-            })?;
-        self.node.metrics.ephemeral_published.inc();
+            .publisher
+            .publish(Message {
+                channel,
+                data,
+                from: Some(&self.user),
+                ephemeral: true,
+            })
+            .await?;
         Ok(json!({ "ephemeral": true }))
     }
 
@@ -363,7 +349,7 @@ impl Session {
             &self.personal,
             (&current, delivered),
         )
-        .map_err(|e| CommandError(e.code(), e.to_string()))?;
+        .map_err(|e| CommandError::new(e.code(), e.to_string()))?;
         self.node.receipts.ack(&self.personal, &current, offset);
         Ok(json!({"offset": offset, "epoch": &*current}))
     }
@@ -373,12 +359,12 @@ impl Session {
         // the token's patterns say.
         let granted = self.channels.get(channel).is_some_and(|s| s.granted);
         if !granted && !self.claims.may_subscribe(channel) {
-            return Err(CommandError(
+            return Err(CommandError::new(
                 ErrorCode::Forbidden,
                 format!("not allowed to see presence of {channel}"),
             ));
         }
-        let users = self.node.broker.presence(channel).await?;
+        let users = self.node.presence(channel).await?;
         Ok(json!({ "users": users }))
     }
 
@@ -394,11 +380,14 @@ impl Session {
                 result: Some(value),
                 error: None,
             },
-            Err(CommandError(code, message)) => Reply {
-                id,
-                result: None,
-                error: Some(ErrorBody::new(code, message)),
-            },
+            Err(e) => {
+                e.log("a client command failed");
+                Reply {
+                    id,
+                    result: None,
+                    error: Some(ErrorBody::new(e.code, e.message)),
+                }
+            }
         };
         self.send(socket, ServerFrame::Reply(reply).to_json())
             .await?;

@@ -18,6 +18,7 @@
 //! history), so the client never sees a silent gap.
 
 mod commands;
+mod error;
 mod rate;
 mod session;
 
@@ -36,8 +37,8 @@ use herald_protocol::StreamPosition;
 use rand::Rng;
 use tokio::time::timeout;
 
-use crate::auth::now_secs;
-use crate::hub::CloseReason;
+use crate::clock::now_secs;
+use crate::mailbox::CloseReason;
 use crate::node::{Node, Pending};
 
 use session::Session;
@@ -231,8 +232,7 @@ pub(super) async fn serve_session(
         }
     };
     if node
-        .hub
-        .revocations
+        .users
         .is_revoked(&claims.sub, claims.issued_at(), now_secs())
     {
         tracing::debug!(user = %claims.sub, "revoked token refused");

@@ -13,14 +13,16 @@ use herald_protocol::StreamPosition;
 use rand::Rng;
 use tokio::time::{timeout, timeout_at, Instant};
 
-use crate::auth::{now_secs, Claims};
-use crate::broker::{BrokerError, Publication};
+use crate::auth::Claims;
+use crate::backend::streams::Publication;
+use crate::clock::now_secs;
 use crate::continuity::{self, SessionArrival};
-use crate::hub::{CloseReason, Outbound, SessionControl, SessionHandle, SessionId, KEEP_SLOTS};
 use crate::limits::RecoveryBudget;
+use crate::mailbox::{CloseReason, Mailbox, Outbound, SessionHandle, SessionId, KEEP_SLOTS};
+use crate::membership::Member;
 use crate::node::Node;
 
-use super::commands::CommandError;
+use super::error::CommandError;
 use super::rate::RateLimit;
 use super::{read_error, send_reconnect, End, CLOSE_TIMEOUT};
 
@@ -37,7 +39,6 @@ pub(super) struct ChannelState {
     pub(super) granted: bool,
 }
 
-/// Errors of a command, as reply errors.
 /// One authenticated session.
 pub(super) struct Session {
     pub(super) node: Arc<Node>,
@@ -70,10 +71,7 @@ pub(super) struct Session {
 /// When a token with expiry `exp` (unix seconds) runs out, and when to announce it,
 /// as instants of the session's clock.
 pub(super) fn token_timers(exp: u64, notice_ms: u64) -> (Instant, Option<Instant>) {
-    let now_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0);
+    let now_ms = crate::clock::now_ms();
     let remaining = exp.saturating_mul(1000).saturating_sub(now_ms);
     let expires_at = Instant::now() + Duration::from_millis(remaining);
     let lead = crate::auth::expiry_notice_ms(remaining, notice_ms);
@@ -86,7 +84,7 @@ impl Session {
         let personal: Arc<str> = user_channel(&user).into();
         let now = Instant::now();
         let (expires_at, notice_at) = token_timers(claims.exp, node.config.token_expiry_notice_ms);
-        let handle = Arc::new(SessionControl::new(node.config.session_queue));
+        let handle = Arc::new(Mailbox::new(node.config.session_queue));
         handle.set_token_iat(claims.issued_at());
         Self {
             id: node.next_session_id(),
@@ -121,25 +119,16 @@ impl Session {
         socket: &mut WebSocket,
         mut resume: BTreeMap<String, StreamPosition>,
     ) -> Result<(), End> {
-        // Registered before the revocation check, never after: see `control`'s race note.
+        // Registered before the revocation check, never after: see `users`' race note.
         // Over the user's connections on this node (one token must not take the node's
         // slots): 4429.
         let limit = self.node.config.max_connections_per_user;
-        if !self
-            .node
-            .hub
-            .users
-            .register(&self.user, self.id, self.handle.clone(), limit)
-        {
+        if !self.node.membership.arrive(self.member(), limit) {
             return Err(End::Close(CloseCode::TooMany));
-        }
-        if let Some(w) = &self.node.webhooks {
-            w.user_connected(&self.user);
         }
         if self
             .node
-            .hub
-            .revocations
+            .users
             .is_revoked(&self.user, self.claims.issued_at(), now_secs())
         {
             return Err(End::CloseWith(
@@ -158,9 +147,10 @@ impl Session {
                 subscriptions.insert(personal.clone(), result);
                 missed.push((self.personal.clone(), pubs));
             }
-            Err(CommandError(code, message)) => {
+            Err(e) => {
                 // Without its personal channel the session is useless; the broker is down.
-                tracing::debug!(?code, %message, "personal channel subscribe failed");
+                e.log("personal channel subscribe failed");
+                tracing::debug!(code = ?e.code, message = %e.message, "personal channel subscribe failed");
                 return Err(End::Close(CloseCode::Draining));
             }
         }
@@ -183,8 +173,9 @@ impl Session {
                     subscriptions.insert(channel, result);
                     missed.push((name, pubs));
                 }
-                Err(CommandError(code, message)) => {
-                    errors.insert(channel, ErrorBody::new(code, message));
+                Err(e) => {
+                    e.log("a resumed channel could not be joined");
+                    errors.insert(channel, ErrorBody::new(e.code, e.message));
                 }
             }
         }
@@ -230,7 +221,7 @@ impl Session {
     ) -> Result<(SubscribeResult, Vec<Publication>), CommandError> {
         self.room_for(channel)?;
         if !self.claims.may_subscribe(channel) {
-            return Err(CommandError(
+            return Err(CommandError::new(
                 ErrorCode::Forbidden,
                 format!("not allowed to subscribe to {channel}"),
             ));
@@ -241,13 +232,13 @@ impl Session {
     /// Whether the session can join `channel`: not in it yet, and under its limit.
     pub(super) fn room_for(&self, channel: &str) -> Result<(), CommandError> {
         if self.channels.contains_key(channel) {
-            return Err(CommandError(
+            return Err(CommandError::new(
                 ErrorCode::BadRequest,
                 "already subscribed".into(),
             ));
         }
         if self.channels.len() >= self.node.config.max_subscriptions {
-            return Err(CommandError(
+            return Err(CommandError::new(
                 ErrorCode::BadRequest,
                 format!(
                     "subscription limit ({}) reached",
@@ -258,8 +249,8 @@ impl Session {
         Ok(())
     }
 
-    /// Joins a channel the session may be in (checked by the caller): the hub, the
-    /// stream position or recovery, presence. `granted`: joined by the server API.
+    /// Joins a channel the session may be in (checked by the caller), through the
+    /// membership verb. `granted`: joined by the server API.
     pub(super) async fn join(
         &mut self,
         channel: &str,
@@ -269,29 +260,14 @@ impl Session {
     ) -> Result<(SubscribeResult, Vec<Publication>), CommandError> {
         self.room_for(channel)?;
         let node = Arc::clone(&self.node);
-        node.hub.join(channel, self.id, self.handle.clone()).await?;
-        // Joined first, read the stream second: whatever is published in between
-        // arrives both ways, and the offset check drops the second copy.
-        let outcome = self.recover(channel, since, budget).await;
-        let (result, pubs) = match outcome {
-            Ok(r) => r,
-            Err(e) => {
-                node.hub.leave(channel, self.id);
-                return Err(e.into());
-            }
-        };
-        let position = StreamPosition::new(result.offset, result.epoch.clone());
-        node.hub.seed(channel, &position);
-        let name: Arc<str> = channel.into();
-        node.presence.join(&name, &self.user);
-        if let Some(w) = &node.webhooks {
-            w.channel_joined(&name);
-        }
-        node.metrics.subscriptions.inc();
+        let (result, pubs) = node
+            .membership
+            .enter(self.member(), channel, since, budget)
+            .await?;
         self.handle
             .set_full(self.channels.len() + 1 >= node.config.max_subscriptions);
         self.channels.insert(
-            name,
+            channel.into(),
             ChannelState {
                 epoch: result.epoch.as_str().into(),
                 last: result.offset,
@@ -301,50 +277,13 @@ impl Session {
         Ok((result, pubs))
     }
 
-    /// Reads where the channel stands and, with `since`, what the client missed, if it
-    /// fits in `budget`: a channel is recovered completely or not at all.
-    pub(super) async fn recover(
-        &self,
-        channel: &str,
-        since: Option<StreamPosition>,
-        budget: &mut RecoveryBudget,
-    ) -> Result<(SubscribeResult, Vec<Publication>), BrokerError> {
-        let broker = &self.node.broker;
-        let Some(since) = since else {
-            let p = broker.position(channel).await?;
-            return Ok((
-                SubscribeResult {
-                    offset: p.offset,
-                    epoch: p.epoch,
-                    recovered: false,
-                },
-                Vec::new(),
-            ));
-        };
-        let history = broker
-            .history(channel, since.offset, self.node.config.history_size.max(1))
-            .await?;
-        let mut recovered = false;
-        let mut pubs = Vec::new();
-        if let Some(missing) = continuity::recovery(&since, &history) {
-            pubs = history.publications;
-            pubs.truncate(missing);
-            recovered = budget.take(&pubs);
-            if !recovered {
-                // Honest, never a silent gap: the client is told it was not
-                // recovered and starts from the current position.
-                self.node.metrics.recovery_over_budget.inc();
-                pubs = Vec::new();
-            }
+    /// The session as the membership verbs know it.
+    pub(super) fn member(&self) -> Member<'_> {
+        Member {
+            id: self.id,
+            user: &self.user,
+            handle: &self.handle,
         }
-        Ok((
-            SubscribeResult {
-                offset: history.position.offset,
-                epoch: history.position.epoch,
-                recovered,
-            },
-            pubs,
-        ))
     }
 
     /// Queues a frame for the socket (writing out what the buffer cannot hold).
@@ -632,7 +571,7 @@ impl Session {
         next: u64,
     ) -> Result<(), End> {
         let want = (next - last - 1) as usize;
-        if let Ok(h) = self.node.broker.history(channel, last, want).await {
+        if let Ok(h) = self.node.history(channel, last, want).await {
             if continuity::fills_gap(last, epoch, want, &h.publications) {
                 self.send_publications(socket, channel, &h.publications)
                     .await?;
@@ -667,12 +606,7 @@ impl Session {
     pub(super) fn leave(&mut self, channel: &str) -> bool {
         match self.channels.remove_entry(channel) {
             Some((name, _)) => {
-                self.node.hub.leave(&name, self.id);
-                self.node.presence.leave(&name, &self.user);
-                if let Some(w) = &self.node.webhooks {
-                    w.channel_left(&name);
-                }
-                self.node.metrics.subscriptions.dec();
+                self.node.membership.leave(self.member(), &name);
                 self.handle.set_full(false);
                 true
             }
@@ -680,22 +614,10 @@ impl Session {
         }
     }
 
-    /// Leaves every channel.
+    /// Leaves every channel, then the node.
     pub(super) fn cleanup(&mut self) {
-        self.handle.end();
-        let registered = self.node.hub.users.unregister(&self.user, self.id);
-        let webhooks = self.node.webhooks.as_ref();
-        if let (true, Some(w)) = (registered, webhooks) {
-            w.user_disconnected(&self.user);
-        }
-        for (name, _) in self.channels.drain() {
-            self.node.hub.leave(&name, self.id);
-            self.node.presence.leave(&name, &self.user);
-            if let Some(w) = webhooks {
-                w.channel_left(&name);
-            }
-            self.node.metrics.subscriptions.dec();
-        }
+        let channels: Vec<Arc<str>> = self.channels.drain().map(|(name, _)| name).collect();
+        self.node.membership.depart(self.member(), channels);
     }
 }
 

@@ -4,9 +4,12 @@
 
 #![allow(dead_code)]
 
-use herald_server::broker::{
-    Broker, BrokerEvent, NodeInfo, PresenceChange, Publication, UserCommand,
-};
+use super::backend::TestBackend;
+use herald_server::backend::nodes::NodeInfo;
+use herald_server::backend::presence::PresenceChange;
+use herald_server::backend::routing::BackendEvent;
+use herald_server::backend::streams::Publication;
+use herald_server::backend::users::UserCommand;
 use tokio::sync::mpsc;
 
 /// One broker event, as the tests compare it.
@@ -21,19 +24,19 @@ pub enum Event {
 
 /// Takes the broker's event stream (once: a second take answers `None`) and forwards
 /// everything to the test.
-pub fn record(broker: &dyn Broker) -> mpsc::UnboundedReceiver<Event> {
+pub fn record(broker: &dyn TestBackend) -> mpsc::UnboundedReceiver<Event> {
     let mut events = broker.events().expect("the event stream, once");
     assert!(broker.events().is_none(), "taken once");
     let (tx, rx) = mpsc::unbounded_channel();
     tokio::spawn(async move {
         while let Some(event) = events.recv().await {
             let event = match event {
-                BrokerEvent::Publication {
+                BackendEvent::Publication {
                     channel,
                     publication,
                 } => Event::Publication(channel.to_string(), publication),
-                BrokerEvent::Resubscribed => Event::Resubscribed,
-                BrokerEvent::UserCommand {
+                BackendEvent::Resubscribed => Event::Resubscribed,
+                BackendEvent::UserCommand {
                     user,
                     command,
                     reply,
@@ -41,7 +44,7 @@ pub fn record(broker: &dyn Broker) -> mpsc::UnboundedReceiver<Event> {
                     let _ = reply.send(1);
                     Event::UserCommand(user, command)
                 }
-                BrokerEvent::Ephemeral { channel, message } => Event::Ephemeral(
+                BackendEvent::Ephemeral { channel, message } => Event::Ephemeral(
                     channel.to_string(),
                     message.data.to_string(),
                     message.from.map(|f| f.to_string()),
