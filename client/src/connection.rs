@@ -7,7 +7,7 @@
 //! answering commands: channel changes go into the [`Tracker`] (and so into the next
 //! `hello`), `publish`/`presence` wait in a queue for the next session.
 //!
-//! What each close code makes the task do (PROTOCOL.md §4, [`CloseCode`]):
+//! What each close code makes the task do (docs/protocol.md "Close codes", [`CloseCode`]):
 //!
 //! | close | next step |
 //! |---|---|

@@ -179,7 +179,7 @@ pub enum KeyError {
 /// the size of HS256's own output (RFC 7518 §3.2 asks for a key at least that long).
 pub const MIN_KEY_BYTES: usize = 32;
 
-/// The startup rules for keys and dev mode (PROTOCOL.md §7): whether the node runs in
+/// The startup rules for keys and dev mode (docs/protocol.md): whether the node runs in
 /// dev mode, or why it must not start. A pure function of the configuration, so
 /// `herald` can check it before binding, and [`Keys::resolve`] applies the same rules.
 ///

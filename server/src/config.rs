@@ -1,5 +1,5 @@
 //! The node's configuration: every setting is an environment variable `HERALD_*` and a
-//! `--flag` of the same name in kebab case, with the defaults of PROTOCOL.md §1.
+//! `--flag` of the same name in kebab case, with the defaults of docs/protocol.md "Configuration".
 //! Every limit lives here with its documented default (README, "Configuration").
 
 use std::net::SocketAddr;

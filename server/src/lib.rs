@@ -91,8 +91,8 @@ pub enum StartError {
 /// How long closing frames may take after the drain window before the node gives up.
 const DRAIN_GRACE: Duration = Duration::from_secs(4);
 
-/// Serves one node on `listener` until `shutdown` resolves, then drains as PROTOCOL.md
-/// §6 says: `/readyz` turns 503 at once, the node leaves the registry, sessions get
+/// Serves one node on `listener` until `shutdown` resolves, then drains as docs/protocol.md
+/// ("Node shutdown") says: `/readyz` turns 503 at once, the node leaves the registry, sessions get
 /// `reconnect` spread over the drain window and close 4503, and this returns within the
 /// drain window plus 5 s.
 ///

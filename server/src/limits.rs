@@ -1,4 +1,4 @@
-//! Pure bookkeeping behind the limits a client cannot get around (PROTOCOL.md §7,
+//! Pure bookkeeping behind the limits a client cannot get around (docs/protocol.md "Limits",
 //! docs/protocol.md "Limits"): the byte budget of one recovery, connections per user,
 //! and the queue of connections that have not finished `hello` yet.
 //!

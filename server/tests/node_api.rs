@@ -1,4 +1,4 @@
-//! The HTTP API of PROTOCOL.md §5 on one node: every endpoint, its authentication, its
+//! The HTTP API of docs/protocol.md on one node: every endpoint, its authentication, its
 //! answers and its errors (`{"error":{"code":…,"message":…}}` with a proper status).
 
 #[path = "support/client.rs"]

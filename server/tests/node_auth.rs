@@ -1,4 +1,4 @@
-//! Authentication and authorization (PROTOCOL.md §1, §2, §3): every kind of bad token is
+//! Authentication and authorization (docs/protocol.md "Configuration", "Tokens and permissions", "Channel and user names"): every kind of bad token is
 //! closed with 4401, RS256/ES256/EdDSA tokens are accepted with a public key file, the
 //! `channels` and `publish` claims are enforced with `forbidden` replies, the personal
 //! channel is its owner's alone, the Origin allowlist closes with 4403, dev mode turns

@@ -1,4 +1,4 @@
-//! Bad input on `/ws` (PROTOCOL.md §4): a frame that is not a command closes the
+//! Bad input on `/ws` (docs/protocol.md "Commands"): a frame that is not a command closes the
 //! connection with 4400, a frame over the limit with 1009, and a well-formed command with
 //! a bad argument gets a `bad_request` reply while the connection stays. In every case
 //! another session on the same node keeps receiving pushes, and the server does not panic.

@@ -1,4 +1,4 @@
-//! Input limits and error hygiene (issue [1/4] §8): `data` nested deeper than
+//! Input limits and error hygiene: `data` nested deeper than
 //! `herald_protocol::depth::MAX_DATA_DEPTH` (64) is refused on every publish path, and
 //! error answers never carry the broker's own error text (addresses, ports, the Redis
 //! client's wording): the log keeps that.

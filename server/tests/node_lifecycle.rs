@@ -1,4 +1,4 @@
-//! Timers and shutdown (PROTOCOL.md §4 "Connect", heartbeats, close 4408, §6): hello
+//! Timers and shutdown (docs/protocol.md "Connecting", heartbeats, close 4408, "Node shutdown"): hello
 //! within the time limit, `ping` after `heartbeat_ms` of silence, 4408 after twice that
 //! without a word from the client, and the drain: `/readyz` 503 at once, `reconnect`
 //! then 4503 for connected clients, 4503 for new ones, `run` returns in time.

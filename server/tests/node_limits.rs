@@ -1,4 +1,4 @@
-//! Limits (PROTOCOL.md §4 close codes 4429 and 4509): connections per node and per IP,
+//! Limits (docs/protocol.md "Close codes": 4429 and 4509): connections per node and per IP,
 //! subscriptions per connection, commands per second, and slow consumers. In every case
 //! the other sessions of the node are undisturbed.
 

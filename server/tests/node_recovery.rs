@@ -1,4 +1,4 @@
-//! Recovery exactness (PROTOCOL.md §4 "Recovery", "Delivery guarantee"): `since` and
+//! Recovery exactness (docs/protocol.md "Recovery and the delivery guarantee"): `since` and
 //! `resume` deliver every missed message exactly once, in order, before live ones; a
 //! wrong epoch or a position older than the history answers `recovered: false` with the
 //! current position; and a client that reconnects again and again while messages are

@@ -1,4 +1,4 @@
-//! Recovery is bounded (issue [1/4] §2): one `hello` or one `subscribe` recovers at
+//! Recovery is bounded: one `hello` or one `subscribe` recovers at
 //! most `HERALD_MAX_RECOVERY_BYTES` of message data. A channel that does not fit is not
 //! recovered at all and the reply says so (`recovered: false`, with the current
 //! position): never a silent gap. Resume entries take tokens of the command rate.

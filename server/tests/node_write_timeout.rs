@@ -1,4 +1,4 @@
-//! Every write is bounded in time (issue [1/4] §1, `HERALD_WRITE_TIMEOUT_MS`): a client
+//! Every write is bounded in time (`HERALD_WRITE_TIMEOUT_MS`): a client
 //! that stops reading is closed with 4509 within the write timeout, whatever the node is
 //! writing to it — a recovery after `subscribe` with `since` or after a `hello` resume,
 //! or a command reply — and what the stuck session held (the recovered history copies)

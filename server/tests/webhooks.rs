@@ -1,4 +1,4 @@
-//! Webhooks (PROTOCOL.md §7, docs/protocol.md "Webhooks") against a real HTTP receiver
+//! Webhooks (docs/protocol.md "Webhooks") against a real HTTP receiver
 //! in this process, real `herald` processes and a real `redis-server`: transitions
 //! across three nodes, hops and quick reconnects that must not flap, channel
 //! occupied/vacated across nodes, a receiver that fails and recovers, and a node

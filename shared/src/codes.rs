@@ -1,4 +1,4 @@
-//! Close codes (one table, as in PROTOCOL.md §4) and reply error codes.
+//! Close codes (one table, as in docs/protocol.md "Close codes") and reply error codes.
 
 use serde::{Deserialize, Serialize};
 
@@ -51,7 +51,7 @@ impl CloseCode {
     }
 
     /// The reason of a 4401 close when the session's token reached `exp` without a
-    /// `refresh` (PROTOCOL.md §7).
+    /// `refresh` (docs/protocol.md).
     pub const TOKEN_EXPIRED: &'static str = "token expired";
 
     /// The short reason sent in the close frame.

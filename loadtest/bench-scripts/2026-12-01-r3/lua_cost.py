@@ -32,7 +32,7 @@ else:
     META, STREAM, PUBSUB = "m:%d", "s:%d", "ps:%d"
 HERE = os.path.dirname(os.path.abspath(__file__))
 SCRIPT = sys.argv[1] if len(sys.argv) > 1 else os.path.join(
-    HERE, "../../../server/src/broker/redis/publish.lua")
+    HERE, "../../../server/src/backend/redis/publish.lua")
 
 
 def enc(*args):

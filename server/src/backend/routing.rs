@@ -56,7 +56,7 @@ pub enum BackendEvent {
 /// Bounded ([`EVENT_BUFFER`]), so that a hub that falls behind pushes back instead of
 /// growing a queue: the Redis reader then waits, fred's buffer between the subscriber
 /// connection and the reader (`HERALD_REDIS_SUBSCRIBER_BUFFER`) overflows, and the lag
-/// is detected and repaired from history as before; the memory broker's publishers wait
+/// is detected and repaired from history; the memory backend's publishers wait
 /// for room before they number their message. The hub only decides and queues per event
 /// (no I/O, no waiting), so the stream normally drains as fast as it fills.
 pub type BackendEvents = mpsc::Receiver<BackendEvent>;

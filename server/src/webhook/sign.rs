@@ -1,5 +1,5 @@
 //! The `Herald-Signature` header: `t=<unix seconds>,v1=<hex HMAC-SHA256 of "<t>.<body>">`
-//! with `HERALD_WEBHOOK_SECRET` (PROTOCOL.md §7). The timestamp is signed with the
+//! with `HERALD_WEBHOOK_SECRET` (docs/protocol.md). The timestamp is signed with the
 //! body, so a receiver that rejects old timestamps rejects replays.
 
 use hmac::{Hmac, Mac};

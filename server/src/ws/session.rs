@@ -382,7 +382,7 @@ impl Session {
                 }
                 // Boxed: the write's futures (the frames' writes, their deadline, the
                 // token's expiry) would otherwise be part of every idle connection's
-                // task, about a third of its size (docs/benchmarks.md, r3 memory).
+                // task, about a third of its size (docs/benchmarks.md, "memory per connection").
                 () = control.ready() => Box::pin(self.deliver(socket, &mut batch, &control)).await?,
                 (code, reason) = control.closed() => return Err(End::CloseWith(code_of(code), reason)),
                 _ = &mut force_wait => return Err(End::Close(CloseCode::Draining)),

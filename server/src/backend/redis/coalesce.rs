@@ -6,7 +6,7 @@
 //! task starts at once and sends what is queued as one `publish.lua` call. Whatever
 //! queues up while that call is in flight goes in the next call, and the task ends when
 //! the queue is empty. So there is no timer and no added latency when idle (a lone
-//! publish is sent straight away, as before), while under load one call carries many
+//! publish is sent straight away), while under load one call carries many
 //! messages: the per-call cost in Redis (reading the request, starting the script,
 //! `TIME`, the reply, the syscalls) and on the node is shared.
 //!
