@@ -1,29 +1,38 @@
 //! Herald node: a horizontally scaled WebSocket push server.
 //!
-//! Map of the modules, in the order a push travels through them:
-//! - [`config`]: every setting, from environment and flags, with its default;
-//! - [`auth`]: client tokens (JWT), the API key, dev mode's keys;
-//! - [`api`]: the HTTP API (`POST /v1/publish` enters here) and health endpoints;
-//! - [`broker`]: numbering, history, routing between nodes, presence and registry
-//!   storage — the [`broker::Broker`] trait with a memory and a Redis implementation;
-//! - [`hub`]: which local session is in which channel; encode once, fan out, repair gaps;
-//! - [`continuity`]: the pure rules of a channel's stream (gap, buffer, repair, resync),
-//!   used by the hub and each session;
-//! - [`ws`]: the WebSocket upgrade and one session's protocol state machine;
-//! - [`control`]: the server API's control over users (sessions by user, revocations);
-//! - [`presence`]: this node's presence, sent to the broker in batches;
-//! - [`receipts`]: delivery receipts (`ack`), unread state, unacked detection;
-//! - [`registry`]: this node's heartbeat and the choice of node for `/v1/connect`;
-//! - [`node`]: the state shared by all of the above, and connection admission;
-//! - [`limits`]: the pure rules of admission and recovery budgets;
-//! - [`listener`]: accepting connections and serving HTTP on them, with timeouts;
-//! - [`webhook`]: user online/offline and channel occupied/vacated events, delivered
-//!   to the backend's URLs at least once, signed;
-//! - [`metrics`]: Prometheus metrics;
-//! - [`web`]: the browser client (`/herald.js`), the demo page (`/`) and the cluster
-//!   dashboard (`/admin`), embedded.
+//! # Layers
 //!
-//! [`run`] serves one node on a listener until a shutdown future resolves, then drains.
+//! Every module belongs to one layer, and **a module imports only from the layers
+//! above it in this list, or from modules listed before it in its own layer**; so
+//! there is no import cycle, and `testkit/tests/import_cycles.rs` fails on one. Data
+//! still flows upward, through channels: the backend hands the node a stream of
+//! events, and the hub offers frames to each session's mailbox; nothing below calls
+//! back up. `main.rs` and this file are the wiring on top (see [`assemble`] and
+//! [`run`]): the only place that sees every capability.
+//!
+//! 1. Leaves, which import nothing of the crate: [`config`] (every setting, from
+//!    environment and flags, with its default), [`clock`] (the one wall clock),
+//!    [`metrics`] (Prometheus).
+//! 2. What the cluster shares: [`backend`], small capability traits (streams and
+//!    history, routing, presence, the node registry, user control, receipts, the
+//!    webhook store, health), each with a memory and a Redis implementation.
+//! 3. Pure rules: [`continuity`] (a channel's stream: gap, buffer, repair, resync),
+//!    [`limits`] (admission and recovery budgets); also `ws/rate.rs`.
+//! 4. Node services, each given only the capabilities it uses: [`auth`] (tokens, the
+//!    API key, dev mode), [`mailbox`] (the hub-to-session contract), [`hub`] (which
+//!    local session is in which channel; encode once, fan out, repair), [`users`]
+//!    (sessions by user, revocations, user commands), [`presence`], [`receipts`]
+//!    (acks, unread, unacked detection), [`webhook`], [`registry`] (the heartbeat and
+//!    the choice for `/v1/connect`).
+//! 5. Verbs, which every transport calls: [`events`] (the one ordered consumer of
+//!    backend events), [`publish`] (single, batch, ephemeral), [`membership`] (a
+//!    session arriving, entering and leaving channels), [`node`] (the shared state,
+//!    backend reads and admission).
+//! 6. Transports: [`listener`] (accept, HTTP with timeouts), [`api`] (the HTTP API),
+//!    [`ws`] (the upgrade, `hello`, one session's state machine), [`web`] (the embedded
+//!    browser client, demo page and dashboard).
+//!
+//! docs/architecture.md follows one push through these files.
 
 pub mod api;
 pub mod auth;
@@ -109,6 +118,110 @@ pub async fn run(
     // listener on another address than `config.listen`.
     let mut config = config;
     config.listen = local;
+    let Assembly {
+        node,
+        backend,
+        hub,
+        presence,
+        receipts,
+        settings,
+    } = assemble(config).await?;
+    announce(&node, local);
+
+    let background = CancellationToken::new();
+    tokio::spawn(registry::heartbeat(
+        Arc::clone(&node) as Arc<dyn registry::Announce>,
+        Arc::clone(&backend.nodes),
+        Arc::clone(&presence),
+        settings.node_ttl,
+        background.clone(),
+    ));
+    tokio::spawn(Arc::clone(&presence).run(settings.presence_ttl / 3, background.clone()));
+    // Unacked reports: the sweeper hands them to this node's consumer, which appends
+    // them to the webhook log (`message.unacked`) before confirming.
+    let (unacked_tx, unacked_rx) = tokio::sync::mpsc::channel(64);
+    tokio::spawn(webhook::unacked::forward_unacked(
+        unacked_rx,
+        node.webhooks.clone(),
+    ));
+    tokio::spawn(Arc::clone(&receipts).run_sweeper(unacked_tx, background.clone()));
+    let stop_acks = CancellationToken::new();
+    let acks_flushed = tokio::spawn(Arc::clone(&receipts).run_flusher(stop_acks.clone()));
+    if let Some(w) = &node.webhooks {
+        w.spawn(background.clone());
+    }
+    tokio::spawn(housekeeping(
+        Arc::clone(&hub),
+        backend.memory.clone(),
+        Arc::clone(&node.metrics),
+        background.clone(),
+    ));
+
+    let app = api::routes()
+        .merge(web::routes())
+        .route("/ws", get(ws::upgrade))
+        .with_state(Arc::clone(&node));
+    let stop_http = CancellationToken::new();
+    let server = tokio::spawn(listener::serve(
+        listener,
+        app,
+        listener::Limits {
+            header_read_timeout: node.config.header_read_timeout(),
+            send_buffer: node.config.tcp_send_buffer,
+            max_http_connections: node.config.max_http_connections,
+            refused: node.metrics.http_connections_refused.clone(),
+            evicted: node.metrics.http_connections_evicted.clone(),
+        },
+        stop_http.clone(),
+    ));
+
+    shutdown.await;
+    tracing::info!(node = %node.id, "draining");
+    node.start_draining();
+    if let Err(e) = backend.nodes.unregister_node(&node.id).await {
+        tracing::warn!(error = %e, "could not leave the registry; it will expire");
+    }
+    node.sessions.close();
+    if tokio::time::timeout(node.config.drain(), node.sessions.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            left = node.connections(),
+            "drain window over; closing the rest"
+        );
+        node.force_close.cancel();
+        let _ = tokio::time::timeout(DRAIN_GRACE, node.sessions.wait()).await;
+    }
+    stop_http.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(1), server).await;
+    // The sessions are gone: write their last acks before the broker closes.
+    stop_acks.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(2), acks_flushed).await;
+    background.cancel();
+    if let Some(w) = &node.webhooks {
+        // The sessions are gone: report their departures, hand the URLs over.
+        let _ = tokio::time::timeout(Duration::from_secs(2), w.finish()).await;
+    }
+    backend.health.shutdown().await;
+    tracing::info!(node = %node.id, "stopped");
+    Ok(())
+}
+
+/// A node's services, wired, with what `run` starts and stops around them.
+pub(crate) struct Assembly {
+    pub(crate) node: Arc<Node>,
+    pub(crate) backend: Backend,
+    pub(crate) hub: Arc<Hub>,
+    pub(crate) presence: Arc<Presence>,
+    pub(crate) receipts: Arc<receipts::Receipts>,
+    pub(crate) settings: BackendSettings,
+}
+
+/// Builds the node for `config` (whose `listen` is the address actually bound): the
+/// backend, then each service with only the capabilities it uses, then the verbs. The
+/// one place that sees every capability. Background work is started by [`run`].
+pub(crate) async fn assemble(config: Config) -> Result<Assembly, StartError> {
     let keys = Keys::resolve(&config)?;
     let id = config
         .node_id
@@ -117,7 +230,7 @@ pub async fn run(
     let public_url = config
         .public_url
         .clone()
-        .unwrap_or_else(|| format!("ws://{local}/ws"));
+        .unwrap_or_else(|| format!("ws://{}/ws", config.listen));
     let metrics = Arc::new(Metrics::new());
     let webhook_settings = webhook::Settings::from_config(&config, keys.dev)?;
     let backend = Backend::connect(
@@ -220,86 +333,14 @@ pub async fn run(
             },
         },
     ));
-    announce(&node, local);
-
-    let background = CancellationToken::new();
-    tokio::spawn(registry::heartbeat(
-        Arc::clone(&node) as Arc<dyn registry::Announce>,
-        Arc::clone(&backend.nodes),
-        Arc::clone(&presence),
-        settings.node_ttl,
-        background.clone(),
-    ));
-    tokio::spawn(Arc::clone(&presence).run(settings.presence_ttl / 3, background.clone()));
-    // Unacked reports: the sweeper hands them to this node's consumer, which appends
-    // them to the webhook log (`message.unacked`) before confirming.
-    let (unacked_tx, unacked_rx) = tokio::sync::mpsc::channel(64);
-    tokio::spawn(webhook::unacked::forward_unacked(
-        unacked_rx,
-        node.webhooks.clone(),
-    ));
-    tokio::spawn(Arc::clone(&receipts).run_sweeper(unacked_tx, background.clone()));
-    let stop_acks = CancellationToken::new();
-    let acks_flushed = tokio::spawn(Arc::clone(&receipts).run_flusher(stop_acks.clone()));
-    if let Some(w) = &node.webhooks {
-        w.spawn(background.clone());
-    }
-    tokio::spawn(housekeeping(
-        Arc::clone(&hub),
-        backend.memory.clone(),
-        Arc::clone(&node.metrics),
-        background.clone(),
-    ));
-
-    let app = api::routes()
-        .merge(web::routes())
-        .route("/ws", get(ws::upgrade))
-        .with_state(Arc::clone(&node));
-    let stop_http = CancellationToken::new();
-    let server = tokio::spawn(listener::serve(
-        listener,
-        app,
-        listener::Limits {
-            header_read_timeout: node.config.header_read_timeout(),
-            send_buffer: node.config.tcp_send_buffer,
-            max_http_connections: node.config.max_http_connections,
-            refused: node.metrics.http_connections_refused.clone(),
-            evicted: node.metrics.http_connections_evicted.clone(),
-        },
-        stop_http.clone(),
-    ));
-
-    shutdown.await;
-    tracing::info!(node = %node.id, "draining");
-    node.start_draining();
-    if let Err(e) = backend.nodes.unregister_node(&node.id).await {
-        tracing::warn!(error = %e, "could not leave the registry; it will expire");
-    }
-    node.sessions.close();
-    if tokio::time::timeout(node.config.drain(), node.sessions.wait())
-        .await
-        .is_err()
-    {
-        tracing::warn!(
-            left = node.connections(),
-            "drain window over; closing the rest"
-        );
-        node.force_close.cancel();
-        let _ = tokio::time::timeout(DRAIN_GRACE, node.sessions.wait()).await;
-    }
-    stop_http.cancel();
-    let _ = tokio::time::timeout(Duration::from_secs(1), server).await;
-    // The sessions are gone: write their last acks before the broker closes.
-    stop_acks.cancel();
-    let _ = tokio::time::timeout(Duration::from_secs(2), acks_flushed).await;
-    background.cancel();
-    if let Some(w) = &node.webhooks {
-        // The sessions are gone: report their departures, hand the URLs over.
-        let _ = tokio::time::timeout(Duration::from_secs(2), w.finish()).await;
-    }
-    backend.health.shutdown().await;
-    tracing::info!(node = %node.id, "stopped");
-    Ok(())
+    Ok(Assembly {
+        node,
+        backend,
+        hub,
+        presence,
+        receipts,
+        settings,
+    })
 }
 
 /// Periodic work: delayed broker unsubscribes and the memory broker's expiry.

@@ -32,6 +32,8 @@ use crate::node::Node;
 pub struct ApiError {
     status: StatusCode,
     body: ErrorBody,
+    /// The backend failure behind a 5xx, for the log only (never in the body).
+    cause: Option<BackendError>,
 }
 
 impl ApiError {
@@ -40,6 +42,15 @@ impl ApiError {
         Self {
             status,
             body: ErrorBody::new(code, message),
+            cause: None,
+        }
+    }
+
+    /// Logs the backend failure behind this error, if any: called where the error
+    /// leaves the node (the response, or one result of a batch), never in a conversion.
+    pub(super) fn log(&self) {
+        if let Some(cause) = &self.cause {
+            tracing::warn!(error = %cause, status = %self.status, "backend error answering an API request");
         }
     }
 
@@ -49,12 +60,11 @@ impl ApiError {
 }
 
 impl From<BackendError> for ApiError {
-    /// A fixed, generic message: the broker's own error text names addresses and
-    /// internals no API caller should see. The log keeps the detail.
+    /// A fixed, generic message: the backend's own error text names addresses and
+    /// internals no API caller should see. The detail goes along for the log.
     fn from(e: BackendError) -> Self {
-        tracing::warn!(error = %e, "broker error answering an API request");
-        match e {
-            BackendError::Unavailable(_) => Self::new(
+        let mut error = match e {
+            BackendError::Unavailable(_) | BackendError::Timeout(_) => Self::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 ErrorCode::Unavailable,
                 "broker unavailable; try again",
@@ -64,7 +74,9 @@ impl From<BackendError> for ApiError {
                 ErrorCode::Internal,
                 "internal error",
             ),
-        }
+        };
+        error.cause = Some(e);
+        error
     }
 }
 
@@ -78,6 +90,7 @@ impl From<crate::publish::PublishError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
+        self.log();
         (self.status, Json(json!({ "error": self.body }))).into_response()
     }
 }

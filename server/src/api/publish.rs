@@ -175,7 +175,12 @@ pub(super) async fn publish_batch(
     }
     let results: Vec<Value> = results
         .into_iter()
-        .map(|r| r.unwrap_or_else(|e| json!({ "error": e.body })))
+        .map(|r| {
+            r.unwrap_or_else(|e| {
+                e.log();
+                json!({ "error": e.body })
+            })
+        })
         .collect();
     Ok(Json(json!({ "results": results })))
 }

@@ -1,12 +1,39 @@
-//! What can go wrong in the backend, as a caller branches on it.
+//! What can go wrong in the backend, in the kinds a caller branches on. The detail
+//! (the driver's own message) is kept for the log; callers answer clients with a
+//! generic text per kind, since the detail may name addresses and internals.
 
-/// Failures of the broker.
+/// Failures of the backend.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum BackendError {
-    /// The broker cannot be reached now (connection down, timeout); retry later.
-    #[error("broker unavailable: {0}")]
+    /// The backend cannot be reached now (connection down, failing over, loading);
+    /// nothing was done: retry later.
+    #[error("backend unavailable: {0}")]
     Unavailable(String),
-    /// The broker answered something unexpected.
-    #[error("broker error: {0}")]
+    /// The backend did not answer in time: the request may or may not have been
+    /// applied. Retry only what is safe to repeat.
+    #[error("backend timed out: {0}")]
+    Timeout(String),
+    /// The backend answered something unexpected (a bug, or a store that was changed
+    /// behind the node's back): retrying will not help.
+    #[error("backend error: {0}")]
     Internal(String),
+}
+
+impl BackendError {
+    /// Whether trying again later may succeed (unavailable or timed out).
+    pub fn is_transient(&self) -> bool {
+        !matches!(self, BackendError::Internal(_))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_internal_errors_are_final() {
+        assert!(BackendError::Unavailable("down".into()).is_transient());
+        assert!(BackendError::Timeout("slow".into()).is_transient());
+        assert!(!BackendError::Internal("bug".into()).is_transient());
+    }
 }

@@ -2,7 +2,6 @@
 
 use std::sync::Arc;
 
-use axum::extract::ws::WebSocket;
 use herald_protocol::codes::{CloseCode, ErrorCode};
 use herald_protocol::frame::{
     ClientCommand, ErrorBody, ParseError, Reply, ServerFrame, Subscribed, Unsubscribed,
@@ -17,11 +16,12 @@ use crate::publish::{Message, Published};
 use super::error::CommandError;
 use super::rate::Rate;
 use super::session::{token_timers, Session};
+use super::socket::Socket;
 use super::End;
 
 impl Session {
     /// Handles one text frame after `welcome`.
-    pub(super) async fn command(&mut self, socket: &mut WebSocket, text: &str) -> Result<(), End> {
+    pub(super) async fn command(&mut self, socket: &mut dyn Socket, text: &str) -> Result<(), End> {
         let parsed = ClientCommand::parse(text);
         let (id, kind) = match &parsed {
             Err(ParseError::NotACommand(_)) | Ok(ClientCommand::Hello { .. }) => {
@@ -149,7 +149,7 @@ impl Session {
     /// allow are left, each with an `unsubscribed` frame; server-granted ones stay.
     pub(super) async fn refresh(
         &mut self,
-        socket: &mut WebSocket,
+        socket: &mut dyn Socket,
         id: u64,
         token: &str,
     ) -> Result<(), End> {
@@ -211,7 +211,7 @@ impl Session {
     /// hub asks for them directly.)
     pub(super) async fn control(
         &mut self,
-        socket: &mut WebSocket,
+        socket: &mut dyn Socket,
         command: &UserCommand,
     ) -> Result<(), End> {
         match command {
@@ -370,7 +370,7 @@ impl Session {
 
     pub(super) async fn reply(
         &mut self,
-        socket: &mut WebSocket,
+        socket: &mut dyn Socket,
         id: Option<u64>,
         result: Result<serde_json::Value, CommandError>,
     ) -> Result<(), End> {

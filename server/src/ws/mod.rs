@@ -21,6 +21,7 @@ mod commands;
 mod error;
 mod rate;
 mod session;
+mod socket;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -31,6 +32,7 @@ use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgr
 use axum::extract::{ConnectInfo, State};
 use axum::http::{header, HeaderMap};
 use axum::response::Response;
+use futures_util::{SinkExt, StreamExt};
 use herald_protocol::codes::CloseCode;
 use herald_protocol::frame::{ClientCommand, Reconnect, ServerFrame};
 use herald_protocol::StreamPosition;
@@ -42,6 +44,7 @@ use crate::mailbox::CloseReason;
 use crate::node::{Node, Pending};
 
 use session::Session;
+use socket::Socket;
 
 /// How long a close frame may take to send.
 pub(super) const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
@@ -84,13 +87,13 @@ pub(super) fn origin_allowed(allowed: Option<&[String]>, headers: &HeaderMap) ->
 }
 
 pub(super) async fn send_text(
-    socket: &mut WebSocket,
+    socket: &mut dyn Socket,
     text: impl Into<Utf8Bytes>,
 ) -> Result<(), axum::Error> {
     socket.send(Message::Text(text.into())).await
 }
 
-pub(super) async fn send_reconnect(socket: &mut WebSocket) -> Result<(), axum::Error> {
+pub(super) async fn send_reconnect(socket: &mut dyn Socket) -> Result<(), axum::Error> {
     let after_ms = rand::rng().random_range(0..1000);
     let frame = ServerFrame::Reconnect(Reconnect {
         reason: "draining".into(),
@@ -100,7 +103,7 @@ pub(super) async fn send_reconnect(socket: &mut WebSocket) -> Result<(), axum::E
 }
 
 /// Sends a close frame and waits for the client's answer, both bounded in time.
-pub(super) async fn close(socket: &mut WebSocket, code: CloseCode, reason: CloseReason) {
+pub(super) async fn close(socket: &mut dyn Socket, code: CloseCode, reason: CloseReason) {
     let frame = CloseFrame {
         code: code.code(),
         reason: reason.text(code).into(),
@@ -113,7 +116,7 @@ pub(super) async fn close(socket: &mut WebSocket, code: CloseCode, reason: Close
         // Dropping a socket with unread bytes makes the kernel answer with a reset,
         // and a reset can destroy our close frame before the client reads it: a
         // client that flooded us would never learn why it was closed.
-        while let Some(Ok(_)) = socket.recv().await {}
+        while let Some(Ok(_)) = socket.next().await {}
     })
     .await;
 }
@@ -163,12 +166,12 @@ pub(super) enum End {
 /// `max_control` of them are tolerated (the command rate of one second): more is a
 /// flood, closed with 4429.
 pub(super) async fn read_hello(
-    socket: &mut WebSocket,
+    socket: &mut dyn Socket,
     max_control: u32,
 ) -> Result<(String, BTreeMap<String, StreamPosition>), End> {
     let mut control = 0u32;
     loop {
-        match socket.recv().await {
+        match socket.next().await {
             Some(Ok(Message::Text(text))) => {
                 return match ClientCommand::parse(&text) {
                     Ok(ClientCommand::Hello { token, resume }) => Ok((token, resume)),
@@ -217,7 +220,7 @@ pub(super) async fn run(
 /// (`Pending::authenticate`: the node's and the user's connection limits).
 pub(super) async fn serve_session(
     node: &Arc<Node>,
-    socket: &mut WebSocket,
+    socket: &mut dyn Socket,
     pending: Pending,
 ) -> End {
     let (token, resume) = match Box::pin(hello(node, socket, pending.evicted())).await {
@@ -260,7 +263,7 @@ pub(super) async fn serve_session(
 /// drains is told to go elsewhere.
 pub(super) async fn hello(
     node: &Node,
-    socket: &mut WebSocket,
+    socket: &mut dyn Socket,
     evicted: &tokio_util::sync::CancellationToken,
 ) -> Result<(String, BTreeMap<String, StreamPosition>), End> {
     let hello_timeout = Duration::from_millis(node.config.hello_timeout_ms);
@@ -280,7 +283,7 @@ pub(super) async fn hello(
 }
 
 /// Counts how the connection ended and sends the close frame, if any.
-pub(super) async fn finish(node: &Node, socket: &mut WebSocket, end: End) {
+pub(super) async fn finish(node: &Node, socket: &mut dyn Socket, end: End) {
     let (code, reason) = match end {
         End::Close(code) => (code, CloseReason::Default),
         End::CloseWith(code, reason) => (code, reason),
@@ -295,6 +298,9 @@ pub(super) async fn finish(node: &Node, socket: &mut WebSocket, end: End) {
     }
     close(socket, code, reason).await;
 }
+
+#[cfg(test)]
+mod session_tests;
 
 #[cfg(test)]
 mod tests {

@@ -4,8 +4,8 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::ws::{Message, Utf8Bytes, WebSocket};
-use futures_util::SinkExt;
+use axum::extract::ws::{Message, Utf8Bytes};
+use futures_util::{SinkExt, StreamExt};
 use herald_protocol::channel::user_channel;
 use herald_protocol::codes::{CloseCode, ErrorCode};
 use herald_protocol::frame::{ErrorBody, Expiring, Resync, ServerFrame, SubscribeResult, Welcome};
@@ -24,6 +24,7 @@ use crate::node::Node;
 
 use super::error::CommandError;
 use super::rate::RateLimit;
+use super::socket::Socket;
 use super::{read_error, send_reconnect, End, CLOSE_TIMEOUT};
 
 /// Most queued messages written before one flush.
@@ -116,7 +117,7 @@ impl Session {
     /// the personal channel first, then in name order.
     pub(super) async fn start(
         &mut self,
-        socket: &mut WebSocket,
+        socket: &mut dyn Socket,
         mut resume: BTreeMap<String, StreamPosition>,
     ) -> Result<(), End> {
         // Registered before the revocation check, never after: see `users`' race note.
@@ -294,7 +295,7 @@ impl Session {
     /// (live messages, a reply, `welcome`, a recovery), is a slow consumer: 4509.
     pub(super) async fn send(
         &mut self,
-        socket: &mut WebSocket,
+        socket: &mut dyn Socket,
         text: impl Into<Utf8Bytes>,
     ) -> Result<(), End> {
         let now = Instant::now();
@@ -307,7 +308,7 @@ impl Session {
     }
 
     /// Writes out everything queued and ends the write (and its deadline).
-    pub(super) async fn flush(&mut self, socket: &mut WebSocket) -> Result<(), End> {
+    pub(super) async fn flush(&mut self, socket: &mut dyn Socket) -> Result<(), End> {
         let deadline = self.write_deadline(Instant::now());
         match timeout_at(deadline, socket.flush()).await {
             Ok(r) => {
@@ -327,7 +328,7 @@ impl Session {
 
     pub(super) async fn send_publications(
         &mut self,
-        socket: &mut WebSocket,
+        socket: &mut dyn Socket,
         channel: &Arc<str>,
         pubs: &[Publication],
     ) -> Result<(), End> {
@@ -346,7 +347,7 @@ impl Session {
     }
 
     /// The main loop after `welcome`.
-    pub(super) async fn serve(&mut self, socket: &mut WebSocket) -> Result<(), End> {
+    pub(super) async fn serve(&mut self, socket: &mut dyn Socket) -> Result<(), End> {
         let heartbeat = self.node.config.heartbeat();
         let control = Arc::clone(&self.handle);
         let drain = self.node.drain.clone();
@@ -364,7 +365,7 @@ impl Session {
         loop {
             sleep.as_mut().reset(self.next_timer(heartbeat));
             tokio::select! {
-                frame = socket.recv() => {
+                frame = socket.next() => {
                     self.last_recv = Instant::now();
                     self.pinged = false;
                     match frame {
@@ -398,7 +399,7 @@ impl Session {
     }
 
     /// The session's timer: drain, liveness, the token's expiry and its notice, pings.
-    async fn on_timer(&mut self, socket: &mut WebSocket, heartbeat: Duration) -> Result<(), End> {
+    async fn on_timer(&mut self, socket: &mut dyn Socket, heartbeat: Duration) -> Result<(), End> {
         let now = Instant::now();
         if self.drain_at.is_some_and(|t| now >= t) {
             let _ = timeout(CLOSE_TIMEOUT, send_reconnect(socket)).await;
@@ -439,7 +440,7 @@ impl Session {
     /// behind it, open).
     async fn deliver(
         &mut self,
-        socket: &mut WebSocket,
+        socket: &mut dyn Socket,
         batch: &mut VecDeque<Outbound>,
         control: &SessionHandle,
     ) -> Result<(), End> {
@@ -480,7 +481,7 @@ impl Session {
     /// what a failed write left, which no longer matters (the session ends).
     pub(super) async fn write_batch(
         &mut self,
-        socket: &mut WebSocket,
+        socket: &mut dyn Socket,
         batch: &mut VecDeque<Outbound>,
     ) -> Result<(), End> {
         self.handle.take_batch(batch, BATCH);
@@ -504,7 +505,7 @@ impl Session {
     /// batch's count. Recovered messages (gap fills) count themselves.
     pub(super) async fn write_item(
         &mut self,
-        socket: &mut WebSocket,
+        socket: &mut dyn Socket,
         item: Outbound,
     ) -> Result<u64, End> {
         match item {
@@ -564,7 +565,7 @@ impl Session {
     /// tell the client to resync.
     pub(super) async fn fill_gap(
         &mut self,
-        socket: &mut WebSocket,
+        socket: &mut dyn Socket,
         channel: &Arc<str>,
         epoch: &Arc<str>,
         last: u64,
@@ -585,7 +586,7 @@ impl Session {
 
     pub(super) async fn resync(
         &mut self,
-        socket: &mut WebSocket,
+        socket: &mut dyn Socket,
         channel: &Arc<str>,
         position: StreamPosition,
     ) -> Result<(), End> {
