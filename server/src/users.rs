@@ -187,7 +187,7 @@ impl Users {
                     // server subscribe: from now on the backend holds the membership,
                     // and a refreshed token without the channel must not take it away.
                     if changes || joining {
-                        hub.enqueue(h, Outbound::Control(Arc::clone(&item)));
+                        hub.offer_or_close(h, Outbound::Control(Arc::clone(&item)));
                     }
                     changes
                 })

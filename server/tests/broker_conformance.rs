@@ -53,7 +53,13 @@ enum Backend<'a> {
 
 /// A broker under test, with its event stream (every user command counts 1 session).
 struct Subject {
-    broker: Arc<dyn TestBackend>,
+    /// Each capability of the backend under test, as the node's services get them.
+    streams: Arc<dyn Streams>,
+    routing: Arc<dyn Routing>,
+    presence: Arc<dyn PresenceStore>,
+    nodes: Arc<dyn NodeRegistry>,
+    users: Arc<dyn UserControl>,
+    health: Arc<dyn Health>,
     events: mpsc::UnboundedReceiver<Event>,
 }
 
@@ -82,7 +88,15 @@ impl Backend<'_> {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let events = record(&*broker);
-        Subject { broker, events }
+        Subject {
+            streams: broker.clone(),
+            routing: broker.clone(),
+            presence: broker.clone(),
+            nodes: broker.clone(),
+            users: broker.clone(),
+            health: broker,
+            events,
+        }
     }
 }
 
@@ -126,7 +140,7 @@ async fn offsets_and_epochs(backend: &Backend<'_>) {
     let s = backend.open("offsets", settings()).await;
     let mut tasks = Vec::new();
     for t in 0..4 {
-        let b = Arc::clone(&s.broker);
+        let b = Arc::clone(&s.streams);
         tasks.push(tokio::spawn(async move {
             let mut out = Vec::new();
             for i in 0..10 {
@@ -149,20 +163,20 @@ async fn offsets_and_epochs(backend: &Backend<'_>) {
     let epoch = epochs.into_iter().next().unwrap();
     assert_ne!(epoch, EMPTY_EPOCH);
     assert_eq!(
-        s.broker.position("o").await.unwrap(),
+        s.streams.position("o").await.unwrap(),
         StreamPosition::new(40, &epoch)
     );
 
     let empty = StreamPosition::new(0, EMPTY_EPOCH);
-    assert_eq!(s.broker.position("fresh").await.unwrap(), empty);
-    let h = s.broker.history("fresh", 0, 10).await.unwrap();
+    assert_eq!(s.streams.position("fresh").await.unwrap(), empty);
+    let h = s.streams.history("fresh", 0, 10).await.unwrap();
     assert_eq!((h.position, h.publications.len()), (empty.clone(), 0));
-    assert_eq!(s.broker.position("fresh").await.unwrap(), empty);
-    let first = s.broker.publish("fresh", "1", None).await.unwrap();
+    assert_eq!(s.streams.position("fresh").await.unwrap(), empty);
+    let first = s.streams.publish("fresh", "1", None).await.unwrap();
     assert_eq!(first.offset, 1);
     assert_ne!(first.epoch, EMPTY_EPOCH);
-    assert_eq!(s.broker.position("fresh").await.unwrap(), first);
-    s.broker.shutdown().await;
+    assert_eq!(s.streams.position("fresh").await.unwrap(), first);
+    s.health.shutdown().await;
 }
 
 /// History after `since`, at most `limit`, trimmed to `history_size` and aged out after
@@ -173,7 +187,6 @@ async fn history_since_limit_trim_and_age(backend: &Backend<'_>) {
         ..settings()
     };
     let s = backend.open("history", small).await;
-    let b = &s.broker;
     let mut epoch = String::new();
     for i in 1..=8u64 {
         let from = (i == 8).then_some("alice");
@@ -184,7 +197,7 @@ async fn history_since_limit_trim_and_age(backend: &Backend<'_>) {
         assert_eq!(pos.offset, i);
         epoch = pos.epoch;
     }
-    let h = b.history("h", 0, 100).await.unwrap();
+    let h = s.streams.history("h", 0, 100).await.unwrap();
     assert_eq!(h.position, StreamPosition::new(8, &epoch));
     let offsets: Vec<u64> = h.publications.iter().map(|p| p.offset).collect();
     assert_eq!(offsets, vec![4, 5, 6, 7, 8], "trimmed to the last 5");
@@ -192,29 +205,28 @@ async fn history_since_limit_trim_and_age(backend: &Backend<'_>) {
     assert!(h.publications.iter().all(|p| *p.epoch == *epoch));
     assert_eq!(h.publications[0].from, None);
     assert_eq!(h.publications[4].from.as_deref(), Some("alice"));
-    let h = b.history("h", 5, 2).await.unwrap();
+    let h = s.streams.history("h", 5, 2).await.unwrap();
     let offsets: Vec<u64> = h.publications.iter().map(|p| p.offset).collect();
     assert_eq!(offsets, vec![6, 7]);
-    assert!(b.history("h", 8, 10).await.unwrap().publications.is_empty());
+    assert!(s.streams.history("h", 8, 10).await.unwrap().publications.is_empty());
     assert!(b
         .history("h", u64::MAX, 10)
         .await
         .unwrap()
         .publications
         .is_empty());
-    b.shutdown().await;
+    s.health.shutdown().await;
 
     let short = BackendSettings {
         history_ttl: Duration::from_millis(300),
         ..settings()
     };
     let s = backend.open("aged", short).await;
-    let b = &s.broker;
-    let pos = b.publish("aged", "1", None).await.unwrap();
-    b.publish("aged", "2", None).await.unwrap();
+    let pos = s.streams.publish("aged", "1", None).await.unwrap();
+    s.streams.publish("aged", "2", None).await.unwrap();
     let deadline = Instant::now() + WAIT;
     loop {
-        let h = b.history("aged", 0, 10).await.unwrap();
+        let h = s.streams.history("aged", 0, 10).await.unwrap();
         if h.publications.is_empty() {
             assert_eq!(h.position, StreamPosition::new(2, &pos.epoch));
             break;
@@ -222,17 +234,17 @@ async fn history_since_limit_trim_and_age(backend: &Backend<'_>) {
         assert!(Instant::now() < deadline, "history did not age out");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    b.shutdown().await;
+    s.health.shutdown().await;
 }
 
 /// A subscribed channel's publications arrive as events, in offset order, with their
 /// data and `from`; after an unsubscribe nothing more of it arrives.
 async fn subscribe_deliver_unsubscribe(backend: &Backend<'_>) {
     let mut s = backend.open("routing", settings()).await;
-    s.broker.subscribe("room").await.expect("subscribe");
+    s.routing.subscribe("room").await.expect("subscribe");
     for i in 1..=10 {
         let from = (i % 2 == 0).then_some("bob");
-        s.broker
+        s.streams
             .publish("room", &i.to_string(), from)
             .await
             .unwrap();
@@ -244,20 +256,20 @@ async fn subscribe_deliver_unsubscribe(backend: &Backend<'_>) {
         assert_eq!(p.from.as_deref(), (i % 2 == 0).then_some("bob"));
     }
     // Not subscribed: published, numbered, not delivered.
-    s.broker.publish("elsewhere", "1", None).await.unwrap();
-    s.broker.unsubscribe("room");
+    s.streams.publish("elsewhere", "1", None).await.unwrap();
+    s.routing.unsubscribe("room");
     // Requests apply in order: once this subscribe is acknowledged, the unsubscribe
     // before it is in place too.
-    s.broker.subscribe("marker").await.expect("subscribe");
-    s.broker.publish("room", "late", None).await.unwrap();
-    s.broker.publish("marker", "m", None).await.unwrap();
+    s.routing.subscribe("marker").await.expect("subscribe");
+    s.streams.publish("room", "late", None).await.unwrap();
+    s.streams.publish("marker", "m", None).await.unwrap();
     let (channel, p) = s.next_publication().await;
     assert_eq!(
         (channel.as_str(), &*p.data),
         ("marker", "m"),
         "only the still subscribed channel delivers"
     );
-    s.broker.shutdown().await;
+    s.health.shutdown().await;
 }
 
 /// An ephemeral message reaches a subscribed broker in order with the publications,
@@ -265,17 +277,17 @@ async fn subscribe_deliver_unsubscribe(backend: &Backend<'_>) {
 /// (history and position unchanged) and is not delivered where nobody subscribed.
 async fn ephemeral_messages(backend: &Backend<'_>) {
     let mut s = backend.open("ephemeral", settings()).await;
-    s.broker.subscribe("room").await.expect("subscribe");
-    let first = s.broker.publish("room", "1", None).await.unwrap();
-    s.broker
+    s.routing.subscribe("room").await.expect("subscribe");
+    let first = s.streams.publish("room", "1", None).await.unwrap();
+    s.routing
         .publish_ephemeral("room", r#"{"typing":true}"#, Some("bob"))
         .await
         .unwrap();
-    s.broker
+    s.routing
         .publish_ephemeral("nobody", "1", None)
         .await
         .unwrap();
-    let second = s.broker.publish("room", "2", None).await.unwrap();
+    let second = s.streams.publish("room", "2", None).await.unwrap();
     assert_eq!(
         second.offset,
         first.offset + 1,
@@ -296,52 +308,51 @@ async fn ephemeral_messages(backend: &Backend<'_>) {
         }
     }
     assert_eq!(seen, ["room#1", "room~", "room#2"]);
-    let history = s.broker.history("room", 0, 10).await.unwrap();
+    let history = s.streams.history("room", 0, 10).await.unwrap();
     assert_eq!(history.publications.len(), 2, "nothing stored");
     assert_eq!(
-        s.broker.position("nobody").await.unwrap().offset,
+        s.streams.position("nobody").await.unwrap().offset,
         0,
         "no state for an ephemeral-only channel"
     );
-    s.broker.shutdown().await;
+    s.health.shutdown().await;
 }
 
 /// Presence per user and per node, 0 removes; the registry adds, lists, removes.
 async fn presence_and_registry(backend: &Backend<'_>) {
     let s = backend.open("presence", settings()).await;
-    let b = &s.broker;
-    b.register_node(&info("n1")).await.unwrap();
-    b.register_node(&info("n2")).await.unwrap();
-    let ids: Vec<String> = b.nodes().await.unwrap().into_iter().map(|n| n.id).collect();
+    s.nodes.register_node(&info("n1")).await.unwrap();
+    s.nodes.register_node(&info("n2")).await.unwrap();
+    let ids: Vec<String> = s.nodes.nodes().await.unwrap().into_iter().map(|n| n.id).collect();
     assert_eq!(ids, vec!["n1", "n2"]);
-    b.presence_update("n1", &[change("p", "alice", 2), change("p", "bob", 1)])
+    s.presence.presence_update("n1", &[change("p", "alice", 2), change("p", "bob", 1)])
         .await
         .unwrap();
-    b.presence_update("n2", &[change("p", "alice", 1)])
+    s.presence.presence_update("n2", &[change("p", "alice", 1)])
         .await
         .unwrap();
-    b.presence_refresh("n1", &["p".to_owned()]).await.unwrap();
-    let all = b.presence("p").await.unwrap();
+    s.presence.presence_refresh("n1", &["p".to_owned()]).await.unwrap();
+    let all = s.presence.presence("p").await.unwrap();
     assert_eq!(
         all,
         BTreeMap::from([("alice".to_owned(), 3), ("bob".to_owned(), 1)])
     );
-    let by_node = b.presence_by_node("p").await.unwrap();
+    let by_node = s.presence.presence_by_node("p").await.unwrap();
     assert_eq!(
         by_node["alice"],
         BTreeMap::from([("n1".to_owned(), 2), ("n2".to_owned(), 1)])
     );
-    b.presence_update("n1", &[change("p", "bob", 0)])
+    s.presence.presence_update("n1", &[change("p", "bob", 0)])
         .await
         .unwrap();
-    assert!(!b.presence("p").await.unwrap().contains_key("bob"));
+    assert!(!s.presence.presence("p").await.unwrap().contains_key("bob"));
     // A node that leaves the registry takes its presence with it.
-    b.unregister_node("n2").await.unwrap();
-    let ids: Vec<String> = b.nodes().await.unwrap().into_iter().map(|n| n.id).collect();
+    s.nodes.unregister_node("n2").await.unwrap();
+    let ids: Vec<String> = s.nodes.nodes().await.unwrap().into_iter().map(|n| n.id).collect();
     assert_eq!(ids, vec!["n1"]);
-    assert_eq!(b.presence("p").await.unwrap()["alice"], 2);
-    assert!(b.presence("nobody").await.unwrap().is_empty());
-    b.shutdown().await;
+    assert_eq!(s.presence.presence("p").await.unwrap()["alice"], 2);
+    assert!(s.presence.presence("nobody").await.unwrap().is_empty());
+    s.health.shutdown().await;
 }
 
 /// A user command reaches this node's event stream and is counted; a revocation is
@@ -349,7 +360,7 @@ async fn presence_and_registry(backend: &Backend<'_>) {
 async fn user_commands_and_revocations(backend: &Backend<'_>) {
     let mut s = backend.open("control", settings()).await;
     let kick = UserCommand::Disconnect { reconnect: true };
-    assert_eq!(s.broker.user_command("alice", &kick).await.unwrap(), 1);
+    assert_eq!(s.users.user_command("alice", &kick).await.unwrap(), 1);
     match s.next().await {
         Event::UserCommand(user, command) => assert_eq!((user.as_str(), command), ("alice", kick)),
         other => panic!("{other:?}"),
@@ -357,33 +368,40 @@ async fn user_commands_and_revocations(backend: &Backend<'_>) {
     let now = herald_server::auth::now_secs();
     let revoke = |before, until| UserCommand::Revoke { before, until };
     assert_eq!(
-        s.broker
+        s.users
             .user_command("bob", &revoke(now, now + 100))
             .await
             .unwrap(),
         1
     );
-    s.broker
+    s.users
         .user_command("bob", &revoke(now - 50, now + 10))
         .await
         .unwrap();
-    let list = s.broker.revocations().await.unwrap();
+    let list = s.users.revocations().await.unwrap();
     assert_eq!(list.len(), 1, "{list:?}");
     assert_eq!(
         (list[0].user.as_str(), list[0].before, list[0].until),
         ("bob", now, now + 100)
     );
-    s.broker.shutdown().await;
+    s.health.shutdown().await;
 }
 
-/// Every behaviour, on one backend.
+/// Every behaviour, on one backend, capability by capability. Each behaviour uses only
+/// the handles of the capabilities it is about (routing delivers what streams publish).
 async fn conformance(backend: Backend<'_>) {
+    // Streams and history.
     offsets_and_epochs(&backend).await;
     history_since_limit_trim_and_age(&backend).await;
+    // Routing (with streams): subscriptions, delivery in order, ephemeral messages.
     subscribe_deliver_unsubscribe(&backend).await;
     ephemeral_messages(&backend).await;
+    // Presence and the node registry.
     presence_and_registry(&backend).await;
+    // User control.
     user_commands_and_revocations(&backend).await;
+    // Receipts and the webhook store have their suites in `receipts.rs` and
+    // `webhooks.rs`, over memory and Redis.
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

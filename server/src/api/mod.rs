@@ -64,7 +64,7 @@ impl From<BackendError> for ApiError {
     /// internals no API caller should see. The detail goes along for the log.
     fn from(e: BackendError) -> Self {
         let mut error = match e {
-            BackendError::Unavailable(_) | BackendError::Timeout(_) => Self::new(
+            BackendError::Unavailable(_) => Self::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 ErrorCode::Unavailable,
                 "broker unavailable; try again",

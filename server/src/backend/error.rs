@@ -5,14 +5,11 @@
 /// Failures of the backend.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum BackendError {
-    /// The backend cannot be reached now (connection down, failing over, loading);
-    /// nothing was done: retry later.
+    /// The backend cannot be reached now (connection down, failing over, loading, or
+    /// no answer within the command timeout, so a write may or may not have been
+    /// applied); retry later, and only what is safe to repeat.
     #[error("backend unavailable: {0}")]
     Unavailable(String),
-    /// The backend did not answer in time: the request may or may not have been
-    /// applied. Retry only what is safe to repeat.
-    #[error("backend timed out: {0}")]
-    Timeout(String),
     /// The backend answered something unexpected (a bug, or a store that was changed
     /// behind the node's back): retrying will not help.
     #[error("backend error: {0}")]
@@ -20,7 +17,7 @@ pub enum BackendError {
 }
 
 impl BackendError {
-    /// Whether trying again later may succeed (unavailable or timed out).
+    /// Whether trying again later may succeed.
     pub fn is_transient(&self) -> bool {
         !matches!(self, BackendError::Internal(_))
     }
@@ -33,7 +30,6 @@ mod tests {
     #[test]
     fn only_internal_errors_are_final() {
         assert!(BackendError::Unavailable("down".into()).is_transient());
-        assert!(BackendError::Timeout("slow".into()).is_transient());
         assert!(!BackendError::Internal("bug".into()).is_transient());
     }
 }

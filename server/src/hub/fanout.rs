@@ -36,7 +36,7 @@ impl Hub {
                 return;
             }
             let item = self.outbound(&outlet.channel, item);
-            enqueue_all(&self.metrics, &sessions, &item);
+            offer_all_or_close(&self.metrics, &sessions, &item);
         }
     }
 
@@ -54,7 +54,7 @@ impl Hub {
             let item = self.outbound(&outlet.channel, item);
             let parts = workers.min(sessions.len() / MIN_CHUNK).max(1);
             if parts == 1 {
-                enqueue_all(&self.metrics, &sessions, &item);
+                offer_all_or_close(&self.metrics, &sessions, &item);
                 continue;
             }
             let chunk = sessions.len().div_ceil(parts);
@@ -67,11 +67,11 @@ impl Hub {
                 );
                 chunks.spawn(async move {
                     let end = (start + chunk).min(sessions.len());
-                    enqueue_all(&metrics, &sessions[start..end], &item);
+                    offer_all_or_close(&metrics, &sessions[start..end], &item);
                 });
             }
             // This task takes the first chunk itself.
-            enqueue_all(&self.metrics, &sessions[..chunk], &item);
+            offer_all_or_close(&self.metrics, &sessions[..chunk], &item);
             while chunks.join_next().await.is_some() {}
         }
     }
@@ -127,9 +127,9 @@ impl Hub {
         }
     }
 
-    /// Offers `item` to one session with the slow-consumer rule of [`enqueue`].
-    pub fn enqueue(&self, handle: &SessionHandle, item: Outbound) {
-        enqueue(&self.metrics, handle, item);
+    /// Offers `item` to one session with the slow-consumer rule of [`offer_or_close`].
+    pub fn offer_or_close(&self, handle: &SessionHandle, item: Outbound) {
+        offer_or_close(&self.metrics, handle, item);
     }
 
     /// Queues a publication that is next in line (continuity already checked).
@@ -140,15 +140,15 @@ impl Hub {
 }
 
 /// Offers `item` to each session, without waiting.
-fn enqueue_all(metrics: &Metrics, sessions: &[SessionHandle], item: &Outbound) {
+fn offer_all_or_close(metrics: &Metrics, sessions: &[SessionHandle], item: &Outbound) {
     for handle in sessions {
-        enqueue(metrics, handle, item.clone());
+        offer_or_close(metrics, handle, item.clone());
     }
 }
 
 /// Offers `item` to one session without waiting; a full mailbox closes the session
 /// with 4509 (slow consumer), or drops an ephemeral item.
-fn enqueue(metrics: &Metrics, handle: &SessionHandle, item: Outbound) {
+fn offer_or_close(metrics: &Metrics, handle: &SessionHandle, item: Outbound) {
     if matches!(item, Outbound::Ephemeral(_)) {
         if let Err(Refused::Full) = handle.offer_droppable(item) {
             metrics.ephemeral_dropped.inc();

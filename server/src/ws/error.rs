@@ -41,7 +41,7 @@ impl CommandError {
 impl From<BackendError> for CommandError {
     fn from(e: BackendError) -> Self {
         let (code, message) = match e {
-            BackendError::Unavailable(_) | BackendError::Timeout(_) => {
+            BackendError::Unavailable(_) => {
                 (ErrorCode::Unavailable, "broker unavailable; try again")
             }
             BackendError::Internal(_) => (ErrorCode::Internal, "internal error"),

@@ -174,9 +174,7 @@ fn broker_error(e: FredError) -> BackendError {
         ]
         .iter()
         .any(|p| e.details().starts_with(p));
-    if *e.kind() == ErrorKind::Timeout {
-        BackendError::Timeout(e.to_string())
-    } else if transient {
+    if transient {
         BackendError::Unavailable(e.to_string())
     } else {
         BackendError::Internal(e.to_string())
