@@ -190,7 +190,8 @@ async fn history_since_limit_trim_and_age(backend: &Backend<'_>) {
     let mut epoch = String::new();
     for i in 1..=8u64 {
         let from = (i == 8).then_some("alice");
-        let pos = b
+        let pos = s
+            .streams
             .publish("h", &format!(r#"{{"n":{i},"s":"a:b"}}"#), from)
             .await
             .unwrap();
@@ -208,8 +209,15 @@ async fn history_since_limit_trim_and_age(backend: &Backend<'_>) {
     let h = s.streams.history("h", 5, 2).await.unwrap();
     let offsets: Vec<u64> = h.publications.iter().map(|p| p.offset).collect();
     assert_eq!(offsets, vec![6, 7]);
-    assert!(s.streams.history("h", 8, 10).await.unwrap().publications.is_empty());
-    assert!(b
+    assert!(s
+        .streams
+        .history("h", 8, 10)
+        .await
+        .unwrap()
+        .publications
+        .is_empty());
+    assert!(s
+        .streams
         .history("h", u64::MAX, 10)
         .await
         .unwrap()
@@ -323,15 +331,27 @@ async fn presence_and_registry(backend: &Backend<'_>) {
     let s = backend.open("presence", settings()).await;
     s.nodes.register_node(&info("n1")).await.unwrap();
     s.nodes.register_node(&info("n2")).await.unwrap();
-    let ids: Vec<String> = s.nodes.nodes().await.unwrap().into_iter().map(|n| n.id).collect();
+    let ids: Vec<String> = s
+        .nodes
+        .nodes()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|n| n.id)
+        .collect();
     assert_eq!(ids, vec!["n1", "n2"]);
-    s.presence.presence_update("n1", &[change("p", "alice", 2), change("p", "bob", 1)])
+    s.presence
+        .presence_update("n1", &[change("p", "alice", 2), change("p", "bob", 1)])
         .await
         .unwrap();
-    s.presence.presence_update("n2", &[change("p", "alice", 1)])
+    s.presence
+        .presence_update("n2", &[change("p", "alice", 1)])
         .await
         .unwrap();
-    s.presence.presence_refresh("n1", &["p".to_owned()]).await.unwrap();
+    s.presence
+        .presence_refresh("n1", &["p".to_owned()])
+        .await
+        .unwrap();
     let all = s.presence.presence("p").await.unwrap();
     assert_eq!(
         all,
@@ -342,13 +362,21 @@ async fn presence_and_registry(backend: &Backend<'_>) {
         by_node["alice"],
         BTreeMap::from([("n1".to_owned(), 2), ("n2".to_owned(), 1)])
     );
-    s.presence.presence_update("n1", &[change("p", "bob", 0)])
+    s.presence
+        .presence_update("n1", &[change("p", "bob", 0)])
         .await
         .unwrap();
     assert!(!s.presence.presence("p").await.unwrap().contains_key("bob"));
     // A node that leaves the registry takes its presence with it.
     s.nodes.unregister_node("n2").await.unwrap();
-    let ids: Vec<String> = s.nodes.nodes().await.unwrap().into_iter().map(|n| n.id).collect();
+    let ids: Vec<String> = s
+        .nodes
+        .nodes()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|n| n.id)
+        .collect();
     assert_eq!(ids, vec!["n1"]);
     assert_eq!(s.presence.presence("p").await.unwrap()["alice"], 2);
     assert!(s.presence.presence("nobody").await.unwrap().is_empty());

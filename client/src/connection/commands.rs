@@ -20,13 +20,21 @@ impl Driver {
         true
     }
 
-    pub(super) fn answer_subscribers(&mut self, channel: &str, answer: Result<Subscription, Error>) {
+    pub(super) fn answer_subscribers(
+        &mut self,
+        channel: &str,
+        answer: Result<Subscription, Error>,
+    ) {
         for waiter in self.subscribers.remove(channel).unwrap_or_default() {
             let _ = waiter.send(answer.clone());
         }
     }
 
-    pub(super) async fn command_online(&mut self, session: &mut Session, command: Command) -> Result<(), End> {
+    pub(super) async fn command_online(
+        &mut self,
+        session: &mut Session,
+        command: Command,
+    ) -> Result<(), End> {
         match command {
             Command::Subscribe {
                 channel,
@@ -92,7 +100,11 @@ impl Driver {
         }
     }
 
-    pub(super) async fn send_subscribe(&mut self, session: &mut Session, channel: String) -> Result<(), End> {
+    pub(super) async fn send_subscribe(
+        &mut self,
+        session: &mut Session,
+        channel: String,
+    ) -> Result<(), End> {
         let since = self.tracker.position(&channel);
         let pending = Pending::Subscribe(channel.clone());
         let command = |id| ClientCommand::Subscribe { id, channel, since };

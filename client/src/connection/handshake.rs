@@ -54,7 +54,7 @@ pub(super) async fn handshake(
 
 /// How a failed WebSocket connect ends the attempt: a TLS failure is told apart, since
 /// it needs attention (a certificate the client does not trust) rather than patience.
-pub(super) fn connect_failed(url: &str, error: tokio_tungstenite::tungstenite::Error) -> End {
+fn connect_failed(url: &str, error: tokio_tungstenite::tungstenite::Error) -> End {
     #[cfg(feature = "tls")]
     if let Some(tls) = crate::tls::tls_cause(&error) {
         return End::Tls(crate::tls::describe(url, tls));

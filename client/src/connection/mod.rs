@@ -54,7 +54,7 @@ mod commands;
 mod handshake;
 mod session;
 
-use handshake::{closed, connect_failed, handshake, parse};
+use handshake::{closed, handshake, parse};
 
 use crate::backoff::{jitter, Backoff};
 use crate::config::{check_channel, Config, TokenSource};

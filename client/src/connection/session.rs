@@ -281,7 +281,12 @@ impl Driver {
     /// A frame that did not parse may still be the reply to a command in flight (an
     /// error code this client does not know, a result of another shape): settle that
     /// command now rather than let it wait for its timeout.
-    pub(super) async fn malformed_reply(&mut self, session: &mut Session, text: &str, e: &serde_json::Error) {
+    pub(super) async fn malformed_reply(
+        &mut self,
+        session: &mut Session,
+        text: &str,
+        e: &serde_json::Error,
+    ) {
         #[derive(Deserialize)]
         struct Loose {
             #[serde(rename = "type")]

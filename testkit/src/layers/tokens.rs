@@ -1,8 +1,6 @@
 //! The text side of the check: a small tokenizer (comments, strings and test items
 //! left out) and the scan of one file for `mod` declarations and module paths.
 
-use super::*;
-
 #[derive(Debug, Default)]
 pub(super) struct Scan {
     /// Its `mod NAME;` declarations (not the test-only ones).

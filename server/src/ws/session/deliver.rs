@@ -5,7 +5,6 @@
 use super::*;
 
 impl Session {
-
     pub(in crate::ws) async fn send_publications(
         &mut self,
         socket: &mut dyn Socket,
@@ -25,7 +24,6 @@ impl Session {
         }
         Ok(())
     }
-
 
     /// Writes what the mailbox holds, unless the token has expired. A write that stalls
     /// loses against a close request, its deadline (`send`) or the token's expiry (a
@@ -54,7 +52,6 @@ impl Session {
             }
         }
     }
-
 
     /// Writes what is queued (up to a batch, taken from the mailbox in one lock), then
     /// flushes once. `batch` is the session's buffer, empty between calls; it keeps
