@@ -44,3 +44,70 @@ fn server_modules_have_no_import_cycles() {
 fn client_modules_have_no_import_cycles() {
     assert_no_cycles("client");
 }
+
+/// The server's top-level modules, in the order of the layers of `server/src/lib.rs`'s
+/// crate doc: leaves, the backend, pure rules, node services, verbs, transports. A module
+/// imports only from modules before it (or from inside itself).
+const SERVER_ORDER: &[&str] = &[
+    "config",
+    "clock",
+    "metrics",
+    "backend",
+    "continuity",
+    "limits",
+    "auth",
+    "mailbox",
+    "hub",
+    "users",
+    "presence",
+    "receipts",
+    "webhook",
+    "registry",
+    "events",
+    "publish",
+    "membership",
+    "node",
+    "listener",
+    "api",
+    "ws",
+    "web",
+];
+
+/// The top-level module of `crate::a::b` (`a`), or `None` for the crate root.
+fn top(module: &str) -> Option<&str> {
+    module.strip_prefix("crate::")?.split("::").next()
+}
+
+#[test]
+fn server_modules_import_only_downward() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../server/src");
+    let graph = layers::import_graph(&src).expect("server/src");
+    let rank = |m: &str| SERVER_ORDER.iter().position(|t| *t == m);
+    let mut upward = Vec::new();
+    for ((from, to), sites) in &graph.edges {
+        let (Some(f), Some(t)) = (top(from), top(to)) else {
+            continue;
+        };
+        if f == t {
+            continue;
+        }
+        let (Some(rf), Some(rt)) = (rank(f), rank(t)) else {
+            upward.push(format!(
+                "{from} -> {to}: a module missing from SERVER_ORDER"
+            ));
+            continue;
+        };
+        if rt > rf {
+            upward.push(format!("{from} -> {to} ({})", sites[0]));
+        }
+    }
+    assert!(
+        upward.is_empty(),
+        "imports against the layer order of server/src/lib.rs:\n{}",
+        upward.join("\n")
+    );
+    // Every top-level module is placed, so a new one must be given its layer.
+    for m in graph.modules.keys().filter_map(|m| top(m)) {
+        assert!(rank(m).is_some(), "{m} is not in SERVER_ORDER");
+    }
+}
