@@ -1,5 +1,5 @@
-//! Faults between a node and Redis, and of a node itself, while messages flow (issue
-//! 6/6): the TCP connection cut by a proxy; the subscriber connection black-holed (open
+//! Faults between a node and Redis, and of a node itself, while messages flow:
+//! the TCP connection cut by a proxy; the subscriber connection black-holed (open
 //! but silent: only the liveness probe can tell); a full network partition; Redis paused
 //! with SIGSTOP; a burst that overflows the subscriber's buffer (fred's lag); a node
 //! killed under load. For each: what the clients see, that nothing is lost silently,

@@ -1,4 +1,4 @@
-//! Resource hygiene (issue 6/6): after a run of many connects, subscriptions, publishes
+//! Resource hygiene: after a run of many connects, subscriptions, publishes
 //! and disconnects (clean and abrupt), a real node backed by a real Redis returns to
 //! idle: no connection, subscription or broker channel left in its gauges, its memory
 //! back near its idle level, and Redis holds no pub/sub subscription of the node beyond

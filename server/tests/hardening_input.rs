@@ -1,4 +1,4 @@
-//! Hostile input (issue 6/6): random and mutated frames over a real WebSocket, checked
+//! Hostile input: random and mutated frames over a real WebSocket, checked
 //! against the protocol parser as an oracle; invalid UTF-8 and broken framing; deep JSON
 //! nesting and huge numbers that must travel intact; thousands of subscribe commands;
 //! slowloris clients that open connections and send their upgrade request partly, slowly

@@ -1,4 +1,4 @@
-//! Slow consumers (issue 6/6): hundreds of clients stop reading while messages flow.
+//! Slow consumers: hundreds of clients stop reading while messages flow.
 //! The node (a real `herald` process, default limits) must keep its memory bounded, close
 //! each of them with 4509 once its queue (`HERALD_SESSION_QUEUE`, 1024) is full, and keep
 //! delivering every message, in order, to the clients that read.

@@ -1,4 +1,4 @@
-//! Token and key attacks (issue 6/6) that `node_auth` does not already cover: API key
+//! Token and key attacks that `node_auth` does not already cover: API key
 //! guessing (the comparison is constant-time on SHA-256 digests; the figures show no
 //! difference between classes of wrong keys worth measuring), and claims of the wrong
 //! type or out of range (floats, strings, huge numbers, arrays) plus header fields that

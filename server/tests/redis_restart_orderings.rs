@@ -1,5 +1,5 @@
 //! Redis restarted empty, in every order in which node B's two Redis connections and the
-//! first push can come back (issue 13, "a silent stall after Redis restarts").
+//! first push can come back (a silent stall after Redis restarts).
 //!
 //! Two nodes: A reaches Redis directly, B through a [`FaultProxy`]. Alice's socket is on
 //! B; pushes enter at A. Redis is killed and restarted empty while the proxy holds back
