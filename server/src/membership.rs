@@ -94,14 +94,15 @@ impl Membership {
 
     /// A session enters `channel` (permission and limits checked by the caller): see
     /// the module doc for the order. With `since`, the missed messages come back too
-    /// when they fit in `budget`.
+    /// when they fit in `budget`. The name comes back as the one shared copy that
+    /// presence and webhooks hold too, for the session to keep.
     pub async fn enter(
         &self,
         m: Member<'_>,
         channel: &str,
         since: Option<StreamPosition>,
         budget: &mut RecoveryBudget,
-    ) -> Result<(SubscribeResult, Vec<Publication>), BackendError> {
+    ) -> Result<(Arc<str>, SubscribeResult, Vec<Publication>), BackendError> {
         self.hub.join(channel, m.id, m.handle.clone()).await?;
         let (result, pubs) = match self.recover(channel, since, budget).await {
             Ok(r) => r,
@@ -119,7 +120,7 @@ impl Membership {
             w.channel_joined(&name);
         }
         self.metrics.subscriptions.inc();
-        Ok((result, pubs))
+        Ok((name, result, pubs))
     }
 
     /// A session leaves `channel` (which it was in).

@@ -170,8 +170,11 @@ pub(super) async fn publish_batch(
         .map(|r| r.expect("every message has a result"))
         .collect();
     if results.iter().all(Result::is_err) {
-        let first = results.into_iter().next().expect("a batch is not empty");
-        return Err(first.expect_err("every result is an error"));
+        let mut errors = results.into_iter().filter_map(Result::err);
+        let first = errors.next().expect("a batch is not empty");
+        // The first is logged as the response; the others here.
+        errors.for_each(|e| e.log());
+        return Err(first);
     }
     let results: Vec<Value> = results
         .into_iter()

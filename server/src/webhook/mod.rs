@@ -5,7 +5,7 @@
 //! - [`tracker`]: this node's side of presence: counts local sessions per user and per
 //!   channel, and reports the first / last one to the broker in batches, off the
 //!   session's path. The broker decides what is a real transition, cluster-wide
-//!   ([`crate::backend::webhook`]).
+//!   ([`crate::backend::webhooks`]).
 //! - [`dispatch`]: for each URL, the one node holding its lease POSTs batches of the
 //!   log, signed ([`sign`]), retrying the same batch with backoff until a 2xx.
 //! - [`Settings`]: the configuration, checked at startup.

@@ -263,14 +263,14 @@ impl Session {
     ) -> Result<(SubscribeResult, Vec<Publication>), CommandError> {
         self.room_for(channel)?;
         let node = Arc::clone(&self.node);
-        let (result, pubs) = node
+        let (name, result, pubs) = node
             .membership
             .enter(self.member(), channel, since, budget)
             .await?;
         self.handle
             .set_full(self.channels.len() + 1 >= node.config.max_subscriptions);
         self.channels.insert(
-            channel.into(),
+            name,
             ChannelState {
                 epoch: result.epoch.as_str().into(),
                 last: result.offset,

@@ -1,4 +1,4 @@
-//! The Redis broker's webhook state: the model of [`crate::backend::webhook`] in Redis,
+//! The Redis broker's webhook state: the model of [`crate::backend::webhooks`] in Redis,
 //! every key under `<prefix>{#webhook}:` (one cluster slot), every step one Lua call
 //! (`webhook.lua` for presence and the log, `webhook_deliver.lua` for leases and
 //! cursors).
