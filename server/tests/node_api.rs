@@ -641,3 +641,28 @@ async fn a_wrong_method_is_405_json() {
     }
     assert_no_server_panic();
 }
+
+/// A path segment that is not valid UTF-8 once percent-decoded is refused with the JSON
+/// error body of every other API error, not axum's `text/plain` rejection.
+#[tokio::test]
+async fn a_path_that_is_not_utf8_gets_a_json_400() {
+    let n = start().await;
+    let auth = format!("Bearer {}", node::API_KEY);
+    for path in [
+        "/v1/users/%FF/presence",
+        "/v1/users/%C3%28/unread",
+        "/v1/channels/%FF/history",
+        "/v1/channels/%FF/presence",
+    ] {
+        let (status, body) = call(
+            reqwest::Method::GET,
+            &format!("{}{path}", n.http()),
+            Some(&auth),
+            None,
+        )
+        .await;
+        assert_error(status, &body, 400, "bad_request");
+    }
+    let (status, body) = post_to(&n, "/v1/users/%FF/disconnect", r#"{"reconnect":true}"#).await;
+    assert_error(status, &body, 400, "bad_request");
+}

@@ -2,13 +2,13 @@
 
 use std::sync::Arc;
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{Query, State};
 use axum::Json;
 use serde_json::{json, Value};
 
 use super::number_param;
 use super::raw_json;
-use super::{ApiError, ApiKeyAuth};
+use super::{ApiError, ApiKeyAuth, PathParam};
 use crate::backend::streams::Publication;
 use crate::node::Node;
 use herald_protocol::channel::validate_channel;
@@ -18,7 +18,7 @@ use std::collections::HashMap;
 pub(super) async fn channel_presence(
     _: ApiKeyAuth,
     State(node): State<Arc<Node>>,
-    Path(channel): Path<String>,
+    PathParam(channel): PathParam<String>,
 ) -> Result<Json<Value>, ApiError> {
     validate_channel(&channel).map_err(|e| ApiError::bad_request(format!("channel name {e}")))?;
     let users = node.presence(&channel).await?;
@@ -28,7 +28,7 @@ pub(super) async fn channel_presence(
 pub(super) async fn history(
     _: ApiKeyAuth,
     State(node): State<Arc<Node>>,
-    Path(channel): Path<String>,
+    PathParam(channel): PathParam<String>,
     Query(params): Query<HashMap<String, String>>,
 ) -> Result<Json<HistoryAnswer>, ApiError> {
     validate_channel(&channel).map_err(|e| ApiError::bad_request(format!("channel name {e}")))?;

@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use axum::body::{to_bytes, Body};
-use axum::extract::FromRequestParts;
+use axum::extract::{FromRequestParts, Path};
 use axum::http::request::Parts;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -92,6 +92,29 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         self.log();
         (self.status, Json(json!({ "error": self.body }))).into_response()
+    }
+}
+
+/// A path parameter whose rejection is an [`ApiError`] with the JSON body of every other
+/// error: axum's own `Path` rejection answers `text/plain` (for example to a segment
+/// that is not valid UTF-8 once percent-decoded).
+pub struct PathParam<T>(pub T);
+
+impl<T, S> FromRequestParts<S> for PathParam<T>
+where
+    T: serde::de::DeserializeOwned + Send,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        match Path::<T>::from_request_parts(parts, state).await {
+            Ok(Path(value)) => Ok(PathParam(value)),
+            Err(e) => Err(ApiError::bad_request(format!(
+                "bad path: {}",
+                e.body_text()
+            ))),
+        }
     }
 }
 

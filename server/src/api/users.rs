@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use axum::body::Body;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Query, State};
 use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 use super::channels::history_messages;
 use super::number_param;
 use super::read_body;
-use super::{ApiError, ApiKeyAuth};
+use super::{ApiError, ApiKeyAuth, PathParam};
 use crate::backend::users::UserCommand;
 use crate::node::Node;
 use herald_protocol::channel::user_channel;
@@ -22,7 +22,7 @@ use std::collections::HashMap;
 pub(super) async fn user_presence(
     _: ApiKeyAuth,
     State(node): State<Arc<Node>>,
-    Path(user): Path<String>,
+    PathParam(user): PathParam<String>,
 ) -> Result<Json<Value>, ApiError> {
     validate_user(&user).map_err(|e| ApiError::bad_request(format!("user id {e}")))?;
     // Per node (an addition for the dashboard): `connections` is their sum.
@@ -84,7 +84,7 @@ pub(super) fn yes() -> bool {
 pub(super) async fn user_disconnect(
     _: ApiKeyAuth,
     State(node): State<Arc<Node>>,
-    Path(user): Path<String>,
+    PathParam(user): PathParam<String>,
     body: Body,
 ) -> Result<Json<Value>, ApiError> {
     let body: DisconnectBody = command_body(&node, body).await?;
@@ -128,7 +128,7 @@ pub(super) async fn channel_command(
 pub(super) async fn user_subscribe(
     _: ApiKeyAuth,
     State(node): State<Arc<Node>>,
-    Path(user): Path<String>,
+    PathParam(user): PathParam<String>,
     body: Body,
 ) -> Result<Json<Value>, ApiError> {
     channel_command(&node, &user, body, |channel| UserCommand::Subscribe {
@@ -141,7 +141,7 @@ pub(super) async fn user_subscribe(
 pub(super) async fn user_unsubscribe(
     _: ApiKeyAuth,
     State(node): State<Arc<Node>>,
-    Path(user): Path<String>,
+    PathParam(user): PathParam<String>,
     body: Body,
 ) -> Result<Json<Value>, ApiError> {
     channel_command(&node, &user, body, |channel| UserCommand::Unsubscribe {
@@ -166,7 +166,7 @@ pub(super) struct RevokeBody {
 pub(super) async fn user_revoke(
     _: ApiKeyAuth,
     State(node): State<Arc<Node>>,
-    Path(user): Path<String>,
+    PathParam(user): PathParam<String>,
     body: Body,
 ) -> Result<Json<Value>, ApiError> {
     let body: RevokeBody = command_body(&node, body).await?;
@@ -194,7 +194,7 @@ pub const UNREAD_DEFAULT_LIMIT: u64 = 100;
 pub(super) async fn user_unread(
     _: ApiKeyAuth,
     State(node): State<Arc<Node>>,
-    Path(user): Path<String>,
+    PathParam(user): PathParam<String>,
     Query(params): Query<HashMap<String, String>>,
 ) -> Result<Json<Value>, ApiError> {
     validate_user(&user).map_err(|e| ApiError::bad_request(format!("user id {e}")))?;
