@@ -61,6 +61,6 @@ fn on_event(hub: &Arc<Hub>, users: &Arc<Users>, event: BackendEvent) {
         } => {
             let _ = reply.send(users.apply(hub, &user, &command));
         }
-        BackendEvent::Ephemeral { channel, message } => hub.on_ephemeral(&channel, message),
+        BackendEvent::Ephemeral { channel, message } => hub.fan_out_ephemeral(&channel, message),
     }
 }

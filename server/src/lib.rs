@@ -233,8 +233,10 @@ pub(crate) async fn assemble(config: Config) -> Result<Assembly, StartError> {
         .unwrap_or_else(|| format!("ws://{}/ws", config.listen));
     let metrics = Arc::new(Metrics::new());
     let webhook_settings = webhook::Settings::from_config(&config, keys.dev)?;
+    let settings = BackendSettings::from_config(&config);
     let backend = Backend::connect(
         &config,
+        settings.clone(),
         &id,
         webhook_settings.as_ref().map(|s| s.store_settings()),
     )
@@ -310,7 +312,6 @@ pub(crate) async fn assemble(config: Config) -> Result<Assembly, StartError> {
         Arc::clone(&metrics),
         config.history_size,
     );
-    let settings = BackendSettings::from_config(&config);
     let node = Arc::new(Node::new(
         Identity {
             config,

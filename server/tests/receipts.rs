@@ -634,3 +634,10 @@ async fn the_store_clamps_and_ignores_other_epochs() {
     ))))
     .await;
 }
+
+/// The same rules on Redis Cluster, where each channel's receipt keys share its slot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_store_rules_hold_on_redis_cluster() {
+    let cluster = herald_testkit::redis::RedisCluster::start();
+    store_rules(connected(&cluster.url(), &prefix("store-cluster"), "n0").await).await;
+}

@@ -15,21 +15,3 @@ pub enum BackendError {
     #[error("backend error: {0}")]
     Internal(String),
 }
-
-impl BackendError {
-    /// Whether trying again later may succeed.
-    pub fn is_transient(&self) -> bool {
-        !matches!(self, BackendError::Internal(_))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn only_internal_errors_are_final() {
-        assert!(BackendError::Unavailable("down".into()).is_transient());
-        assert!(!BackendError::Internal("bug".into()).is_transient());
-    }
-}

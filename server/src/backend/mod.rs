@@ -88,14 +88,15 @@ impl Backend {
         }
     }
 
-    /// Connects the backend `config` names: memory without `HERALD_REDIS_URL`, else
-    /// Redis. The webhook store is opened only with `webhook_settings`.
+    /// Connects the backend `config` names, with `settings` (derived from it):
+    /// memory without `HERALD_REDIS_URL`, else Redis. The webhook store is opened only
+    /// with `webhook_settings`.
     pub async fn connect(
         config: &Config,
+        settings: BackendSettings,
         node_id: &str,
         webhook_settings: Option<webhooks::WebhookStoreSettings>,
     ) -> Result<Self, BackendError> {
-        let settings = BackendSettings::from_config(config);
         Ok(match &config.redis_url {
             None => {
                 let m = Arc::new(memory::MemoryBackend::new(settings));
