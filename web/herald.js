@@ -31,6 +31,7 @@ const CLOSE_UNAUTHORIZED = 4401;
 /** The backend removed the user: stop, and never reconnect on our own. */
 const CLOSE_KICKED = 4410;
 const CLOSE_DRAINING = 4503;
+const CLOSE_TOO_MANY = 4429;
 /** Durations taken from frames are capped (setTimeout misbehaves above 2^31 - 1 ms). */
 const MAX_TIMER_MS = 2 ** 31 - 1;
 /** heartbeat_ms above this (12 h) is taken as this. */
@@ -526,8 +527,9 @@ export class HeraldClient {
       case "resync":
         return this._onResync(frame);
       case "reconnect":
-        // The node drains; it closes with 4503 next. Its after_ms is our jitter
-        // (capped: a bogus huge value must not park the client).
+        // The node drains (4503 next), is cut off from its broker (4503 next), or is
+        // busy (4429 next). Its after_ms is when to come back (capped: a bogus huge
+        // value must not park the client).
         this._reconnectAfter = clampMs(frame.after_ms, this._backoffMax);
         return;
       case "expiring":
@@ -928,6 +930,12 @@ export class HeraldClient {
       const jitter = this._reconnectAfter ?? Math.random() * 1000;
       this._reconnectAfter = null;
       this._schedule(jitter);
+    } else if (code === CLOSE_TOO_MANY && this._reconnectAfter != null) {
+      // A busy node said when to come back: that time plus a jitter of up to a second,
+      // so a burst it refused does not return as one.
+      const after = this._reconnectAfter;
+      this._reconnectAfter = null;
+      this._schedule(after + Math.random() * Math.min(after, 1000));
     } else {
       this._scheduleRetry();
     }

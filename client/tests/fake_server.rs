@@ -529,3 +529,32 @@ async fn extreme_durations_in_frames_are_capped() {
     rec.with(|r| assert!(r.disconnected[0].retry_in <= Some(Duration::from_millis(200))));
     client.close().await;
 }
+
+/// A busy node (`reconnect` with reason `busy`, then 4429, before `welcome`): the
+/// client comes back after `after_ms` plus a jitter of up to a second, not after its
+/// own (here 10 ms) backoff.
+#[tokio::test]
+async fn a_busy_answer_is_waited_out_before_the_client_comes_back() {
+    let mut fake = Fake::start().await;
+    let (client, _events) = Client::builder()
+        .url(fake.url.clone())
+        .token("t")
+        .backoff(Duration::from_millis(10), Duration::from_secs(10))
+        .start()
+        .unwrap();
+    for _ in 0..2 {
+        let mut conn = fake.next().await;
+        conn.send_json(json!({"type": "reconnect", "reason": "busy", "after_ms": 700}))
+            .await;
+        conn.close(4429, "busy").await;
+        let told = std::time::Instant::now();
+        let mut again = fake.next().await;
+        let waited = told.elapsed();
+        assert!(
+            waited >= Duration::from_millis(700) && waited < Duration::from_millis(1_900),
+            "came back after {waited:?}"
+        );
+        again.close(4429, "busy").await;
+    }
+    client.close().await;
+}

@@ -109,23 +109,45 @@ pub async fn hello(
 ) -> anyhow::Result<Welcome> {
     let frame = ClientCommand::Hello { token, resume }.to_json();
     ws.send(Message::text(frame)).await?;
+    let mut busy_after = None;
     while let Some(msg) = ws.next().await {
         match msg? {
             Message::Text(text) => match ServerFrame::parse(text.as_str()) {
                 Ok(ServerFrame::Welcome(w)) => return Ok(w),
                 Ok(ServerFrame::Ping) => ws.send(Message::text(pong())).await?,
+                Ok(ServerFrame::Reconnect(r)) if r.reason == "busy" => {
+                    busy_after = Some(r.after_ms)
+                }
                 Ok(_) => {}
                 Err(e) => bail!("bad frame before welcome: {e}"),
             },
-            Message::Close(frame) => bail!(
-                "closed before welcome: {}",
-                frame.map(|f| u16::from(f.code)).unwrap_or(1005)
-            ),
+            Message::Close(frame) => {
+                let code = frame.map(|f| u16::from(f.code)).unwrap_or(1005);
+                match busy_after {
+                    Some(after_ms) if code == 4429 => return Err(Busy { after_ms }.into()),
+                    _ => bail!("closed before welcome: {code}"),
+                }
+            }
             _ => {}
         }
     }
     bail!("connection ended before welcome")
 }
+
+/// A node's `busy` answer: come back after `after_ms`.
+#[derive(Debug)]
+pub struct Busy {
+    /// What the node said.
+    pub after_ms: u64,
+}
+
+impl std::fmt::Display for Busy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "busy: come back in {} ms", self.after_ms)
+    }
+}
+
+impl std::error::Error for Busy {}
 
 fn pong() -> String {
     ClientCommand::Pong.to_json()
@@ -176,6 +198,11 @@ pub struct Counters {
     pub failed: AtomicU64,
     /// Connections that ended without reconnecting.
     pub dropped: AtomicU64,
+    /// `busy` answers (`reconnect` with reason `busy`, then 4429) waited out.
+    pub busy: AtomicU64,
+    /// Connect attempts that failed otherwise (a reset, a refused or unanswered
+    /// upgrade, a close before `welcome`), retried or not.
+    pub connect_errors: AtomicU64,
     /// Disconnects of connections that had a `welcome`.
     pub disconnects: AtomicU64,
     /// Successful reconnects (a `welcome` after a disconnect).
@@ -247,7 +274,18 @@ pub async fn run_session<H: Handler + ?Sized>(
         .unwrap_or_else(|_| Err(anyhow!("connect timed out")));
         let (ws, welcome) = match connected {
             Ok(ok) => ok,
+            // Told when to come back: that time plus a jitter of up to a second, as the
+            // SDKs do. Not a failed attempt: the node answered.
+            Err(e) if e.downcast_ref::<Busy>().is_some() => {
+                let after = e.downcast_ref::<Busy>().map_or(0, |b| b.after_ms);
+                counters.busy.fetch_add(1, Ordering::Relaxed);
+                down_since.get_or_insert(started);
+                wait =
+                    Duration::from_millis(after + rand::rng().random_range(0..=after.min(1_000)));
+                continue;
+            }
             Err(e) => {
+                counters.connect_errors.fetch_add(1, Ordering::Relaxed);
                 attempt += 1;
                 if !ever_welcomed && (attempt >= FIRST_ATTEMPTS || !options.reconnect) {
                     counters.error(&e);

@@ -111,6 +111,13 @@ pub struct ConnectStats {
     pub dropped_while_held: u64,
     /// Connections still open at the end of the hold.
     pub open_at_end: u64,
+    /// `busy` answers the clients waited out before they got in.
+    #[serde(default)]
+    pub busy_answers: u64,
+    /// Connect attempts that failed otherwise: resets, refused or unanswered upgrades,
+    /// closes before `welcome` (retried, or counted in `connect_failures`).
+    #[serde(default)]
+    pub connect_errors: u64,
     /// Source addresses used (empty: the kernel chose).
     pub sources: Vec<String>,
     /// Processes that held the connections.
@@ -234,6 +241,10 @@ impl Report {
             s += &format!(
                 "connect rate {:.0}/s (ramp {:.1} s), {} workers, sources {}, dropped while held {}, open at end {}\n",
                 c.connect_rate_per_s, c.ramp_s, c.workers, source_range(&c.sources), c.dropped_while_held, c.open_at_end
+            );
+            s += &format!(
+                "busy answers waited out {}, connect errors (resets, unanswered upgrades) {}\n",
+                c.busy_answers, c.connect_errors
             );
         }
         for m in &self.node_memory {

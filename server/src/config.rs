@@ -123,11 +123,30 @@ pub struct Config {
     #[arg(long, env = "HERALD_MAX_EPHEMERAL_PER_SEC", default_value_t = 10)]
     pub max_ephemeral_per_sec: u32,
 
+    /// WebSocket frames one connection may send per second, of every kind (text,
+    /// binary, continuation, ping, pong, close) and in every state, before `hello`
+    /// included; the count is taken below the WebSocket library, so fragments of a
+    /// message that never ends count too. Over it: close 4429. Never less than twice
+    /// `HERALD_MAX_MESSAGES_PER_SEC` (a lower value is raised to that), so the command
+    /// rate's own answers come first for a client that sends whole commands.
+    #[arg(long, env = "HERALD_MAX_FRAMES_PER_SEC", default_value_t = 400,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_frames_per_sec: u32,
+
     /// Milliseconds a client has to send a complete HTTP request head (the WebSocket
     /// upgrade request included) and that an idle keep-alive connection stays open;
     /// then the connection is closed. Stops slowloris clients from holding sockets.
     #[arg(long, env = "HERALD_HEADER_READ_TIMEOUT_MS", default_value_t = 10_000)]
     pub header_read_timeout_ms: u64,
+
+    /// Bytes of an HTTP request's line and headers (the WebSocket upgrade included),
+    /// from 8,192 to 1,048,576. Over it: 431 with the JSON error body, and the
+    /// connection is closed. A request head is buffered whole before it is parsed, so
+    /// this is also the most memory a connection that never finishes its head can hold
+    /// (at most `HERALD_MAX_HTTP_CONNECTIONS` of them).
+    #[arg(long, env = "HERALD_MAX_REQUEST_HEAD_BYTES", default_value_t = 32_768,
+          value_parser = clap::value_parser!(u64).range(8_192..=1_048_576))]
+    pub max_request_head_bytes: u64,
 
     /// TCP connections still in their HTTP phase: accepted and not yet upgraded to a
     /// WebSocket (a request head on its way, a keep-alive API connection between

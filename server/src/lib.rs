@@ -167,10 +167,15 @@ pub async fn run(
         app,
         listener::Limits {
             header_read_timeout: node.config.header_read_timeout(),
+            max_request_head: usize::try_from(node.config.max_request_head_bytes)
+                .unwrap_or(usize::MAX),
             send_buffer: node.config.tcp_send_buffer,
             max_http_connections: node.config.max_http_connections,
             refused: node.metrics.http_connections_refused.clone(),
             evicted: node.metrics.http_connections_evicted.clone(),
+            busy: Arc::clone(&node.busy),
+            dropped: node.metrics.http_connections_dropped.clone(),
+            busy_answers: node.metrics.busy_answers.clone(),
         },
         stop_http.clone(),
     ));

@@ -143,9 +143,133 @@ impl<T> PendingQueue<T> {
     }
 }
 
+/// The shortest `after_ms` of a `busy` answer.
+pub const BUSY_MIN_AFTER_MS: u64 = 250;
+
+/// The longest `after_ms` of a `busy` answer.
+pub const BUSY_MAX_AFTER_MS: u64 = 30_000;
+
+/// The admission rate a node is assumed to have before it has measured one.
+const BUSY_ASSUMED_RATE: u64 = 1_000;
+
+/// The `after_ms` a node tells a client it has no room for (`reconnect` with reason
+/// `busy`, then close 4429), from what it saw in the last second.
+///
+/// Why it is not a constant: a burst (a dead node's users, all arriving within a second)
+/// must come back spread out at the rate the node can take them, or the second wave is
+/// the first one again. So the `n`-th refusal of a second gets a time in
+/// `[BUSY_MIN_AFTER_MS, BUSY_MIN_AFTER_MS + n / rate]`, `rate` being the admissions
+/// the node made in the previous second (at least [`BUSY_ASSUMED_RATE`]), chosen by
+/// `jitter` (in `[0, 1)`) so that the wave spreads evenly over that span.
+#[derive(Debug, Default)]
+pub struct BusyWindow {
+    /// The start of the current second (ms), and what happened in it.
+    start_ms: u64,
+    refused: u64,
+    admitted: u64,
+    /// Admissions in the second before.
+    last_admitted: u64,
+}
+
+impl BusyWindow {
+    fn roll(&mut self, now_ms: u64) {
+        let elapsed = now_ms.saturating_sub(self.start_ms);
+        if elapsed >= 1_000 {
+            // A quiet second in between counts as no admissions.
+            self.last_admitted = if elapsed < 2_000 { self.admitted } else { 0 };
+            self.start_ms = now_ms;
+            self.refused = 0;
+            self.admitted = 0;
+        }
+    }
+
+    /// A connection was admitted at `now_ms`.
+    pub fn admitted(&mut self, now_ms: u64) {
+        self.roll(now_ms);
+        self.admitted += 1;
+    }
+
+    /// A connection was refused at `now_ms`: the `after_ms` to tell it.
+    pub fn refuse(&mut self, now_ms: u64, jitter: f64) -> u64 {
+        self.roll(now_ms);
+        self.refused += 1;
+        let rate = self.last_admitted.max(self.admitted).max(BUSY_ASSUMED_RATE);
+        let span = self.refused.saturating_mul(1_000) / rate;
+        let after = BUSY_MIN_AFTER_MS + (span as f64 * jitter.clamp(0.0, 1.0)) as u64;
+        after.min(BUSY_MAX_AFTER_MS)
+    }
+}
+
+/// A [`BusyWindow`] shared by the listener and the node, on the monotonic clock.
+#[derive(Debug)]
+pub struct Busy {
+    window: std::sync::Mutex<BusyWindow>,
+    epoch: Instant,
+}
+
+impl Default for Busy {
+    fn default() -> Self {
+        Self {
+            window: std::sync::Mutex::default(),
+            epoch: Instant::now(),
+        }
+    }
+}
+
+impl Busy {
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BusyWindow> {
+        self.window.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Counts an admission.
+    pub fn admitted(&self) {
+        let now = self.now_ms();
+        self.lock().admitted(now);
+    }
+
+    /// Counts a refusal; the `after_ms` to tell the refused client.
+    pub fn refuse(&self) -> u64 {
+        let now = self.now_ms();
+        let jitter = rand::random::<f64>();
+        self.lock().refuse(now, jitter)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn busy_answers_spread_a_burst_at_the_rate_the_node_admits() {
+        let mut w = BusyWindow::default();
+        // No admissions measured yet: 1,000/s is assumed, so the 3,000th refusal of a
+        // second is spread over up to 3 s.
+        for _ in 0..2_999 {
+            w.refuse(10, 0.5);
+        }
+        assert_eq!(w.refuse(10, 0.0), BUSY_MIN_AFTER_MS);
+        assert_eq!(w.refuse(10, 1.0), BUSY_MIN_AFTER_MS + 3_001);
+        // A node that admitted 5,000 in the last second spreads the same wave over 0.6 s.
+        let mut w = BusyWindow::default();
+        for _ in 0..5_000 {
+            w.admitted(100);
+        }
+        for _ in 0..2_999 {
+            w.refuse(1_100, 0.5);
+        }
+        assert_eq!(w.refuse(1_100, 0.999_999), BUSY_MIN_AFTER_MS + 599);
+        // A quiet second forgets the measured rate; the answer is never over the cap.
+        assert_eq!(w.refuse(5_000, 1.0), BUSY_MIN_AFTER_MS + 1);
+        let mut w = BusyWindow::default();
+        for _ in 0..1_000_000 {
+            w.refuse(0, 1.0);
+        }
+        assert_eq!(w.refuse(0, 1.0), BUSY_MAX_AFTER_MS);
+    }
 
     fn publication(bytes: usize) -> Publication {
         Publication {

@@ -9,10 +9,10 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use axum::extract::ws::Utf8Bytes;
 use herald_protocol::codes::CloseCode;
 use herald_protocol::StreamPosition;
 use tokio::sync::Notify;
+use tungstenite::Utf8Bytes;
 
 use crate::backend::users::UserCommand;
 

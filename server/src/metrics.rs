@@ -78,9 +78,14 @@ pub struct Metrics {
     pub connections: Gauge,
     /// Connections accepted since start.
     pub connections_accepted: Counter,
-    /// TCP connections closed at accept: `HERALD_MAX_HTTP_CONNECTIONS` were in their
-    /// HTTP phase.
+    /// TCP connections refused at accept: `HERALD_MAX_HTTP_CONNECTIONS` were in their
+    /// HTTP phase, all younger than a second. Each is answered busy, or dropped.
     pub http_connections_refused: Counter,
+    /// Evicted connections closed unanswered: no busy answer was free in time.
+    pub http_connections_dropped: Counter,
+    /// Clients told to come back later: `reconnect` with reason `busy` and close 4429
+    /// for a WebSocket, a 503 with `Retry-After` for other requests.
+    pub busy_answers: Counter,
     /// Connections in their HTTP phase closed to make room for a newcomer (the oldest,
     /// silent ones first).
     pub http_connections_evicted: Counter,
@@ -162,6 +167,8 @@ impl Metrics {
             connections: Gauge::default(),
             connections_accepted: Counter::default(),
             http_connections_refused: Counter::default(),
+            http_connections_dropped: Counter::default(),
+            busy_answers: Counter::default(),
             http_connections_evicted: Counter::default(),
             pending_handshakes: Gauge::default(),
             pending_evicted: Counter::default(),
@@ -205,8 +212,18 @@ impl Metrics {
         );
         registry.register(
             "herald_http_connections_refused",
-            "TCP connections closed at accept because HERALD_MAX_HTTP_CONNECTIONS were in their HTTP phase",
+            "TCP connections refused at accept because HERALD_MAX_HTTP_CONNECTIONS were in their HTTP phase (answered busy, or dropped)",
             m.http_connections_refused.clone(),
+        );
+        registry.register(
+            "herald_http_connections_dropped",
+            "Evicted HTTP-phase connections closed unanswered because no busy answer was free in time",
+            m.http_connections_dropped.clone(),
+        );
+        registry.register(
+            "herald_busy_answers",
+            "Clients told to come back later (reconnect busy and close 4429, or a 503 with Retry-After)",
+            m.busy_answers.clone(),
         );
         registry.register(
             "herald_http_connections_evicted",

@@ -18,7 +18,7 @@ use crate::backend::nodes::{NodeInfo, NodeRegistry, NodeStats};
 use crate::backend::presence::{NodePresence, PresenceStore};
 use crate::backend::streams::{History, Streams};
 use crate::config::Config;
-use crate::limits::{PendingAdmit, PendingQueue};
+use crate::limits::{Busy, PendingAdmit, PendingQueue};
 use crate::membership::Membership;
 use crate::metrics::{self, Metrics};
 use crate::publish::Publisher;
@@ -104,6 +104,9 @@ pub struct Node {
     /// Connections that have not finished `hello`, oldest first; the token closes one
     /// when a newcomer evicts it.
     pending: Mutex<PendingQueue<CancellationToken>>,
+    /// Admissions and refusals of the last second: the `after_ms` of `busy` answers,
+    /// shared with the listener, which refuses too.
+    pub busy: Arc<Busy>,
     next_session: AtomicU64,
 }
 
@@ -136,6 +139,7 @@ impl Node {
             connections: AtomicUsize::new(0),
             per_ip: Mutex::default(),
             pending: Mutex::new(pending),
+            busy: Arc::default(),
             next_session: AtomicU64::new(1),
         }
     }
@@ -351,6 +355,7 @@ impl Pending {
             return Err(CloseCode::TooMany);
         }
         self.authenticated = true;
+        node.busy.admitted();
         Ok(Admission { node, ip: self.ip })
     }
 }

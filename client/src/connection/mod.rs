@@ -13,6 +13,7 @@
 //! |---|---|
 //! | 4503 draining after `reconnect` | reconnect after the server's `after_ms`, to another node, no backoff |
 //! | 4503 without `reconnect` | back off (a jitter of up to 250 ms after a stable session), reconnect |
+//! | 4429 after `reconnect` (reason `busy`) | reconnect after `after_ms` plus a jitter of up to 1 s |
 //! | 4401 unauthorized (also "token expired") | ask the token callback again, back off, reconnect; with a fixed token: stop |
 //! | 4410 kicked | stop ([`StopReason::Kicked`]) |
 //! | 4400, 4403, 1009 | stop ([`StopReason::Rejected`]) |
@@ -409,6 +410,12 @@ impl Driver {
             // a bogus huge value must not park the client for good).
             (Some(CloseCode::Draining), Some(after)) => {
                 Next::Retry(after.min(self.config.backoff_max))
+            }
+            // A busy node said when to come back: that time plus a jitter of up to a
+            // second, so a burst it refused does not return as one.
+            (Some(CloseCode::TooMany), Some(after)) => {
+                let after = after.min(self.config.backoff_max);
+                Next::Retry(after + crate::backoff::jitter(after.min(Duration::from_secs(1))))
             }
             (Some(CloseCode::Kicked), _) => Next::Stop(StopReason::Kicked {
                 reason: reason.clone(),

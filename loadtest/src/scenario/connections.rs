@@ -61,6 +61,10 @@ pub struct SliceResult {
     last_welcome_us: u64,
     handshake: Vec<(u64, u64)>,
     errors: BTreeMap<String, u64>,
+    #[serde(default)]
+    busy: u64,
+    #[serde(default)]
+    connect_errors: u64,
 }
 
 /// Idle connections: nothing to resume, nothing to count but the welcome.
@@ -151,6 +155,8 @@ impl Slice {
             last_welcome_us: self.idle.last_welcome_us.load(Ordering::Relaxed),
             handshake: latency::to_pairs(&c.handshake.merged()),
             errors: c.errors.lock().expect("errors").clone(),
+            busy: c.busy.load(Ordering::Relaxed),
+            connect_errors: c.connect_errors.load(Ordering::Relaxed),
         };
         let starter = self.starter.lock().expect("starter lock").take();
         if let Some(starter) = starter {
@@ -288,6 +294,7 @@ pub async fn run(args: &ConnectionsArgs) -> anyhow::Result<Report> {
     let mut handshake = latency::new_histogram();
     let mut errors = BTreeMap::new();
     let (mut ready, mut failed, mut dropped, mut open) = (0, 0, 0, 0);
+    let (mut busy, mut connect_errors) = (0, 0);
     let start_us = results.iter().map(|r| r.start_us).min().unwrap_or(0);
     let last_us = results.iter().map(|r| r.last_welcome_us).max().unwrap_or(0);
     for r in &results {
@@ -296,6 +303,8 @@ pub async fn run(args: &ConnectionsArgs) -> anyhow::Result<Report> {
         failed += r.failed;
         dropped += r.dropped;
         open += r.open;
+        busy += r.busy;
+        connect_errors += r.connect_errors;
         for (e, k) in &r.errors {
             *errors.entry(e.clone()).or_insert(0) += k;
         }
@@ -320,6 +329,8 @@ pub async fn run(args: &ConnectionsArgs) -> anyhow::Result<Report> {
             ramp_s,
             dropped_while_held: dropped,
             open_at_end: open,
+            busy_answers: busy,
+            connect_errors,
             sources: sources.iter().map(|s| s.to_string()).collect(),
             workers,
         }),

@@ -15,7 +15,7 @@ use crate::mailbox::Delivery;
 use crate::mailbox::EphemeralDelivery;
 use crate::mailbox::{Outbound, Refused, SessionHandle};
 use crate::metrics::Metrics;
-use axum::extract::ws::Utf8Bytes;
+use tungstenite::Utf8Bytes;
 
 /// Fan-outs to more sessions than this are split into chunks offered in parallel on the
 /// runtime's workers.

@@ -3,8 +3,8 @@
 use super::*;
 use std::sync::atomic::Ordering;
 
-use axum::extract::ws::Utf8Bytes;
 use tokio::task::JoinHandle;
+use tungstenite::Utf8Bytes;
 
 use super::channel::RepairBuffer;
 use super::fanout::PARALLEL_FANOUT;

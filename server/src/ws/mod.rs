@@ -19,25 +19,28 @@
 
 mod commands;
 mod error;
+pub mod frames;
 mod rate;
 mod session;
 mod socket;
+mod upgrade;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
-use axum::extract::{ConnectInfo, State};
+use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{header, HeaderMap};
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use futures_util::{SinkExt, StreamExt};
 use herald_protocol::codes::CloseCode;
 use herald_protocol::frame::{ClientCommand, Reconnect, ServerFrame};
 use herald_protocol::StreamPosition;
 use rand::Rng;
 use tokio::time::timeout;
+use tungstenite::protocol::CloseFrame;
+use tungstenite::{Message, Utf8Bytes};
 
 use crate::clock::now_secs;
 use crate::mailbox::CloseReason;
@@ -49,25 +52,28 @@ use socket::Socket;
 /// How long a close frame may take to send.
 pub(super) const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// The upgrade handler: checks origin and admission, then runs the session.
+/// The upgrade handler: checks the handshake, origin and admission, then runs the
+/// session.
 pub async fn upgrade(
     State(node): State<Arc<Node>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
-    ws: WebSocketUpgrade,
+    mut request: Request,
 ) -> Response {
-    let cfg = &node.config;
-    let origin_ok = origin_allowed(cfg.allowed_origins.as_deref(), &headers);
-    let ws = ws
-        .read_buffer_size(cfg.ws_read_buffer)
-        .write_buffer_size(cfg.ws_write_buffer)
-        .max_message_size(cfg.max_frame_bytes)
-        .max_frame_size(cfg.max_frame_bytes);
+    let on_upgrade = request
+        .extensions_mut()
+        .remove::<hyper::upgrade::OnUpgrade>();
+    let accepted = match upgrade::accept(request.method(), request.headers(), on_upgrade) {
+        Ok(accepted) => accepted,
+        Err(refused) => return refused.into_response(),
+    };
+    let origin_ok = origin_allowed(node.config.allowed_origins.as_deref(), request.headers());
+    drop(request);
     let admission = node.admit(peer.ip());
     let tracker = node.sessions.clone();
     // The task runs `run`'s future directly: a wrapping `async` block would store the
     // socket twice in every connection's task.
-    ws.on_upgrade(move |socket| tracker.track_future(run(node, socket, admission, origin_ok)))
+    tokio::spawn(tracker.track_future(run(node, accepted.on_upgrade, admission, origin_ok)));
+    accepted.response
 }
 
 /// Whether the request's `Origin` is allowed. Without a list every origin is; a request
@@ -89,23 +95,46 @@ pub(super) fn origin_allowed(allowed: Option<&[String]>, headers: &HeaderMap) ->
 pub(super) async fn send_text(
     socket: &mut dyn Socket,
     text: impl Into<Utf8Bytes>,
-) -> Result<(), axum::Error> {
+) -> Result<(), tungstenite::Error> {
     socket.send(Message::Text(text.into())).await
 }
 
-pub(super) async fn send_reconnect(socket: &mut dyn Socket) -> Result<(), axum::Error> {
+pub(super) async fn send_reconnect(socket: &mut dyn Socket) -> Result<(), tungstenite::Error> {
     let after_ms = rand::rng().random_range(0..1000);
+    send_reconnect_frame(socket, "draining", after_ms).await
+}
+
+async fn send_reconnect_frame(
+    socket: &mut dyn Socket,
+    reason: &str,
+    after_ms: u64,
+) -> Result<(), tungstenite::Error> {
     let frame = ServerFrame::Reconnect(Reconnect {
-        reason: "draining".into(),
+        reason: reason.into(),
         after_ms,
     });
     send_text(socket, frame.to_json()).await
 }
 
+/// A node with no room for this connection (its pending budget, its connections, or
+/// the client's address are full): `reconnect` with reason `busy` and the time to come
+/// back, then close 4429. A browser can't read why an upgrade failed, but it can read
+/// this.
+pub(super) async fn busy(node: &Node, socket: &mut dyn Socket) -> End {
+    let after_ms = node.busy.refuse();
+    node.metrics.busy_answers.inc();
+    let _ = timeout(
+        CLOSE_TIMEOUT,
+        send_reconnect_frame(socket, "busy", after_ms),
+    )
+    .await;
+    End::Close(CloseCode::TooMany)
+}
+
 /// Sends a close frame and waits for the client's answer, both bounded in time.
 pub(super) async fn close(socket: &mut dyn Socket, code: CloseCode, reason: CloseReason) {
     let frame = CloseFrame {
-        code: code.code(),
+        code: code.code().into(),
         reason: reason.text(code).into(),
     };
     let _ = timeout(CLOSE_TIMEOUT, async {
@@ -125,12 +154,17 @@ pub(super) async fn close(socket: &mut dyn Socket, code: CloseCode, reason: Clos
 /// frame that is not UTF-8, or a frame that breaks the WebSocket framing rules (reserved
 /// opcodes or bits, an unmasked or fragmented control frame, a stray continuation) is
 /// not a command at all and closes with 4400, so the client learns it must not retry
-/// the same bytes. Anything else (a reset, an EOF) means the client is gone.
-pub(super) fn read_error(err: &axum::Error) -> End {
-    match std::error::Error::source(err).and_then(|e| e.downcast_ref::<tungstenite::Error>()) {
-        Some(tungstenite::Error::Capacity(_)) => End::Close(CloseCode::TooLarge),
-        Some(tungstenite::Error::Utf8(_)) => End::Close(CloseCode::BadRequest),
-        Some(tungstenite::Error::Protocol(p)) => {
+/// the same bytes. A bound of the frame meter ([`frames`]) closes with its own code.
+/// Anything else (a reset, an EOF) means the client is gone.
+pub(super) fn read_error(err: &tungstenite::Error) -> End {
+    match err {
+        tungstenite::Error::Capacity(_) => End::Close(CloseCode::TooLarge),
+        tungstenite::Error::Utf8(_) => End::Close(CloseCode::BadRequest),
+        tungstenite::Error::Io(e) => match frames::violation(e) {
+            Some(v) => End::Close(v.close_code()),
+            None => End::Gone,
+        },
+        tungstenite::Error::Protocol(p) => {
             use tungstenite::error::ProtocolError as P;
             match p {
                 P::NonZeroReservedBits
@@ -186,6 +220,8 @@ pub(super) async fn read_hello(
                 }
             }
             Some(Ok(Message::Close(_))) | None => return Err(End::Gone),
+            // Never yielded by a read: tungstenite assembles frames into messages.
+            Some(Ok(Message::Frame(_))) => {}
             Some(Err(e)) => return Err(read_error(&e)),
         }
     }
@@ -199,11 +235,16 @@ pub(super) async fn read_hello(
 /// boxed, so their futures exist only while they run.
 pub(super) async fn run(
     node: Arc<Node>,
-    mut socket: WebSocket,
+    on_upgrade: hyper::upgrade::OnUpgrade,
     admission: Result<Pending, CloseCode>,
     origin_ok: bool,
 ) {
+    let Some(mut socket) = Box::pin(upgrade::connect(on_upgrade, &node.config)).await else {
+        // The client left before the upgrade completed.
+        return;
+    };
     let end = match admission {
+        Err(CloseCode::TooMany) => Box::pin(busy(&node, &mut socket)).await,
         Err(code) => End::Close(code),
         Ok(_) if !origin_ok => End::Close(CloseCode::Forbidden),
         Ok(_) if node.is_draining() => {
@@ -213,6 +254,9 @@ pub(super) async fn run(
         Ok(pending) => serve_session(&node, &mut socket, pending).await,
     };
     Box::pin(finish(&node, &mut socket, end)).await;
+    // After a read error the stream reads nothing more, so a client closed by the frame
+    // meter (which errs once) is drained below it, or its flood would reset the close.
+    Box::pin(socket.get_mut().linger(CLOSE_TIMEOUT)).await;
 }
 
 /// Hello, token, session: everything between the upgrade and the end. The connection
@@ -245,6 +289,7 @@ pub(super) async fn serve_session(
     let mut session = Session::new(Arc::clone(node), claims);
     let admission = match pending.authenticate() {
         Ok(admission) => admission,
+        Err(CloseCode::TooMany) => return Box::pin(busy(node, socket)).await,
         Err(code) => return End::Close(code),
     };
     let end = match Box::pin(session.start(socket, resume)).await {
@@ -274,7 +319,7 @@ pub(super) async fn hello(
             Err(_) => Err(End::Close(CloseCode::Timeout)),
         },
         // A newcomer needed this connection's place in the full pending budget.
-        _ = evicted.cancelled() => Err(End::Close(CloseCode::TooMany)),
+        _ = evicted.cancelled() => Err(Box::pin(busy(node, socket)).await),
         _ = node.drain.cancelled() => {
             let _ = timeout(CLOSE_TIMEOUT, send_reconnect(socket)).await;
             Err(End::Close(CloseCode::Draining))

@@ -4,7 +4,6 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::ws::{Message, Utf8Bytes};
 use futures_util::{SinkExt, StreamExt};
 use herald_protocol::channel::user_channel;
 use herald_protocol::codes::{CloseCode, ErrorCode};
@@ -12,6 +11,7 @@ use herald_protocol::frame::{ErrorBody, Expiring, Resync, ServerFrame, Subscribe
 use herald_protocol::StreamPosition;
 use rand::Rng;
 use tokio::time::{timeout, timeout_at, Instant};
+use tungstenite::{Message, Utf8Bytes};
 
 use crate::auth::Claims;
 use crate::backend::streams::Publication;
@@ -360,6 +360,8 @@ impl Session {
                         // work: they count against the command rate like any frame.
                         Some(Ok(Message::Ping(_) | Message::Pong(_))) => self.count_silent_frame()?,
                         Some(Ok(Message::Close(_))) | None => return Err(End::Gone),
+            // Never yielded by a read: tungstenite assembles frames into messages.
+            Some(Ok(Message::Frame(_))) => {}
                         Some(Err(e)) => return Err(read_error(&e)),
                     }
                 }

@@ -5,8 +5,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::ws::Message;
 use serde_json::{json, Value};
+use tungstenite::Message;
 
 use super::socket::{pair, Client};
 use super::{finish, serve_session};
@@ -85,7 +85,7 @@ async fn closed(client: &mut Client) -> u16 {
             .expect("a frame in time")
             .expect("a close frame before the end");
         if let Message::Close(frame) = m {
-            return frame.expect("a close code").code;
+            return frame.expect("a close code").code.into();
         }
     }
 }

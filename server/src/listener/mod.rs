@@ -25,8 +25,13 @@
 //! that is the newcomer itself closed. A connection leaves the count when it closes or
 //! when its WebSocket upgrade completes.
 //!
+//! The first request head is read before hyper, bounded in bytes (see [`head`]).
+//!
 //! The router sees the peer address as `ConnectInfo<SocketAddr>`, as with
 //! `into_make_service_with_connect_info`.
+
+pub mod busy;
+pub mod head;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -44,12 +49,16 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower_service::Service;
 
-use crate::limits::{PendingAdmit, PendingQueue};
+use crate::limits::{Busy, PendingAdmit, PendingQueue};
+
+use busy::{Answerer, BusyAnswers};
 
 /// The bounds of the HTTP phase of a connection.
 pub struct Limits {
     /// A request head must be complete within it (and keep-alive idles end with it).
     pub header_read_timeout: Duration,
+    /// The most bytes of a request head (at least hyper's minimum buffer, 8,192).
+    pub max_request_head: usize,
     /// SO_SNDBUF of each accepted socket; 0 keeps the OS default.
     pub send_buffer: usize,
     /// Connections in their HTTP phase at once (at least 1).
@@ -58,11 +67,21 @@ pub struct Limits {
     pub refused: Counter,
     /// Counts the connections closed to make room for a newcomer.
     pub evicted: Counter,
+    /// The `after_ms` of busy answers, shared with the node.
+    pub busy: Arc<Busy>,
+    /// Counts the evicted connections closed unanswered because no busy answer was
+    /// free in time.
+    pub dropped: Counter,
+    /// Counts the busy answers sent.
+    pub busy_answers: Counter,
 }
 
 /// How long a connection is safe from eviction: an honest client sends its request
 /// within a round trip of connecting.
 pub const MIN_AGE: Duration = Duration::from_secs(1);
+
+/// hyper refuses a smaller `max_buf_size` (it panics).
+const MIN_HYPER_BUFFER: usize = 8_192;
 
 /// One connection in its HTTP phase.
 struct Tracked {
@@ -128,12 +147,22 @@ impl HttpPhase {
 pub async fn serve(listener: TcpListener, app: Router, limits: Limits, stop: CancellationToken) {
     let Limits {
         header_read_timeout,
+        max_request_head,
         send_buffer,
         max_http_connections,
         refused,
         evicted,
+        busy,
+        dropped,
+        busy_answers: answered,
     } = limits;
     let http_phase = Arc::new(HttpPhase::new(max_http_connections));
+    let answerer = Answerer {
+        answers: Arc::new(BusyAnswers::default()),
+        busy,
+        answered,
+        max_head: max_request_head,
+    };
     let connections = TaskTracker::new();
     loop {
         let accepted = tokio::select! {
@@ -151,11 +180,16 @@ pub async fn serve(listener: TcpListener, app: Router, limits: Limits, stop: Can
         if evicted_one {
             evicted.inc();
         }
-        // Closed before anything is read: dropping the socket costs nothing more.
+        // No room: told when to come back (see [`busy`]), or, when even those answers
+        // are all taken, closed unread.
         let Some(tracked) = admitted else {
             refused.inc();
             tracing::debug!(%peer, "http connection refused: HERALD_MAX_HTTP_CONNECTIONS reached");
-            drop(stream);
+            let slot = tokio::select! {
+                _ = stop.cancelled() => break,
+                slot = answerer.slot() => slot,
+            };
+            answerer.spawn(slot, stream);
             continue;
         };
         let _ = stream.set_nodelay(true);
@@ -174,13 +208,45 @@ pub async fn serve(listener: TcpListener, app: Router, limits: Limits, stop: Can
         });
         let stop = stop.clone();
         let phase = Arc::clone(&http_phase);
+        let answerer = answerer.clone();
+        let dropped = dropped.clone();
         connections.spawn(async move {
+            let mut stream = stream;
+            // The first head, bounded in bytes and in time. Stopped, the connection
+            // just closes. Evicted before its head is complete (a newcomer needed the
+            // place): one that sent nothing at all closes, as a silent socket should;
+            // one that sent part of a head, or whose head waits unread, is answered
+            // busy, since it may be an honest client on a node too loaded to read it
+            // within a second.
+            let mut read = Vec::new();
+            let first = tokio::select! {
+                head = tokio::time::timeout(
+                    header_read_timeout,
+                    head::read_into(&mut stream, &mut read, max_request_head),
+                ) => head.ok(),
+                _ = stop.cancelled() => None,
+                () = tracked.evict.cancelled() => {
+                    phase.finish(&tracked);
+                    if read.is_empty() && !has_bytes(&stream, &mut read) {
+                        return;
+                    }
+                    if !answerer.answer_here(stream, read).await {
+                        dropped.inc();
+                    }
+                    return;
+                }
+            };
+            let Some(head::Head::Complete(first)) = first else {
+                phase.finish(&tracked);
+                return;
+            };
             let mut builder = http1::Builder::new();
             builder
                 .timer(TokioTimer::new())
-                .header_read_timeout(header_read_timeout);
+                .header_read_timeout(header_read_timeout)
+                .max_buf_size(max_request_head.max(MIN_HYPER_BUFFER));
             let connection = builder
-                .serve_connection(TokioIo::new(stream), service)
+                .serve_connection(TokioIo::new(head::Prefixed::new(first, stream)), service)
                 .with_upgrades();
             tokio::pin!(connection);
             let result = tokio::select! {
@@ -203,6 +269,12 @@ pub async fn serve(listener: TcpListener, app: Router, limits: Limits, stop: Can
     }
     connections.close();
     connections.wait().await;
+}
+
+/// Whether `stream` has bytes waiting, read into `read` (which is empty).
+fn has_bytes(stream: &tokio::net::TcpStream, read: &mut Vec<u8>) -> bool {
+    read.reserve(1_024);
+    matches!(stream.try_read_buf(read), Ok(n) if n > 0)
 }
 
 /// After a failed `accept`: errors of one connection are ignored; anything else
