@@ -40,6 +40,7 @@ use rand::Rng;
 use tokio::time::timeout;
 
 use crate::clock::now_secs;
+use crate::limits::UserLimit;
 use crate::mailbox::CloseReason;
 use crate::node::{Node, Pending};
 
@@ -243,6 +244,12 @@ pub(super) async fn serve_session(
     }
     drop(token);
     let mut session = Session::new(Arc::clone(node), claims);
+    // Before any backend work (the personal channel, presence): a token that reconnects
+    // in a loop must not get a fresh allowance each time. Server-started reconnects are
+    // covered by the burst (docs/operations.md, "Limits per user").
+    if !node.take_user_budget(&session.user, UserLimit::Connect) {
+        return End::CloseWith(CloseCode::TooMany, CloseReason::UserConnects);
+    }
     let admission = match pending.authenticate() {
         Ok(admission) => admission,
         Err(code) => return End::Close(code),
