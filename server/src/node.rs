@@ -112,6 +112,9 @@ pub struct Node {
 /// Shards of the per-user budgets: a hello or subscribe locks one of them briefly.
 const BUDGET_SHARDS: usize = 16;
 
+/// Fewest users one shard of the budgets holds, unless the whole table is smaller.
+const MIN_SHARD_USERS: usize = 64;
+
 impl Node {
     /// Assembles a node from its identity and its services.
     pub fn new(identity: Identity, services: Services) -> Self {
@@ -346,9 +349,11 @@ fn user_budgets(config: &Config) -> Box<[Mutex<UserBudgets>]> {
         config.max_user_subscribes_per_sec as f32,
         config.user_subscribe_burst(),
     );
-    // Fewer shards than users tracked, so the shards together hold at most that many.
+    // The shards together hold at most `max_tracked_users`. A small table gets fewer
+    // shards: in a shard of one or two places, a newcomer would have to push out a user
+    // who spent the budget (eviction picks the entry nearest to full within a shard).
     let tracked = config.max_tracked_users.max(1);
-    let shards = BUDGET_SHARDS.min(tracked);
+    let shards = (tracked / MIN_SHARD_USERS).clamp(1, BUDGET_SHARDS);
     let capacity = tracked / shards;
     let epoch = std::time::Instant::now();
     (0..shards)
