@@ -215,7 +215,7 @@ pub struct Config {
     #[arg(long, env = "HERALD_MAX_USER_SUBSCRIBE_BURST", default_value_t = 4_096)]
     pub max_user_subscribe_burst: u32,
 
-    /// Users whose per-user budgets this node tracks at once (about 50 bytes each).
+    /// Users whose per-user budgets this node tracks at once (about 100 bytes each).
     /// Only users who spent something not yet refilled are tracked; when the table is
     /// full, the entry nearest to full is dropped.
     #[arg(long, env = "HERALD_MAX_TRACKED_USERS", default_value_t = 100_000)]
