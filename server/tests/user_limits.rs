@@ -292,3 +292,86 @@ async fn a_drain_does_not_use_up_the_users_budget() {
     b.shutdown().await;
     assert_no_server_panic();
 }
+
+/// `subscribe` on `c`; the reply.
+async fn subscribe(c: &mut Client, channel: &str) -> Value {
+    c.request(json!({"type": "subscribe", "channel": channel}))
+        .await
+}
+
+/// A `subscribe` draws on the user's budget as a resumed channel does, across
+/// connections; over it the reply is `rate_limited` and the connection stays open.
+/// Server subscribes through the API draw nothing.
+#[tokio::test]
+async fn subscribes_share_the_users_budget_across_connections() {
+    let n = TestNode::start(Config {
+        max_connections_per_user: 1,
+        max_subscriptions: 4,
+        // A burst of 4 (the floor: 1 connection × 4 channels), refilling once a second.
+        max_user_subscribes_per_sec: 1,
+        max_user_subscribe_burst: 1,
+        ..node::test_config()
+    })
+    .await;
+    let tok = n.token("alice", &["room:*"], &[]);
+    let (mut a, _) = Client::hello(&n.ws_url(), &tok, json!({})).await;
+    for ch in ["room:1", "room:2"] {
+        let r = subscribe(&mut a, ch).await;
+        assert!(r["result"].is_object(), "{r}");
+    }
+    // Refused for the permission: nothing drawn.
+    let r = subscribe(&mut a, "secret:1").await;
+    assert_eq!(r["error"]["code"], "forbidden", "{r}");
+    a.close().await;
+    // A new connection of the same user has what is left: 2, not a fresh 4.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut b = loop {
+        let mut c = Client::connect(&n.ws_url()).await;
+        c.send(json!({"type": "hello", "token": tok})).await;
+        match c.recv_wire(Duration::from_secs(5)).await {
+            Ok(w) if w["type"] == "welcome" => break c,
+            // The node has not seen the first connection go yet (one per user).
+            other => assert!(Instant::now() < deadline, "not admitted: {other:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let mut refused = 0;
+    for ch in ["room:3", "room:4", "room:5"] {
+        let r = subscribe(&mut b, ch).await;
+        if r["error"]["code"] == "rate_limited" {
+            refused += 1;
+        } else {
+            assert!(r["result"].is_object(), "{r}");
+        }
+    }
+    // Two tokens were left (one more may have refilled if the machine was slow).
+    assert!(refused >= 1, "a reconnect refilled the budget");
+    for ch in ["room:3", "room:4"] {
+        b.request(json!({"type": "unsubscribe", "channel": ch}))
+            .await;
+    }
+    // The backend's subscribe is not the client's: it joins whatever the budget says.
+    let r = reqwest::Client::new()
+        .post(format!("{}/v1/users/alice/subscribe", n.http()))
+        .bearer_auth(node::API_KEY)
+        .json(&json!({"channel": "room:granted"}))
+        .timeout(Duration::from_secs(10))
+        .send()
+        .await
+        .expect("API call");
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["sessions"], 1, "{v}");
+    // The budget refills: a refused subscribe succeeds a moment later.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let r = subscribe(&mut b, "room:6").await;
+        if r["result"].is_object() {
+            break;
+        }
+        assert_eq!(r["error"]["code"], "rate_limited", "{r}");
+        assert!(Instant::now() < deadline, "never refilled");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    n.shutdown().await;
+    assert_no_server_panic();
+}
