@@ -556,4 +556,31 @@ mod tests {
             assert!(parse_ack_timeout(bad).is_err(), "{bad:?}");
         }
     }
+
+    #[test]
+    fn user_bursts_fit_what_a_user_may_hold() {
+        let c = Config {
+            max_connections_per_user: 4,
+            max_subscriptions: 6,
+            max_user_connect_burst: 1,
+            max_user_subscribe_burst: 1,
+            ..Config::default()
+        };
+        assert_eq!(
+            c.user_connect_burst(),
+            4,
+            "raised to the connections per user"
+        );
+        assert_eq!(c.user_subscribe_burst(), 24, "raised to their channels");
+        let unlimited = Config {
+            max_connections_per_user: 0,
+            max_user_subscribe_burst: 10,
+            ..Config::default()
+        };
+        assert_eq!(
+            unlimited.user_subscribe_burst(),
+            10,
+            "nothing to raise it to"
+        );
+    }
 }

@@ -422,4 +422,36 @@ mod tests {
         mailbox.ready().await;
         assert!(mailbox.try_next().is_some());
     }
+
+    #[test]
+    fn a_control_answers_once_with_the_sessions_that_counted() {
+        let command = UserCommand::Subscribe {
+            channel: "room:1".into(),
+        };
+        // Answered when the last copy goes: every session applied it or ended.
+        let (reply, mut answer) = oneshot::channel();
+        let item = Arc::new(Control::new(command.clone(), reply));
+        let copies = [Arc::clone(&item), Arc::clone(&item)];
+        drop(item);
+        copies[0].changed();
+        assert!(answer.try_recv().is_err(), "a copy is still queued");
+        drop(copies);
+        assert_eq!(answer.try_recv(), Ok(1));
+        // Answered early (a session is stuck): later counts change nothing.
+        let (reply, mut answer) = oneshot::channel();
+        let item = Control::new(command, reply);
+        item.changed();
+        item.answer_now();
+        item.changed();
+        drop(item);
+        assert_eq!(answer.try_recv(), Ok(1));
+    }
+
+    #[test]
+    fn the_first_close_request_wins() {
+        let m = Mailbox::new(4);
+        assert!(m.close_with(4410, CloseReason::Default));
+        assert!(!m.close_with(4401, CloseReason::Disconnected));
+        assert_eq!(m.code.load(Ordering::Acquire) as u16, 4410);
+    }
 }
