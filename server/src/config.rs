@@ -205,6 +205,41 @@ pub struct Config {
     #[arg(long, env = "HERALD_MAX_CONNECTIONS_PER_USER", default_value_t = 32)]
     pub max_connections_per_user: u32,
 
+    /// New connections one user may open on this node per minute (each `hello` with a
+    /// valid token counts, whoever asked for the reconnect); 0 = no limit. Over it:
+    /// close 4429. Per node: a cluster of N nodes allows N times this.
+    #[arg(long, env = "HERALD_MAX_USER_CONNECTS_PER_MIN", default_value_t = 60)]
+    pub max_user_connects_per_min: u32,
+
+    /// Connects one user may make at once on this node before the per-minute rate
+    /// applies. Never below `HERALD_MAX_CONNECTIONS_PER_USER`, so that every connection
+    /// of a user that the server moves here at once (a drain) fits.
+    #[arg(long, env = "HERALD_MAX_USER_CONNECT_BURST", default_value_t = 64)]
+    pub max_user_connect_burst: u32,
+
+    /// Channels one user's connections together may enter per second on this node at
+    /// their own request: every channel resumed in `hello` and every `subscribe` (each
+    /// reads the channel from the backend); 0 = no limit. Over it: `rate_limited`.
+    #[arg(
+        long,
+        env = "HERALD_MAX_USER_SUBSCRIBES_PER_SEC",
+        default_value_t = 100
+    )]
+    pub max_user_subscribes_per_sec: u32,
+
+    /// Channels one user may enter at once on this node before the per-second rate
+    /// applies. Never below `HERALD_MAX_CONNECTIONS_PER_USER` times
+    /// `HERALD_MAX_SUBSCRIPTIONS`, so that a drain moving all of a user's connections
+    /// here can resume every channel.
+    #[arg(long, env = "HERALD_MAX_USER_SUBSCRIBE_BURST", default_value_t = 4_096)]
+    pub max_user_subscribe_burst: u32,
+
+    /// Users whose per-user budgets this node tracks at once (about 100 bytes each).
+    /// Only users who spent something not yet refilled are tracked; when the table is
+    /// full, the entry nearest to full is dropped.
+    #[arg(long, env = "HERALD_MAX_TRACKED_USERS", default_value_t = 100_000)]
+    pub max_tracked_users: usize,
+
     /// Milliseconds one write to a client may take: each batch of live messages, each
     /// reply, `welcome` and each recovery (the messages after a `hello` resume or a
     /// `subscribe` with `since`) must be taken by the client within it, or the
@@ -431,6 +466,20 @@ impl Config {
     pub fn drain(&self) -> Duration {
         Duration::from_millis(self.drain_ms)
     }
+
+    /// The connect burst in force: at least every connection a user may hold here.
+    pub fn user_connect_burst(&self) -> u32 {
+        self.max_user_connect_burst
+            .max(self.max_connections_per_user)
+    }
+
+    /// The subscribe burst in force: at least every channel a user's connections may
+    /// hold here together (when the per-user connection limit bounds that).
+    pub fn user_subscribe_burst(&self) -> u32 {
+        let held = u64::from(self.max_connections_per_user) * self.max_subscriptions as u64;
+        self.max_user_subscribe_burst
+            .max(held.min(u64::from(u32::MAX)) as u32)
+    }
 }
 
 #[cfg(test)]
@@ -466,6 +515,11 @@ mod tests {
         assert_eq!(c.max_pending_handshakes, 1_000);
         assert_eq!(c.max_http_connections, 4_096);
         assert_eq!(c.max_connections_per_user, 32);
+        assert_eq!(c.max_user_connects_per_min, 60);
+        assert_eq!(c.user_connect_burst(), 64);
+        assert_eq!(c.max_user_subscribes_per_sec, 100);
+        assert_eq!(c.user_subscribe_burst(), 4_096);
+        assert_eq!(c.max_tracked_users, 100_000);
         assert_eq!(c.ack_timeout_ms, 30_000);
     }
 
@@ -520,5 +574,32 @@ mod tests {
         for bad in ["99", "3600001", "-1", "x", ""] {
             assert!(parse_ack_timeout(bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn user_bursts_fit_what_a_user_may_hold() {
+        let c = Config {
+            max_connections_per_user: 4,
+            max_subscriptions: 6,
+            max_user_connect_burst: 1,
+            max_user_subscribe_burst: 1,
+            ..Config::default()
+        };
+        assert_eq!(
+            c.user_connect_burst(),
+            4,
+            "raised to the connections per user"
+        );
+        assert_eq!(c.user_subscribe_burst(), 24, "raised to their channels");
+        let unlimited = Config {
+            max_connections_per_user: 0,
+            max_user_subscribe_burst: 10,
+            ..Config::default()
+        };
+        assert_eq!(
+            unlimited.user_subscribe_burst(),
+            10,
+            "nothing to raise it to"
+        );
     }
 }

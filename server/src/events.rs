@@ -59,7 +59,7 @@ fn on_event(hub: &Arc<Hub>, users: &Arc<Users>, event: BackendEvent) {
             command,
             reply,
         } => {
-            let _ = reply.send(users.apply(hub, &user, &command));
+            users.apply(hub, &user, &command, reply);
         }
         BackendEvent::Ephemeral { channel, message } => hub.fan_out_ephemeral(&channel, message),
     }

@@ -1,11 +1,13 @@
-//! Pure bookkeeping behind the limits a client cannot get around (docs/protocol.md "Limits",
-//! docs/protocol.md "Limits"): the byte budget of one recovery, connections per user,
-//! and the queue of connections that have not finished `hello` yet.
+//! Pure bookkeeping behind the limits a client cannot get around (docs/protocol.md
+//! "Limits"): the byte budget of one recovery, the queue of connections that have not
+//! finished `hello` yet, and the budgets of each user (connects, and subscriptions that
+//! cost backend work) that outlive its connections.
 //!
 //! Nothing here does I/O or knows about sockets; [`crate::node`] and [`crate::ws`] apply
 //! these rules, and the unit tests below pin them down.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::backend::streams::Publication;
@@ -239,6 +241,187 @@ impl Busy {
     }
 }
 
+/// How fast one kind of per-user budget refills, and how much of it may be spent at once.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BucketRule {
+    /// Tokens added per second.
+    pub per_sec: f32,
+    /// Most tokens held (a full bucket).
+    pub burst: f32,
+}
+
+impl BucketRule {
+    /// `per_sec` tokens a second, up to `burst`; `None` when `per_sec` is 0 (no limit).
+    pub fn new(per_sec: f32, burst: u32) -> Option<Self> {
+        (per_sec > 0.0).then_some(Self {
+            per_sec,
+            burst: burst.max(1) as f32,
+        })
+    }
+
+    /// Tokens after `secs` seconds of refill from `tokens`.
+    fn refilled(&self, tokens: f32, secs: f32) -> f32 {
+        (tokens + secs * self.per_sec).min(self.burst)
+    }
+
+    /// Seconds until `tokens` is a full bucket.
+    fn secs_to_full(&self, tokens: f32) -> f32 {
+        (self.burst - tokens).max(0.0) / self.per_sec
+    }
+}
+
+/// The two budgets every user has on a node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UserLimit {
+    /// New connections (each `hello` that presents a valid token).
+    Connect,
+    /// Channels entered by the client at its own request: each resumed channel of
+    /// `hello` and each `subscribe` (both read the channel's stream from the backend).
+    Subscribe,
+}
+
+/// One user's buckets. Both are refilled together, so one timestamp serves both.
+#[derive(Debug, Clone, Copy)]
+struct UserEntry {
+    /// Milliseconds since the table's epoch, when `connect` and `subscribe` were exact.
+    at_ms: u64,
+    connect: f32,
+    subscribe: f32,
+}
+
+/// The per-user budgets of one node, keyed by user, so that a new connection does not
+/// come with a new budget.
+///
+/// Why entries can be dropped: a user without an entry has full buckets, so an entry
+/// whose buckets have refilled is the same as no entry. The table therefore only holds
+/// users who spent something within the last refill time, and when it reaches
+/// `capacity` the refilled ones are swept out. If that frees nothing, the entry nearest
+/// to full goes: it gives that user back the least, and an attacker must keep more than
+/// `capacity` users busy at once to refill any bucket early.
+#[derive(Debug)]
+pub struct UserBudgets {
+    connect: Option<BucketRule>,
+    subscribe: Option<BucketRule>,
+    capacity: usize,
+    epoch: Instant,
+    entries: HashMap<Arc<str>, UserEntry>,
+}
+
+impl UserBudgets {
+    /// Budgets with these rules (`None`: that kind is not limited), holding at most
+    /// `capacity` users (at least 1).
+    pub fn new(
+        connect: Option<BucketRule>,
+        subscribe: Option<BucketRule>,
+        capacity: usize,
+        epoch: Instant,
+    ) -> Self {
+        Self {
+            connect,
+            subscribe,
+            capacity: capacity.max(1),
+            epoch,
+            entries: HashMap::new(),
+        }
+    }
+
+    fn ms(&self, now: Instant) -> u64 {
+        now.saturating_duration_since(self.epoch).as_millis() as u64
+    }
+
+    /// `entry` brought forward to `now_ms`.
+    fn refilled(&self, entry: UserEntry, now_ms: u64) -> UserEntry {
+        let secs = now_ms.saturating_sub(entry.at_ms) as f32 / 1000.0;
+        UserEntry {
+            at_ms: now_ms.max(entry.at_ms),
+            connect: self
+                .connect
+                .map_or(0.0, |r| r.refilled(entry.connect, secs)),
+            subscribe: self
+                .subscribe
+                .map_or(0.0, |r| r.refilled(entry.subscribe, secs)),
+        }
+    }
+
+    /// Seconds until both of `entry`'s buckets are full (0: the entry can go).
+    fn secs_to_full(&self, entry: &UserEntry) -> f32 {
+        let c = self.connect.map_or(0.0, |r| r.secs_to_full(entry.connect));
+        let s = self
+            .subscribe
+            .map_or(0.0, |r| r.secs_to_full(entry.subscribe));
+        c.max(s)
+    }
+
+    /// Takes one token of `kind` for `user` at `now`; whether there was one. A refusal
+    /// takes nothing, so a client that keeps trying is not punished beyond the rate.
+    pub fn take(&mut self, user: &Arc<str>, kind: UserLimit, now: Instant) -> bool {
+        let limited = match kind {
+            UserLimit::Connect => self.connect.is_some(),
+            UserLimit::Subscribe => self.subscribe.is_some(),
+        };
+        if !limited {
+            return true;
+        }
+        let now_ms = self.ms(now);
+        let mut entry = match self.entries.get(&**user) {
+            Some(e) => self.refilled(*e, now_ms),
+            None => UserEntry {
+                at_ms: now_ms,
+                connect: self.connect.map_or(0.0, |r| r.burst),
+                subscribe: self.subscribe.map_or(0.0, |r| r.burst),
+            },
+        };
+        let tokens = match kind {
+            UserLimit::Connect => &mut entry.connect,
+            UserLimit::Subscribe => &mut entry.subscribe,
+        };
+        if *tokens < 1.0 {
+            // Refused: nothing taken, the entry stays as it was.
+            return false;
+        }
+        *tokens -= 1.0;
+        if !self.entries.contains_key(&**user) {
+            self.make_room(now_ms);
+        }
+        self.entries.insert(Arc::clone(user), entry);
+        true
+    }
+
+    /// Frees one place when the table is full: first every refilled entry, else the one
+    /// nearest to full.
+    fn make_room(&mut self, now_ms: u64) {
+        if self.entries.len() < self.capacity {
+            return;
+        }
+        let mut nearest: Option<(Arc<str>, f32)> = None;
+        let mut refilled = Vec::new();
+        for (user, e) in &self.entries {
+            let secs = self.secs_to_full(&self.refilled(*e, now_ms));
+            if secs <= 0.0 {
+                refilled.push(Arc::clone(user));
+            } else if nearest.as_ref().is_none_or(|(_, s)| secs < *s) {
+                nearest = Some((Arc::clone(user), secs));
+            }
+        }
+        if refilled.is_empty() {
+            refilled.extend(nearest.map(|(user, _)| user));
+        }
+        for user in refilled {
+            self.entries.remove(&user);
+        }
+    }
+
+    /// Users with an entry (who spent something that has not refilled yet).
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether no user has an entry.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -347,5 +530,83 @@ mod tests {
         let mut q = PendingQueue::new(0, Duration::ZERO);
         assert_eq!(q.admit(Instant::now(), ()), PendingAdmit::Refused);
         assert!(q.is_empty());
+    }
+
+    fn budgets(connect: (f32, u32), subscribe: (f32, u32), capacity: usize) -> UserBudgets {
+        UserBudgets::new(
+            BucketRule::new(connect.0, connect.1),
+            BucketRule::new(subscribe.0, subscribe.1),
+            capacity,
+            Instant::now(),
+        )
+    }
+
+    #[test]
+    fn a_user_budget_is_shared_and_refills_at_its_rate() {
+        let mut b = budgets((1.0, 3), (10.0, 5), 100);
+        let t0 = b.epoch;
+        let alice: Arc<str> = "alice".into();
+        let bob: Arc<str> = "bob".into();
+        let took = (0..10)
+            .filter(|_| b.take(&alice, UserLimit::Connect, t0))
+            .count();
+        assert_eq!(took, 3, "the burst, whoever asks for it");
+        assert!(
+            b.take(&bob, UserLimit::Connect, t0),
+            "another user is not affected"
+        );
+        assert!(
+            b.take(&alice, UserLimit::Subscribe, t0),
+            "the other budget is apart"
+        );
+        assert!(!b.take(&alice, UserLimit::Connect, t0 + Duration::from_millis(900)));
+        assert!(b.take(&alice, UserLimit::Connect, t0 + Duration::from_millis(1000)));
+        assert!(!b.take(&alice, UserLimit::Connect, t0 + Duration::from_millis(1500)));
+        // Over 10 s at most 3 + 10 connects, however often it asks.
+        let mut took = 0;
+        for ms in (2000..12_000).step_by(10) {
+            took += b.take(&alice, UserLimit::Connect, t0 + Duration::from_millis(ms)) as u32;
+        }
+        assert!(took <= 11, "{took}");
+    }
+
+    #[test]
+    fn without_a_limit_nothing_is_kept() {
+        let mut none = budgets((0.0, 2), (0.0, 10), 100);
+        let alice: Arc<str> = "alice".into();
+        let t0 = none.epoch;
+        assert!((0..1000).all(|_| none.take(&alice, UserLimit::Connect, t0)));
+        assert!((0..1000).all(|_| none.take(&alice, UserLimit::Subscribe, t0)));
+        assert!(none.is_empty());
+    }
+
+    #[test]
+    fn the_table_is_bounded() {
+        let mut b = budgets((1.0, 4), (10.0, 10), 8);
+        let t0 = b.epoch;
+        let users: Vec<Arc<str>> = (0..100).map(|i| format!("u{i}").into()).collect();
+        for (i, u) in users.iter().enumerate() {
+            let now = t0 + Duration::from_millis(i as u64);
+            assert!(b.take(u, UserLimit::Connect, now));
+            assert!(b.len() <= 8, "{}", b.len());
+        }
+        assert_eq!(b.len(), 8);
+        // A user who spent more is kept over one nearer to full: u99 has spent 4.
+        let heavy = &users[99];
+        for _ in 0..3 {
+            b.take(heavy, UserLimit::Connect, t0 + Duration::from_millis(100));
+        }
+        let newcomer: Arc<str> = "new".into();
+        assert!(b.take(
+            &newcomer,
+            UserLimit::Connect,
+            t0 + Duration::from_millis(100)
+        ));
+        assert!(!b.take(heavy, UserLimit::Connect, t0 + Duration::from_millis(100)));
+        // Once everyone has refilled, a newcomer sweeps them all out.
+        let late = t0 + Duration::from_secs(60);
+        let last: Arc<str> = "last".into();
+        assert!(b.take(&last, UserLimit::Connect, late));
+        assert_eq!(b.len(), 1);
     }
 }

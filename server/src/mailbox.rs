@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use herald_protocol::codes::CloseCode;
 use herald_protocol::StreamPosition;
-use tokio::sync::Notify;
+use tokio::sync::{oneshot, Notify};
 use tungstenite::Utf8Bytes;
 
 use crate::backend::users::UserCommand;
@@ -54,7 +54,56 @@ pub enum Outbound {
     Resync(Box<(Arc<str>, StreamPosition)>),
     /// A server API command for this session's user (subscribe, unsubscribe), shared
     /// by every session of the user on this node.
-    Control(Arc<UserCommand>),
+    Control(Arc<Control>),
+}
+
+/// A user command on its way to the user's sessions, and the count of the sessions it
+/// changed.
+///
+/// Why the sessions count: a join or leave happens in the session's own task, later
+/// than the command is handed out. A count taken when handing out (is the session a
+/// member yet?) counts a session once per concurrent command for the same channel,
+/// although it joins only once. Each session instead counts itself after it applied the
+/// command, in its own task, one command after the other; the answer goes out when the
+/// last copy is dropped (every session applied it, or ended), or earlier through
+/// [`Control::answer_now`].
+#[derive(Debug)]
+pub struct Control {
+    /// The command.
+    pub command: UserCommand,
+    changed: AtomicU64,
+    reply: Mutex<Option<oneshot::Sender<u64>>>,
+}
+
+impl Control {
+    /// A command whose count goes to `reply`.
+    pub fn new(command: UserCommand, reply: oneshot::Sender<u64>) -> Self {
+        Self {
+            command,
+            changed: AtomicU64::new(0),
+            reply: Mutex::new(Some(reply)),
+        }
+    }
+
+    /// One session applied the command and was changed by it.
+    pub fn changed(&self) {
+        self.changed.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Answers with the sessions counted so far, unless the answer went out already;
+    /// sessions that apply the command later are not counted.
+    pub fn answer_now(&self) {
+        let reply = self.reply.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(reply) = reply {
+            let _ = reply.send(self.changed.load(Ordering::Acquire));
+        }
+    }
+}
+
+impl Drop for Control {
+    fn drop(&mut self) {
+        self.answer_now();
+    }
 }
 
 /// Why the node closes a session, beyond its close code: picks the close frame's
@@ -70,6 +119,8 @@ pub enum CloseReason {
     TokenRevoked = 2,
     /// 4401: the server API disconnected the user (`reconnect: true`).
     Disconnected = 3,
+    /// 4429: the user's connect budget on this node is spent (`hello` refused).
+    UserConnects = 4,
 }
 
 impl CloseReason {
@@ -80,6 +131,7 @@ impl CloseReason {
             CloseReason::TokenExpired => CloseCode::TOKEN_EXPIRED,
             CloseReason::TokenRevoked => "token revoked",
             CloseReason::Disconnected => "disconnected by the server",
+            CloseReason::UserConnects => "too many connects for this user; back off",
         }
     }
 
@@ -88,6 +140,7 @@ impl CloseReason {
             1 => CloseReason::TokenExpired,
             2 => CloseReason::TokenRevoked,
             3 => CloseReason::Disconnected,
+            4 => CloseReason::UserConnects,
             _ => CloseReason::Default,
         }
     }
@@ -149,17 +202,19 @@ impl Mailbox {
         self.close_with(code, CloseReason::Default);
     }
 
-    /// Asks the session to close with `code` and a reason. The first request wins.
-    pub fn close_with(&self, code: u16, reason: CloseReason) {
+    /// Asks the session to close with `code` and a reason. The first request wins;
+    /// whether this one was it.
+    pub fn close_with(&self, code: u16, reason: CloseReason) -> bool {
         let packed = u32::from(code) | (u32::from(reason as u8) << 16);
-        if self
+        let first = self
             .code
             .compare_exchange(0, packed, Ordering::AcqRel, Ordering::Acquire)
-            .is_ok()
-        {
+            .is_ok();
+        if first {
             // notify_one keeps a permit if the session is not waiting right now.
             self.close_notify.notify_one();
         }
+        first
     }
 
     /// Resolves when a close was asked for, with its code and reason.
@@ -366,5 +421,37 @@ mod tests {
         // Still queued: ready() only waits.
         mailbox.ready().await;
         assert!(mailbox.try_next().is_some());
+    }
+
+    #[test]
+    fn a_control_answers_once_with_the_sessions_that_counted() {
+        let command = UserCommand::Subscribe {
+            channel: "room:1".into(),
+        };
+        // Answered when the last copy goes: every session applied it or ended.
+        let (reply, mut answer) = oneshot::channel();
+        let item = Arc::new(Control::new(command.clone(), reply));
+        let copies = [Arc::clone(&item), Arc::clone(&item)];
+        drop(item);
+        copies[0].changed();
+        assert!(answer.try_recv().is_err(), "a copy is still queued");
+        drop(copies);
+        assert_eq!(answer.try_recv(), Ok(1));
+        // Answered early (a session is stuck): later counts change nothing.
+        let (reply, mut answer) = oneshot::channel();
+        let item = Control::new(command, reply);
+        item.changed();
+        item.answer_now();
+        item.changed();
+        drop(item);
+        assert_eq!(answer.try_recv(), Ok(1));
+    }
+
+    #[test]
+    fn the_first_close_request_wins() {
+        let m = Mailbox::new(4);
+        assert!(m.close_with(4410, CloseReason::Default));
+        assert!(!m.close_with(4401, CloseReason::Disconnected));
+        assert_eq!(m.code.load(Ordering::Acquire) as u16, 4410);
     }
 }

@@ -26,6 +26,13 @@ pub struct CommandLabel {
     pub command: &'static str,
 }
 
+/// Label of the per-user budgets: which one refused.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UserLimitLabel {
+    /// `connect` or `subscribe`.
+    pub limit: &'static str,
+}
+
 /// Label of webhook requests: how they ended.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OutcomeLabel {
@@ -125,6 +132,10 @@ pub struct Metrics {
     pub commands: Family<CommandLabel, Counter>,
     /// Commands refused with `rate_limited`.
     pub rate_limited: Counter,
+    /// Connects (4429) and channel entries (`rate_limited`) refused by a user's budget.
+    pub user_limited: Family<UserLimitLabel, Counter>,
+    /// Users whose per-user budgets the node tracks (spent, not yet refilled).
+    pub tracked_users: Gauge,
     /// Gaps in a channel's stream repaired from history.
     pub gaps_repaired: Counter,
     /// Live publications not buffered during a gap repair because the repair buffers
@@ -187,6 +198,8 @@ impl Metrics {
             message_bytes: Histogram::new(exponential_buckets(64.0, 4.0, 8)),
             commands: Family::default(),
             rate_limited: Counter::default(),
+            user_limited: Family::default(),
+            tracked_users: Gauge::default(),
             gaps_repaired: Counter::default(),
             repair_buffer_overflows: Counter::default(),
             resyncs: Counter::default(),
@@ -314,6 +327,16 @@ impl Metrics {
             "herald_rate_limited",
             "Commands refused with rate_limited",
             m.rate_limited.clone(),
+        );
+        registry.register(
+            "herald_user_limited",
+            "Connects and channel entries refused by a user's budget on this node",
+            m.user_limited.clone(),
+        );
+        registry.register(
+            "herald_tracked_users",
+            "Users whose per-user budgets this node tracks",
+            m.tracked_users.clone(),
         );
         registry.register(
             "herald_gaps_repaired",

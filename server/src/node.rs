@@ -1,5 +1,5 @@
 //! The node: the state every request and session of this process shares, and the
-//! admission of new connections (limits per node and per address).
+//! admission of new connections (limits per node, per address and per user).
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -18,7 +18,7 @@ use crate::backend::nodes::{NodeInfo, NodeRegistry, NodeStats};
 use crate::backend::presence::{NodePresence, PresenceStore};
 use crate::backend::streams::{History, Streams};
 use crate::config::Config;
-use crate::limits::{Busy, PendingAdmit, PendingQueue};
+use crate::limits::{BucketRule, Busy, PendingAdmit, PendingQueue, UserBudgets, UserLimit};
 use crate::membership::Membership;
 use crate::metrics::{self, Metrics};
 use crate::publish::Publisher;
@@ -107,8 +107,16 @@ pub struct Node {
     /// Admissions and refusals of the last second: the `after_ms` of `busy` answers,
     /// shared with the listener, which refuses too.
     pub busy: Arc<Busy>,
+    /// Each user's connect and subscribe budgets, sharded by user like the user index.
+    user_budgets: Box<[Mutex<UserBudgets>]>,
     next_session: AtomicU64,
 }
+
+/// Shards of the per-user budgets: a hello or subscribe locks one of them briefly.
+const BUDGET_SHARDS: usize = 16;
+
+/// Fewest users one shard of the budgets holds, unless the whole table is smaller.
+const MIN_SHARD_USERS: usize = 64;
 
 impl Node {
     /// Assembles a node from its identity and its services.
@@ -120,6 +128,7 @@ impl Node {
             keys,
         } = identity;
         let pending = PendingQueue::new(config.max_pending_handshakes, PENDING_EVICT_AFTER);
+        let user_budgets = user_budgets(&config);
         Self {
             config,
             id,
@@ -140,6 +149,7 @@ impl Node {
             per_ip: Mutex::default(),
             pending: Mutex::new(pending),
             busy: Arc::default(),
+            user_budgets,
             next_session: AtomicU64::new(1),
         }
     }
@@ -302,6 +312,57 @@ impl Node {
     pub fn pending_handshakes(&self) -> usize {
         lock(&self.pending).len()
     }
+
+    /// Takes one token of `user`'s `kind` budget on this node; `false` (counted in
+    /// `herald_user_limited_total`) when it is spent. The budgets belong to the user, not
+    /// to a connection, so reconnecting does not refill them.
+    pub fn take_user_budget(&self, user: &Arc<str>, kind: UserLimit) -> bool {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        std::hash::Hash::hash(&**user, &mut h);
+        let shard = (std::hash::Hasher::finish(&h) as usize) % self.user_budgets.len();
+        let (taken, before, after) = {
+            let mut budgets = lock(&self.user_budgets[shard]);
+            let before = budgets.len();
+            let taken = budgets.take(user, kind, std::time::Instant::now());
+            (taken, before, budgets.len())
+        };
+        self.metrics
+            .tracked_users
+            .inc_by(after as i64 - before as i64);
+        if !taken {
+            let limit = match kind {
+                UserLimit::Connect => "connect",
+                UserLimit::Subscribe => "subscribe",
+            };
+            self.metrics
+                .user_limited
+                .get_or_create(&metrics::UserLimitLabel { limit })
+                .inc();
+        }
+        taken
+    }
+}
+
+/// The per-user budget shards of `config`, splitting `max_tracked_users` among them.
+fn user_budgets(config: &Config) -> Box<[Mutex<UserBudgets>]> {
+    let connect = BucketRule::new(
+        config.max_user_connects_per_min as f32 / 60.0,
+        config.user_connect_burst(),
+    );
+    let subscribe = BucketRule::new(
+        config.max_user_subscribes_per_sec as f32,
+        config.user_subscribe_burst(),
+    );
+    // The shards together hold at most `max_tracked_users`. A small table gets fewer
+    // shards: in a shard of one or two places, a newcomer would have to push out a user
+    // who spent the budget (eviction picks the entry nearest to full within a shard).
+    let tracked = config.max_tracked_users.max(1);
+    let shards = (tracked / MIN_SHARD_USERS).clamp(1, BUDGET_SHARDS);
+    let capacity = tracked / shards;
+    let epoch = std::time::Instant::now();
+    (0..shards)
+        .map(|_| Mutex::new(UserBudgets::new(connect, subscribe, capacity, epoch)))
+        .collect()
 }
 
 impl crate::registry::Announce for Node {

@@ -20,14 +20,20 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use herald_protocol::codes::CloseCode;
+use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use crate::backend::error::BackendError;
 use crate::backend::users::{Revocations, UserCommand, UserControl};
 use crate::hub::Hub;
-use crate::mailbox::{CloseReason, Outbound, SessionHandle, SessionId};
+use crate::mailbox::{CloseReason, Control, Outbound, SessionHandle, SessionId};
 
 const SHARDS: usize = 16;
+
+/// Longest wait of a node's answer to a server subscribe or unsubscribe for its sessions
+/// to apply it (they do within milliseconds unless one is stuck writing to a slow
+/// client); below the Redis backend's wait for every node's answer.
+pub const APPLY_WAIT: Duration = Duration::from_secs(1);
 
 /// One shard of the index: user → that user's local sessions.
 type UserShard = HashMap<Arc<str>, Vec<(SessionId, SessionHandle)>>;
@@ -147,52 +153,57 @@ impl Users {
         self.store.user_command(user, command).await
     }
 
-    /// Applies a server API command to the local sessions of `user`; returns how many
-    /// it affected. Closes are requested at once; joins and leaves go through the
-    /// sessions' queues, since only a session's own task changes its channels.
-    pub fn apply(&self, hub: &Hub, user: &str, command: &UserCommand) -> u64 {
-        match command {
+    /// Applies a server API command to the local sessions of `user` and answers on
+    /// `reply` with how many it changed. Closes are requested at once and count the
+    /// sessions whose close this command requested (the first request wins, so two
+    /// concurrent disconnects do not both count one session). Joins and leaves go
+    /// through the sessions' queues, since only a session's own task changes its
+    /// channels, and each session counts itself once it applied the command
+    /// ([`Control`]); the answer waits for them, at most [`APPLY_WAIT`].
+    pub fn apply(&self, hub: &Hub, user: &str, command: &UserCommand, reply: oneshot::Sender<u64>) {
+        let closed = match command {
             UserCommand::Disconnect { reconnect } => {
                 let (code, reason) = if *reconnect {
                     (CloseCode::Unauthorized, CloseReason::Disconnected)
                 } else {
                     (CloseCode::Kicked, CloseReason::Default)
                 };
-                self.index.for_each(user, |_, h| {
-                    h.close_with(code.code(), reason);
-                    true
-                })
+                self.index
+                    .for_each(user, |_, h| h.close_with(code.code(), reason))
             }
             UserCommand::Revoke { before, until } => {
                 // Recorded before the scan: see the race note in the module doc.
                 self.revocations
                     .insert(user, *before, *until, crate::clock::now_secs());
                 self.index.for_each(user, |_, h| {
-                    let revoked = h.token_iat() < *before;
-                    if revoked {
-                        h.close_with(CloseCode::Unauthorized.code(), CloseReason::TokenRevoked);
-                    }
-                    revoked
+                    h.token_iat() < *before
+                        && h.close_with(CloseCode::Unauthorized.code(), CloseReason::TokenRevoked)
                 })
             }
-            UserCommand::Subscribe { channel } | UserCommand::Unsubscribe { channel } => {
-                let joining = matches!(command, UserCommand::Subscribe { .. });
-                let item = Arc::new(command.clone());
-                self.index.for_each(user, |id, h| {
-                    // Only sessions the command changes count: a session at its
-                    // subscription limit will not join.
-                    let member = hub.is_member(channel, id);
-                    let changes = member != joining && !(joining && h.is_full());
-                    // A session already in the channel (its own subscribe) still gets a
-                    // server subscribe: from now on the backend holds the membership,
-                    // and a refreshed token without the channel must not take it away.
-                    if changes || joining {
-                        hub.offer_or_close(h, Outbound::Control(Arc::clone(&item)));
-                    }
-                    changes
-                })
+            UserCommand::Subscribe { .. } | UserCommand::Unsubscribe { .. } => {
+                let item = Arc::new(Control::new(command.clone(), reply));
+                // Every session gets it, member or not: whether it changes one is known
+                // only in its own task (a join of an earlier command may be queued).
+                self.index.for_each(user, |_, h| {
+                    hub.offer_or_close(h, Outbound::Control(Arc::clone(&item)));
+                    false
+                });
+                // A session stuck in a write must not hold the answer up: after
+                // APPLY_WAIT it goes out with the sessions counted so far.
+                let pending = Arc::downgrade(&item);
+                drop(item);
+                if pending.strong_count() > 0 {
+                    tokio::spawn(async move {
+                        tokio::time::sleep(APPLY_WAIT).await;
+                        if let Some(item) = pending.upgrade() {
+                            item.answer_now();
+                        }
+                    });
+                }
+                return;
             }
-        }
+        };
+        let _ = reply.send(closed);
     }
 
     /// Loads the broker's revocations, retrying for a while when the broker does not

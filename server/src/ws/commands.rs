@@ -11,6 +11,7 @@ use serde_json::json;
 use crate::backend::users::UserCommand;
 use crate::clock::now_secs;
 use crate::limits::RecoveryBudget;
+use crate::mailbox::Control;
 use crate::publish::{Message, Published};
 
 use super::error::CommandError;
@@ -207,25 +208,29 @@ impl Session {
     }
 
     /// A server API command for this session's user: join or leave a channel, and tell
-    /// the client with `subscribed` / `unsubscribed`. (Closes do not come this way: the
-    /// hub asks for them directly.)
+    /// the client with `subscribed` / `unsubscribed`; the session counts itself in
+    /// `item` when the command changed it. (Closes do not come this way: the hub asks
+    /// for them directly.)
     pub(super) async fn control(
         &mut self,
         socket: &mut dyn Socket,
-        command: &UserCommand,
+        item: &Control,
     ) -> Result<(), End> {
-        match command {
+        match &item.command {
             UserCommand::Subscribe { channel } => {
                 if let Some(state) = self.channels.get_mut(channel.as_str()) {
                     // In it by its own subscribe: the backend now holds the membership
-                    // too, so a refresh that drops the pattern keeps the channel.
+                    // too, so a refresh that drops the pattern keeps the channel. Not a
+                    // change, so not counted.
                     state.granted = true;
                     return Ok(());
                 }
-                // No `since`: nothing is recovered, the budget is a formality.
+                // No `since`: nothing is recovered, the budget is a formality. Not
+                // drawn from the user's subscribe budget: the backend asked for it.
                 let mut budget = RecoveryBudget::new(self.node.config.max_recovery_bytes);
                 match self.join(channel, None, true, &mut budget).await {
                     Ok((result, _)) => {
+                        item.changed();
                         let frame = ServerFrame::Subscribed(Subscribed {
                             channel: channel.clone(),
                             offset: result.offset,
@@ -236,7 +241,7 @@ impl Session {
                     }
                     Err(e) => {
                         // At its subscription limit, or the broker is down: the session
-                        // stays as it is; the API caller sees the user's presence.
+                        // stays as it is and is not counted.
                         e.log("server subscribe not applied");
                         tracing::debug!(code = ?e.code, message = %e.message, channel, "server subscribe not applied");
                         Ok(())
@@ -247,6 +252,7 @@ impl Session {
                 if **channel == *self.personal || !self.leave(channel) {
                     return Ok(());
                 }
+                item.changed();
                 let frame = ServerFrame::Unsubscribed(Unsubscribed {
                     channel: channel.clone(),
                     reason: "server".into(),

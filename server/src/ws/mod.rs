@@ -43,6 +43,7 @@ use tungstenite::protocol::CloseFrame;
 use tungstenite::{Message, Utf8Bytes};
 
 use crate::clock::now_secs;
+use crate::limits::UserLimit;
 use crate::mailbox::CloseReason;
 use crate::node::{Node, Pending};
 
@@ -287,6 +288,12 @@ pub(super) async fn serve_session(
     }
     drop(token);
     let mut session = Session::new(Arc::clone(node), claims);
+    // Before any backend work (the personal channel, presence): a token that reconnects
+    // in a loop must not get a fresh allowance each time. Server-started reconnects are
+    // covered by the burst (docs/operations.md, "Limits per user").
+    if !node.take_user_budget(&session.user, UserLimit::Connect) {
+        return End::CloseWith(CloseCode::TooMany, CloseReason::UserConnects);
+    }
     let admission = match pending.authenticate() {
         Ok(admission) => admission,
         Err(CloseCode::TooMany) => return Box::pin(busy(node, socket)).await,

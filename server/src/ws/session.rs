@@ -17,7 +17,7 @@ use crate::auth::Claims;
 use crate::backend::streams::Publication;
 use crate::clock::now_secs;
 use crate::continuity::{self, SessionArrival};
-use crate::limits::RecoveryBudget;
+use crate::limits::{RecoveryBudget, UserLimit};
 use crate::mailbox::{CloseReason, Mailbox, Outbound, SessionHandle, SessionId, KEEP_SLOTS};
 use crate::membership::Member;
 use crate::node::Node;
@@ -114,9 +114,9 @@ impl Session {
     /// recovered messages.
     ///
     /// Bounds: every resume entry but the personal channel takes a token of the command
-    /// rate, like a `subscribe` (entries beyond the bucket get `rate_limited` in
-    /// `errors`); all channels together recover at most `max_recovery_bytes` of data,
-    /// the personal channel first, then in name order.
+    /// rate and one of the user's subscribe budget, like a `subscribe` (entries beyond
+    /// either get `rate_limited` in `errors`); all channels together recover at most
+    /// `max_recovery_bytes` of data, the personal channel first, then in name order.
     pub(super) async fn start(
         &mut self,
         socket: &mut dyn Socket,
@@ -227,6 +227,18 @@ impl Session {
             return Err(CommandError::new(
                 ErrorCode::Forbidden,
                 format!("not allowed to subscribe to {channel}"),
+            ));
+        }
+        // Every channel entered at the client's request reads the backend, so it draws
+        // on the user's budget, which a new connection does not refill. The personal
+        // channel is part of the connect, which has a budget of its own.
+        if *channel != *self.personal
+            && !self.node.take_user_budget(&self.user, UserLimit::Subscribe)
+        {
+            self.node.metrics.rate_limited.inc();
+            return Err(CommandError::new(
+                ErrorCode::RateLimited,
+                "over this user's subscribe budget on this node; subscribe later".into(),
             ));
         }
         self.join(channel, since, false, budget).await
