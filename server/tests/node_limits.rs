@@ -29,7 +29,16 @@ async fn try_hello(n: &TestNode, user: &str) -> (Client, Result<Value, Closed>) 
     let _ = c
         .try_send_text(&json!({"type": "hello", "token": tok}).to_string())
         .await;
-    let r = c.recv_wire(Duration::from_secs(5)).await;
+    let mut r = c.recv_wire(Duration::from_secs(5)).await;
+    // A node with no room says when to come back, then closes 4429.
+    if let Ok(v) = &r {
+        if v["type"] == "reconnect" {
+            assert_eq!(v["reason"], "busy", "{v}");
+            assert!(v["after_ms"].as_u64().unwrap() >= 250, "{v}");
+            r = c.recv_wire(Duration::from_secs(5)).await;
+            assert_eq!(r, Err(Closed::Code(4429)), "busy is followed by 4429");
+        }
+    }
     (c, r)
 }
 
@@ -108,7 +117,14 @@ async fn first_answer(
             .await
             .expect("an answer in time");
         match m {
-            Some(Ok(Message::Text(t))) => return Ok(serde_json::from_str(&t).unwrap()),
+            Some(Ok(Message::Text(t))) => {
+                let v: Value = serde_json::from_str(&t).unwrap();
+                // A busy node's `reconnect` comes before its 4429.
+                if v["type"] == "reconnect" && v["reason"] == "busy" {
+                    continue;
+                }
+                return Ok(v);
+            }
             Some(Ok(Message::Close(Some(f)))) => return Err(u16::from(f.code)),
             Some(Ok(_)) => continue,
             other => panic!("no answer: {other:?}"),
@@ -524,7 +540,14 @@ where
             .await
             .expect("an answer in time");
         match m {
-            Some(Ok(Message::Text(t))) => return Ok(serde_json::from_str(&t).unwrap()),
+            Some(Ok(Message::Text(t))) => {
+                let v: Value = serde_json::from_str(&t).unwrap();
+                // A busy node's `reconnect` comes before its 4429.
+                if v["type"] == "reconnect" && v["reason"] == "busy" {
+                    continue;
+                }
+                return Ok(v);
+            }
             Some(Ok(Message::Close(Some(f)))) => return Err(u16::from(f.code)),
             Some(Ok(_)) => continue,
             other => panic!("no answer: {other:?}"),
