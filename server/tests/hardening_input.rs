@@ -275,8 +275,12 @@ async fn random_and_mutated_frames_never_hurt_the_node() {
     eprintln!("fuzz seed {seed} ({frames} frames); replay with HERALD_FUZZ_SEED={seed}");
     let mut rng = StdRng::seed_from_u64(seed);
     let config = Config {
-        // The rate limit is node_limits' business; here every frame must be judged.
+        // The rate limits are node_limits' and user_limits' business; here every frame
+        // must be judged, and alice reconnects after every frame that closes her.
         max_messages_per_sec: 1_000_000,
+        max_frames_per_sec: 2_000_000,
+        max_user_connects_per_min: 0,
+        max_user_subscribes_per_sec: 0,
         ..node::test_config()
     };
     let (n, mut w) = node_and_watcher(config).await;
