@@ -88,7 +88,7 @@ pub struct Metrics {
     /// TCP connections refused at accept: `HERALD_MAX_HTTP_CONNECTIONS` were in their
     /// HTTP phase, all younger than a second. Each is answered busy, or dropped.
     pub http_connections_refused: Counter,
-    /// Evicted connections closed unanswered: no busy answer was free in time.
+    /// Evicted connections closed unanswered: no busy answer was free.
     pub http_connections_dropped: Counter,
     /// Clients told to come back later: `reconnect` with reason `busy` and close 4429
     /// for a WebSocket, a 503 with `Retry-After` for other requests.
@@ -230,7 +230,7 @@ impl Metrics {
         );
         registry.register(
             "herald_http_connections_dropped",
-            "Evicted HTTP-phase connections closed unanswered because no busy answer was free in time",
+            "Evicted HTTP-phase connections closed unanswered because no busy answer was free",
             m.http_connections_dropped.clone(),
         );
         registry.register(

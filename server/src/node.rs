@@ -107,6 +107,9 @@ pub struct Node {
     /// Admissions and refusals of the last second: the `after_ms` of `busy` answers,
     /// shared with the listener, which refuses too.
     pub busy: Arc<Busy>,
+    /// Sessions starting now ([`MAX_STARTING`] at most): a burst queues here, not in
+    /// the backend.
+    pub starting: tokio::sync::Semaphore,
     /// Each user's connect and subscribe budgets, sharded by user like the user index.
     user_budgets: Box<[Mutex<UserBudgets>]>,
     next_session: AtomicU64,
@@ -149,6 +152,7 @@ impl Node {
             per_ip: Mutex::default(),
             pending: Mutex::new(pending),
             busy: Arc::default(),
+            starting: tokio::sync::Semaphore::new(MAX_STARTING),
             user_budgets,
             next_session: AtomicU64::new(1),
         }
@@ -374,6 +378,9 @@ impl crate::registry::Announce for Node {
         Node::is_draining(self)
     }
 }
+
+/// Sessions a node starts at once (their backend reads and subscribes in flight).
+pub const MAX_STARTING: usize = 256;
 
 /// Locks a std mutex, ignoring poison: every critical section here leaves the map
 /// consistent, and no await happens while holding it.

@@ -38,6 +38,9 @@ pub const MAX_BUSY_ANSWERS: usize = 1_024;
 /// How long a refused client has to send its request head.
 pub const BUSY_HEAD_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// How long an evicted connection waits for a busy answer to be free.
+pub const EVICTED_WAIT: Duration = Duration::from_secs(1);
+
 /// How long the answer may take to send, and the client to read it and close.
 const BUSY_LINGER: Duration = Duration::from_secs(1);
 
@@ -173,10 +176,11 @@ impl Answerer {
         });
     }
 
-    /// Answers `stream` busy here, `read` being what was read of its head so far,
-    /// once a place is free (within [`BUSY_HEAD_TIMEOUT`]; `false`: nothing sent).
+    /// Answers `stream` busy here, `read` being what was read of its head so far, once
+    /// a place is free, within [`EVICTED_WAIT`] (`false`: nothing sent). The wait is
+    /// short: the connection already holds a descriptor and is no longer counted.
     pub async fn answer_here(&self, stream: TcpStream, read: Vec<u8>) -> bool {
-        let Ok(_slot) = tokio::time::timeout(BUSY_HEAD_TIMEOUT, self.slot()).await else {
+        let Ok(_slot) = tokio::time::timeout(EVICTED_WAIT, self.slot()).await else {
             return false;
         };
         self.answer(stream, read).await;

@@ -214,10 +214,10 @@ pub async fn serve(listener: TcpListener, app: Router, limits: Limits, stop: Can
             let mut stream = stream;
             // The first head, bounded in bytes and in time. Stopped, the connection
             // just closes. Evicted before its head is complete (a newcomer needed the
-            // place): one that sent nothing at all closes, as a silent socket should;
-            // one that sent part of a head, or whose head waits unread, is answered
-            // busy, since it may be an honest client on a node too loaded to read it
-            // within a second.
+            // place), it is answered busy if a busy answer is free: it may be an honest
+            // client whose head was lost and is being sent again, or a node too loaded
+            // to read it within a second. The busy answer waits at most 2 s for the
+            // head, so a silent socket still goes soon.
             let mut read = Vec::new();
             let first = tokio::select! {
                 head = tokio::time::timeout(
@@ -227,9 +227,6 @@ pub async fn serve(listener: TcpListener, app: Router, limits: Limits, stop: Can
                 _ = stop.cancelled() => None,
                 () = tracked.evict.cancelled() => {
                     phase.finish(&tracked);
-                    if read.is_empty() && !has_bytes(&stream, &mut read) {
-                        return;
-                    }
                     if !answerer.answer_here(stream, read).await {
                         dropped.inc();
                     }
@@ -269,12 +266,6 @@ pub async fn serve(listener: TcpListener, app: Router, limits: Limits, stop: Can
     }
     connections.close();
     connections.wait().await;
-}
-
-/// Whether `stream` has bytes waiting, read into `read` (which is empty).
-fn has_bytes(stream: &tokio::net::TcpStream, read: &mut Vec<u8>) -> bool {
-    read.reserve(1_024);
-    matches!(stream.try_read_buf(read), Ok(n) if n > 0)
 }
 
 /// After a failed `accept`: errors of one connection are ignored; anything else

@@ -50,6 +50,9 @@ use crate::node::{Node, Pending};
 use session::Session;
 use socket::Socket;
 
+/// How long an authenticated connection may wait to start before it is told `busy`.
+pub(super) const START_WAIT: Duration = Duration::from_secs(3);
+
 /// How long a close frame may take to send.
 pub(super) const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -299,7 +302,15 @@ pub(super) async fn serve_session(
         Err(CloseCode::TooMany) => return Box::pin(busy(node, socket)).await,
         Err(code) => return End::Close(code),
     };
-    let end = match Box::pin(session.start(socket, resume)).await {
+    // Starting a session reads and subscribes in the backend; a burst of thousands at
+    // once would queue there until its commands time out (4503 for everyone). So at
+    // most `node::MAX_STARTING` start at once, and one that can't within `START_WAIT` is told
+    // to come back instead.
+    let started = match timeout(START_WAIT, node.starting.acquire()).await {
+        Ok(Ok(_permit)) => Box::pin(session.start(socket, resume)).await,
+        _ => Err(Box::pin(busy(node, socket)).await),
+    };
+    let end = match started {
         Ok(()) => match session.serve(socket).await {
             Ok(()) => End::Gone,
             Err(end) => end,
