@@ -70,6 +70,9 @@ pub enum CloseReason {
     TokenRevoked = 2,
     /// 4401: the server API disconnected the user (`reconnect: true`).
     Disconnected = 3,
+    /// 4503: the node is cut off from the broker and moves its clients to a ready peer
+    /// (a `reconnect` frame with reason `unavailable` goes first).
+    Unavailable = 4,
 }
 
 impl CloseReason {
@@ -80,6 +83,7 @@ impl CloseReason {
             CloseReason::TokenExpired => CloseCode::TOKEN_EXPIRED,
             CloseReason::TokenRevoked => "token revoked",
             CloseReason::Disconnected => "disconnected by the server",
+            CloseReason::Unavailable => "node cut off from the broker; reconnect elsewhere",
         }
     }
 
@@ -88,6 +92,7 @@ impl CloseReason {
             1 => CloseReason::TokenExpired,
             2 => CloseReason::TokenRevoked,
             3 => CloseReason::Disconnected,
+            4 => CloseReason::Unavailable,
             _ => CloseReason::Default,
         }
     }

@@ -94,9 +94,18 @@ pub(super) async fn send_text(
 }
 
 pub(super) async fn send_reconnect(socket: &mut dyn Socket) -> Result<(), axum::Error> {
-    let after_ms = rand::rng().random_range(0..1000);
+    send_reconnect_with(socket, "draining", 1000).await
+}
+
+/// A `reconnect` frame with `reason` and an `after_ms` random below `spread_ms`.
+async fn send_reconnect_with(
+    socket: &mut dyn Socket,
+    reason: &str,
+    spread_ms: u64,
+) -> Result<(), axum::Error> {
+    let after_ms = rand::rng().random_range(0..spread_ms.max(1));
     let frame = ServerFrame::Reconnect(Reconnect {
-        reason: "draining".into(),
+        reason: reason.into(),
         after_ms,
     });
     send_text(socket, frame.to_json()).await
@@ -295,6 +304,15 @@ pub(super) async fn finish(node: &Node, socket: &mut dyn Socket, end: End) {
     node.metrics.disconnected(Some(code.code()));
     if code == CloseCode::SlowConsumer {
         node.metrics.slow_consumer_disconnects.inc();
+    }
+    if reason == CloseReason::Unavailable {
+        // Cut off from the broker (see `crate::cutoff`): go to a ready peer.
+        let spread = node.config.cutoff_move_spread_ms;
+        let _ = timeout(
+            CLOSE_TIMEOUT,
+            send_reconnect_with(socket, "unavailable", spread),
+        )
+        .await;
     }
     close(socket, code, reason).await;
 }

@@ -69,8 +69,8 @@ use subscriptions::Request;
 
 /// How long a command may take before it fails with [`BackendError::Unavailable`].
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
-/// How long a TCP connect plus handshake to Redis may take.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long the handshake commands of a new connection (HELLO, AUTH, SELECT) may take.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(2);
 /// A connection with a command unanswered for this long is dropped and reconnected
 /// (catches a Redis that is stopped but whose sockets stay open).
 const UNRESPONSIVE_AFTER: Duration = Duration::from_secs(4);
@@ -78,9 +78,20 @@ const UNRESPONSIVE_AFTER: Duration = Duration::from_secs(4);
 const CONTROL_REPLY_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long the answers of a user command are kept in Redis.
 const CONTROL_REPLY_TTL: Duration = Duration::from_secs(10);
-/// Reconnect backoff: from 100 ms doubling up to 2 s, forever, with jitter.
-const RECONNECT_MIN_MS: u32 = 100;
-const RECONNECT_MAX_MS: u32 = 2_000;
+/// Reconnect backoff: from 50 ms doubling up to `HERALD_REDIS_RECONNECT_MAX_MS`
+/// (250 ms), forever, with jitter.
+///
+/// Why so short: after a partition heals (packets dropped, nothing closed), a node can
+/// only deliver again once a new connection is up. With the former 2 s connect timeout
+/// and 2 s backoff cap, each attempt during the partition was a SYN that went unanswered
+/// for 2 s followed by up to 2 s of sleep, so the first attempt after the heal came up
+/// to 4 s late; then the resubscribe, the history check and the next probe: the node
+/// delivered again 4.6–5.8 s after the heal. An attempt now gives up after
+/// `HERALD_REDIS_CONNECT_TIMEOUT_MS` (500 ms, well above a Redis round trip, and below
+/// the kernel's first SYN retransmit at 1 s, which would come too late anyway) and the
+/// next starts at most 250 ms later, so a healed link is used within about 0.75 s. The
+/// cost while Redis is unreachable is one SYN per connection every ~0.75 s.
+const RECONNECT_MIN_MS: u32 = 50;
 
 /// The Redis broker. See the module doc.
 pub struct RedisBackend {
@@ -187,7 +198,11 @@ fn millis(d: Duration) -> String {
 
 /// A client with the broker's settings: the subscriber (`broadcast_capacity`: the
 /// buffer between its connection and the reader), or one that sends commands (`None`).
-fn build_client(config: Config, broadcast_capacity: Option<usize>) -> Result<Client, FredError> {
+fn build_client(
+    config: Config,
+    settings: &BackendSettings,
+    broadcast_capacity: Option<usize>,
+) -> Result<Client, FredError> {
     let mut builder = Builder::from_config(Config {
         // Do not fail when Redis is unreachable at start: keep trying in the background.
         fail_fast: false,
@@ -201,8 +216,8 @@ fn build_client(config: Config, broadcast_capacity: Option<usize>) -> Result<Cli
             }
         })
         .with_connection_config(|conn| {
-            conn.connection_timeout = CONNECT_TIMEOUT;
-            conn.internal_command_timeout = CONNECT_TIMEOUT;
+            conn.connection_timeout = settings.connect_timeout;
+            conn.internal_command_timeout = HANDSHAKE_TIMEOUT;
             // One write attempt: a publish whose connection died after the write may
             // have run, and running it again would publish it twice.
             conn.max_command_attempts = 1;
@@ -227,7 +242,7 @@ fn build_client(config: Config, broadcast_capacity: Option<usize>) -> Result<Cli
         .set_policy(ReconnectPolicy::new_exponential(
             0,
             RECONNECT_MIN_MS,
-            RECONNECT_MAX_MS,
+            settings.reconnect_max.as_millis().clamp(50, 60_000) as u32,
             2,
         ));
     builder.build()
@@ -248,17 +263,21 @@ pub async fn connect(
 ) -> Result<RedisBackend, BackendError> {
     let (config, topology) =
         keys::parse_url(url).map_err(|e| BackendError::Internal(format!("bad Redis URL: {e}")))?;
-    let client = build_client(config.clone(), None)
+    let client = build_client(config.clone(), &settings, None)
         .map_err(|e| BackendError::Internal(format!("bad Redis config: {e}")))?;
     // The capacity of fred's broadcast channel between the subscriber connection and
     // the reader (fred's default is 32 and it drops the oldest on lag). The reader only
     // decodes and hands off, so this absorbs scheduling hiccups, not sustained overload;
     // a lag is still detected and handled as possible loss.
-    let sub = build_client(config.clone(), Some(settings.subscriber_buffer.max(1)))
-        .map_err(|e| BackendError::Internal(format!("bad Redis config: {e}")))?;
+    let sub = build_client(
+        config.clone(),
+        &settings,
+        Some(settings.subscriber_buffer.max(1)),
+    )
+    .map_err(|e| BackendError::Internal(format!("bad Redis config: {e}")))?;
     let publisher = if settings.wait_replicas > 0 {
         Some(
-            build_client(config.clone(), None)
+            build_client(config.clone(), &settings, None)
                 .map_err(|e| BackendError::Internal(format!("bad Redis config: {e}")))?,
         )
     } else {
