@@ -252,11 +252,11 @@ pub struct Config {
 
     /// Longest pause between two attempts to reconnect to Redis (the backoff starts at
     /// 50 ms and doubles up to this).
-    #[arg(long, env = "HERALD_REDIS_RECONNECT_MAX_MS", default_value_t = 250)]
+    #[arg(long, env = "HERALD_REDIS_RECONNECT_MAX_MS", default_value_t = 200)]
     pub redis_reconnect_max_ms: u64,
 
     /// How long one attempt to connect to Redis (TCP and handshake) may take.
-    #[arg(long, env = "HERALD_REDIS_CONNECT_TIMEOUT_MS", default_value_t = 500)]
+    #[arg(long, env = "HERALD_REDIS_CONNECT_TIMEOUT_MS", default_value_t = 400)]
     pub redis_connect_timeout_ms: u64,
 
     /// Replicas that must acknowledge a publish (Redis `WAIT`) before the API answers

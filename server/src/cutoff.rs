@@ -15,8 +15,13 @@
 //! Redis, or the peers are unreachable too), nobody moves: moving would only start a
 //! reconnect storm towards nodes that cannot serve either. A short loss that heals
 //! within the grace (a reset connection reconnects in a few hundred ms) moves nobody.
+//!
+//! A peer counts only if it has been ready (its `ready_for_ms`) since before this node
+//! lost Redis, or for [`PEER_STABLE`] at least. So when Redis comes back for everybody,
+//! the node that happens to recover a moment after its peer does not move its clients
+//! there: it recovers itself well within that time.
 
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -37,6 +42,48 @@ const PEER_TIMEOUT: Duration = Duration::from_millis(500);
 /// How long a peer's answer counts, while the node stays cut off.
 const PEER_CHECK_EVERY: Duration = Duration::from_secs(1);
 
+/// A peer ready for this long counts, however long this node has been cut off.
+pub const PEER_STABLE: Duration = Duration::from_secs(2);
+
+/// Since when the broker has been healthy, as the watcher saw it (every [`TICK`]).
+#[derive(Debug)]
+pub struct Readiness {
+    start: Instant,
+    /// Milliseconds after `start` when the broker turned healthy, plus one; 0: not
+    /// healthy (or not watched).
+    since: AtomicU64,
+}
+
+impl Default for Readiness {
+    fn default() -> Self {
+        Self {
+            start: Instant::now(),
+            since: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Readiness {
+    /// How long the broker has been healthy; `None` when it is not.
+    pub fn healthy_for(&self) -> Option<Duration> {
+        let since = self.since.load(Ordering::Acquire).checked_sub(1)?;
+        Some(
+            self.start
+                .elapsed()
+                .saturating_sub(Duration::from_millis(since)),
+        )
+    }
+
+    fn set(&self, healthy: bool) {
+        if !healthy {
+            self.since.store(0, Ordering::Release);
+        } else if self.since.load(Ordering::Acquire) == 0 {
+            let now = self.start.elapsed().as_millis() as u64;
+            self.since.store(now + 1, Ordering::Release);
+        }
+    }
+}
+
 /// What the watcher needs of its node.
 pub struct Watch {
     /// This node's id (left out of the peers).
@@ -47,6 +94,8 @@ pub struct Watch {
     pub registry: Arc<dyn NodeRegistry>,
     /// The sessions to move.
     pub users: Arc<Users>,
+    /// Where the watcher records since when the broker is healthy.
+    pub readiness: Arc<Readiness>,
     /// How long the broker must have been unhealthy before clients move; zero: never.
     pub after: Duration,
 }
@@ -70,10 +119,23 @@ pub fn readyz_url(url: &str) -> Option<String> {
     Some(format!("{scheme}://{base}/readyz"))
 }
 
-/// Whether any of `peers` (their `/readyz` URLs) answers 200 within [`PEER_TIMEOUT`].
-async fn any_ready(http: &reqwest::Client, peers: &[String]) -> bool {
+/// Whether a peer's `/readyz` answer counts, with this node cut off for `cut_off`: 200,
+/// and ready since before the cut (or for [`PEER_STABLE`]). A peer that does not say
+/// how long (an older version) counts.
+fn counts(status: u16, ready_for_ms: Option<u64>, cut_off: Duration) -> bool {
+    let needed = cut_off.min(PEER_STABLE).as_millis() as u64;
+    status == 200 && ready_for_ms.is_none_or(|ms| ms >= needed)
+}
+
+/// Whether any of `peers` (their `/readyz` URLs) counts, asked within [`PEER_TIMEOUT`].
+async fn any_ready(http: &reqwest::Client, peers: &[String], cut_off: Duration) -> bool {
     let asks = peers.iter().map(|url| async move {
-        matches!(http.get(url).send().await, Ok(r) if r.status().is_success())
+        let Ok(r) = http.get(url).send().await else {
+            return false;
+        };
+        let status = r.status().as_u16();
+        let body: serde_json::Value = r.json().await.unwrap_or_default();
+        counts(status, body["ready_for_ms"].as_u64(), cut_off)
     });
     futures_util::future::join_all(asks)
         .await
@@ -83,9 +145,6 @@ async fn any_ready(http: &reqwest::Client, peers: &[String]) -> bool {
 
 /// Watches the broker until `stop`; see the module doc.
 pub async fn run(watch: Watch, stop: CancellationToken) {
-    if watch.after.is_zero() {
-        return;
-    }
     let http = match reqwest::Client::builder()
         .timeout(PEER_TIMEOUT)
         .connect_timeout(PEER_TIMEOUT)
@@ -109,7 +168,12 @@ pub async fn run(watch: Watch, stop: CancellationToken) {
             _ = tokio::time::sleep(TICK) => {}
         }
         let now = Instant::now();
-        if watch.health.is_healthy() {
+        let healthy = watch.health.is_healthy();
+        watch.readiness.set(healthy);
+        if watch.after.is_zero() {
+            continue;
+        }
+        if healthy {
             if unhealthy_since.take().is_some() {
                 checked = None;
             }
@@ -133,7 +197,7 @@ pub async fn run(watch: Watch, stop: CancellationToken) {
         let ready = match checked {
             Some((at, ready)) if now.duration_since(at) < PEER_CHECK_EVERY => ready,
             _ => {
-                let ready = any_ready(&http, &peers).await;
+                let ready = any_ready(&http, &peers, now.duration_since(since)).await;
                 if !ready && checked.is_none_or(|(_, was)| was) {
                     tracing::warn!(
                         peers = peers.len(),
@@ -165,7 +229,32 @@ pub async fn run(watch: Watch, stop: CancellationToken) {
 
 #[cfg(test)]
 mod tests {
-    use super::readyz_url;
+    use super::*;
+
+    #[test]
+    fn a_peer_counts_if_it_worked_while_this_node_was_cut_off() {
+        let s = Duration::from_secs;
+        assert!(counts(200, Some(60_000), s(3)), "ready all along");
+        assert!(
+            !counts(200, Some(500), s(1)),
+            "recovered after this node was cut off"
+        );
+        assert!(counts(200, Some(2_000), s(30)), "ready for PEER_STABLE");
+        assert!(!counts(503, Some(60_000), s(3)));
+        assert!(counts(200, None, s(3)), "an older peer");
+    }
+
+    #[test]
+    fn readiness_counts_from_the_first_healthy_look() {
+        let r = Readiness::default();
+        assert_eq!(r.healthy_for(), None);
+        r.set(true);
+        let first = r.healthy_for().unwrap();
+        r.set(true);
+        assert!(r.healthy_for().unwrap() >= first);
+        r.set(false);
+        assert_eq!(r.healthy_for(), None);
+    }
 
     #[test]
     fn readyz_from_the_public_url() {

@@ -146,6 +146,7 @@ pub async fn run(
                 health: Arc::clone(&backend.health),
                 registry: Arc::clone(&backend.nodes),
                 users: Arc::clone(&node.users),
+                readiness: Arc::clone(&node.readiness),
                 after: Duration::from_millis(node.config.cutoff_move_after_ms),
             },
             node.drain.clone(),
@@ -340,6 +341,7 @@ pub(crate) async fn assemble(config: Config) -> Result<Assembly, StartError> {
             webhooks,
             metrics,
             receipts: Arc::clone(&receipts),
+            readiness: Arc::default(),
             reads: Reads {
                 streams: Arc::clone(&backend.streams),
                 presence: Arc::clone(&backend.presence),

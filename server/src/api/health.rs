@@ -48,10 +48,14 @@ pub(super) async fn readyz(State(node): State<Arc<Node>>) -> (StatusCode, Json<V
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    (
-        status,
-        Json(json!({ "ready": status == StatusCode::OK, "broker": broker, "draining": draining })),
-    )
+    let mut body =
+        json!({ "ready": status == StatusCode::OK, "broker": broker, "draining": draining });
+    // How long the broker has been healthy: a peer cut off from Redis moves its clients
+    // here only if this node kept working meanwhile (`crate::cutoff`).
+    if let (StatusCode::OK, Some(ready_for)) = (status, node.readiness.healthy_for()) {
+        body["ready_for_ms"] = json!(ready_for.as_millis() as u64);
+    }
+    (status, Json(body))
 }
 
 pub(super) async fn metrics(State(node): State<Arc<Node>>) -> impl IntoResponse {

@@ -79,19 +79,38 @@ const CONTROL_REPLY_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long the answers of a user command are kept in Redis.
 const CONTROL_REPLY_TTL: Duration = Duration::from_secs(10);
 /// Reconnect backoff: from 50 ms doubling up to `HERALD_REDIS_RECONNECT_MAX_MS`
-/// (250 ms), forever, with jitter.
+/// (200 ms), forever, with jitter.
 ///
-/// Why so short: after a partition heals (packets dropped, nothing closed), a node can
-/// only deliver again once a new connection is up. With the former 2 s connect timeout
-/// and 2 s backoff cap, each attempt during the partition was a SYN that went unanswered
-/// for 2 s followed by up to 2 s of sleep, so the first attempt after the heal came up
-/// to 4 s late; then the resubscribe, the history check and the next probe: the node
-/// delivered again 4.6–5.8 s after the heal. An attempt now gives up after
-/// `HERALD_REDIS_CONNECT_TIMEOUT_MS` (500 ms, well above a Redis round trip, and below
-/// the kernel's first SYN retransmit at 1 s, which would come too late anyway) and the
-/// next starts at most 250 ms later, so a healed link is used within about 0.75 s. The
-/// cost while Redis is unreachable is one SYN per connection every ~0.75 s.
+/// Why a node took ~5 s to deliver again after a partition healed (packets dropped,
+/// nothing closed), and what changed:
+///
+/// 1. Nothing closed the old connections. fred's unresponsive check never fires for
+///    pub/sub commands (the probe's PUBLISH, and the subscriber connection never sends
+///    anything else), and commands that time out leave the connection "connected". So
+///    the connections outlived the partition, and after the heal both kernels resent
+///    what was queued only at their next retransmission, whose interval had doubled all
+///    along the partition (0.2 s, 0.4 s, … 6.4 s): that was the delay, several seconds
+///    after the heal, and longer for longer partitions. Redis' side, which pushes the
+///    publications to the subscriber, is out of our hands. Now every Redis socket has
+///    TCP keepalive (probes after 1 s of silence) and `TCP_USER_TIMEOUT` (3 s): a
+///    connection whose bytes or keepalive probes go unacknowledged for 3 s is closed by
+///    the kernel during the partition, and fred reconnects on a fresh one.
+/// 2. Reconnecting was slow. With a 2 s connect timeout and a 2 s backoff cap, each
+///    attempt during the partition was a SYN unanswered for 2 s, then up to 2 s of
+///    sleep: the first attempt after the heal could come 4 s late. An attempt now gives
+///    up after `HERALD_REDIS_CONNECT_TIMEOUT_MS` (400 ms, far above a Redis round trip,
+///    below the kernel's first SYN retransmit at 1 s) and the next starts at most
+///    200 ms later, so a healed link is used within about 0.6 s; the resubscribe, the
+///    history check and the probe (woken by the resubscribe) follow at once. The cost
+///    while Redis is unreachable: one SYN per connection every ~0.6 s.
 const RECONNECT_MIN_MS: u32 = 50;
+/// A Redis connection whose sent bytes (a command, or a keepalive probe) stay
+/// unacknowledged for this long is closed by the kernel (`TCP_USER_TIMEOUT`), and fred
+/// reconnects. See below.
+const TCP_USER_TIMEOUT: Duration = Duration::from_secs(3);
+/// Keepalive probes after this much silence, then at this interval: an idle connection
+/// (the subscriber's, when no publication comes) is found dead too.
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(1);
 
 /// The Redis broker. See the module doc.
 pub struct RedisBackend {
@@ -236,6 +255,12 @@ fn build_client(
             };
             conn.tcp = TcpConfig {
                 nodelay: Some(true),
+                keepalive: Some(
+                    fred_socket2::TcpKeepalive::new()
+                        .with_time(KEEPALIVE_IDLE)
+                        .with_interval(KEEPALIVE_IDLE),
+                ),
+                user_timeout: Some(TCP_USER_TIMEOUT),
                 ..TcpConfig::default()
             };
         })
