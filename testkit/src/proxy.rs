@@ -75,6 +75,8 @@ struct Shared {
     rules: Mutex<Vec<(Vec<u8>, bool)>>,
     /// Delay of every chunk, each way: (base, jitter) in microseconds.
     latency: Mutex<(u64, u64)>,
+    /// Percent of chunks held for a retransmission time (see `set_loss`).
+    loss: AtomicUsize,
 }
 
 /// One open connection.
@@ -140,6 +142,7 @@ impl FaultProxy {
             conns: Mutex::new(Vec::new()),
             rules: Mutex::new(Vec::new()),
             latency: Mutex::new((0, 0)),
+            loss: AtomicUsize::new(0),
         });
         let accept = tokio::spawn(accept_loop(listener, upstream, Arc::clone(&shared)));
         FaultProxy {
@@ -268,6 +271,16 @@ impl FaultProxy {
             (base.as_micros() as u64, jitter.as_micros() as u64);
     }
 
+    /// Loss as a TCP connection lives it, for links a test cannot drop packets on
+    /// (see [`crate::netns`] for real packet loss): `percent` % of the chunks, at
+    /// random, arrive [`RETRANSMIT`] late, as a lost segment does after Linux's
+    /// shortest retransmission timeout, and hold back what follows them. 0: none.
+    pub fn set_loss(&self, percent: u32) {
+        self.shared
+            .loss
+            .store(percent.min(100) as usize, Ordering::SeqCst);
+    }
+
     /// Connections open through the proxy now.
     pub fn open_connections(&self) -> usize {
         self.shared.open.load(Ordering::SeqCst)
@@ -328,6 +341,9 @@ async fn accept_loop(listener: TcpListener, upstream: SocketAddr, shared: Arc<Sh
     }
 }
 
+/// How late a "lost" chunk arrives ([`FaultProxy::set_loss`]): Linux's minimum RTO.
+pub const RETRANSMIT: Duration = Duration::from_millis(200);
+
 /// Bytes of the previous chunk kept to find a pattern split over two reads; also the
 /// longest pattern.
 const TAIL: usize = 64;
@@ -385,7 +401,11 @@ async fn read_side(
         seed ^= seed << 13;
         seed ^= seed >> 7;
         seed ^= seed << 17;
-        let delay = base + if jitter > 0 { seed % jitter } else { 0 };
+        let mut delay = base + if jitter > 0 { seed % jitter } else { 0 };
+        let loss = shared.loss.load(Ordering::Relaxed) as u64;
+        if loss > 0 && (seed >> 32) % 100 < loss {
+            delay += RETRANSMIT.as_micros() as u64;
+        }
         let at = (Instant::now() + Duration::from_micros(delay)).max(last);
         last = at;
         if tx.send((at, buf[..n].to_vec())).is_err() {
