@@ -321,13 +321,13 @@ async fn chaos_partition_loss_and_latency_lose_nothing() {
         "--rate",
         "200",
         "--duration",
-        "10",
+        "8",
         "--action",
-        "at=1s partition node=1 for=6s",
+        "at=1s partition node=1 for=5s",
         "--action",
-        "at=1s latency node=2 ms=50 jitter=20 for=6s",
+        "at=1s latency node=2 ms=50 jitter=20 for=5s",
         "--action",
-        "at=1s loss node=3 percent=5 for=6s",
+        "at=1s loss node=3 percent=5 for=5s",
         "--check",
     ]);
     let report = loadtest("chaos", &args).await;
