@@ -247,7 +247,7 @@ pub struct Config {
 
     /// The `after_ms` of those `reconnect` frames is random below this, so the peers
     /// are not hit by every client at once.
-    #[arg(long, env = "HERALD_CUTOFF_MOVE_SPREAD_MS", default_value_t = 1_000)]
+    #[arg(long, env = "HERALD_CUTOFF_MOVE_SPREAD_MS", default_value_t = 750)]
     pub cutoff_move_spread_ms: u64,
 
     /// Longest pause between two attempts to reconnect to Redis (the backoff starts at
