@@ -34,7 +34,7 @@ use crate::mailbox::CloseReason;
 use crate::users::Users;
 
 /// How often the broker's health is looked at.
-const TICK: Duration = Duration::from_millis(250);
+const TICK: Duration = Duration::from_millis(100);
 /// How often the list of peers is read from the registry while the node is healthy.
 const PEERS_EVERY: Duration = Duration::from_secs(2);
 /// How long a peer's `/readyz` may take to answer.
