@@ -786,8 +786,8 @@ fn a_partitioned_sentinel_primary_fails_over_and_heals_under_load() {
 
         let (tally, records, ledger) =
             finish(load, stop, fs, &users, Duration::from_secs(20)).await;
-        // A promoted replica's epoch may number from an offset the old epoch already
-        // used: a duplicate is the same (epoch, offset) twice.
+        // Each channel's new epoch numbers from 1 again, reusing offsets of the old
+        // one: a duplicate is the same (epoch, offset) twice.
         let duplicates: usize = records
             .iter()
             .flat_map(|r| r.channels.values())
@@ -811,8 +811,8 @@ fn a_partitioned_sentinel_primary_fails_over_and_heals_under_load() {
         }
         println!(
             "measured: sentinel primary partitioned: sent {} delivered {} lost {silent} \
-             duplicated {duplicates} reordered {} resyncs {} (offsets the new epochs numbered \
-             again: {}; accepted messages announced by a resync: {announced}) unconfirmed {}; \
+             duplicated {duplicates} reordered {} resyncs {} (deliveries that reused an offset of \
+             the old epoch: {}; accepted messages announced by a resync: {announced}) unconfirmed {}; \
              publishing again {} after the cut, all nodes ready {}",
             ledger.total(),
             tally.delivered,
