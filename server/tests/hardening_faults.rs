@@ -56,6 +56,10 @@ impl Setup {
                 ("HERALD_REDIS_URL", url),
                 ("HERALD_REDIS_PREFIX", &prefix),
                 ("HERALD_HISTORY_SIZE", "5000"),
+                // These tests are about what clients live through on a node that loses
+                // Redis, so node 0 keeps them (no peer takes them: what happens when
+                // every node is cut off); moving them to a ready peer is `net_faults`.
+                ("HERALD_CUTOFF_MOVE_AFTER_MS", "0"),
             ];
             env.extend_from_slice(extra);
             nodes.push(NodeProcess::start(&format!("{test}{i}"), &env));
@@ -297,12 +301,10 @@ async fn silent_subscriber_connection_is_detected_by_the_probe() {
 /// A network partition: every byte between node 0 and Redis is held for 6 s (new
 /// connections too), then delivered. Node 0 turns unready, publishes through it fail
 /// fast with 503; its clients stay connected, and after the partition heals they get
-/// every message in order, once. Moving the clients of a cut-off node to a ready peer
-/// is turned off here (`HERALD_CUTOFF_MOVE_AFTER_MS=0`): this is what clients live
-/// through when no peer can take them; the move itself is in `net_faults`.
+/// every message in order, once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn network_partition_to_redis_loses_nothing() {
-    let s = Setup::start("partition", &[("HERALD_CUTOFF_MOVE_AFTER_MS", "0")]).await;
+    let s = Setup::start("partition", &[]).await;
     let http = s.nodes[0].http();
     let mut detected = Duration::ZERO;
     let mut ready_again = Duration::ZERO;
