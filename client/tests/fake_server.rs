@@ -558,3 +558,42 @@ async fn a_busy_answer_is_waited_out_before_the_client_comes_back() {
     }
     client.close().await;
 }
+
+/// A node cut off from Redis sends `reconnect` with reason `unavailable`, then 4503:
+/// like a drain, the client waits `after_ms` (no backoff of its own, no stop) and
+/// resumes from the last offset it delivered.
+#[tokio::test]
+async fn reason_unavailable_reconnects_after_after_ms_and_resumes() {
+    let mut fake = Fake::start().await;
+    let (client, events) = Client::builder()
+        .url(fake.url.clone())
+        .token("t")
+        .backoff(Duration::from_secs(5), Duration::from_secs(10))
+        .start()
+        .unwrap();
+    let rec = Recorder::start(events);
+    let mut conn = fake.next().await;
+    conn.welcome(&[], json!({})).await;
+    conn.message("user:alice", 1, json!(1)).await;
+    rec.wait("a message", WAIT, |r| r.last("user:alice") == 1)
+        .await;
+    conn.send_json(json!({"type": "reconnect", "reason": "unavailable", "after_ms": 150}))
+        .await;
+    conn.close(4503, "node cut off from the broker; reconnect elsewhere")
+        .await;
+    let started = std::time::Instant::now();
+    let conn = fake.next().await;
+    let waited = started.elapsed();
+    // The server's 150 ms, not the 5 s backoff floor.
+    assert!(
+        waited < Duration::from_secs(3),
+        "reconnected after {waited:?}"
+    );
+    assert_eq!(
+        conn.hello["resume"]["user:alice"]["offset"], 1,
+        "{}",
+        conn.hello
+    );
+    rec.with(|r| assert_eq!(r.disconnected[0].retry_in, Some(Duration::from_millis(150))));
+    client.close().await;
+}

@@ -1,5 +1,7 @@
 //! Timed actions of `chaos`: `--action "at=5s kill node=2"` (kill, drain, restart a node),
-//! `--action "at=5s failover-redis"` (kill the Redis primary of `--redis sentinel`)
+//! `--action "at=5s failover-redis"` (kill the Redis primary of `--redis sentinel`),
+//! `--action "at=5s partition node=2 for=6s"` (and `loss`, `latency`: network faults on
+//! a node's link to Redis, with `--spawn-cluster`; see `cluster`)
 //! and `--exec "at=5s cmd=…"` (any shell command, for clusters run by something else:
 //! `scripts/dev-cluster`, systemd, an orchestrator).
 //!
@@ -30,6 +32,26 @@ pub enum Step {
     /// SIGKILL the Redis primary of a spawned Sentinel topology; the sentinels promote
     /// the replica.
     FailoverRedis,
+    /// A network fault on node i's link to Redis, healed after `lasting` (or never).
+    Net {
+        /// The node.
+        node: usize,
+        /// The fault.
+        fault: NetFault,
+        /// How long it lasts; `None`: to the end of the run.
+        lasting: Option<Duration>,
+    },
+}
+
+/// A network fault between a node and Redis.
+#[derive(Debug, Clone, PartialEq)]
+pub enum NetFault {
+    /// Nothing passes, nothing is closed.
+    Partition,
+    /// This percentage of chunks arrives a retransmission time late.
+    Loss(u32),
+    /// Each way: a base delay and a random jitter on top.
+    Latency(Duration, Duration),
 }
 
 /// A step at a time since the start of publishing.
@@ -74,15 +96,42 @@ pub fn parse_duration(s: &str) -> anyhow::Result<Duration> {
     Ok(Duration::from_secs_f64(v * scale))
 }
 
-/// Parses `at=5s kill|drain|restart node=2` (nodes count from 1) or
-/// `at=5s failover-redis`.
+/// Parses `at=5s kill|drain|restart node=2` (nodes count from 1), `at=5s
+/// failover-redis`, or a network fault on a node's link to Redis: `at=5s partition
+/// node=2 for=6s`, `at=5s loss node=2 percent=5 for=10s`, `at=5s latency node=2
+/// ms=100 jitter=20ms for=10s` (`for` left out: to the end of the run).
 pub fn parse_action(text: &str) -> anyhow::Result<Action> {
     let mut at = None;
     let mut verb = None;
     let mut node = None;
+    let mut lasting = None;
+    let mut percent = None;
+    let mut delay = None;
+    let mut jitter = Duration::ZERO;
     for word in text.split_whitespace() {
         match word.split_once('=') {
             Some(("at", v)) => at = Some(parse_duration(v)?),
+            Some(("for", v)) => lasting = Some(parse_duration(v)?),
+            Some(("percent", v)) => {
+                let p: u32 = v.parse().with_context(|| format!("bad percent {v:?}"))?;
+                if p > 100 {
+                    bail!("percent={p}: at most 100");
+                }
+                percent = Some(p)
+            }
+            // `ms=100` is milliseconds; a unit may be given (`ms=0.1s`).
+            Some(("ms", v)) => {
+                delay = Some(match v.parse::<u64>() {
+                    Ok(ms) => Duration::from_millis(ms),
+                    Err(_) => parse_duration(v)?,
+                })
+            }
+            Some(("jitter", v)) => {
+                jitter = match v.parse::<u64>() {
+                    Ok(ms) => Duration::from_millis(ms),
+                    Err(_) => parse_duration(v)?,
+                }
+            }
             Some(("node", v)) => {
                 let n: usize = v.parse().with_context(|| format!("bad node {v:?}"))?;
                 if n == 0 {
@@ -106,14 +155,33 @@ pub fn parse_action(text: &str) -> anyhow::Result<Action> {
         });
     }
     let node = node.ok_or_else(|| anyhow!("action {text:?} needs node=N"))?;
+    let net = |fault| Step::Net {
+        node,
+        fault,
+        lasting,
+    };
     let step = match verb {
         Some("kill") => Step::Kill(node),
         Some("drain") => Step::Drain(node),
         Some("restart") => Step::Restart(node),
-        other => {
-            bail!("action {text:?}: unknown verb {other:?} (kill, drain, restart, failover-redis)")
+        Some("partition") => net(NetFault::Partition),
+        Some("loss") => {
+            net(NetFault::Loss(percent.ok_or_else(|| {
+                anyhow!("action {text:?} needs percent=P")
+            })?))
         }
+        Some("latency") => net(NetFault::Latency(
+            delay.ok_or_else(|| anyhow!("action {text:?} needs ms=MILLISECONDS"))?,
+            jitter,
+        )),
+        other => bail!(
+            "action {text:?}: unknown verb {other:?} (kill, drain, restart, failover-redis, \
+             partition, loss, latency)"
+        ),
     };
+    if lasting.is_some() && !matches!(step, Step::Net { .. }) {
+        bail!("action {text:?}: for= is for partition, loss and latency");
+    }
     Ok(Action {
         at,
         step,
@@ -153,6 +221,19 @@ impl Target {
         for a in actions {
             let node = match a.step {
                 Step::Kill(i) | Step::Drain(i) | Step::Restart(i) => i,
+                Step::Net { node, .. } => {
+                    let links = self
+                        .cluster
+                        .as_ref()
+                        .is_some_and(|c| c.lock().is_ok_and(|c| c.has_links()));
+                    if !links {
+                        bail!(
+                            "{:?}: network actions need --spawn-cluster (with --redis single)",
+                            a.text
+                        );
+                    }
+                    node
+                }
                 Step::Exec(_) => continue,
                 Step::FailoverRedis => {
                     let sentinel = self
@@ -192,6 +273,29 @@ impl Target {
 
     async fn run(&self, step: &Step) -> anyhow::Result<String> {
         match (step, &self.cluster) {
+            (
+                Step::Net {
+                    node,
+                    fault,
+                    lasting,
+                },
+                Some(cluster),
+            ) => {
+                {
+                    let c = cluster.lock().expect("cluster lock");
+                    match fault {
+                        NetFault::Partition => c.partition(*node)?,
+                        NetFault::Loss(p) => c.loss(*node, *p)?,
+                        NetFault::Latency(base, jitter) => c.latency(*node, *base, *jitter)?,
+                    }
+                }
+                let Some(lasting) = lasting else {
+                    return Ok("until the end of the run".into());
+                };
+                tokio::time::sleep(*lasting).await;
+                cluster.lock().expect("cluster lock").heal(*node)?;
+                Ok(format!("healed after {} ms", lasting.as_millis()))
+            }
             (Step::Exec(cmd), _) => {
                 let out = tokio::process::Command::new("sh")
                     .arg("-c")
@@ -224,7 +328,7 @@ impl Target {
                         Step::Drain(i) => c.drain(i).map(|()| String::new()),
                         Step::Restart(i) => c.restart(i).map(|()| String::new()),
                         Step::FailoverRedis => c.failover_redis(),
-                        Step::Exec(_) => Ok(String::new()),
+                        Step::Exec(_) | Step::Net { .. } => Ok(String::new()),
                     }
                 })
                 .await??;
@@ -238,6 +342,7 @@ impl Target {
             (Step::Drain(i), None) => self.signal(*i, "TERM"),
             (Step::Restart(_), None) => bail!("restart needs --spawn-cluster"),
             (Step::FailoverRedis, None) => bail!("failover-redis needs --spawn-cluster"),
+            (Step::Net { .. }, None) => bail!("network actions need --spawn-cluster"),
         }
     }
 
@@ -317,6 +422,36 @@ mod tests {
             Step::FailoverRedis
         );
         assert!(parse_action("at=2s failover-redis node=1").is_err());
+        assert_eq!(
+            parse_action("at=5s partition node=2 for=6s").unwrap().step,
+            Step::Net {
+                node: 1,
+                fault: NetFault::Partition,
+                lasting: Some(Duration::from_secs(6))
+            }
+        );
+        assert_eq!(
+            parse_action("at=5s loss node=1 percent=5").unwrap().step,
+            Step::Net {
+                node: 0,
+                fault: NetFault::Loss(5),
+                lasting: None
+            }
+        );
+        assert_eq!(
+            parse_action("at=1s latency node=3 ms=100 jitter=20 for=2s")
+                .unwrap()
+                .step,
+            Step::Net {
+                node: 2,
+                fault: NetFault::Latency(Duration::from_millis(100), Duration::from_millis(20)),
+                lasting: Some(Duration::from_secs(2))
+            }
+        );
+        assert!(parse_action("at=5s loss node=1").is_err(), "needs percent");
+        assert!(parse_action("at=5s loss node=1 percent=101").is_err());
+        assert!(parse_action("at=5s latency node=1").is_err(), "needs ms");
+        assert!(parse_action("at=5s kill node=1 for=2s").is_err());
         let e = parse_exec("at=1.5s cmd=kill -9 $(cat /tmp/x.pid)").unwrap();
         assert_eq!(e.at, Duration::from_millis(1500));
         assert_eq!(e.step, Step::Exec("kill -9 $(cat /tmp/x.pid)".into()));

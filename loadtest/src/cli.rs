@@ -156,7 +156,13 @@ pub struct ChaosArgs {
     #[command(flatten)]
     pub push: PushArgs,
     /// A node action: `at=5s kill node=2`, `at=8s restart node=2`, `at=10s drain node=1`
-    /// (nodes count from 1 in `--api` order; restart needs `--spawn-cluster`). Repeatable.
+    /// (nodes count from 1 in `--api` order; restart needs `--spawn-cluster`);
+    /// `at=5s failover-redis` (`--redis sentinel`); or a network fault on a node's link
+    /// to Redis (`--spawn-cluster`, `--redis single`; `for=` heals it, left out it lasts
+    /// to the end): `at=5s partition node=2 for=6s` (nothing passes, nothing closes),
+    /// `at=5s loss node=2 percent=5 for=10s` (that share of chunks arrives a
+    /// retransmission time, 200 ms, late), `at=5s latency node=2 ms=100 jitter=20 for=10s`
+    /// (each way). Repeatable.
     #[arg(long)]
     pub action: Vec<String>,
     /// A shell command at a time: `at=5s cmd=scripts/dev-cluster up`. Repeatable.

@@ -8,6 +8,11 @@
 //! `--redis cluster` it is a Redis Cluster of three masters (herald_testkit's
 //! [`RedisCluster`]), and the report's Redis CPU is read from every master.
 //!
+//! When `chaos` has network actions (`partition`, `loss`, `latency`), each node reaches
+//! the (single) Redis through its own `herald_testkit::proxy::FaultProxy`, where those
+//! actions act: a partition black-holes the link (no FIN, no reset), latency delays it
+//! with jitter, loss holds random chunks back for a retransmission time.
+//!
 //! Nodes inherit this process's environment, so any `HERALD_*` tuning set in the shell
 //! applies to them; the listen address, Redis URL, keys and node id are set here.
 
@@ -18,6 +23,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
+use herald_testkit::proxy::FaultProxy;
 use herald_testkit::redis::RedisCluster;
 use herald_testkit::sentinel::RedisSentinel;
 
@@ -41,6 +47,9 @@ pub struct Cluster {
     /// servers live as long as the run (they are killed when it is dropped).
     _redis_cluster: Option<RedisCluster>,
     nodes: Vec<SpawnedNode>,
+    /// With `fault_links`: node i reaches Redis through `links[i]`, where the network
+    /// actions (`partition`, `loss`, `latency`) act.
+    links: Vec<FaultProxy>,
 }
 
 /// How to start the cluster.
@@ -61,6 +70,9 @@ pub struct ClusterOptions<'a> {
     pub sentinel: bool,
     /// Start a Redis Cluster of three masters instead of one redis-server.
     pub redis_cluster: bool,
+    /// Put a fault proxy between each node and the (single) Redis, for the network
+    /// actions. Off otherwise: the proxy costs a hop.
+    pub fault_links: bool,
 }
 
 fn free_port() -> anyhow::Result<u16> {
@@ -120,6 +132,16 @@ impl Cluster {
                 .collect(),
             (None, url) => vec![url.trim_start_matches("redis://").to_owned()],
         };
+        if o.fault_links && (sentinel.is_some() || redis_cluster.is_some()) {
+            bail!("the network actions (partition, loss, latency) need --redis single");
+        }
+        let mut links = Vec::new();
+        if o.fault_links {
+            let upstream: SocketAddr = redis_url.trim_start_matches("redis://").parse()?;
+            for _ in 0..o.nodes {
+                links.push(FaultProxy::start(upstream).await);
+            }
+        }
         let mut cluster = Cluster {
             dir,
             bin: o.herald_bin.to_owned(),
@@ -128,9 +150,14 @@ impl Cluster {
             sentinel,
             _redis_cluster: redis_cluster,
             nodes: Vec::new(),
+            links,
         };
         for i in 0..o.nodes {
             let port = free_port()?;
+            let redis_url = match cluster.links.get(i) {
+                Some(link) => format!("redis://{}", link.addr()),
+                None => redis_url.clone(),
+            };
             let env = vec![
                 ("HERALD_LISTEN".into(), format!("127.0.0.1:{port}")),
                 ("HERALD_NODE_ID".into(), format!("node{}", i + 1)),
@@ -191,6 +218,49 @@ impl Cluster {
             topology.servers[promoted].port(),
             took.as_millis()
         ))
+    }
+
+    /// The fault proxy between node `i` and Redis.
+    fn link(&self, i: usize) -> anyhow::Result<&FaultProxy> {
+        self.links.get(i).ok_or_else(|| {
+            anyhow!(
+                "network actions need --spawn-cluster with --redis single (node {})",
+                i + 1
+            )
+        })
+    }
+
+    /// Whether the nodes reach Redis through fault proxies (network actions work).
+    pub fn has_links(&self) -> bool {
+        !self.links.is_empty()
+    }
+
+    /// Partitions node `i` from Redis: nothing passes either way and nothing is closed
+    /// (no FIN, no reset), until [`Cluster::heal`].
+    pub fn partition(&self, i: usize) -> anyhow::Result<()> {
+        self.link(i)?.black_hole();
+        Ok(())
+    }
+
+    /// Ends every fault on node `i`'s link to Redis: partition, loss and latency.
+    pub fn heal(&self, i: usize) -> anyhow::Result<()> {
+        let link = self.link(i)?;
+        link.restore();
+        link.set_loss(0);
+        link.set_latency(Duration::ZERO, Duration::ZERO);
+        Ok(())
+    }
+
+    /// Loss on node `i`'s link to Redis, as TCP lives it (`FaultProxy::set_loss`).
+    pub fn loss(&self, i: usize, percent: u32) -> anyhow::Result<()> {
+        self.link(i)?.set_loss(percent);
+        Ok(())
+    }
+
+    /// Latency with jitter on node `i`'s link to Redis, each way.
+    pub fn latency(&self, i: usize, base: Duration, jitter: Duration) -> anyhow::Result<()> {
+        self.link(i)?.set_latency(base, jitter);
+        Ok(())
     }
 
     fn spawn(&mut self, i: usize) -> anyhow::Result<()> {

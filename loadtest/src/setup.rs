@@ -66,6 +66,12 @@ pub fn api_of(url: &str) -> String {
 impl Setup {
     /// Prepares the run described by `c`.
     pub async fn new(c: &Common) -> anyhow::Result<Setup> {
+        Self::with_links(c, false).await
+    }
+
+    /// [`Setup::new`]; with `fault_links`, a spawned cluster's nodes reach Redis through
+    /// fault proxies (for the network actions of `chaos`).
+    pub async fn with_links(c: &Common, fault_links: bool) -> anyhow::Result<Setup> {
         let mut c = c.clone();
         let mut cluster = None;
         if let Some(n) = c.spawn_cluster {
@@ -94,6 +100,7 @@ impl Setup {
                 drain_ms: c.node_drain_ms,
                 sentinel: c.redis == "sentinel",
                 redis_cluster: c.redis == "cluster",
+                fault_links,
             })
             .await?;
             if c.url.is_empty() {

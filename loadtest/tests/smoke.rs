@@ -303,6 +303,48 @@ async fn chaos_kill_restart_and_drain_lose_nothing() {
     );
 }
 
+/// The network actions on the nodes' links to Redis: a partition long enough that the
+/// cut-off node moves its clients (`reconnect` with reason `unavailable`), latency with
+/// jitter and loss on the others; nothing lost, duplicated or reordered.
+#[tokio::test(flavor = "multi_thread")]
+async fn chaos_partition_loss_and_latency_lose_nothing() {
+    let bin = herald_bin().display().to_string();
+    let args = strings(&[
+        "--spawn-cluster",
+        "3",
+        "--herald-bin",
+        &bin,
+        "--redis-server",
+        "/usr/bin/redis-server",
+        "--users",
+        "150",
+        "--rate",
+        "200",
+        "--duration",
+        "8",
+        "--action",
+        "at=1s partition node=1 for=5s",
+        "--action",
+        "at=1s latency node=2 ms=50 jitter=20 for=5s",
+        "--action",
+        "at=1s loss node=3 percent=5 for=5s",
+        "--check",
+    ]);
+    let report = loadtest("chaos", &args).await;
+    assert_exact(&report);
+    assert_eq!(report["delivered"], report["sent"]);
+    assert!(
+        report["reconnects"].as_u64().unwrap() > 0,
+        "the cut-off node's clients moved: {report}"
+    );
+    let actions = report["actions"].as_array().expect("actions logged");
+    assert_eq!(actions.len(), 3);
+    assert!(
+        actions.iter().all(|a| a["ok"] == true),
+        "every action ran: {actions:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn chaos_kills_an_external_node_found_by_port() {
     // Nodes the load generator did not start: it finds the pid by listening port.

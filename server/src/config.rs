@@ -293,6 +293,26 @@ pub struct Config {
     #[arg(long, env = "HERALD_REDIS_SUBSCRIBER_BUFFER", default_value_t = 16_384)]
     pub redis_subscriber_buffer: usize,
 
+    /// A node cut off from Redis for this many milliseconds (after `/readyz` turned 503)
+    /// moves its clients to a peer whose `/readyz` answers 200: `reconnect` with reason
+    /// `unavailable`, then close 4503. 0: never move them.
+    #[arg(long, env = "HERALD_CUTOFF_MOVE_AFTER_MS", default_value_t = 500)]
+    pub cutoff_move_after_ms: u64,
+
+    /// The `after_ms` of those `reconnect` frames is random below this, so the peers
+    /// are not hit by every client at once.
+    #[arg(long, env = "HERALD_CUTOFF_MOVE_SPREAD_MS", default_value_t = 750)]
+    pub cutoff_move_spread_ms: u64,
+
+    /// Longest pause between two attempts to reconnect to Redis (the backoff starts at
+    /// 50 ms and doubles up to this).
+    #[arg(long, env = "HERALD_REDIS_RECONNECT_MAX_MS", default_value_t = 200)]
+    pub redis_reconnect_max_ms: u64,
+
+    /// How long one attempt to connect to Redis (TCP and handshake) may take.
+    #[arg(long, env = "HERALD_REDIS_CONNECT_TIMEOUT_MS", default_value_t = 400)]
+    pub redis_connect_timeout_ms: u64,
+
     /// Replicas that must acknowledge a publish (Redis `WAIT`) before the API answers
     /// 200; 0: no wait. When fewer acknowledge within `HERALD_REDIS_WAIT_TIMEOUT_MS`,
     /// the publish answers 503 `unavailable` (the message may still have been delivered).

@@ -23,7 +23,8 @@
 //!    local session is in which channel; encode once, fan out, repair), [`users`]
 //!    (sessions by user, revocations, user commands), [`presence`], [`receipts`]
 //!    (acks, unread, unacked detection), [`webhook`], [`registry`] (the heartbeat and
-//!    the choice for `/v1/connect`).
+//!    the choice for `/v1/connect`), [`cutoff`] (a node cut off from the broker moves
+//!    its clients to a ready peer).
 //! 5. Verbs, which every transport calls: [`events`] (the one ordered consumer of
 //!    backend events), [`publish`] (single, batch, ephemeral), [`membership`] (a
 //!    session arriving, entering and leaving channels), [`node`] (the shared state,
@@ -40,6 +41,7 @@ pub mod backend;
 pub mod clock;
 pub mod config;
 pub mod continuity;
+pub mod cutoff;
 pub mod events;
 pub mod hub;
 pub mod limits;
@@ -137,6 +139,19 @@ pub async fn run(
         background.clone(),
     ));
     tokio::spawn(Arc::clone(&presence).run(settings.presence_ttl / 3, background.clone()));
+    if node.config.redis_url.is_some() {
+        tokio::spawn(cutoff::run(
+            cutoff::Watch {
+                node_id: node.id.clone(),
+                health: Arc::clone(&backend.health),
+                registry: Arc::clone(&backend.nodes),
+                users: Arc::clone(&node.users),
+                readiness: Arc::clone(&node.readiness),
+                after: Duration::from_millis(node.config.cutoff_move_after_ms),
+            },
+            node.drain.clone(),
+        ));
+    }
     // Unacked reports: the sweeper hands them to this node's consumer, which appends
     // them to the webhook log (`message.unacked`) before confirming.
     let (unacked_tx, unacked_rx) = tokio::sync::mpsc::channel(64);
@@ -331,6 +346,7 @@ pub(crate) async fn assemble(config: Config) -> Result<Assembly, StartError> {
             webhooks,
             metrics,
             receipts: Arc::clone(&receipts),
+            readiness: Arc::default(),
             reads: Reads {
                 streams: Arc::clone(&backend.streams),
                 presence: Arc::clone(&backend.presence),

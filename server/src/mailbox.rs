@@ -121,6 +121,9 @@ pub enum CloseReason {
     Disconnected = 3,
     /// 4429: the user's connect budget on this node is spent (`hello` refused).
     UserConnects = 4,
+    /// 4503: the node is cut off from the broker and moves its clients to a ready peer
+    /// (a `reconnect` frame with reason `unavailable` goes first).
+    Unavailable = 5,
 }
 
 impl CloseReason {
@@ -132,6 +135,7 @@ impl CloseReason {
             CloseReason::TokenRevoked => "token revoked",
             CloseReason::Disconnected => "disconnected by the server",
             CloseReason::UserConnects => "too many connects for this user; back off",
+            CloseReason::Unavailable => "node cut off from the broker; reconnect elsewhere",
         }
     }
 
@@ -141,6 +145,7 @@ impl CloseReason {
             2 => CloseReason::TokenRevoked,
             3 => CloseReason::Disconnected,
             4 => CloseReason::UserConnects,
+            5 => CloseReason::Unavailable,
             _ => CloseReason::Default,
         }
     }

@@ -18,6 +18,7 @@ use crate::backend::nodes::{NodeInfo, NodeRegistry, NodeStats};
 use crate::backend::presence::{NodePresence, PresenceStore};
 use crate::backend::streams::{History, Streams};
 use crate::config::Config;
+use crate::cutoff::Readiness;
 use crate::limits::{BucketRule, Busy, PendingAdmit, PendingQueue, UserBudgets, UserLimit};
 use crate::membership::Membership;
 use crate::metrics::{self, Metrics};
@@ -65,6 +66,8 @@ pub struct Services {
     pub metrics: Arc<Metrics>,
     /// Delivery receipts.
     pub receipts: Arc<Receipts>,
+    /// Since when the broker is healthy, kept by the cut-off watcher.
+    pub readiness: Arc<Readiness>,
     /// Backend reads.
     pub reads: Reads,
 }
@@ -91,6 +94,8 @@ pub struct Node {
     pub metrics: Arc<Metrics>,
     /// Delivery receipts: coalesced acks, the unacked schedule.
     pub receipts: Arc<Receipts>,
+    /// Since when the broker is healthy (`/readyz` reports it to peers).
+    pub readiness: Arc<Readiness>,
     reads: Reads,
     /// Every WebSocket session, so shutdown can wait for them (axum does not).
     pub sessions: TaskTracker,
@@ -143,6 +148,7 @@ impl Node {
             webhooks: services.webhooks,
             metrics: services.metrics,
             receipts: services.receipts,
+            readiness: services.readiness,
             reads: services.reads,
             sessions: TaskTracker::new(),
             drain: CancellationToken::new(),

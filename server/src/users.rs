@@ -113,6 +113,19 @@ impl UserIndex {
         sessions.iter().filter(|(id, h)| f(*id, h)).count() as u64
     }
 
+    /// Runs `f` on every local session, one shard lock at a time (so `f` must not
+    /// block); returns how many sessions `f` counted.
+    pub fn for_all(&self, mut f: impl FnMut(SessionId, &SessionHandle) -> bool) -> u64 {
+        let mut n = 0;
+        for shard in self.shards.iter() {
+            let shard = shard.lock().unwrap_or_else(|e| e.into_inner());
+            for (id, handle) in shard.values().flatten() {
+                n += u64::from(f(*id, handle));
+            }
+        }
+        n
+    }
+
     /// Local sessions of `user`.
     pub fn count(&self, user: &str) -> usize {
         self.shard(user).get(user).map_or(0, Vec::len)

@@ -41,6 +41,8 @@ fn settings() -> BackendSettings {
         subscriber_buffer: 16_384,
         wait_replicas: 0,
         wait_timeout: Duration::from_millis(500),
+        reconnect_max: Duration::from_millis(250),
+        connect_timeout: Duration::from_millis(500),
     }
 }
 

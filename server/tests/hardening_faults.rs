@@ -56,6 +56,10 @@ impl Setup {
                 ("HERALD_REDIS_URL", url),
                 ("HERALD_REDIS_PREFIX", &prefix),
                 ("HERALD_HISTORY_SIZE", "5000"),
+                // These tests are about what clients live through on a node that loses
+                // Redis, so node 0 keeps them (no peer takes them: what happens when
+                // every node is cut off); moving them to a ready peer is `net_faults`.
+                ("HERALD_CUTOFF_MOVE_AFTER_MS", "0"),
             ];
             env.extend_from_slice(extra);
             nodes.push(NodeProcess::start(&format!("{test}{i}"), &env));

@@ -3,7 +3,9 @@
 //! - [`redis`]: `redis-server` processes and a local Redis Cluster on free ports;
 //! - [`sentinel`]: a primary, a replica and three sentinels, for failover tests;
 //! - [`process`]: the real `herald` binary as a child process (SIGKILL, SIGTERM, restart);
-//! - [`proxy`]: a TCP fault proxy that cuts, black-holes and restores connections;
+//! - [`proxy`]: a TCP fault proxy that cuts, black-holes, delays and restores connections;
+//! - [`netns`]: hosts in network namespaces behind a router, with partitions and packet
+//!   loss as firewall rules, for network-fault tests;
 //! - [`layers`]: the import graph of a crate's modules and its cycles (see below);
 //! - [`SECRET`], [`API_KEY`] and [`token`]: the keys every test node shares;
 //! - [`metric`] and [`metric_value`]: one value from a node's `/metrics`.
@@ -28,6 +30,7 @@
 //! of those references breaks the cycle.
 
 pub mod layers;
+pub mod netns;
 pub mod process;
 pub mod proxy;
 pub mod redis;

@@ -15,6 +15,8 @@ pub struct NodeProcess {
     pub id: String,
     child: Option<Child>,
     env: Vec<(String, String)>,
+    /// The network namespace it runs in (`ip netns exec`), if not the caller's.
+    netns: Option<String>,
 }
 
 /// A free loopback port (bound then released; the node binds it right after).
@@ -41,7 +43,31 @@ impl NodeProcess {
         Self::start_with(id, false, env)
     }
 
+    /// [`Self::start`] inside network namespace `ns` (see [`crate::netns`]),
+    /// listening on `ip` and a free port: `HERALD_LISTEN` and so the node's public URL
+    /// are that address, which its peers and the test reach through the lab's router.
+    pub fn start_in_netns(
+        ns: &str,
+        ip: std::net::Ipv4Addr,
+        id: &str,
+        env: &[(&str, &str)],
+    ) -> NodeProcess {
+        let listen = format!("{ip}:{}", free_port());
+        let mut all: Vec<(&str, &str)> = env.to_vec();
+        all.push(("HERALD_LISTEN", &listen));
+        let mut node = Self::prepare(id, true, &all);
+        node.netns = Some(ns.to_owned());
+        node.spawn();
+        node
+    }
+
     fn start_with(id: &str, keys: bool, env: &[(&str, &str)]) -> NodeProcess {
+        let mut node = Self::prepare(id, keys, env);
+        node.spawn();
+        node
+    }
+
+    fn prepare(id: &str, keys: bool, env: &[(&str, &str)]) -> NodeProcess {
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let mut all: Vec<(String, String)> = vec![
             ("HERALD_LISTEN".into(), addr.to_string()),
@@ -73,22 +99,36 @@ impl NodeProcess {
                 };
             }
         }
-        let mut node = NodeProcess {
+        NodeProcess {
             addr,
             id: id.into(),
             child: None,
             env: all,
-        };
-        node.spawn();
-        node
+            netns: None,
+        }
     }
 
     fn spawn(&mut self) {
-        let mut cmd = Command::new(herald_bin());
+        let mut cmd = match &self.netns {
+            // `ip netns exec` execs the program itself: the child is the node.
+            Some(ns) => {
+                let mut c = Command::new(crate::netns::ip_bin());
+                c.args(["netns", "exec", ns]).arg(herald_bin());
+                c
+            }
+            None => Command::new(herald_bin()),
+        };
+        // HERALD_TEST_NODE_LOG=<RUST_LOG filter> shows every test node's log.
+        let log = std::env::var("HERALD_TEST_NODE_LOG").ok();
         cmd.env_clear()
             .envs(self.env.iter().cloned())
+            .envs(log.iter().map(|l| ("RUST_LOG", l.as_str())))
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
+            .stdout(if log.is_some() {
+                Stdio::inherit()
+            } else {
+                Stdio::null()
+            })
             .stderr(Stdio::inherit());
         let mut child = cmd.spawn().expect("spawn herald");
         let deadline = Instant::now() + Duration::from_secs(10);

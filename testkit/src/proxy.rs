@@ -15,6 +15,8 @@
 //! - [`FaultProxy::black_hole_upstream_port`]: the same for one connection only, named
 //!   by its local port towards the upstream (what Redis' `CLIENT LIST` shows as
 //!   `addr`): for instance only a node's pub/sub connection, while its commands flow.
+//! - [`FaultProxy::set_latency`]: delays every chunk by a base plus a random jitter,
+//!   each way, in order: a slow link without the kernel's `netem`.
 //! - [`FaultProxy::reject`]: closes every open connection and every new one at once,
 //!   until [`FaultProxy::restore`]. Models an upstream that cannot be reached.
 //! - [`FaultProxy::hold_matching`]: holds back every connection, open or new, from the
@@ -42,9 +44,11 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
+use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
+
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 /// What the proxy does with traffic now.
@@ -69,6 +73,10 @@ struct Shared {
     conns: Mutex<Vec<Conn>>,
     /// Hold rules, by id (index); an inactive rule holds nothing new.
     rules: Mutex<Vec<(Vec<u8>, bool)>>,
+    /// Delay of every chunk, each way: (base, jitter) in microseconds.
+    latency: Mutex<(u64, u64)>,
+    /// Percent of chunks held for a retransmission time (see `set_loss`).
+    loss: AtomicUsize,
 }
 
 /// One open connection.
@@ -118,9 +126,13 @@ pub struct FaultProxy {
 impl FaultProxy {
     /// Starts a proxy on a free loopback port that forwards to `upstream`.
     pub async fn start(upstream: SocketAddr) -> FaultProxy {
-        let listener = TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind the proxy");
+        Self::start_on("127.0.0.1:0".parse().expect("address"), upstream).await
+    }
+
+    /// Starts a proxy listening on `listen` (port 0: a free one) that forwards to
+    /// `upstream`.
+    pub async fn start_on(listen: SocketAddr, upstream: SocketAddr) -> FaultProxy {
+        let listener = TcpListener::bind(listen).await.expect("bind the proxy");
         let addr = listener.local_addr().expect("proxy address");
         let shared = Arc::new(Shared {
             mode: watch::Sender::new(Mode::Forward),
@@ -129,6 +141,8 @@ impl FaultProxy {
             accepted: AtomicUsize::new(0),
             conns: Mutex::new(Vec::new()),
             rules: Mutex::new(Vec::new()),
+            latency: Mutex::new((0, 0)),
+            loss: AtomicUsize::new(0),
         });
         let accept = tokio::spawn(accept_loop(listener, upstream, Arc::clone(&shared)));
         FaultProxy {
@@ -245,6 +259,28 @@ impl FaultProxy {
             .count()
     }
 
+    /// Delays every chunk, in each direction, by `base` plus a random share of
+    /// `jitter` (uniform), keeping the order of the bytes (a chunk never overtakes the
+    /// one before it). Zero for both: no delay. Applies to open connections too.
+    pub fn set_latency(&self, base: Duration, jitter: Duration) {
+        *self
+            .shared
+            .latency
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) =
+            (base.as_micros() as u64, jitter.as_micros() as u64);
+    }
+
+    /// Loss as a TCP connection lives it, for links a test cannot drop packets on
+    /// (see [`crate::netns`] for real packet loss): `percent` % of the chunks, at
+    /// random, arrive [`RETRANSMIT`] late, as a lost segment does after Linux's
+    /// shortest retransmission timeout, and hold back what follows them. 0: none.
+    pub fn set_loss(&self, percent: u32) {
+        self.shared
+            .loss
+            .store(percent.min(100) as usize, Ordering::SeqCst);
+    }
+
     /// Connections open through the proxy now.
     pub fn open_connections(&self) -> usize {
         self.shared.open.load(Ordering::SeqCst)
@@ -305,6 +341,9 @@ async fn accept_loop(listener: TcpListener, upstream: SocketAddr, shared: Arc<Sh
     }
 }
 
+/// How late a "lost" chunk arrives ([`FaultProxy::set_loss`]): Linux's minimum RTO.
+pub const RETRANSMIT: Duration = Duration::from_millis(200);
+
 /// Bytes of the previous chunk kept to find a pattern split over two reads; also the
 /// longest pattern.
 const TAIL: usize = 64;
@@ -314,8 +353,25 @@ const TAIL: usize = 64;
 /// `inspect`: this is the direction towards the upstream of the connection on that port,
 /// checked against the hold rules.
 async fn pipe(
+    from: tokio::net::tcp::OwnedReadHalf,
+    to: tokio::net::tcp::OwnedWriteHalf,
+    shared: &Shared,
+    hold: &watch::Sender<bool>,
+    inspect: Option<u16>,
+) {
+    // The reader stamps each chunk with the moment it may leave (now, or later with a
+    // latency); the writer sends it then. An EOF ends the reader; the writer sends what
+    // is queued, then ends too.
+    let (tx, rx) = mpsc::unbounded_channel::<(Instant, Vec<u8>)>();
+    tokio::join!(
+        read_side(from, tx, shared, hold, inspect),
+        write_side(to, rx, shared, hold)
+    );
+}
+
+async fn read_side(
     mut from: tokio::net::tcp::OwnedReadHalf,
-    mut to: tokio::net::tcp::OwnedWriteHalf,
+    tx: mpsc::UnboundedSender<(Instant, Vec<u8>)>,
     shared: &Shared,
     hold: &watch::Sender<bool>,
     inspect: Option<u16>,
@@ -324,6 +380,8 @@ async fn pipe(
     let mut hold = hold.subscribe();
     let mut buf = vec![0u8; 16 * 1024];
     let mut window: Vec<u8> = Vec::new();
+    let mut last = Instant::now();
+    let mut seed = Instant::now().elapsed().as_nanos() as u64 | 1;
     loop {
         if forwarding(&mut mode, &mut hold).await.is_err() {
             return;
@@ -338,10 +396,38 @@ async fn pipe(
             let keep = window.len().saturating_sub(TAIL);
             window.drain(..keep);
         }
+        let (base, jitter) = *shared.latency.lock().unwrap_or_else(|e| e.into_inner());
+        // xorshift: enough randomness for a jitter, without a dependency.
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        let mut delay = base + if jitter > 0 { seed % jitter } else { 0 };
+        let loss = shared.loss.load(Ordering::Relaxed) as u64;
+        if loss > 0 && (seed >> 32) % 100 < loss {
+            delay += RETRANSMIT.as_micros() as u64;
+        }
+        let at = (Instant::now() + Duration::from_micros(delay)).max(last);
+        last = at;
+        if tx.send((at, buf[..n].to_vec())).is_err() {
+            return;
+        }
+    }
+}
+
+async fn write_side(
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut rx: mpsc::UnboundedReceiver<(Instant, Vec<u8>)>,
+    shared: &Shared,
+    hold: &watch::Sender<bool>,
+) {
+    let mut mode = shared.mode.subscribe();
+    let mut hold = hold.subscribe();
+    while let Some((at, bytes)) = rx.recv().await {
+        tokio::time::sleep_until(at.into()).await;
         if forwarding(&mut mode, &mut hold).await.is_err() {
             return;
         }
-        if to.write_all(&buf[..n]).await.is_err() {
+        if to.write_all(&bytes).await.is_err() {
             return;
         }
     }

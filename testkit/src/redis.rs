@@ -31,6 +31,9 @@ pub struct RedisOptions {
     pub port: Option<u16>,
     /// Extra `--name value` arguments.
     pub extra: Vec<(String, String)>,
+    /// Run in this network namespace (see [`crate::netns`]), listening on every
+    /// address there; [`RedisServer::cli`] then runs there too.
+    pub netns: Option<String>,
 }
 
 /// A temporary directory removed on drop.
@@ -113,7 +116,11 @@ impl RedisServer {
             "--port".into(),
             self.port.to_string(),
             "--bind".into(),
-            "127.0.0.1".into(),
+            if self.options.netns.is_some() {
+                "0.0.0.0".into()
+            } else {
+                "127.0.0.1".into()
+            },
             "--dir".into(),
             self.dir.0.display().to_string(),
             "--save".into(),
@@ -154,7 +161,15 @@ impl RedisServer {
 
     /// Starts the process and waits until it answers PING.
     fn spawn(&mut self) -> Result<(), String> {
-        let mut child = Command::new(REDIS_SERVER)
+        let mut cmd = match &self.options.netns {
+            Some(ns) => {
+                let mut c = Command::new(crate::netns::ip_bin());
+                c.args(["netns", "exec", ns, REDIS_SERVER]);
+                c
+            }
+            None => Command::new(REDIS_SERVER),
+        };
+        let mut child = cmd
             .args(self.args())
             .current_dir(&self.dir.0)
             .stdin(Stdio::null())
@@ -173,8 +188,13 @@ impl RedisServer {
             }
             // Make sure it is our process answering, not another test's server that
             // took the port first (ours then exits).
-            if ping(self.port)
-                && cli(self.port, &["info", "server"])
+            let answers = match &self.options.netns {
+                Some(_) => self.cli(&["ping"]) == "PONG",
+                None => ping(self.port),
+            };
+            if answers
+                && self
+                    .cli(&["info", "server"])
                     .contains(&format!("process_id:{}", child.id()))
             {
                 self.child = Some(child);
@@ -264,7 +284,7 @@ impl RedisServer {
 
     /// Runs `redis-cli` against this server and returns its output, trimmed.
     pub fn cli(&self, args: &[&str]) -> String {
-        cli(self.port, args)
+        cli_in(self.options.netns.as_deref(), self.port, args)
     }
 }
 
@@ -276,7 +296,20 @@ impl Drop for RedisServer {
 
 /// Runs `redis-cli -p <port> args…` with a timeout and returns stdout, trimmed.
 pub fn cli(port: u16, args: &[&str]) -> String {
-    let mut child = Command::new(REDIS_CLI)
+    cli_in(None, port, args)
+}
+
+/// [`cli`] run in network namespace `netns` (the caller's own with `None`).
+pub fn cli_in(netns: Option<&str>, port: u16, args: &[&str]) -> String {
+    let mut cmd = match netns {
+        Some(ns) => {
+            let mut c = Command::new(crate::netns::ip_bin());
+            c.args(["netns", "exec", ns, REDIS_CLI]);
+            c
+        }
+        None => Command::new(REDIS_CLI),
+    };
+    let mut child = cmd
         .arg("-h")
         .arg("127.0.0.1")
         .arg("-p")

@@ -9,7 +9,9 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::redis::{cli, free_port, ping, RedisServer};
+use std::net::Ipv4Addr;
+
+use crate::redis::{cli_in, free_port, ping, RedisOptions, RedisServer};
 
 const REDIS_SENTINEL: &str = "/usr/bin/redis-sentinel";
 /// The service name the sentinels monitor.
@@ -22,12 +24,16 @@ pub const DOWN_AFTER_MS: u64 = 1_000;
 /// One `redis-sentinel` process.
 pub struct Sentinel {
     port: u16,
+    /// Where it runs: its network namespace and the address it is reached at there
+    /// (see [`crate::netns`]); `None`: on loopback, here.
+    place: Option<(String, Ipv4Addr)>,
     dir: PathBuf,
     child: Option<Child>,
 }
 
 impl Sentinel {
-    fn start(primary_port: u16) -> Self {
+    fn start(primary: (Ipv4Addr, u16), place: Option<(String, Ipv4Addr)>) -> Self {
+        let (primary_ip, primary_port) = primary;
         let port = free_port();
         let dir = std::env::temp_dir().join(format!(
             "herald-sentinel-{}-{port}-{}",
@@ -37,17 +43,30 @@ impl Sentinel {
         std::fs::create_dir_all(&dir).expect("create sentinel dir");
         // Sentinel rewrites its config file, so it must be its own, writable file.
         let conf = format!(
-            "port {port}\nbind 127.0.0.1\nprotected-mode no\ndaemonize no\n\
+            "port {port}\nbind {bind}\nprotected-mode no\ndaemonize no\n\
              dir {dir}\nlogfile sentinel.log\n\
-             sentinel monitor {SERVICE} 127.0.0.1 {primary_port} 2\n\
+             sentinel monitor {SERVICE} {primary_ip} {primary_port} 2\n\
              sentinel down-after-milliseconds {SERVICE} {DOWN_AFTER_MS}\n\
              sentinel failover-timeout {SERVICE} 3000\n\
              sentinel parallel-syncs {SERVICE} 1\n",
-            dir = dir.display()
+            dir = dir.display(),
+            bind = if place.is_some() {
+                "0.0.0.0"
+            } else {
+                "127.0.0.1"
+            },
         );
         let path = dir.join("sentinel.conf");
         std::fs::write(&path, conf).expect("write sentinel.conf");
-        let child = Command::new(REDIS_SENTINEL)
+        let mut cmd = match &place {
+            Some((ns, _)) => {
+                let mut c = Command::new(crate::netns::ip_bin());
+                c.args(["netns", "exec", ns, REDIS_SENTINEL]);
+                c
+            }
+            None => Command::new(REDIS_SENTINEL),
+        };
+        let child = cmd
             .arg(&path)
             .current_dir(&dir)
             .stdin(Stdio::null())
@@ -57,11 +76,15 @@ impl Sentinel {
             .unwrap_or_else(|e| panic!("spawn {REDIS_SENTINEL}: {e}"));
         let sentinel = Self {
             port,
+            place,
             dir,
             child: Some(child),
         };
         let deadline = Instant::now() + FORM_TIMEOUT;
-        while !ping(port) {
+        while !match &sentinel.place {
+            Some(_) => sentinel.cli(&["ping"]) == "PONG",
+            None => ping(port),
+        } {
             assert!(
                 Instant::now() < deadline,
                 "redis-sentinel on port {port} did not answer PING"
@@ -78,7 +101,19 @@ impl Sentinel {
 
     /// Runs `redis-cli` against this sentinel.
     pub fn cli(&self, args: &[&str]) -> String {
-        cli(self.port, args)
+        cli_in(
+            self.place.as_ref().map(|(ns, _)| ns.as_str()),
+            self.port,
+            args,
+        )
+    }
+
+    /// `host:port` where nodes reach it.
+    pub fn addr(&self) -> String {
+        match &self.place {
+            Some((_, ip)) => format!("{ip}:{}", self.port),
+            None => format!("127.0.0.1:{}", self.port),
+        }
     }
 }
 
@@ -105,16 +140,42 @@ impl RedisSentinel {
     /// in sync, starts the sentinels and waits until each knows the replica and the
     /// two other sentinels.
     pub fn start() -> Self {
-        let servers = vec![RedisServer::start(), RedisServer::start()];
+        Self::start_at(None)
+    }
+
+    /// [`Self::start`] in network namespaces (see [`crate::netns`]): the primary in
+    /// `servers[0]` (namespace, address), the replica in `servers[1]`, the three
+    /// sentinels in `sentinels`. The sentinels name the servers by those addresses, so
+    /// nodes in other namespaces reach what they announce.
+    pub fn start_in_netns(servers: [(String, Ipv4Addr); 2], sentinels: (String, Ipv4Addr)) -> Self {
+        Self::start_at(Some((servers, sentinels)))
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn start_at(places: Option<([(String, Ipv4Addr); 2], (String, Ipv4Addr))>) -> Self {
+        let server = |i: usize| match &places {
+            Some((servers, _)) => RedisServer::start_with(RedisOptions {
+                netns: Some(servers[i].0.clone()),
+                ..RedisOptions::default()
+            }),
+            None => RedisServer::start(),
+        };
+        let servers = vec![server(0), server(1)];
+        let primary_ip = places
+            .as_ref()
+            .map_or(Ipv4Addr::LOCALHOST, |(servers, _)| servers[0].1);
         let primary = servers[0].port().to_string();
-        let answer = servers[1].cli(&["replicaof", "127.0.0.1", &primary]);
+        let answer = servers[1].cli(&["replicaof", &primary_ip.to_string(), &primary]);
         assert_eq!(answer, "OK", "REPLICAOF failed");
         wait_until("the replica to sync", || {
             servers[1]
                 .cli(&["info", "replication"])
                 .contains("master_link_status:up")
         });
-        let sentinels: Vec<Sentinel> = (0..3).map(|_| Sentinel::start(servers[0].port())).collect();
+        let place = places.map(|(_, sentinels)| sentinels);
+        let sentinels: Vec<Sentinel> = (0..3)
+            .map(|_| Sentinel::start((primary_ip, servers[0].port()), place.clone()))
+            .collect();
         let topology = Self { servers, sentinels };
         topology.wait_formed();
         topology
@@ -134,11 +195,7 @@ impl RedisSentinel {
 
     /// `redis-sentinel://127.0.0.1:s1,127.0.0.1:s2,127.0.0.1:s3/herald`.
     pub fn url(&self) -> String {
-        let hosts: Vec<String> = self
-            .sentinels
-            .iter()
-            .map(|s| format!("127.0.0.1:{}", s.port()))
-            .collect();
+        let hosts: Vec<String> = self.sentinels.iter().map(Sentinel::addr).collect();
         format!("redis-sentinel://{}/{SERVICE}", hosts.join(","))
     }
 

@@ -63,6 +63,7 @@ const SERVER_ORDER: &[&str] = &[
     "receipts",
     "webhook",
     "registry",
+    "cutoff",
     "events",
     "publish",
     "membership",

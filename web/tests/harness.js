@@ -254,7 +254,10 @@ export async function fakeChecks() {
   r = report("fake-sub");
   check(JSON.stringify(r.unsubscribed) === '[{"channel":"room:9","reason":"server"}]', `unsubscribed event: ${JSON.stringify(r.unsubscribed)}`);
   check(last("fake-sub", "room:9") === 4 && last("fake-sub", "room:10") === 2, "nothing after the unsubscribe");
-  ws.serverClose(4503, "node draining");
+  // A node cut off from Redis moves its clients like a drain: reason "unavailable",
+  // then 4503; the client comes back after after_ms and resumes.
+  ws.push({ type: "reconnect", reason: "unavailable", after_ms: 30 });
+  ws.serverClose(4503, "node cut off from the broker; reconnect elsewhere");
   ws = await socketAfter(base + 1);
   const resume = ws.of("hello")[0].resume ?? {};
   check(resume["room:10"]?.offset === 2 && !("room:9" in resume), `resume: ${JSON.stringify(resume)}`);

@@ -107,7 +107,10 @@ impl PushState {
 
 /// Runs `push` (no actions) or `chaos` (with actions).
 pub async fn run(args: &PushArgs, actions: Vec<Action>, scenario: &str) -> anyhow::Result<Report> {
-    let setup = Setup::new(&args.common).await?;
+    let links = actions
+        .iter()
+        .any(|a| matches!(a.step, actions::Step::Net { .. }));
+    let setup = Setup::with_links(&args.common, links).await?;
     let action_target = Arc::new(actions::Target {
         cluster: setup.cluster.clone(),
         nodes: setup.nodes.clone(),

@@ -48,10 +48,17 @@ pub(super) async fn readyz(State(node): State<Arc<Node>>) -> (StatusCode, Json<V
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    (
-        status,
-        Json(json!({ "ready": status == StatusCode::OK, "broker": broker, "draining": draining })),
-    )
+    let mut body =
+        json!({ "ready": status == StatusCode::OK, "broker": broker, "draining": draining });
+    // How long the broker has been healthy: a peer cut off from Redis moves its clients
+    // here only if this node kept working meanwhile (`crate::cutoff`).
+    // Healthy a moment ago but not yet seen so by the watcher (it looks every 100 ms):
+    // 0, never "unknown", which a peer would take for an older node that counts.
+    if status == StatusCode::OK && node.config.redis_url.is_some() {
+        let ready_for = node.readiness.healthy_for().unwrap_or_default();
+        body["ready_for_ms"] = json!(ready_for.as_millis() as u64);
+    }
+    (status, Json(body))
 }
 
 pub(super) async fn metrics(State(node): State<Arc<Node>>) -> impl IntoResponse {

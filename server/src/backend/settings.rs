@@ -26,6 +26,10 @@ pub struct BackendSettings {
     pub wait_replicas: u32,
     /// How long a publish waits for `wait_replicas`.
     pub wait_timeout: Duration,
+    /// Longest pause between two reconnect attempts. Unused by the memory broker.
+    pub reconnect_max: Duration,
+    /// How long one connect attempt may take. Unused by the memory broker.
+    pub connect_timeout: Duration,
 }
 
 impl BackendSettings {
@@ -51,6 +55,8 @@ impl BackendSettings {
                     .redis_wait_timeout_ms
                     .clamp(1, crate::config::MAX_WAIT_TIMEOUT_MS),
             ),
+            reconnect_max: Duration::from_millis(config.redis_reconnect_max_ms.clamp(50, 60_000)),
+            connect_timeout: Duration::from_millis(config.redis_connect_timeout_ms.max(50)),
         }
     }
 }

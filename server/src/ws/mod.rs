@@ -359,6 +359,15 @@ pub(super) async fn finish(node: &Node, socket: &mut dyn Socket, end: End) {
     if code == CloseCode::SlowConsumer {
         node.metrics.slow_consumer_disconnects.inc();
     }
+    if reason == CloseReason::Unavailable {
+        // Cut off from the broker (see `crate::cutoff`): go to a ready peer.
+        let after_ms = rand::rng().random_range(0..node.config.cutoff_move_spread_ms.max(1));
+        let _ = timeout(
+            CLOSE_TIMEOUT,
+            send_reconnect_frame(socket, "unavailable", after_ms),
+        )
+        .await;
+    }
     close(socket, code, reason).await;
 }
 

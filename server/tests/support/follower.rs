@@ -60,6 +60,8 @@ pub struct Record {
     pub closes: Vec<u16>,
     /// Errors the node answered: per-channel errors of a `welcome`, error replies.
     pub errors: Vec<String>,
+    /// When each `reconnect` frame arrived, with its reason.
+    pub reconnects: Vec<(Instant, String)>,
 }
 
 impl Record {
@@ -100,6 +102,10 @@ pub struct Options {
     /// connect), so that the clients of a killed node do not all come back in the same
     /// millisecond; without it, always the shortest of these.
     pub jitter: bool,
+    /// A connection silent for this long is dead (no FIN, no reset): the follower
+    /// drops it and reconnects. Default 40 s (the node pings after 25 s of silence);
+    /// with a short `HERALD_HEARTBEAT_MS`, about twice the heartbeat.
+    pub idle: Option<Duration>,
 }
 
 /// A running follower.
@@ -309,7 +315,7 @@ async fn session(
         let frame = tokio::select! {
             _ = stop.cancelled() => return None,
             // The node pings after 25 s of silence: 40 s without a frame is a dead link.
-            f = tokio::time::timeout(Duration::from_secs(40), ws.next()) => f,
+            f = tokio::time::timeout(options.idle.unwrap_or(Duration::from_secs(40)), ws.next()) => f,
         };
         let text = match frame {
             Ok(Some(Ok(Message::Text(t)))) => t,
@@ -419,6 +425,8 @@ async fn session(
                     ));
                 }
                 "reconnect" => {
+                    let reason = v["reason"].as_str().unwrap_or("").to_owned();
+                    r.reconnects.push((Instant::now(), reason));
                     after = Some(Duration::from_millis(v["after_ms"].as_u64().unwrap_or(0)));
                 }
                 "ping" => to_send.push(r#"{"type":"pong"}"#.to_owned()),

@@ -240,6 +240,8 @@ mod tests {
             subscriber_buffer: 16,
             wait_replicas: 0,
             wait_timeout: Duration::from_millis(500),
+            reconnect_max: Duration::from_millis(250),
+            connect_timeout: Duration::from_millis(500),
         }
     }
 

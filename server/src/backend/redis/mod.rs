@@ -69,8 +69,8 @@ use subscriptions::Request;
 
 /// How long a command may take before it fails with [`BackendError::Unavailable`].
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
-/// How long a TCP connect plus handshake to Redis may take.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long the handshake commands of a new connection (HELLO, AUTH, SELECT) may take.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(2);
 /// A connection with a command unanswered for this long is dropped and reconnected
 /// (catches a Redis that is stopped but whose sockets stay open).
 const UNRESPONSIVE_AFTER: Duration = Duration::from_secs(4);
@@ -78,9 +78,39 @@ const UNRESPONSIVE_AFTER: Duration = Duration::from_secs(4);
 const CONTROL_REPLY_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long the answers of a user command are kept in Redis.
 const CONTROL_REPLY_TTL: Duration = Duration::from_secs(10);
-/// Reconnect backoff: from 100 ms doubling up to 2 s, forever, with jitter.
-const RECONNECT_MIN_MS: u32 = 100;
-const RECONNECT_MAX_MS: u32 = 2_000;
+/// Reconnect backoff: from 50 ms doubling up to `HERALD_REDIS_RECONNECT_MAX_MS`
+/// (200 ms), forever, with jitter.
+///
+/// Why a node took ~5 s to deliver again after a partition healed (packets dropped,
+/// nothing closed), and what changed:
+///
+/// 1. Nothing closed the old connections. fred's unresponsive check never fires for
+///    pub/sub commands (the probe's PUBLISH, and the subscriber connection never sends
+///    anything else), and commands that time out leave the connection "connected". So
+///    the connections outlived the partition, and after the heal both kernels resent
+///    what was queued only at their next retransmission, whose interval had doubled all
+///    along the partition (0.2 s, 0.4 s, … 6.4 s): that was the delay, several seconds
+///    after the heal, and longer for longer partitions. Redis' side, which pushes the
+///    publications to the subscriber, is out of our hands. Now every Redis socket has
+///    TCP keepalive (probes after 1 s of silence) and `TCP_USER_TIMEOUT` (3 s): a
+///    connection whose bytes or keepalive probes go unacknowledged for 3 s is closed by
+///    the kernel during the partition, and fred reconnects on a fresh one.
+/// 2. Reconnecting was slow. With a 2 s connect timeout and a 2 s backoff cap, each
+///    attempt during the partition was a SYN unanswered for 2 s, then up to 2 s of
+///    sleep: the first attempt after the heal could come 4 s late. An attempt now gives
+///    up after `HERALD_REDIS_CONNECT_TIMEOUT_MS` (400 ms, far above a Redis round trip,
+///    below the kernel's first SYN retransmit at 1 s) and the next starts at most
+///    200 ms later, so a healed link is used within about 0.6 s; the resubscribe, the
+///    history check and the probe (woken by the resubscribe) follow at once. The cost
+///    while Redis is unreachable: one SYN per connection every ~0.6 s.
+const RECONNECT_MIN_MS: u32 = 50;
+/// A Redis connection whose sent bytes (a command, or a keepalive probe) stay
+/// unacknowledged for this long is closed by the kernel (`TCP_USER_TIMEOUT`), and fred
+/// reconnects. See below.
+const TCP_USER_TIMEOUT: Duration = Duration::from_secs(3);
+/// Keepalive probes after this much silence, then at this interval: an idle connection
+/// (the subscriber's, when no publication comes) is found dead too.
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(1);
 
 /// The Redis broker. See the module doc.
 pub struct RedisBackend {
@@ -187,7 +217,11 @@ fn millis(d: Duration) -> String {
 
 /// A client with the broker's settings: the subscriber (`broadcast_capacity`: the
 /// buffer between its connection and the reader), or one that sends commands (`None`).
-fn build_client(config: Config, broadcast_capacity: Option<usize>) -> Result<Client, FredError> {
+fn build_client(
+    config: Config,
+    settings: &BackendSettings,
+    broadcast_capacity: Option<usize>,
+) -> Result<Client, FredError> {
     let mut builder = Builder::from_config(Config {
         // Do not fail when Redis is unreachable at start: keep trying in the background.
         fail_fast: false,
@@ -201,8 +235,8 @@ fn build_client(config: Config, broadcast_capacity: Option<usize>) -> Result<Cli
             }
         })
         .with_connection_config(|conn| {
-            conn.connection_timeout = CONNECT_TIMEOUT;
-            conn.internal_command_timeout = CONNECT_TIMEOUT;
+            conn.connection_timeout = settings.connect_timeout;
+            conn.internal_command_timeout = HANDSHAKE_TIMEOUT;
             // One write attempt: a publish whose connection died after the write may
             // have run, and running it again would publish it twice.
             conn.max_command_attempts = 1;
@@ -221,13 +255,19 @@ fn build_client(config: Config, broadcast_capacity: Option<usize>) -> Result<Cli
             };
             conn.tcp = TcpConfig {
                 nodelay: Some(true),
+                keepalive: Some(
+                    fred_socket2::TcpKeepalive::new()
+                        .with_time(KEEPALIVE_IDLE)
+                        .with_interval(KEEPALIVE_IDLE),
+                ),
+                user_timeout: Some(TCP_USER_TIMEOUT),
                 ..TcpConfig::default()
             };
         })
         .set_policy(ReconnectPolicy::new_exponential(
             0,
             RECONNECT_MIN_MS,
-            RECONNECT_MAX_MS,
+            settings.reconnect_max.as_millis().clamp(50, 60_000) as u32,
             2,
         ));
     builder.build()
@@ -248,17 +288,21 @@ pub async fn connect(
 ) -> Result<RedisBackend, BackendError> {
     let (config, topology) =
         keys::parse_url(url).map_err(|e| BackendError::Internal(format!("bad Redis URL: {e}")))?;
-    let client = build_client(config.clone(), None)
+    let client = build_client(config.clone(), &settings, None)
         .map_err(|e| BackendError::Internal(format!("bad Redis config: {e}")))?;
     // The capacity of fred's broadcast channel between the subscriber connection and
     // the reader (fred's default is 32 and it drops the oldest on lag). The reader only
     // decodes and hands off, so this absorbs scheduling hiccups, not sustained overload;
     // a lag is still detected and handled as possible loss.
-    let sub = build_client(config.clone(), Some(settings.subscriber_buffer.max(1)))
-        .map_err(|e| BackendError::Internal(format!("bad Redis config: {e}")))?;
+    let sub = build_client(
+        config.clone(),
+        &settings,
+        Some(settings.subscriber_buffer.max(1)),
+    )
+    .map_err(|e| BackendError::Internal(format!("bad Redis config: {e}")))?;
     let publisher = if settings.wait_replicas > 0 {
         Some(
-            build_client(config.clone(), None)
+            build_client(config.clone(), &settings, None)
                 .map_err(|e| BackendError::Internal(format!("bad Redis config: {e}")))?,
         )
     } else {
