@@ -267,6 +267,20 @@ export async function fakeChecks() {
   check(r.errors.some((x) => x.code === "forbidden") && !s.channels().includes("room:10"), "a refused resume is dropped and reported");
   s.close();
 
+  // A busy node (reconnect "busy", then 4429, before welcome): the client waits after_ms
+  // plus a jitter of up to a second, not its own (10 ms) backoff.
+  base = sockets.length;
+  const b = make("fake-busy", { url: "ws://fake.invalid/ws", token: "t", WebSocket: FakeSocket, backoffMinMs: 10 });
+  b.connect();
+  ws = await socketAfter(base);
+  ws.push({ type: "reconnect", reason: "busy", after_ms: 400 });
+  const told = Date.now();
+  ws.serverClose(4429, "busy");
+  ws = await socketAfter(base + 1);
+  const waited = Date.now() - told;
+  check(waited >= 380 && waited < 1_900, `a busy answer is waited out: came back after ${waited} ms`);
+  b.close();
+
   // -- 3. refresh ---------------------------------------------------------------------
   base = sockets.length;
   let calls = 0;
