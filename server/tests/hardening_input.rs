@@ -714,6 +714,9 @@ async fn http_phase_connections_are_bounded() {
     }
     let (_late, welcome) = Client::hello(&node.ws_url(), &tok, json!({})).await;
     assert_eq!(welcome["type"], "welcome");
+    // An evicted connection may still send its head and be answered busy, for 2 s
+    // (`listener::busy`); silent ones are closed then. Wait for them all at once.
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
     let mut closed = 0;
     for s in &mut silent {
         let mut buf = [0u8; 16];
