@@ -321,9 +321,11 @@ async fn chaos_partition_loss_and_latency_lose_nothing() {
         "--rate",
         "200",
         "--duration",
-        "8",
+        "12",
         "--action",
-        "at=1s partition node=1 for=5s",
+        // Long enough that a node on a loaded machine (this binary's tests run side by
+        // side) sees the cut (about 3 s) and moves its clients well before the heal.
+        "at=1s partition node=1 for=8s",
         "--action",
         "at=1s latency node=2 ms=50 jitter=20 for=5s",
         "--action",
