@@ -321,15 +321,17 @@ async fn chaos_partition_loss_and_latency_lose_nothing() {
         "--rate",
         "200",
         "--duration",
-        "12",
+        "13",
         "--action",
         // Long enough that a node on a loaded machine (this binary's tests run side by
-        // side) sees the cut (about 3 s) and moves its clients well before the heal.
-        "at=1s partition node=1 for=8s",
+        // side) sees the cut (about 3 s) and moves its clients well before the heal. The
+        // slow and lossy links come after it: a peer counts as ready only after 2 s of
+        // steady readiness, and a loaded machine's peers on a lossy link may flap.
+        "at=1s partition node=1 for=7s",
         "--action",
-        "at=1s latency node=2 ms=50 jitter=20 for=5s",
+        "at=8s latency node=2 ms=50 jitter=20 for=4s",
         "--action",
-        "at=1s loss node=3 percent=5 for=5s",
+        "at=8s loss node=3 percent=5 for=4s",
         "--check",
     ]);
     let report = loadtest("chaos", &args).await;
