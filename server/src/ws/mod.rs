@@ -304,10 +304,10 @@ pub(super) async fn serve_session(
     };
     // Starting a session reads and subscribes in the backend; a burst of thousands at
     // once would queue there until its commands time out (4503 for everyone). So at
-    // most `node::MAX_STARTING` start at once, and one that can't within `START_WAIT` is told
-    // to come back instead.
+    // most `node::MAX_STARTING` start at once (their backend work, not the write of
+    // `welcome`), and one that can't within `START_WAIT` is told to come back instead.
     let started = match timeout(START_WAIT, node.starting.acquire()).await {
-        Ok(Ok(_permit)) => Box::pin(session.start(socket, resume)).await,
+        Ok(Ok(permit)) => Box::pin(session.start(socket, resume, permit)).await,
         _ => Err(Box::pin(busy(node, socket)).await),
     };
     let end = match started {

@@ -121,6 +121,7 @@ impl Session {
         &mut self,
         socket: &mut dyn Socket,
         mut resume: BTreeMap<String, StreamPosition>,
+        starting: tokio::sync::SemaphorePermit<'_>,
     ) -> Result<(), End> {
         // Registered before the revocation check, never after: see `users`' race note.
         // Over the user's connections on this node (one token must not take the node's
@@ -190,6 +191,9 @@ impl Session {
             subscriptions,
             errors,
         });
+        // The backend work is done: the place among the starting sessions is given
+        // back before writing, so a client that doesn't read can't hold it.
+        drop(starting);
         self.send(socket, welcome.to_json()).await?;
         for (channel, pubs) in missed {
             self.send_publications(socket, &channel, &pubs).await?;
