@@ -19,7 +19,7 @@ use std::task::{Context, Poll};
 
 use herald_protocol::codes::ErrorCode;
 use herald_protocol::frame::ErrorBody;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
 /// The first read of a head takes at most this much; the buffer doubles from there.
@@ -53,15 +53,10 @@ pub fn next_capacity(cap: usize, max: usize) -> usize {
     (cap.max(FIRST_READ / 2) * 2).min(max + 1)
 }
 
-/// Reads the first request head from `stream`, up to `max` bytes. Waits for the socket
-/// to be readable before allocating anything, so a silent connection holds no buffer.
-pub async fn read(stream: &mut TcpStream, max: usize) -> Head {
-    let mut buf = Vec::new();
-    read_into(stream, &mut buf, max).await
-}
-
-/// [`read`], into `buf`, which keeps what was read if the future is dropped, so a
-/// reader that is cancelled (an evicted connection) can go on where it stopped.
+/// Reads the first request head from `stream` into `buf`, up to `max` bytes. Waits
+/// for the socket to be readable before allocating anything, so a silent connection
+/// holds no buffer. `buf` keeps what was read if the future is dropped, so a reader
+/// that is cancelled (an evicted connection) can go on where it stopped.
 pub async fn read_into(stream: &mut TcpStream, buf: &mut Vec<u8>, max: usize) -> Head {
     if let Some(end) = head_end(buf, 0) {
         if end <= max {
@@ -154,35 +149,51 @@ impl AsyncRead for Prefixed {
     }
 }
 
-impl AsyncWrite for Prefixed {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
-    }
+/// `AsyncWrite` for a socket wrapper that changes only how the socket is read: every
+/// write goes to its field `inner` as it is, vectored writes included (hyper and
+/// tungstenite use them).
+macro_rules! forward_writes {
+    (impl $(<$g:ident>)? for $t:ty) => {
+        impl$(<$g: tokio::io::AsyncWrite + Unpin>)? tokio::io::AsyncWrite for $t {
+            fn poll_write(
+                self: std::pin::Pin<&mut Self>,
+                cx: &mut std::task::Context<'_>,
+                buf: &[u8],
+            ) -> std::task::Poll<std::io::Result<usize>> {
+                std::pin::Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+            }
 
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
-    }
+            fn poll_write_vectored(
+                self: std::pin::Pin<&mut Self>,
+                cx: &mut std::task::Context<'_>,
+                bufs: &[std::io::IoSlice<'_>],
+            ) -> std::task::Poll<std::io::Result<usize>> {
+                std::pin::Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+            }
 
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
+            fn is_write_vectored(&self) -> bool {
+                self.inner.is_write_vectored()
+            }
 
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
-    }
+            fn poll_flush(
+                self: std::pin::Pin<&mut Self>,
+                cx: &mut std::task::Context<'_>,
+            ) -> std::task::Poll<std::io::Result<()>> {
+                std::pin::Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+            }
 
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
-    }
+            fn poll_shutdown(
+                self: std::pin::Pin<&mut Self>,
+                cx: &mut std::task::Context<'_>,
+            ) -> std::task::Poll<std::io::Result<()>> {
+                std::pin::Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+            }
+        }
+    };
 }
+pub(crate) use forward_writes;
+
+forward_writes!(impl for Prefixed);
 
 #[cfg(test)]
 mod tests {
