@@ -126,6 +126,9 @@ async fn run(test: &str, published_before: bool, order: [Step; 3]) {
     let config = |url: String| herald_server::Config {
         redis_url: Some(url),
         redis_prefix: prefix.clone(),
+        // The subject is node b's own reconnect order while its links are held; with
+        // moves on, b (cut off while a is ready) would move alice away (net_faults).
+        cutoff_move_after_ms: 0,
         ..test_config()
     };
     let a = TestNode::start(config(redis.url())).await;
